@@ -1,0 +1,210 @@
+//! `Datastore` and `ClusterDatastore`: named storage locations, as in the Azure ML SDK.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Where a datastore's data lives. Exactly one kind of storage is set.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "datastore.dev",
+    version = "v1alpha1",
+    kind = "Datastore",
+    namespaced,
+    shortname = "ds",
+    category = "datastore",
+    status = "DatastoreStatus",
+    doc = "A named storage location (an Azure Blob container, or a local directory for the CLI) that experiments read data from and write outputs to.",
+    printcolumn(
+        name = "Account",
+        type_ = "string",
+        json_path = ".spec.azureBlob.accountName",
+        description = "Azure storage account"
+    ),
+    printcolumn(
+        name = "Container",
+        type_ = "string",
+        json_path = ".spec.azureBlob.containerName",
+        description = "Azure Blob container"
+    ),
+    printcolumn(
+        name = "Path",
+        type_ = "string",
+        json_path = ".spec.local.path",
+        description = "Local directory (CLI only)"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(cel, validation = Rule::new("[has(self.azureBlob), has(self.local)].filter(x, x).size() == 1").message("set exactly one kind of storage: azureBlob or local"))]
+#[serde(rename_all = "camelCase")]
+pub struct DatastoreSpec {
+    /// An Azure Blob Storage container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_blob: Option<AzureBlobSpec>,
+    /// A directory on the machine running the CLI (demos, tests, laptops). Not usable in a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalSpec>,
+}
+
+/// A cluster-wide datastore, defined once by a platform team. Its credentials Secret lives in
+/// the operator's namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "datastore.dev",
+    version = "v1alpha1",
+    kind = "ClusterDatastore",
+    shortname = "cds",
+    category = "datastore",
+    status = "DatastoreStatus",
+    doc = "A cluster-wide named storage location, usable by experiments in any namespace. Its credentials Secret lives in the operator's namespace.",
+    printcolumn(
+        name = "Account",
+        type_ = "string",
+        json_path = ".spec.azureBlob.accountName",
+        description = "Azure storage account"
+    ),
+    printcolumn(
+        name = "Container",
+        type_ = "string",
+        json_path = ".spec.azureBlob.containerName",
+        description = "Azure Blob container"
+    ),
+    printcolumn(
+        name = "Path",
+        type_ = "string",
+        json_path = ".spec.local.path",
+        description = "Local directory (CLI only)"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(cel, validation = Rule::new("[has(self.azureBlob), has(self.local)].filter(x, x).size() == 1").message("set exactly one kind of storage: azureBlob or local"))]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterDatastoreSpec {
+    /// An Azure Blob Storage container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_blob: Option<AzureBlobSpec>,
+    /// A directory on the machine running the CLI (demos, tests, laptops). Not usable in a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalSpec>,
+}
+
+/// An Azure Blob Storage container.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureBlobSpec {
+    /// The storage account name, e.g. `mlstorage`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]{3,24}$')").message("a storage account name has 3 to 24 lowercase letters and digits"))]
+    pub account_name: String,
+    /// The blob container name, e.g. `training-data`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([a-z0-9-]{1,61})[a-z0-9]$') && !self.contains('--')").message("a container name has 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit"))]
+    pub container_name: String,
+    /// The blob service endpoint, when not `https://<accountName>.blob.core.windows.net`:
+    /// sovereign clouds (`https://<account>.blob.core.chinacloudapi.cn`) or the Azurite emulator
+    /// (`http://127.0.0.1:10000/devstoreaccount1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// How to authenticate. Absent means anonymous access to a public container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+}
+
+/// How to authenticate to the storage account. Set at most one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(cel, validation = Rule::new("!(has(self.secretRef) && has(self.workloadIdentity))").message("set either secretRef or workloadIdentity, not both"))]
+#[serde(rename_all = "camelCase")]
+pub struct Credentials {
+    /// A Secret holding one of the keys `accountKey`, `sasToken` or `connectionString`. For a
+    /// Datastore the Secret is in the same namespace; for a ClusterDatastore, in the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// Microsoft Entra workload identity: the pod's federated service account token is
+    /// exchanged for a storage token of this managed identity or app registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<WorkloadIdentity>,
+}
+
+/// A reference to a Secret by name.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// The Secret's name.
+    pub name: String,
+}
+
+/// Workload identity settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadIdentity {
+    /// The client ID of the managed identity or app registration to act as.
+    pub client_id: String,
+}
+
+/// A local directory used as a datastore (CLI only).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalSpec {
+    /// The directory that holds the datastore's blobs as files. Relative paths are resolved
+    /// against the directory of the datastores file.
+    pub path: String,
+}
+
+/// The observed state of a datastore.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DatastoreStatus {
+    /// `Ready` says whether the storage was reachable with the given credentials at the last check.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation of the spec the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The storage a datastore names, whichever resource kind it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Storage<'a> {
+    AzureBlob(&'a AzureBlobSpec),
+    Local(&'a LocalSpec),
+}
+
+fn storage<'a>(
+    azure_blob: &'a Option<AzureBlobSpec>,
+    local: &'a Option<LocalSpec>,
+) -> Result<Storage<'a>, &'static str> {
+    match (azure_blob, local) {
+        (Some(a), None) => Ok(Storage::AzureBlob(a)),
+        (None, Some(l)) => Ok(Storage::Local(l)),
+        (None, None) => Err("no kind of storage is set: add `azureBlob` or `local` to its spec"),
+        (Some(_), Some(_)) => Err("both `azureBlob` and `local` are set: keep exactly one"),
+    }
+}
+
+impl DatastoreSpec {
+    pub fn storage(&self) -> Result<Storage<'_>, &'static str> {
+        storage(&self.azure_blob, &self.local)
+    }
+}
+
+impl ClusterDatastoreSpec {
+    pub fn storage(&self) -> Result<Storage<'_>, &'static str> {
+        storage(&self.azure_blob, &self.local)
+    }
+}

@@ -1,0 +1,229 @@
+//! The user commands. Each one ends in a summary (text or JSON) and an exit code.
+
+mod progress;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::error::Error;
+use crate::store::resolve::{self, Scope, Source};
+use crate::store::{Store, azure::Tuning};
+use crate::transfer::{self, Failed, Options, Summary};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "datastore",
+    version,
+    about = "Azure ML style datastores for Kubernetes: move data between datastores and folders, run the operator."
+)]
+pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a RUST_LOG style directive).
+    #[arg(long, global = true, env = "DATASTORE_LOG", default_value = "warn")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Upload a local directory to a datastore, like Datastore.upload(src_dir, target_path, overwrite).
+    Upload(UploadArgs),
+    /// Download blobs under a prefix into a local directory, like Datastore.download(target_path, prefix).
+    Download(DownloadArgs),
+    /// Print the CustomResourceDefinitions as YAML (kubectl apply -f -).
+    Crds,
+}
+
+#[derive(Args, Debug)]
+pub struct UploadArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The local directory whose files are uploaded (recursively).
+    #[arg(long)]
+    pub src_dir: PathBuf,
+    /// The folder in the datastore the files land under (a leading `/` is fine; empty: the root).
+    #[arg(long, default_value = "")]
+    pub target_path: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The local directory the blobs land in, each under its full blob name.
+    #[arg(long)]
+    pub target_path: PathBuf,
+    /// Only blobs whose names start with this (a leading `/` is fine; empty: all).
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+}
+
+#[derive(Args, Debug)]
+pub struct Common {
+    /// The datastore's name.
+    #[arg(long)]
+    pub datastore: String,
+    /// A YAML file of Datastore/ClusterDatastore and Secret objects [default: $DATASTORE_CONFIG,
+    /// else the cluster of the current kubeconfig].
+    #[arg(long)]
+    pub datastores: Option<PathBuf>,
+    /// Namespace of the Datastore (and its Secret).
+    #[arg(short, long, env = "DATASTORE_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Namespace holding ClusterDatastores' Secrets.
+    #[arg(
+        long,
+        env = "DATASTORE_OPERATOR_NAMESPACE",
+        default_value = "datastore-operator"
+    )]
+    pub operator_namespace: String,
+    /// Replace what exists; without it existing blobs/files are skipped and counted.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Requests in flight at most, across all files.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub concurrency: u16,
+    /// Block size in MiB for large files (at least 8).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(8..=4000))]
+    pub block_size_mib: u64,
+    /// Show progress (default: when stderr is a terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+    /// Never show progress.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// How the closing summary is printed.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+impl Common {
+    fn show_progress(&self) -> bool {
+        if self.no_progress {
+            false
+        } else {
+            self.progress || std::io::stderr().is_terminal()
+        }
+    }
+
+    fn options(&self) -> Options {
+        Options {
+            concurrency: self.concurrency as usize,
+            block_size: self.block_size_mib * 1024 * 1024,
+            overwrite: self.overwrite,
+        }
+    }
+
+    async fn store(&self) -> Result<Store, Error> {
+        let scope = Scope {
+            namespace: self.namespace.clone(),
+            operator_namespace: self.operator_namespace.clone(),
+        };
+        let resolved = resolve::resolve(
+            &self.datastore,
+            &Source::pick(self.datastores.clone()),
+            &scope,
+        )
+        .await?;
+        tracing::info!(datastore = %resolved.label, "resolved");
+        let tuning = Tuning {
+            pool_size: self.concurrency as usize,
+            ..Tuning::default()
+        };
+        Store::new(&resolved.config, &tuning)
+    }
+}
+
+/// Runs a command; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Crds => {
+            print!("{}", crate::api::crds_yaml());
+            0
+        }
+        Command::Upload(args) => {
+            let common = &args.common;
+            transfer_command(common, |store, bar| async move {
+                transfer::upload(
+                    &store,
+                    &args.src_dir,
+                    &args.target_path,
+                    common.options(),
+                    bar,
+                )
+                .await
+            })
+            .await
+        }
+        Command::Download(args) => {
+            let common = &args.common;
+            transfer_command(common, |store, bar| async move {
+                transfer::download(
+                    &store,
+                    &args.prefix,
+                    &args.target_path,
+                    common.options(),
+                    bar,
+                )
+                .await
+            })
+            .await
+        }
+    }
+}
+
+async fn transfer_command<F, Fut>(common: &Common, run: F) -> i32
+where
+    F: FnOnce(Store, Arc<dyn transfer::Progress>) -> Fut,
+    Fut: Future<Output = transfer::Result<Summary>>,
+{
+    let store = match common.store().await {
+        Ok(store) => store,
+        Err(error) => return report(common.output, Err(Failed::from(error))),
+    };
+    let bar = Arc::new(progress::Bar::new(common.show_progress()));
+    let result = tokio::select! {
+        result = run(store, bar.clone()) => result,
+        // Dropping the transfer removes its temporary files: nothing partial is left.
+        _ = tokio::signal::ctrl_c() => {
+            bar.finish();
+            eprintln!("interrupted: no partial file was left under its final name; run the same command again to finish");
+            return 130;
+        }
+    };
+    bar.finish();
+    report(common.output, result)
+}
+
+fn report(output: Output, result: transfer::Result<Summary>) -> i32 {
+    let (summary, error) = match result {
+        Ok(summary) => (summary, None),
+        Err(Failed { summary, error }) => (summary, Some(error)),
+    };
+    match output {
+        Output::Text => {
+            if let Some(e) = &error {
+                eprintln!("error: {e}");
+            }
+            println!("{summary}");
+        }
+        Output::Json => {
+            let mut value = serde_json::to_value(&summary).expect("a summary serializes");
+            if let Some(e) = &error {
+                value["error"] = json!({ "reason": e.reason(), "message": e.to_string() });
+            }
+            println!("{value}");
+        }
+    }
+    error.map_or(0, |e| e.exit_code())
+}

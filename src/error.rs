@@ -1,0 +1,89 @@
+//! The error type every user-facing command ends in, and its exit codes (documented in the README).
+
+/// What went wrong, in one sentence that says how to fix it. The variant decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The datastores file, a resource or a command-line value is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// The storage service refused the credentials.
+    #[error("{0}")]
+    Auth(String),
+    /// A container, blob prefix or local directory that must exist does not.
+    #[error("{0}")]
+    NotFound(String),
+    /// The storage endpoint could not be reached.
+    #[error("{0}")]
+    Unreachable(String),
+    /// Data arrived different from what the store says it holds (Content-MD5 or size).
+    #[error("{0}")]
+    Integrity(String),
+    /// Blob names that cannot be written safely under the target directory.
+    #[error("{0}")]
+    UnsafeName(String),
+    /// The storage service answered with an error we do not map to a clearer kind.
+    #[error("{0}")]
+    Service(String),
+    /// A local file could not be read or written.
+    #[error("{0}")]
+    Local(String),
+    /// Some files failed; each was reported already.
+    #[error("{0}")]
+    Partial(String),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Partial(_) => 1,
+            Error::Config(_) => 3,
+            Error::Auth(_) => 4,
+            Error::NotFound(_) => 5,
+            Error::Unreachable(_) => 6,
+            Error::Integrity(_) => 7,
+            Error::UnsafeName(_) => 8,
+            Error::Service(_) => 9,
+            Error::Local(_) => 10,
+        }
+    }
+
+    /// A stable machine name for the error kind (JSON output, logs, later metrics and events).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "InvalidConfig",
+            Error::Auth(_) => "AuthFailed",
+            Error::NotFound(_) => "NotFound",
+            Error::Unreachable(_) => "Unreachable",
+            Error::Integrity(_) => "IntegrityError",
+            Error::UnsafeName(_) => "UnsafeBlobName",
+            Error::Service(_) => "StorageError",
+            Error::Local(_) => "LocalIoError",
+            Error::Partial(_) => "PartialFailure",
+        }
+    }
+
+    /// The same kind of error with another message.
+    pub fn with_message(&self, msg: String) -> Error {
+        match self {
+            Error::Config(_) => Error::Config(msg),
+            Error::Auth(_) => Error::Auth(msg),
+            Error::NotFound(_) => Error::NotFound(msg),
+            Error::Unreachable(_) => Error::Unreachable(msg),
+            Error::Integrity(_) => Error::Integrity(msg),
+            Error::UnsafeName(_) => Error::UnsafeName(msg),
+            Error::Service(_) => Error::Service(msg),
+            Error::Local(_) => Error::Local(msg),
+            Error::Partial(_) => Error::Partial(msg),
+        }
+    }
+
+    pub fn local(
+        what: impl std::fmt::Display,
+        path: &std::path::Path,
+        err: std::io::Error,
+    ) -> Self {
+        Error::Local(format!("cannot {what} {}: {err}", path.display()))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,9 @@
+//! datastore-operator: Azure ML style datastores and data references for Kubernetes.
+
+pub mod api;
+pub mod atomic;
+pub mod cli;
+pub mod error;
+pub mod paths;
+pub mod store;
+pub mod transfer;

@@ -1,0 +1,135 @@
+//! Datastore paths and blob names: normalizing what users type, and mapping blob names to
+//! local files without ever leaving the target directory.
+
+use std::path::{Path, PathBuf};
+
+/// A datastore path as users write it (`/data/files/`, `data//files`) in its canonical form
+/// (`data/files`): no leading, trailing or doubled `/`. The container root is `""`.
+pub fn normalize(path: &str) -> String {
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// `prefix/name`, or `name` when the prefix is the container root.
+pub fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}/{name}")
+    }
+}
+
+/// A blob name whose name ends in `/` is a folder marker (written by some tools), not a file.
+pub fn is_folder_marker(name: &str) -> bool {
+    name.ends_with('/')
+}
+
+/// The relative local path a blob name maps to, or why it cannot be written safely.
+pub fn local_relative(name: &str) -> Result<PathBuf, &'static str> {
+    if name.is_empty() {
+        return Err("the name is empty");
+    }
+    if name.contains('\0') {
+        return Err("the name contains a NUL character");
+    }
+    if name.starts_with('/') {
+        return Err("the name is absolute");
+    }
+    if name.contains('\\') {
+        return Err("the name contains a backslash, which some systems read as a separator");
+    }
+    let mut rel = PathBuf::new();
+    for segment in name.split('/') {
+        match segment {
+            "" => return Err("the name has an empty path segment (`//`)"),
+            "." | ".." => {
+                return Err(
+                    "the name has a `.` or `..` segment that could leave the target directory",
+                );
+            }
+            s if s.len() > 255 => {
+                return Err("a path segment is longer than 255 bytes, the file system's limit");
+            }
+            s => rel.push(s),
+        }
+    }
+    Ok(rel)
+}
+
+/// The local file for a blob: `root/<blob name>`, refusing any name that would land outside.
+pub fn local_path(root: &Path, name: &str) -> Result<PathBuf, &'static str> {
+    local_relative(name).map(|rel| root.join(rel))
+}
+
+/// The names that collide as file and directory (`a` and `a/b`), each as `(file, inside it)`.
+pub fn file_directory_collisions<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<(String, String)> {
+    let mut sorted: Vec<&str> = names.into_iter().collect();
+    sorted.sort_unstable();
+    let set: std::collections::HashSet<&str> = sorted.iter().copied().collect();
+    let mut out = Vec::new();
+    for name in &sorted {
+        // Any proper ancestor that is itself a blob collides with this one.
+        for (i, _) in name.match_indices('/') {
+            let ancestor = &name[..i];
+            if set.contains(ancestor) {
+                out.push((ancestor.to_string(), name.to_string()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_strips_slashes() {
+        assert_eq!(normalize("/data/files/"), "data/files");
+        assert_eq!(normalize("data//files"), "data/files");
+        assert_eq!(normalize("/"), "");
+        assert_eq!(normalize(""), "");
+    }
+
+    #[test]
+    fn unsafe_names_are_refused() {
+        for bad in [
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            "a\0b",
+            "a//b",
+            "./a",
+            "a\\..\\b",
+            "",
+        ] {
+            assert!(local_relative(bad).is_err(), "{bad:?} should be refused");
+        }
+        let long = "x".repeat(256);
+        assert!(local_relative(&long).is_err());
+    }
+
+    #[test]
+    fn ordinary_names_map_below_root() {
+        let p = local_path(Path::new("/t"), "data/a b/ü%#?.txt").unwrap();
+        assert_eq!(p, Path::new("/t/data/a b/ü%#?.txt"));
+        assert!(p.starts_with("/t"));
+    }
+
+    #[test]
+    fn collisions_are_found() {
+        let c = file_directory_collisions(["a", "a/b", "ab", "c/d", "c/d/e/f"]);
+        assert_eq!(
+            c,
+            vec![
+                ("a".to_string(), "a/b".to_string()),
+                ("c/d".to_string(), "c/d/e/f".to_string())
+            ]
+        );
+        assert!(file_directory_collisions(["a/b", "a/c", "ab"]).is_empty());
+    }
+}

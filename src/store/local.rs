@@ -1,0 +1,123 @@
+//! A local directory used as a datastore: blob names are relative file paths under its root.
+
+use std::path::{Path, PathBuf};
+
+use super::ObjectMeta;
+use crate::atomic::{Commit, TempFile};
+use crate::error::{Error, Result};
+use crate::paths;
+
+#[derive(Clone, Debug)]
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+impl LocalDir {
+    pub fn new(root: PathBuf) -> Self {
+        LocalDir { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn missing(&self) -> Error {
+        Error::NotFound(format!(
+            "the local datastore directory {} does not exist: create it (mkdir -p) or fix spec.local.path",
+            self.root.display()
+        ))
+    }
+
+    /// Every file whose name (relative to the root, `/`-separated) starts with `prefix`.
+    pub fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        if !self.root.is_dir() {
+            return Err(self.missing());
+        }
+        // Walk only below the deepest directory the prefix names.
+        let dir_part = prefix.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        let start = match paths::local_path(&self.root, dir_part) {
+            Ok(p) => p,
+            Err(_) if dir_part.is_empty() => self.root.clone(),
+            Err(_) => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        let mut files = Vec::new();
+        walk_files(&start, &mut files).map_err(|e| Error::local("list", &start, e))?;
+        for (path, size) in files {
+            let rel = path
+                .strip_prefix(&self.root)
+                .expect("walked below the root");
+            let Some(name) = rel
+                .to_str()
+                .map(|s| s.replace(std::path::MAIN_SEPARATOR, "/"))
+            else {
+                continue;
+            };
+            if name.starts_with(prefix) {
+                out.push(ObjectMeta {
+                    name,
+                    size,
+                    md5: None,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The file holding blob `name`.
+    pub fn path_of(&self, name: &str) -> Result<PathBuf> {
+        paths::local_path(&self.root, name).map_err(|why| {
+            Error::UnsafeName(format!(
+                "cannot store '{name}' in {}: {why}",
+                self.root.display()
+            ))
+        })
+    }
+
+    /// Copies `src` in as blob `name`, atomically; without `overwrite` an existing file is kept.
+    pub fn put_file(&self, src: &Path, name: &str, overwrite: bool) -> Result<Commit> {
+        if !self.root.is_dir() {
+            return Err(self.missing());
+        }
+        let target = self.path_of(name)?;
+        if !overwrite && target.exists() {
+            return Ok(Commit::TargetExists);
+        }
+        let (tmp, file) =
+            TempFile::create(&target).map_err(|e| Error::local("create", &target, e))?;
+        drop(file);
+        // std::fs::copy uses copy_file_range: no bytes pass through user space.
+        std::fs::copy(src, tmp.path()).map_err(|e| Error::local("copy into", &target, e))?;
+        tmp.commit(overwrite)
+            .map_err(|e| Error::local("write", &target, e))
+    }
+}
+
+/// Regular files below `dir` (following file symlinks, not directory symlinks), with sizes.
+/// Our own temporary files are left out. A missing `dir` yields nothing.
+pub fn walk_files(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if crate::atomic::is_temp(&entry.file_name()) {
+            continue;
+        }
+        let ty = entry.file_type()?;
+        let path = entry.path();
+        if ty.is_dir() {
+            walk_files(&path, out)?;
+        } else if ty.is_file() {
+            out.push((path, entry.metadata()?.len()));
+        } else if ty.is_symlink() {
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => out.push((path, m.len())),
+                _ => {} // directory symlinks could loop; dangling ones hold nothing
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Resolve a datastore and its credentials into a client for its storage.
+
+pub mod azure;
+pub mod local;
+pub mod resolve;
+mod shared_key;
+
+use std::fmt;
+use std::path::PathBuf;
+
+pub use azure::BlobClient;
+pub use local::LocalDir;
+
+/// A secret value. Its `Debug` and `Display` never show it, so it cannot leak into logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The value itself: call only where it is sent to the storage service.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// How the client proves who it is to the blob service.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AzureCredential {
+    /// Shared Key: the account key (base64), kept to sign each request.
+    AccountKey(Secret),
+    /// A SAS token, appended to every request's query.
+    SasToken(Secret),
+    /// Microsoft Entra workload identity: exchange the federated token file for a bearer token.
+    WorkloadIdentity { client_id: String },
+    /// Public container: no authentication.
+    Anonymous,
+}
+
+impl AzureCredential {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AzureCredential::AccountKey(_) => "account key",
+            AzureCredential::SasToken(_) => "SAS token",
+            AzureCredential::WorkloadIdentity { .. } => "workload identity",
+            AzureCredential::Anonymous => "anonymous access",
+        }
+    }
+}
+
+/// Everything needed to talk to one Azure Blob container.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AzureBlobConfig {
+    pub account: String,
+    pub container: String,
+    /// The service endpoint without the container, e.g. `https://acct.blob.core.windows.net`.
+    pub endpoint: url::Url,
+    pub credential: AzureCredential,
+    /// Where the credential came from (`Secret default/blob-creds`), for error messages.
+    pub credential_source: String,
+}
+
+/// A datastore resolved to the storage it names.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreConfig {
+    AzureBlob(AzureBlobConfig),
+    Local(PathBuf),
+}
+
+/// A client for a datastore's storage.
+#[derive(Clone)]
+pub enum Store {
+    Azure(BlobClient),
+    Local(LocalDir),
+}
+
+impl Store {
+    pub fn new(config: &StoreConfig, tuning: &azure::Tuning) -> crate::error::Result<Self> {
+        Ok(match config {
+            StoreConfig::AzureBlob(cfg) => {
+                Store::Azure(BlobClient::new(cfg.clone(), tuning.clone())?)
+            }
+            StoreConfig::Local(path) => Store::Local(LocalDir::new(path.clone())),
+        })
+    }
+
+    /// A short human description for messages: `container 'c' of account 'a'`.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Azure(c) => c.describe(),
+            Store::Local(l) => format!("local directory {}", l.root().display()),
+        }
+    }
+}
+
+/// One object in a listing: what the skip and verify decisions need, nothing more.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub name: String,
+    pub size: u64,
+    pub md5: Option<[u8; 16]>,
+}

@@ -1,0 +1,602 @@
+//! Finding a datastore by name (in a datastores file or the cluster) and turning it and its
+//! credentials Secret into a [`StoreConfig`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::Secret as K8sSecret;
+use kube::ResourceExt;
+
+use super::{AzureBlobConfig, AzureCredential, Secret, StoreConfig};
+use crate::api::{AzureBlobSpec, ClusterDatastore, Datastore, Storage};
+use crate::error::{Error, Result};
+
+/// The variable that names a datastores file when `--datastores` is not given.
+pub const CONFIG_ENV: &str = "DATASTORE_CONFIG";
+
+/// Where to look for datastores.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A multi-document YAML file of Datastore, ClusterDatastore and Secret objects.
+    File(PathBuf),
+    /// The cluster of the current kubeconfig context.
+    Cluster,
+}
+
+impl Source {
+    /// `--datastores FILE`, else `$DATASTORE_CONFIG`, else the cluster.
+    pub fn pick(file: Option<PathBuf>) -> Source {
+        match file.or_else(|| {
+            std::env::var_os(CONFIG_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        }) {
+            Some(f) => Source::File(f),
+            None => Source::Cluster,
+        }
+    }
+}
+
+/// Namespaces that decide which objects a name refers to.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    /// Where Datastores (and their Secrets) are looked up.
+    pub namespace: String,
+    /// Where ClusterDatastores' Secrets live.
+    pub operator_namespace: String,
+}
+
+/// A datastore found by name and resolved to its storage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    /// `Datastore default/blob-ds` or `ClusterDatastore shared`.
+    pub label: String,
+    pub config: StoreConfig,
+}
+
+pub async fn resolve(name: &str, source: &Source, scope: &Scope) -> Result<Resolved> {
+    match source {
+        Source::File(path) => Catalog::load(path)?.resolve(name, scope),
+        Source::Cluster => resolve_in_cluster(name, scope).await,
+    }
+}
+
+/// The objects of a datastores file.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    datastores: Vec<Datastore>,
+    cluster_datastores: Vec<ClusterDatastore>,
+    secrets: Vec<K8sSecret>,
+    /// Relative local paths are resolved against the file's directory.
+    base_dir: PathBuf,
+    origin: String,
+}
+
+impl Catalog {
+    pub fn load(path: &Path) -> Result<Catalog> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read the datastores file {}: {e}; check --datastores or ${CONFIG_ENV}",
+                path.display()
+            ))
+        })?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Catalog::parse(&text, &path.display().to_string(), base_dir)
+    }
+
+    /// Parses a multi-document YAML stream; objects of other kinds are ignored, so the same
+    /// file can hold anything `kubectl apply` accepts.
+    pub fn parse(text: &str, origin: &str, base_dir: PathBuf) -> Result<Catalog> {
+        use serde::Deserialize;
+        let mut catalog = Catalog {
+            base_dir,
+            origin: origin.to_string(),
+            ..Default::default()
+        };
+        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let where_ = format!("{origin}, document {}", i + 1);
+            let value = serde_yaml::Value::deserialize(doc).map_err(|e| {
+                Error::Config(format!(
+                    "{where_} is not valid YAML: {e}; fix the file and run again"
+                ))
+            })?;
+            if value.is_null() {
+                continue;
+            }
+            let field = |k: &str| {
+                value
+                    .get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let (api_version, kind) = (field("apiVersion"), field("kind"));
+            let bad = |e: serde_yaml::Error| {
+                Error::Config(format!(
+                    "{where_} ({kind}) is malformed: {e}; fix it and run again"
+                ))
+            };
+            match (api_version.as_str(), kind.as_str()) {
+                ("datastore.dev/v1alpha1", "Datastore") => catalog
+                    .datastores
+                    .push(serde_yaml::from_value(value).map_err(bad)?),
+                ("datastore.dev/v1alpha1", "ClusterDatastore") => catalog
+                    .cluster_datastores
+                    .push(serde_yaml::from_value(value).map_err(bad)?),
+                ("v1", "Secret") => catalog
+                    .secrets
+                    .push(serde_yaml::from_value(value).map_err(bad)?),
+                (_, "Datastore" | "ClusterDatastore") => {
+                    return Err(Error::Config(format!(
+                        "{where_}: {kind} has apiVersion '{api_version}'; use datastore.dev/v1alpha1"
+                    )));
+                }
+                ("", _) | (_, "") => {
+                    return Err(Error::Config(format!(
+                        "{where_} has no apiVersion or kind: every object needs both (e.g. apiVersion: datastore.dev/v1alpha1, kind: Datastore)"
+                    )));
+                }
+                _ => {
+                    tracing::debug!(%kind, "ignoring an object of another kind in the datastores file")
+                }
+            }
+        }
+        Ok(catalog)
+    }
+
+    pub fn resolve(&self, name: &str, scope: &Scope) -> Result<Resolved> {
+        let in_ns = |ns: Option<String>| ns.unwrap_or_else(|| scope.namespace.clone());
+        if let Some(ds) = self
+            .datastores
+            .iter()
+            .find(|d| d.name_any() == name && in_ns(d.namespace()) == scope.namespace)
+        {
+            let label = format!("Datastore {}/{name}", scope.namespace);
+            let storage = ds
+                .spec
+                .storage()
+                .map_err(|why| Error::Config(format!("{label} in {}: {why}", self.origin)))?;
+            return self.config(&label, storage, &scope.namespace);
+        }
+        if let Some(cds) = self
+            .cluster_datastores
+            .iter()
+            .find(|d| d.name_any() == name)
+        {
+            let label = format!("ClusterDatastore {name}");
+            let storage = cds
+                .spec
+                .storage()
+                .map_err(|why| Error::Config(format!("{label} in {}: {why}", self.origin)))?;
+            return self.config(&label, storage, &scope.operator_namespace);
+        }
+        let mut known: Vec<String> = self
+            .datastores
+            .iter()
+            .map(|d| format!("{} (Datastore in {})", d.name_any(), in_ns(d.namespace())))
+            .chain(
+                self.cluster_datastores
+                    .iter()
+                    .map(|d| format!("{} (ClusterDatastore)", d.name_any())),
+            )
+            .collect();
+        known.sort();
+        Err(Error::Config(format!(
+            "no datastore named '{name}' in namespace '{}' in {}; it has: {}",
+            scope.namespace,
+            self.origin,
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        )))
+    }
+
+    fn config(
+        &self,
+        label: &str,
+        storage: Storage<'_>,
+        secret_namespace: &str,
+    ) -> Result<Resolved> {
+        let secret = match secret_name(&storage) {
+            Some(secret_name) => Some(
+                self.secrets
+                    .iter()
+                    .find(|s| s.name_any() == secret_name && s.namespace().as_deref().unwrap_or(secret_namespace) == secret_namespace)
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "{label} refers to Secret '{secret_name}', which {} does not hold in namespace '{secret_namespace}': add it (kind: Secret, stringData: {{accountKey: ...}})",
+                            self.origin
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(Resolved {
+            label: label.to_string(),
+            config: store_config(label, storage, secret_namespace, secret, &self.base_dir)?,
+        })
+    }
+}
+
+fn secret_name<'a>(storage: &Storage<'a>) -> Option<&'a str> {
+    match storage {
+        Storage::AzureBlob(AzureBlobSpec {
+            credentials: Some(c),
+            ..
+        }) => c.secret_ref.as_ref().map(|r| r.name.as_str()),
+        _ => None,
+    }
+}
+
+async fn resolve_in_cluster(name: &str, scope: &Scope) -> Result<Resolved> {
+    let client = kube::Client::try_default().await.map_err(|e| {
+        Error::Config(format!(
+            "no datastores file was given (--datastores FILE or ${CONFIG_ENV}) and no cluster is reachable from the kubeconfig ({e}): pass --datastores FILE"
+        ))
+    })?;
+    resolve_with_client(client, name, scope).await
+}
+
+/// Looks the datastore up through the Kubernetes API: a Datastore in the namespace, then a
+/// ClusterDatastore.
+pub async fn resolve_with_client(
+    client: kube::Client,
+    name: &str,
+    scope: &Scope,
+) -> Result<Resolved> {
+    let api_error = |e: kube::Error| {
+        Error::Unreachable(format!("cannot read datastores from the cluster: {e}"))
+    };
+    let namespaced: kube::Api<Datastore> = kube::Api::namespaced(client.clone(), &scope.namespace);
+    let cluster: kube::Api<ClusterDatastore> = kube::Api::all(client.clone());
+    let (label, storage_owner, secret_ns): (String, Either, &str) = if let Some(ds) =
+        namespaced.get_opt(name).await.map_err(api_error)?
+    {
+        (
+            format!("Datastore {}/{name}", scope.namespace),
+            Either::Namespaced(ds),
+            &scope.namespace,
+        )
+    } else if let Some(cds) = cluster.get_opt(name).await.map_err(api_error)? {
+        (
+            format!("ClusterDatastore {name}"),
+            Either::Cluster(cds),
+            &scope.operator_namespace,
+        )
+    } else {
+        let mut known: Vec<String> = namespaced
+            .list(&Default::default())
+            .await
+            .map_err(api_error)?
+            .items
+            .iter()
+            .map(|d| format!("{} (Datastore)", d.name_any()))
+            .collect();
+        known.extend(
+            cluster
+                .list(&Default::default())
+                .await
+                .map_err(api_error)?
+                .items
+                .iter()
+                .map(|d| format!("{} (ClusterDatastore)", d.name_any())),
+        );
+        return Err(Error::Config(format!(
+            "no datastore named '{name}' in namespace '{}' or cluster-wide; the cluster has: {}",
+            scope.namespace,
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        )));
+    };
+    let storage = storage_owner
+        .storage()
+        .map_err(|why| Error::Config(format!("{label}: {why}")))?;
+    let secret = match secret_name(&storage) {
+        Some(secret_name) => {
+            let secrets: kube::Api<K8sSecret> = kube::Api::namespaced(client, secret_ns);
+            Some(secrets.get_opt(secret_name).await.map_err(api_error)?.ok_or_else(|| {
+                Error::Config(format!("{label} refers to Secret '{secret_name}', which does not exist in namespace '{secret_ns}': create it"))
+            })?)
+        }
+        None => None,
+    };
+    let config = store_config(&label, storage, secret_ns, secret.as_ref(), Path::new("."))?;
+    Ok(Resolved { label, config })
+}
+
+enum Either {
+    Namespaced(Datastore),
+    Cluster(ClusterDatastore),
+}
+
+impl Either {
+    fn storage(&self) -> std::result::Result<Storage<'_>, &'static str> {
+        match self {
+            Either::Namespaced(d) => d.spec.storage(),
+            Either::Cluster(d) => d.spec.storage(),
+        }
+    }
+}
+
+/// Spec + Secret -> StoreConfig. Pure: the one place credentials are interpreted.
+pub fn store_config(
+    label: &str,
+    storage: Storage<'_>,
+    secret_namespace: &str,
+    secret: Option<&K8sSecret>,
+    base_dir: &Path,
+) -> Result<StoreConfig> {
+    match storage {
+        Storage::Local(local) => Ok(StoreConfig::Local(base_dir.join(&local.path))),
+        Storage::AzureBlob(spec) => {
+            azure_config(label, spec, secret_namespace, secret).map(StoreConfig::AzureBlob)
+        }
+    }
+}
+
+fn azure_config(
+    label: &str,
+    spec: &AzureBlobSpec,
+    secret_namespace: &str,
+    secret: Option<&K8sSecret>,
+) -> Result<AzureBlobConfig> {
+    let mut endpoint = spec.endpoint.clone();
+    let (credential, credential_source) = match (&spec.credentials, secret) {
+        (Some(c), _) if c.workload_identity.is_some() => {
+            let wi = c.workload_identity.as_ref().expect("checked");
+            (
+                AzureCredential::WorkloadIdentity {
+                    client_id: wi.client_id.clone(),
+                },
+                format!("workload identity of {label}"),
+            )
+        }
+        (_, Some(secret)) => {
+            let source = format!("Secret {secret_namespace}/{}", secret.name_any());
+            let values = secret_values(secret);
+            let present: Vec<&str> = ["accountKey", "sasToken", "connectionString"]
+                .into_iter()
+                .filter(|k| values.contains_key(*k))
+                .collect();
+            let credential = match present.as_slice() {
+                ["accountKey"] => {
+                    AzureCredential::AccountKey(Secret::new(values["accountKey"].clone()))
+                }
+                ["sasToken"] => AzureCredential::SasToken(Secret::new(values["sasToken"].clone())),
+                ["connectionString"] => {
+                    let cs = ConnectionString::parse(&values["connectionString"]);
+                    if let Some(account) = cs.get("AccountName") {
+                        if account != spec.account_name {
+                            return Err(Error::Config(format!(
+                                "the connectionString in {source} is for account '{account}' but {label} names account '{}': make them agree",
+                                spec.account_name
+                            )));
+                        }
+                    }
+                    if endpoint.is_none() {
+                        endpoint = cs.blob_endpoint();
+                    }
+                    match (cs.get("AccountKey"), cs.get("SharedAccessSignature")) {
+                        (Some(key), _) => AzureCredential::AccountKey(Secret::new(key)),
+                        (None, Some(sas)) => AzureCredential::SasToken(Secret::new(sas)),
+                        (None, None) => {
+                            return Err(Error::Config(format!(
+                                "the connectionString in {source} has neither AccountKey nor SharedAccessSignature: copy the full string from the portal"
+                            )));
+                        }
+                    }
+                }
+                [] => {
+                    let keys: Vec<&String> = values.keys().collect();
+                    return Err(Error::Config(format!(
+                        "{source} (used by {label}) has none of the keys accountKey, sasToken, connectionString (it has {keys:?}): add one"
+                    )));
+                }
+                many => {
+                    return Err(Error::Config(format!(
+                        "{source} (used by {label}) has several credentials ({}): keep exactly one",
+                        many.join(", ")
+                    )));
+                }
+            };
+            (credential, source)
+        }
+        _ => (
+            AzureCredential::Anonymous,
+            format!("{label} (no credentials)"),
+        ),
+    };
+    let endpoint =
+        endpoint.unwrap_or_else(|| format!("https://{}.blob.core.windows.net", spec.account_name));
+    let endpoint = url::Url::parse(&endpoint)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.query().is_none())
+        .ok_or_else(|| Error::Config(format!("{label} has endpoint '{endpoint}', which is not an http(s) URL: use e.g. https://{}.blob.core.windows.net", spec.account_name)))?;
+    Ok(AzureBlobConfig {
+        account: spec.account_name.clone(),
+        container: spec.container_name.clone(),
+        endpoint,
+        credential,
+        credential_source,
+    })
+}
+
+/// A Secret's `data` (decoded) and `stringData`, which wins as the apiserver does.
+fn secret_values(secret: &K8sSecret) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in secret.data.iter().flatten() {
+        out.insert(k.clone(), String::from_utf8_lossy(&v.0).trim().to_string());
+    }
+    for (k, v) in secret.string_data.iter().flatten() {
+        out.insert(k.clone(), v.trim().to_string());
+    }
+    out
+}
+
+/// An Azure Storage connection string (`Key=Value;...`).
+struct ConnectionString(BTreeMap<String, String>);
+
+impl ConnectionString {
+    fn parse(s: &str) -> Self {
+        let mut map: BTreeMap<String, String> = s
+            .split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        if map
+            .get("UseDevelopmentStorage")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
+            // Azurite's well-known account, documented and public.
+            map.entry("AccountName".into())
+                .or_insert_with(|| "devstoreaccount1".into());
+            map.entry("AccountKey".into())
+                .or_insert_with(|| "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==".into());
+            map.entry("BlobEndpoint".into())
+                .or_insert_with(|| "http://127.0.0.1:10000/devstoreaccount1".into());
+        }
+        ConnectionString(map)
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+
+    fn blob_endpoint(&self) -> Option<String> {
+        if let Some(e) = self.get("BlobEndpoint") {
+            return Some(e);
+        }
+        let account = self.get("AccountName")?;
+        let protocol = self
+            .get("DefaultEndpointsProtocol")
+            .unwrap_or_else(|| "https".into());
+        let suffix = self
+            .get("EndpointSuffix")
+            .unwrap_or_else(|| "core.windows.net".into());
+        Some(format!("{protocol}://{account}.blob.{suffix}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+apiVersion: datastore.dev/v1alpha1
+kind: Datastore
+metadata: {name: blob-ds}
+spec:
+  azureBlob:
+    accountName: acct
+    containerName: data
+    credentials: {secretRef: {name: creds}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+stringData:
+  connectionString: "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;EndpointSuffix=core.chinacloudapi.cn"
+---
+apiVersion: datastore.dev/v1alpha1
+kind: ClusterDatastore
+metadata: {name: shared}
+spec:
+  local: {path: store}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+"#;
+
+    fn scope() -> Scope {
+        Scope {
+            namespace: "default".into(),
+            operator_namespace: "datastore-operator".into(),
+        }
+    }
+
+    #[test]
+    fn connection_string_gives_key_and_sovereign_endpoint() {
+        let catalog = Catalog::parse(FILE, "test.yaml", PathBuf::from("/cfg")).unwrap();
+        let r = catalog.resolve("blob-ds", &scope()).unwrap();
+        let StoreConfig::AzureBlob(cfg) = r.config else {
+            panic!("azure expected")
+        };
+        assert_eq!(
+            cfg.endpoint.as_str(),
+            "https://acct.blob.core.chinacloudapi.cn/"
+        );
+        assert_eq!(
+            cfg.credential,
+            AzureCredential::AccountKey(Secret::new("a2V5"))
+        );
+        assert!(
+            !format!("{cfg:?}").contains("a2V5"),
+            "credentials never appear in Debug output"
+        );
+    }
+
+    #[test]
+    fn local_path_is_relative_to_the_file() {
+        let catalog = Catalog::parse(FILE, "test.yaml", PathBuf::from("/cfg")).unwrap();
+        assert_eq!(
+            catalog.resolve("shared", &scope()).unwrap().config,
+            StoreConfig::Local(PathBuf::from("/cfg/store"))
+        );
+    }
+
+    #[test]
+    fn unknown_name_lists_the_known_ones() {
+        let catalog = Catalog::parse(FILE, "test.yaml", PathBuf::from("/cfg")).unwrap();
+        let err = catalog.resolve("nope", &scope()).unwrap_err().to_string();
+        assert!(
+            err.contains("blob-ds (Datastore in default)")
+                && err.contains("shared (ClusterDatastore)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_datastore_in_another_namespace_is_not_found() {
+        let text = FILE.replace(
+            "metadata: {name: blob-ds}",
+            "metadata: {name: blob-ds, namespace: default}",
+        );
+        let catalog = Catalog::parse(&text, "test.yaml", PathBuf::from("/cfg")).unwrap();
+        assert!(catalog.resolve("blob-ds", &scope()).is_ok());
+        let other = Scope {
+            namespace: "team-b".into(),
+            ..scope()
+        };
+        assert!(catalog.resolve("blob-ds", &other).is_err());
+    }
+
+    #[test]
+    fn malformed_documents_are_reported_with_their_position() {
+        let err = Catalog::parse("kind: Datastore\napiVersion: datastore.dev/v1alpha1\nmetadata: {name: x}\nspec: {azureBlob: 3}\n", "f.yaml", PathBuf::new()).unwrap_err();
+        assert!(matches!(err, Error::Config(_)));
+        assert!(err.to_string().contains("f.yaml, document 1"), "{err}");
+        let err = Catalog::parse("a: [", "f.yaml", PathBuf::new()).unwrap_err();
+        assert!(err.to_string().contains("not valid YAML"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_without_a_known_key_is_explained() {
+        let text = FILE.replace("connectionString:", "password:");
+        let err = Catalog::parse(&text, "test.yaml", PathBuf::new())
+            .unwrap()
+            .resolve("blob-ds", &scope())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("none of the keys accountKey, sasToken, connectionString"),
+            "{err}"
+        );
+        assert!(err.contains("\"password\""), "{err}");
+    }
+}

@@ -1,0 +1,366 @@
+//! `Datastore.download(target_path, prefix)`: each blob lands at `target/<blob name>`.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt, stream};
+use md5::Digest;
+
+use super::upload::{hash_file, list, md5_of};
+use super::{Failed, Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, Tally, md5_hex};
+use crate::atomic::{Commit, TempFile};
+use crate::error::Error;
+use crate::paths;
+use crate::store::{BlobClient, LocalDir, ObjectMeta, Store};
+
+/// Bytes gathered before one positional write: few syscalls, bounded memory per request.
+const WRITE_BATCH: usize = 1024 * 1024;
+
+struct Item {
+    meta: ObjectMeta,
+    path: PathBuf,
+}
+
+/// Downloads every blob whose name starts with `prefix` to `target_dir/<blob name>`.
+pub async fn download(
+    store: &Store,
+    prefix: &str,
+    target_dir: &Path,
+    options: Options,
+    progress: Arc<dyn Progress>,
+) -> Result<Summary> {
+    let run = Run::new(options, progress);
+    // A leading `/` is accepted; the rest is a plain name prefix, as in the SDK.
+    let prefix = prefix.trim_start_matches('/');
+    let blobs = list(store, prefix).await?;
+    let items = plan(blobs, target_dir)?;
+    let (todo, skipped) = skip_existing(items, run.options.overwrite).await?;
+
+    let mut tally = Tally::default();
+    tally.summary.skipped = skipped;
+    run.progress
+        .start(todo.len() as u64, todo.iter().map(|i| i.meta.size).sum());
+
+    let run = &run;
+    let mut results = stream::iter(todo)
+        .map(|item| download_one(run, store, item))
+        .buffer_unordered(run.options.concurrency.max(1));
+    while let Some(result) = results.next().await {
+        if let Err(error) = tally.record(result, &*run.progress) {
+            return Err(Failed {
+                summary: tally.summary,
+                error,
+            });
+        }
+    }
+    tally
+        .finish(run.started)
+        .map_err(|(summary, error)| Failed { summary, error })
+}
+
+/// Maps blob names to local paths. Any name that cannot be written safely, or that collides
+/// with another as file and directory, stops the run before anything is written.
+fn plan(blobs: Vec<ObjectMeta>, target_dir: &Path) -> Result<Vec<Item>, Error> {
+    let blobs: Vec<ObjectMeta> = blobs
+        .into_iter()
+        .filter(|b| !paths::is_folder_marker(&b.name))
+        .collect();
+    let mut refused = Vec::new();
+    let mut items = Vec::with_capacity(blobs.len());
+    for meta in blobs {
+        match paths::local_path(target_dir, &meta.name) {
+            Ok(path) => items.push(Item { meta, path }),
+            Err(why) => refused.push(format!("'{}': {why}", meta.name.escape_debug())),
+        }
+    }
+    for (file, inside) in
+        paths::file_directory_collisions(items.iter().map(|i| i.meta.name.as_str()))
+    {
+        refused.push(format!(
+            "'{file}' is both a file and the directory of '{inside}'"
+        ));
+    }
+    if refused.is_empty() {
+        return Ok(items);
+    }
+    let shown: Vec<_> = refused.iter().take(5).cloned().collect();
+    Err(Error::UnsafeName(format!(
+        "refusing to download: {} blob name(s) cannot be written safely under {}: {}{}; nothing was written: narrow --prefix to leave them out, or rename them in the datastore",
+        refused.len(),
+        target_dir.display(),
+        shown.join("; "),
+        if refused.len() > shown.len() {
+            "; ..."
+        } else {
+            ""
+        }
+    )))
+}
+
+/// Without overwrite, files that exist are skipped; a directory where a file must go is an error.
+async fn skip_existing(items: Vec<Item>, overwrite: bool) -> Result<(Vec<Item>, u64), Error> {
+    tokio::task::spawn_blocking(move || {
+        let mut todo = Vec::with_capacity(items.len());
+        let mut skipped = 0;
+        for item in items {
+            match std::fs::symlink_metadata(&item.path) {
+                Ok(m) if m.is_dir() => {
+                    return Err(Error::UnsafeName(format!(
+                        "blob '{}' would replace the directory {}: move that directory away or download into another --target-path",
+                        item.meta.name,
+                        item.path.display()
+                    )));
+                }
+                Ok(_) if !overwrite => skipped += 1,
+                _ => todo.push(item),
+            }
+        }
+        Ok((todo, skipped))
+    })
+    .await
+    .expect("checking local files does not panic")
+}
+
+async fn download_one(run: &Run, store: &Store, item: Item) -> Result<Outcome, Error> {
+    let commit = match store {
+        Store::Azure(client) => download_blob(run, client, &item).await?,
+        Store::Local(dir) => download_local(run, dir, &item).await?,
+    };
+    Ok(match commit {
+        Commit::Written => Outcome::Transferred(item.meta.size),
+        Commit::TargetExists => Outcome::Skipped,
+    })
+}
+
+async fn download_local(run: &Run, dir: &LocalDir, item: &Item) -> Result<Commit, Error> {
+    let _permit = run.permit().await;
+    let src = dir.path_of(&item.meta.name)?;
+    let (target, size, overwrite) = (item.path.clone(), item.meta.size, run.options.overwrite);
+    let commit = tokio::task::spawn_blocking(move || {
+        let (tmp, file) = TempFile::create(&target).map_err(|e| Error::local("create", &target, e))?;
+        drop(file);
+        let copied = std::fs::copy(&src, tmp.path()).map_err(|e| Error::local("copy", &src, e))?;
+        if copied != size {
+            return Err(Error::Integrity(format!("{} changed size while being copied ({size} bytes listed, {copied} copied): run again", src.display())));
+        }
+        tmp.commit(overwrite).map_err(|e| Error::local("write", &target, e))
+    })
+    .await
+    .expect("copy does not panic")?;
+    run.progress.bytes(item.meta.size);
+    Ok(commit)
+}
+
+async fn download_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<Commit, Error> {
+    let size = item.meta.size;
+    let overwrite = run.options.overwrite;
+    let target = item.path.clone();
+    if size <= SMALL_FILE {
+        // One request, one buffer, one write.
+        let data = {
+            let _permit = run.permit().await;
+            fetch_small(client, item).await?
+        };
+        verify(item, md5_of(&data))?;
+        run.progress.bytes(size);
+        return tokio::task::spawn_blocking(move || {
+            let (tmp, mut file) = TempFile::create(&target)?;
+            std::io::Write::write_all(&mut file, &data)?;
+            drop(file);
+            tmp.commit(overwrite)
+        })
+        .await
+        .expect("writing does not panic")
+        .map_err(|e| Error::local("write", &item.path, e));
+    }
+
+    let (tmp, file) = tokio::task::spawn_blocking(move || {
+        let (tmp, file) = TempFile::create(&target)?;
+        file.set_len(size)?;
+        Ok::<_, std::io::Error>((tmp, Arc::new(file)))
+    })
+    .await
+    .expect("creating a file does not panic")
+    .map_err(|e| Error::local("create", &item.path, e))?;
+
+    let range = run.options.block_size_for(size);
+    let ranges: Vec<(u64, u64)> = (0..size.div_ceil(range))
+        .map(|i| (i * range, ((i + 1) * range).min(size)))
+        .collect();
+    let md5 = if ranges.len() == 1 {
+        // One stream in order: hash as the bytes go by.
+        let _permit = run.permit().await;
+        fetch_range(run, client, item, None, &file, true).await?
+    } else {
+        let n = ranges.len();
+        stream::iter(ranges)
+            .map(|r| {
+                let file = &file;
+                async move {
+                    let _permit = run.permit().await;
+                    fetch_range(run, client, item, Some(r), file, false).await
+                }
+            })
+            .buffer_unordered(n)
+            .try_collect::<Vec<_>>()
+            .await?;
+        match item.meta.md5 {
+            Some(_) => Some(
+                hash_file(tmp.path().to_path_buf(), size)
+                    .await
+                    .map_err(|e| Error::local("read back", tmp.path(), e))?,
+            ),
+            None => None,
+        }
+    };
+    if let Some(md5) = md5 {
+        verify(item, md5)?;
+    }
+    drop(file);
+    tokio::task::spawn_blocking(move || tmp.commit(overwrite))
+        .await
+        .expect("rename does not panic")
+        .map_err(|e| Error::local("write", &item.path, e))
+}
+
+/// A whole small blob into memory, its size checked as it arrives.
+async fn fetch_small(client: &BlobClient, item: &Item) -> Result<Bytes, Error> {
+    let name = &item.meta.name;
+    let mut attempt = 1;
+    loop {
+        let resp = client.get(name, None).await?;
+        let mut buf = BytesMut::with_capacity(item.meta.size as usize);
+        let mut body = resp.bytes_stream();
+        let streamed: Result<(), reqwest::Error> = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                buf.extend_from_slice(&chunk);
+                if buf.len() as u64 > item.meta.size {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match streamed {
+            Ok(()) => {
+                check_len(item, buf.len() as u64, item.meta.size)?;
+                return Ok(buf.freeze());
+            }
+            Err(e) if attempt < client.max_attempts() => {
+                tracing::debug!(blob = %name, error = %e, attempt, "download interrupted; retrying");
+                attempt += 1;
+            }
+            Err(e) => return Err(client.body_error(name, e)),
+        }
+    }
+}
+
+/// Streams the blob (or one range of it) into the file at its offsets, retrying the whole
+/// range when the connection breaks mid-body. Returns the MD5 when asked to hash.
+async fn fetch_range(
+    run: &Run,
+    client: &BlobClient,
+    item: &Item,
+    range: Option<(u64, u64)>,
+    file: &Arc<File>,
+    hash: bool,
+) -> Result<Option<[u8; 16]>, Error> {
+    let name = &item.meta.name;
+    let (start, end) = range.unwrap_or((0, item.meta.size));
+    let mut attempt = 1;
+    loop {
+        let resp = client.get(name, range).await?;
+        let mut hasher = hash.then(md5::Md5::new);
+        let mut body = resp.bytes_stream();
+        let mut offset = start;
+        let mut batch = BytesMut::with_capacity(WRITE_BATCH.min((end - start) as usize));
+        let streamed: Result<(), StreamError> = async {
+            loop {
+                let chunk = body.next().await.transpose().map_err(StreamError::Body)?;
+                if let Some(chunk) = &chunk {
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(chunk);
+                    }
+                    batch.extend_from_slice(chunk);
+                }
+                let done = chunk.is_none();
+                if (batch.len() >= WRITE_BATCH || done) && !batch.is_empty() {
+                    let data = std::mem::replace(&mut batch, BytesMut::with_capacity(WRITE_BATCH))
+                        .freeze();
+                    let n = data.len() as u64;
+                    if offset + n > end {
+                        return Err(StreamError::TooLong);
+                    }
+                    let file = file.clone();
+                    tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+                        .await
+                        .expect("writing does not panic")
+                        .map_err(StreamError::Write)?;
+                    offset += n;
+                    run.progress.bytes(n);
+                }
+                if done {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        match streamed {
+            Ok(()) => {
+                check_len(item, offset - start, end - start)?;
+                return Ok(hasher.map(|h| h.finalize().into()));
+            }
+            Err(StreamError::Body(e)) if attempt < client.max_attempts() => {
+                tracing::debug!(blob = %name, error = %e, attempt, "download interrupted; retrying the range");
+                attempt += 1;
+            }
+            Err(StreamError::Body(e)) => return Err(client.body_error(name, e)),
+            Err(StreamError::TooLong) => return Err(too_long(item)),
+            Err(StreamError::Write(e)) => return Err(Error::local("write", &item.path, e)),
+        }
+    }
+}
+
+enum StreamError {
+    Body(reqwest::Error),
+    TooLong,
+    Write(std::io::Error),
+}
+
+fn too_long(item: &Item) -> Error {
+    Error::Integrity(format!(
+        "blob '{}' sent more than the {} bytes its listing gave: it changed while downloading; run again",
+        item.meta.name, item.meta.size
+    ))
+}
+
+fn check_len(item: &Item, got: u64, expected: u64) -> Result<(), Error> {
+    if got > expected {
+        return Err(too_long(item));
+    }
+    if got != expected {
+        return Err(Error::Integrity(format!(
+            "blob '{}' arrived with {got} bytes where {expected} were expected: it changed while downloading, or the connection was cut; run again",
+            item.meta.name
+        )));
+    }
+    Ok(())
+}
+
+/// Fails loudly when the bytes differ from the blob's Content-MD5 (when it has one).
+fn verify(item: &Item, actual: [u8; 16]) -> Result<(), Error> {
+    match item.meta.md5 {
+        Some(expected) if expected != actual => Err(Error::Integrity(format!(
+            "blob '{}' does not match its Content-MD5 (stored {}, received {}): it is corrupt in the datastore or was damaged on the way; nothing was written to {}",
+            item.meta.name,
+            md5_hex(&expected),
+            md5_hex(&actual),
+            item.path.display()
+        ))),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,205 @@
+//! The transfer engine: list, decide what to skip, copy in parallel, verify, report progress.
+//!
+//! One pool of request permits is shared by every file of a run, so `concurrency` bounds the
+//! requests in flight whatever the mix of small and large files. Nothing is held whole in
+//! memory: small files travel in one buffer of at most [`SMALL_FILE`] bytes, larger ones are
+//! streamed from and to disk in blocks.
+
+mod download;
+pub mod progress;
+mod upload;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+pub use download::download;
+pub use progress::{NoProgress, Progress};
+pub use upload::upload;
+
+use crate::error::Error;
+
+/// Files up to this size are read or received into one buffer and sent in one request.
+pub const SMALL_FILE: u64 = 1024 * 1024;
+/// The smallest block a large file is cut into.
+pub const MIN_BLOCK_SIZE: u64 = 8 * 1024 * 1024;
+/// Azure's limit on the blocks of one blob.
+const MAX_BLOCKS: u64 = 50_000;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Requests in flight at most, across all files.
+    pub concurrency: usize,
+    /// Block size for large uploads and range size for large downloads.
+    pub block_size: u64,
+    /// Replace blobs (upload) or files (download) that exist.
+    pub overwrite: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            concurrency: 16,
+            block_size: MIN_BLOCK_SIZE,
+            overwrite: false,
+        }
+    }
+}
+
+impl Options {
+    /// The block size for a file of `size` bytes: the configured one, grown so that the file
+    /// fits in Azure's 50,000 blocks.
+    fn block_size_for(&self, size: u64) -> u64 {
+        self.block_size
+            .max(MIN_BLOCK_SIZE)
+            .max(size.div_ceil(MAX_BLOCKS))
+    }
+}
+
+/// What a run did; printed as the closing line (or JSON) of every transfer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Summary {
+    pub transferred: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub mib_per_s: f64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} transferred, {} skipped{}, {} in {:.1}s ({:.1} MiB/s)",
+            self.transferred,
+            self.skipped,
+            if self.failed > 0 {
+                format!(", {} failed", self.failed)
+            } else {
+                String::new()
+            },
+            indicatif::HumanBytes(self.bytes),
+            self.seconds,
+            self.mib_per_s
+        )
+    }
+}
+
+/// Shared state of one run: the request pool, the counters, the progress sink.
+struct Run {
+    permits: Arc<Semaphore>,
+    options: Options,
+    progress: Arc<dyn Progress>,
+    started: Instant,
+}
+
+impl Run {
+    fn new(options: Options, progress: Arc<dyn Progress>) -> Self {
+        Run {
+            permits: Arc::new(Semaphore::new(options.concurrency.max(1))),
+            options,
+            progress,
+            started: Instant::now(),
+        }
+    }
+
+    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.permits
+            .acquire()
+            .await
+            .expect("the pool is never closed")
+    }
+}
+
+/// Tallies per-file outcomes, stopping the run at the first error no other file could escape.
+#[derive(Default)]
+struct Tally {
+    summary: Summary,
+    failures: Vec<Error>,
+}
+
+enum Outcome {
+    Transferred(u64),
+    Skipped,
+}
+
+impl Tally {
+    /// Records one file's outcome; returns the error that must end the run, if it is one.
+    fn record(
+        &mut self,
+        result: Result<Outcome, Error>,
+        progress: &dyn Progress,
+    ) -> Result<(), Error> {
+        match result {
+            Ok(Outcome::Transferred(bytes)) => {
+                self.summary.transferred += 1;
+                self.summary.bytes += bytes;
+                progress.file_done();
+            }
+            Ok(Outcome::Skipped) => {
+                self.summary.skipped += 1;
+                progress.file_skipped();
+            }
+            // Credentials, reachability and configuration fail every file alike: stop now.
+            Err(e @ (Error::Auth(_) | Error::Unreachable(_) | Error::Config(_))) => return Err(e),
+            Err(e) => {
+                progress.file_failed(&e);
+                self.summary.failed += 1;
+                self.failures.push(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The summary, or an error describing the failed files: of their kind when they all
+    /// share one (so the exit code says what happened), else a partial failure.
+    fn finish(mut self, started: Instant) -> Result<Summary, (Summary, Error)> {
+        self.summary.seconds = started.elapsed().as_secs_f64();
+        self.summary.mib_per_s =
+            self.summary.bytes as f64 / 1_048_576.0 / self.summary.seconds.max(1e-9);
+        let Some(first) = self.failures.first() else {
+            return Ok(self.summary);
+        };
+        let n = self.failures.len();
+        let same_kind = self
+            .failures
+            .iter()
+            .all(|e| e.exit_code() == first.exit_code());
+        let msg = if n == 1 {
+            first.to_string()
+        } else {
+            format!("{n} files failed (each is reported above); the first: {first}")
+        };
+        let err = if same_kind {
+            first.with_message(msg)
+        } else {
+            Error::Partial(msg)
+        };
+        Err((self.summary, err))
+    }
+}
+
+/// A failed run still reports what it did before failing.
+#[derive(Debug)]
+pub struct Failed {
+    pub summary: Summary,
+    pub error: Error,
+}
+
+pub type Result<T, E = Failed> = std::result::Result<T, E>;
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Self {
+        Failed {
+            summary: Summary::default(),
+            error,
+        }
+    }
+}
+
+fn md5_hex(md5: &[u8; 16]) -> String {
+    md5.iter().map(|b| format!("{b:02x}")).collect()
+}

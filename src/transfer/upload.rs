@@ -1,0 +1,270 @@
+//! `Datastore.upload(src_dir, target_path, overwrite)`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt, stream};
+
+use super::{Failed, Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, Tally};
+use crate::atomic::Commit;
+use crate::error::Error;
+use crate::paths;
+use crate::store::azure::{Body, PutOutcome};
+use crate::store::{BlobClient, LocalDir, Store, local::walk_files};
+
+/// A local file to upload and the blob name it becomes.
+struct Item {
+    path: PathBuf,
+    name: String,
+    size: u64,
+}
+
+/// Uploads every file below `src_dir` to `target_path/<relative path>` in the datastore.
+pub async fn upload(
+    store: &Store,
+    src_dir: &Path,
+    target_path: &str,
+    options: Options,
+    progress: Arc<dyn Progress>,
+) -> Result<Summary> {
+    let run = Run::new(options, progress);
+    let target = paths::normalize(target_path);
+    let files = source_files(src_dir.to_path_buf(), target.clone()).await?;
+
+    // Skip decisions come from one listing of the target, not a request per file.
+    let existing: HashSet<String> = if run.options.overwrite {
+        check(store).await?;
+        HashSet::new()
+    } else {
+        let prefix = if target.is_empty() {
+            String::new()
+        } else {
+            format!("{target}/")
+        };
+        list(store, &prefix)
+            .await?
+            .into_iter()
+            .map(|m| m.name)
+            .collect()
+    };
+    let (todo, skipped): (Vec<Item>, Vec<Item>) =
+        files.into_iter().partition(|f| !existing.contains(&f.name));
+
+    let mut tally = Tally::default();
+    tally.summary.skipped = skipped.len() as u64;
+    run.progress
+        .start(todo.len() as u64, todo.iter().map(|f| f.size).sum());
+
+    let run = &run;
+    let mut results = stream::iter(todo)
+        .map(|item| upload_one(run, store, item))
+        .buffer_unordered(run.options.concurrency.max(1));
+    while let Some(result) = results.next().await {
+        if let Err(error) = tally.record(result, &*run.progress) {
+            return Err(Failed {
+                summary: tally.summary,
+                error,
+            });
+        }
+    }
+    tally
+        .finish(run.started)
+        .map_err(|(summary, error)| Failed { summary, error })
+}
+
+async fn source_files(src_dir: PathBuf, target: String) -> Result<Vec<Item>, Error> {
+    tokio::task::spawn_blocking(move || {
+        if !src_dir.is_dir() {
+            return Err(Error::NotFound(format!(
+                "the source directory {} does not exist or is not a directory: check --src-dir",
+                src_dir.display()
+            )));
+        }
+        let mut files = Vec::new();
+        walk_files(&src_dir, &mut files).map_err(|e| Error::local("read", &src_dir, e))?;
+        files.sort();
+        files
+            .into_iter()
+            .map(|(path, size)| {
+                let rel = path
+                    .strip_prefix(&src_dir)
+                    .expect("walked below the source");
+                let rel = rel.to_str().ok_or_else(|| {
+                    Error::Config(format!(
+                        "{} is not valid UTF-8 and cannot be a blob name: rename it",
+                        path.display()
+                    ))
+                })?;
+                Ok(Item {
+                    name: paths::join(&target, rel),
+                    path,
+                    size,
+                })
+            })
+            .collect()
+    })
+    .await
+    .expect("listing the source does not panic")
+}
+
+async fn check(store: &Store) -> Result<(), Error> {
+    match store {
+        Store::Azure(c) => c.check().await,
+        Store::Local(l) => l.list("\0").map(|_| ()),
+    }
+}
+
+pub(super) async fn list(
+    store: &Store,
+    prefix: &str,
+) -> Result<Vec<crate::store::ObjectMeta>, Error> {
+    match store {
+        Store::Azure(c) => c.list(prefix).await,
+        Store::Local(l) => {
+            let (l, prefix) = (l.clone(), prefix.to_string());
+            tokio::task::spawn_blocking(move || l.list(&prefix))
+                .await
+                .expect("listing does not panic")
+        }
+    }
+}
+
+async fn upload_one(run: &Run, store: &Store, item: Item) -> Result<Outcome, Error> {
+    let created = match store {
+        Store::Azure(client) => upload_blob(run, client, &item).await?,
+        Store::Local(dir) => upload_local(run, dir, &item).await?,
+    };
+    Ok(if created {
+        Outcome::Transferred(item.size)
+    } else {
+        Outcome::Skipped
+    })
+}
+
+async fn upload_local(run: &Run, dir: &LocalDir, item: &Item) -> Result<bool, Error> {
+    let _permit = run.permit().await;
+    let (dir, src, name, overwrite) = (
+        dir.clone(),
+        item.path.clone(),
+        item.name.clone(),
+        run.options.overwrite,
+    );
+    let commit = tokio::task::spawn_blocking(move || dir.put_file(&src, &name, overwrite))
+        .await
+        .expect("copy does not panic")?;
+    run.progress.bytes(item.size);
+    Ok(commit == Commit::Written)
+}
+
+/// Returns whether the blob was created (false: it existed and overwrite was not asked for).
+async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<bool, Error> {
+    let overwrite = run.options.overwrite;
+    let read_error = |e| Error::local("read", &item.path, e);
+    let block_size = run.options.block_size_for(item.size);
+    let one_request = item.size <= block_size;
+    let outcome = if item.size <= SMALL_FILE {
+        let _permit = run.permit().await;
+        let data = tokio::fs::read(&item.path).await.map_err(read_error)?;
+        check_size(item, data.len() as u64)?;
+        let md5 = md5_of(&data);
+        client
+            .put_blob(&item.name, Body::Bytes(data.into()), md5, overwrite)
+            .await?
+    } else if one_request {
+        // Put Blob needs the MD5 before the body: hash first, then stream the file.
+        let md5 = hash_file(item.path.clone(), item.size)
+            .await
+            .map_err(read_error)?;
+        let _permit = run.permit().await;
+        let body = Body::File {
+            path: item.path.clone(),
+            offset: 0,
+            len: item.size,
+        };
+        client.put_blob(&item.name, body, md5, overwrite).await?
+    } else {
+        // Blocks go up in parallel from their own offsets while one sequential pass hashes
+        // the whole file for the blob's Content-MD5.
+        let hash = tokio::spawn(hash_file(item.path.clone(), item.size));
+        let blocks = item.size.div_ceil(block_size) as usize;
+        stream::iter(0..blocks)
+            .map(|i| async move {
+                let offset = i as u64 * block_size;
+                let len = block_size.min(item.size - offset);
+                let _permit = run.permit().await;
+                client
+                    .put_block(
+                        &item.name,
+                        i,
+                        Body::File {
+                            path: item.path.clone(),
+                            offset,
+                            len,
+                        },
+                    )
+                    .await?;
+                run.progress.bytes(len);
+                Ok::<_, Error>(())
+            })
+            .buffer_unordered(blocks)
+            .try_collect::<()>()
+            .await?;
+        let md5 = hash
+            .await
+            .expect("hashing does not panic")
+            .map_err(read_error)?;
+        let _permit = run.permit().await;
+        client
+            .put_block_list(&item.name, blocks, md5, overwrite)
+            .await?
+    };
+    if one_request {
+        run.progress.bytes(item.size);
+    }
+    Ok(outcome == PutOutcome::Created)
+}
+
+fn check_size(item: &Item, read: u64) -> Result<(), Error> {
+    if read != item.size {
+        return Err(Error::Local(format!(
+            "{} changed size while being uploaded ({} bytes listed, {read} read): run again once it is no longer being written",
+            item.path.display(),
+            item.size
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn md5_of(data: &[u8]) -> [u8; 16] {
+    use md5::Digest;
+    md5::Md5::digest(data).into()
+}
+
+/// The MD5 of the first `len` bytes of a file, read sequentially off the async threads.
+pub(super) async fn hash_file(path: PathBuf, len: u64) -> std::io::Result<[u8; 16]> {
+    tokio::task::spawn_blocking(move || {
+        use md5::Digest;
+        use std::io::Read;
+        let mut file = std::fs::File::open(&path)?.take(len);
+        let mut hasher = md5::Md5::new();
+        let mut buf = vec![0u8; 1024 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
+        }
+        if total != len {
+            return Err(std::io::Error::other(format!(
+                "the file is {total} bytes, {len} were expected: was it changed while being read?"
+            )));
+        }
+        Ok(hasher.finalize().into())
+    })
+    .await
+    .expect("hashing does not panic")
+}
