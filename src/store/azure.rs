@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 use super::{AzureBlobConfig, AzureCredential, ObjectMeta, shared_key};
 use crate::error::{Error, Result};
 
-const API_VERSION: &str = "2021-12-02";
+pub const API_VERSION: &str = "2021-12-02";
 /// Characters left as they are in a URL path segment or query value; everything else is escaped.
 const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')

@@ -3,7 +3,8 @@
 pub mod azure;
 pub mod local;
 pub mod resolve;
-mod shared_key;
+pub mod sas;
+pub mod shared_key;
 
 use std::fmt;
 use std::path::PathBuf;

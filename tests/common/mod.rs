@@ -1,0 +1,275 @@
+//! Test harness: a real Azurite on a free loopback port, one per test binary, and helpers to
+//! run the `datastore` binary against it.
+#![allow(dead_code)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use datastore_operator::store::azure::Tuning;
+use datastore_operator::store::{AzureBlobConfig, AzureCredential, BlobClient, Secret};
+
+/// Azurite's well-known development account (public, documented).
+pub const ACCOUNT: &str = "devstoreaccount1";
+pub const KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+static AZURITE: OnceLock<u16> = OnceLock::new();
+
+/// The port of this test binary's Azurite, started on first use.
+pub fn azurite_port() -> u16 {
+    *AZURITE.get_or_init(start_azurite)
+}
+
+fn azurite_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("AZURITE_BLOB_BIN") {
+        return bin.into();
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/node_modules/.bin/azurite-blob");
+    assert!(
+        bin.exists(),
+        "Azurite is not installed at {}: run `make test` (it installs it) or `npm install --prefix .tools azurite`",
+        bin.display()
+    );
+    bin
+}
+
+fn start_azurite() -> u16 {
+    let bin = azurite_bin();
+    let port = free_port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The child is spawned and awaited by a thread that lives as long as the test process, and
+    // is killed with it (PR_SET_PDEATHSIG fires when the spawning thread exits).
+    std::thread::spawn(move || {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args([
+                "--disableTelemetry",
+                "--inMemoryPersistence",
+                "--skipApiVersionCheck",
+                "--loose",
+                "--silent",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("Azurite starts");
+        tx.send(()).unwrap();
+        let _ = child.wait();
+    });
+    rx.recv().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "Azurite did not listen on 127.0.0.1:{port} within 60s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    port
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn endpoint() -> String {
+    format!("http://127.0.0.1:{}/{ACCOUNT}", azurite_port())
+}
+
+/// A fresh container name, unique within this test run.
+pub fn unique_container() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn client_with(container: &str, credential: AzureCredential) -> BlobClient {
+    let cfg = AzureBlobConfig {
+        account: ACCOUNT.into(),
+        container: container.into(),
+        endpoint: endpoint().parse().unwrap(),
+        credential,
+        credential_source: "test".into(),
+    };
+    BlobClient::new(cfg, Tuning::default()).unwrap()
+}
+
+pub fn client(container: &str) -> BlobClient {
+    client_with(container, AzureCredential::AccountKey(Secret::new(KEY)))
+}
+
+/// A scratch directory with a container of its own and a datastores file naming it `blob`
+/// (and `local`, a local datastore in `<dir>/localstore`).
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub container: String,
+    pub client: BlobClient,
+}
+
+impl Fixture {
+    pub async fn new() -> Fixture {
+        Fixture::with_secret(&format!("accountKey: {KEY}")).await
+    }
+
+    /// `secret_line` is the Secret's `stringData` entry, e.g. `sasToken: ...`.
+    pub async fn with_secret(secret_line: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let container = unique_container();
+        let client = client(&container);
+        client.create_container().await.unwrap();
+        std::fs::create_dir_all(dir.path().join("localstore")).unwrap();
+        let fixture = Fixture {
+            dir,
+            container,
+            client,
+        };
+        fixture.write_datastores(&fixture.container, &endpoint(), secret_line);
+        fixture
+    }
+
+    pub fn write_datastores(&self, container: &str, endpoint: &str, secret_line: &str) {
+        let text = format!(
+            r#"apiVersion: datastore.dev/v1alpha1
+kind: Datastore
+metadata: {{name: blob}}
+spec:
+  azureBlob:
+    accountName: {ACCOUNT}
+    containerName: {container}
+    endpoint: {endpoint}
+    credentials: {{secretRef: {{name: creds}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds}}
+stringData:
+  {secret_line}
+---
+apiVersion: datastore.dev/v1alpha1
+kind: Datastore
+metadata: {{name: local}}
+spec:
+  local: {{path: localstore}}
+"#
+        );
+        std::fs::write(self.datastores(), text).unwrap();
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn datastores(&self) -> PathBuf {
+        self.path("datastores.yaml")
+    }
+
+    /// Runs `datastore <args> --datastores <file> --no-progress`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        let ds = self.datastores();
+        all.extend(["--datastores", ds.to_str().unwrap(), "--no-progress"]);
+        datastore(&all)
+    }
+}
+
+pub fn datastore(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args(args)
+        .env_remove("DATASTORE_CONFIG")
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The parsed `--output json` summary.
+pub fn summary(o: &Output) -> serde_json::Value {
+    let out = stdout(o);
+    serde_json::from_str(out.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("no JSON summary ({e}) in {out:?}; stderr: {}", stderr(o)))
+}
+
+#[track_caller]
+pub fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "exit code; stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Writes `files` (relative path, contents) under `root`.
+pub fn write_tree(root: &Path, files: &[(&str, Vec<u8>)]) {
+    for (rel, data) in files {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+}
+
+/// Every file below `root` as (relative path, contents), sorted.
+pub fn read_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push((
+                    p.strip_prefix(root).unwrap().to_str().unwrap().to_string(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    if root.exists() {
+        walk(root, root, &mut out);
+    }
+    out.sort();
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn md5(data: &[u8]) -> [u8; 16] {
+    use md5::Digest;
+    md5::Md5::digest(data).into()
+}
