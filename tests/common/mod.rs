@@ -273,3 +273,102 @@ pub fn md5(data: &[u8]) -> [u8; 16] {
     use md5::Digest;
     md5::Md5::digest(data).into()
 }
+
+/// A scripted HTTP server on 127.0.0.1 standing in for a blob endpoint that misbehaves (hostile
+/// names, throttling): things Azurite cannot be made to do. Answers `handler(method, target)`
+/// and records every request line.
+pub struct FakeServer {
+    pub port: u16,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+pub type Handler =
+    std::sync::Arc<dyn Fn(&str, &str) -> (u16, Vec<(String, String)>, Vec<u8>) + Send + Sync>;
+
+impl FakeServer {
+    pub async fn start(handler: Handler) -> FakeServer {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let (handler, log) = (handler.clone(), log.clone());
+                tokio::spawn(async move {
+                    let (read, mut write) = socket.into_split();
+                    let mut reader = BufReader::new(read);
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut len = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h == "\r\n" {
+                                break;
+                            }
+                            if let Some((k, v)) = h.split_once(':') {
+                                if k.eq_ignore_ascii_case("content-length") {
+                                    len = v.trim().parse().unwrap_or(0);
+                                }
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        if reader.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let mut parts = line.split_whitespace();
+                        let (method, target) = (
+                            parts.next().unwrap_or("").to_string(),
+                            parts.next().unwrap_or("").to_string(),
+                        );
+                        log.lock().unwrap().push(format!("{method} {target}"));
+                        let (status, headers, body) = handler(&method, &target);
+                        let mut resp =
+                            format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
+                        for (k, v) in headers {
+                            resp.push_str(&format!("{k}: {v}\r\n"));
+                        }
+                        resp.push_str("\r\n");
+                        if write.write_all(resp.as_bytes()).await.is_err()
+                            || write.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FakeServer { port, requests }
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// A List Blobs response body for `(name, size, encoded)` entries.
+pub fn listing_xml(blobs: &[(&str, u64, bool)]) -> Vec<u8> {
+    let mut xml =
+        String::from(r#"<?xml version="1.0" encoding="utf-8"?><EnumerationResults><Blobs>"#);
+    for (name, size, encoded) in blobs {
+        let name_el = if *encoded {
+            format!(r#"<Name Encoded="true">{name}</Name>"#)
+        } else {
+            format!("<Name>{name}</Name>")
+        };
+        xml.push_str(&format!(
+            "<Blob>{name_el}<Properties><Content-Length>{size}</Content-Length></Properties></Blob>"
+        ));
+    }
+    xml.push_str("</Blobs><NextMarker /></EnumerationResults>");
+    xml.into_bytes()
+}

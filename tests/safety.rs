@@ -1,0 +1,349 @@
+//! Safety: nothing written outside the target, nothing partial under a final name, corruption
+//! detected, bounded retries.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use datastore_operator::store::azure::Body;
+
+/// A datastores file for an anonymous datastore at a fake endpoint.
+fn fake_datastores(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+    let path = dir.join("fake.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: datastore.dev/v1alpha1\nkind: Datastore\nmetadata: {{name: fake}}\nspec:\n  azureBlob:\n    accountName: {ACCOUNT}\n    containerName: data\n    endpoint: http://127.0.0.1:{port}/{ACCOUNT}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traversal_names_are_refused_and_nothing_is_written() {
+    let listing = listing_xml(&[
+        ("fine.txt", 5, false),
+        ("../escape.txt", 5, false),
+        ("ok/../../escape2.txt", 5, false),
+        ("/abs.txt", 5, false),
+        ("nul%00byte.txt", 5, true),
+        ("win\\..\\escape3.txt", 5, false),
+    ]);
+    let server = FakeServer::start(Arc::new(move |_, target: &str| {
+        if target.contains("comp=list") {
+            (200, vec![], listing.clone())
+        } else {
+            (200, vec![], b"pwned".to_vec())
+        }
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    let target = dir.path().join("deep/target");
+    let out = tokio::task::spawn_blocking(move || {
+        datastore(&[
+            "download",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--target-path",
+            target.to_str().unwrap(),
+            "--no-progress",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_exit(&out, 8);
+    let err = stderr(&out);
+    for name in [
+        "../escape.txt",
+        "ok/../../escape2.txt",
+        "/abs.txt",
+        "nul\\0byte.txt",
+    ] {
+        assert!(err.contains(name), "the error names {name}: {err}");
+    }
+    assert!(err.contains("nothing was written"), "{err}");
+    // Not even the safe blob was fetched: the plan is refused before any transfer.
+    assert!(
+        server.requests().iter().all(|r| r.contains("comp=list")),
+        "{:?}",
+        server.requests()
+    );
+    let mut left: Vec<_> = walk(dir.path());
+    left.sort();
+    assert_eq!(
+        left,
+        ["fake.yaml"],
+        "not even the target directory is created"
+    );
+}
+
+fn walk(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root).unwrap().flatten() {
+        out.push(e.file_name().to_string_lossy().into_owned());
+        if e.file_type().unwrap().is_dir() {
+            out.extend(
+                walk(&e.path())
+                    .into_iter()
+                    .map(|s| format!("{}/{s}", e.file_name().to_string_lossy())),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_colliding_with_a_directory_is_reported_not_merged() {
+    let f = Fixture::new().await;
+    for name in ["set/a", "set/a/b", "set/c"] {
+        f.client
+            .put_blob(
+                name,
+                Body::Bytes(name.as_bytes().to_vec().into()),
+                md5(name.as_bytes()),
+                false,
+            )
+            .await
+            .unwrap();
+    }
+    let out = f.cli(&[
+        "download",
+        "--datastore",
+        "blob",
+        "--target-path",
+        f.path("out").to_str().unwrap(),
+    ]);
+    assert_exit(&out, 8);
+    let err = stderr(&out);
+    assert!(
+        err.contains("'set/a' is both a file and the directory of 'set/a/b'"),
+        "{err}"
+    );
+    assert!(
+        read_tree(&f.path("out")).is_empty(),
+        "nothing is written when the plan is refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_content_md5_mismatch_fails_loudly_and_leaves_no_file() {
+    let f = Fixture::new().await;
+    // Put Block List stores x-ms-blob-content-md5 without checking it: a way to make a blob
+    // whose bytes and Content-MD5 disagree, as corruption at rest would.
+    let wrong = md5(b"something else");
+    for (name, data) in [
+        ("small.bin", bytes(1000, 1)),
+        ("medium.bin", bytes(2 * 1024 * 1024, 2)),
+        ("large.bin", bytes(9 * 1024 * 1024, 3)),
+    ] {
+        f.client
+            .put_block(name, 0, Body::Bytes(data.into()))
+            .await
+            .unwrap();
+        f.client
+            .put_block_list(name, 1, wrong, false)
+            .await
+            .unwrap();
+    }
+    f.client
+        .put_blob("good.txt", Body::Bytes("good".into()), md5(b"good"), false)
+        .await
+        .unwrap();
+
+    let out = f.cli(&[
+        "download",
+        "--datastore",
+        "blob",
+        "--target-path",
+        f.path("out").to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_exit(&out, 7);
+    let s = summary(&out);
+    assert_eq!(
+        (s["transferred"].as_u64(), s["failed"].as_u64()),
+        (Some(1), Some(3)),
+        "{s}"
+    );
+    assert_eq!(s["error"]["reason"], "IntegrityError");
+    let err = stderr(&out);
+    for name in ["small.bin", "medium.bin", "large.bin"] {
+        assert!(
+            err.contains(&format!("blob '{name}' does not match its Content-MD5")),
+            "{err}"
+        );
+    }
+    // Only the good file is there: no corrupt file under its final name, no temporary file.
+    assert_eq!(walk(&f.path("out")), ["good.txt"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_download_leaves_only_complete_files_and_a_rerun_finishes() {
+    let f = Fixture::new().await;
+    let files: Vec<(String, Vec<u8>)> = (0..48)
+        .map(|i| (format!("f{i:02}.bin"), bytes(3 * 1024 * 1024 + i, i as u64)))
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    write_tree(&f.path("src"), &refs);
+    assert_exit(
+        &f.cli(&[
+            "upload",
+            "--datastore",
+            "blob",
+            "--src-dir",
+            f.path("src").to_str().unwrap(),
+            "--concurrency",
+            "8",
+        ]),
+        0,
+    );
+
+    let out_dir = f.path("out");
+    let ds = f.datastores();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args([
+            "download",
+            "--datastore",
+            "blob",
+            "--concurrency",
+            "1",
+            "--no-progress",
+        ])
+        .args([
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--target-path",
+            out_dir.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it (SIGKILL: no cleanup runs) as soon as the first file is complete.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !files.iter().any(|(n, _)| out_dir.join(n).exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "the download never produced a file"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let present: Vec<&(String, Vec<u8>)> = files
+        .iter()
+        .filter(|(n, _)| out_dir.join(n).exists())
+        .collect();
+    assert!(
+        present.len() < files.len(),
+        "the download was interrupted before it finished"
+    );
+    for (name, data) in &present {
+        assert!(
+            std::fs::read(out_dir.join(name)).unwrap() == *data,
+            "{name} under its final name is complete"
+        );
+    }
+
+    let rerun = f.cli(&[
+        "download",
+        "--datastore",
+        "blob",
+        "--target-path",
+        out_dir.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert_exit(&rerun, 0);
+    let s = summary(&rerun);
+    assert_eq!(s["skipped"].as_u64(), Some(present.len() as u64));
+    assert_eq!(
+        s["transferred"].as_u64(),
+        Some((files.len() - present.len()) as u64)
+    );
+    let mut expected: Vec<(String, Vec<u8>)> = files.clone();
+    expected.sort();
+    assert!(
+        read_tree(&out_dir) == expected,
+        "every file is complete and no temporary file is left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_is_retried_a_bounded_number_of_times() {
+    // Throttled twice, then an empty listing: the run succeeds after three requests.
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let c = calls.clone();
+    let server = FakeServer::start(Arc::new(move |_, _| {
+        if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+            (
+                503,
+                vec![("x-ms-error-code".into(), "ServerBusy".into())],
+                vec![],
+            )
+        } else {
+            (200, vec![], listing_xml(&[]))
+        }
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    let target = dir.path().join("t");
+    let (ds2, t2) = (ds.clone(), target.clone());
+    let ok = tokio::task::spawn_blocking(move || {
+        datastore(&[
+            "download",
+            "--datastores",
+            ds2.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--target-path",
+            t2.to_str().unwrap(),
+            "--no-progress",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_exit(&ok, 0);
+    assert_eq!(server.requests().len(), 3);
+
+    // Always throttled: the run gives up after the bounded attempts, with the service's code.
+    let server = FakeServer::start(Arc::new(|_, _| {
+        (
+            503,
+            vec![("x-ms-error-code".into(), "ServerBusy".into())],
+            vec![],
+        )
+    }))
+    .await;
+    let ds = fake_datastores(dir.path(), server.port);
+    let failed = tokio::task::spawn_blocking(move || {
+        datastore(&[
+            "download",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--target-path",
+            target.to_str().unwrap(),
+            "--no-progress",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_exit(&failed, 9);
+    assert!(
+        stderr(&failed).contains("ServerBusy"),
+        "{}",
+        stderr(&failed)
+    );
+    assert_eq!(server.requests().len(), 5, "five attempts, no more");
+}
