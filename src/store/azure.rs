@@ -577,16 +577,16 @@ impl BlobClient {
                 }
                 (
                     401 | 403,
-                    "AuthorizationPermissionMismatch"
-                    | "AuthorizationFailure"
-                    | "AuthorizationResourceTypeMismatch",
+                    // Not AuthorizationFailure: Azurite answers it for a wrong key or SAS
+                    // signature, Azure for a request its network rules block.
+                    "AuthorizationPermissionMismatch" | "AuthorizationResourceTypeMismatch",
                 ) => Error::Auth(format!(
                     "the {} from {} is not allowed to do this on {what}{on_blob} ({code}): grant the missing permission (for a SAS: read, list, create, write)",
                     cfg.credential.kind(),
                     cfg.credential_source
                 )),
                 (401 | 403, _) => Error::Auth(format!(
-                    "{what} rejected the {} from {} ({}): check that it belongs to account '{}' and has not expired or been rotated",
+                    "{what} rejected the {} from {} ({}): check that it belongs to account '{}' and has not expired or been rotated{}",
                     cfg.credential.kind(),
                     cfg.credential_source,
                     if code.is_empty() {
@@ -594,7 +594,12 @@ impl BlobClient {
                     } else {
                         &code
                     },
-                    cfg.account
+                    cfg.account,
+                    if code == "AuthorizationFailure" {
+                        ", and that the account's network rules admit this machine"
+                    } else {
+                        ""
+                    }
                 )),
                 (400, "InvalidQueryParameterValue" | "InvalidUri" | "OutOfRangeInput") => {
                     Error::Config(format!(

@@ -123,9 +123,12 @@ impl Catalog {
                 ("datastore.dev/v1alpha1", "ClusterDatastore") => catalog
                     .cluster_datastores
                     .push(serde_yaml::from_value(value).map_err(bad)?),
-                ("v1", "Secret") => catalog
-                    .secrets
-                    .push(serde_yaml::from_value(value).map_err(bad)?),
+                // The parser's message quotes the offending value, which may be a credential.
+                ("v1", "Secret") => catalog.secrets.push(serde_yaml::from_value(value).map_err(|_| {
+                    Error::Config(format!(
+                        "{where_} (Secret) is malformed: `stringData` must map each key to a plain string and `data` each key to a base64 string (details are not shown because they may hold a credential); fix it and run again"
+                    ))
+                })?),
                 (_, "Datastore" | "ClusterDatastore") => {
                     return Err(Error::Config(format!(
                         "{where_}: {kind} has apiVersion '{api_version}'; use datastore.dev/v1alpha1"
@@ -246,9 +249,7 @@ pub async fn resolve_with_client(
     name: &str,
     scope: &Scope,
 ) -> Result<Resolved> {
-    let api_error = |e: kube::Error| {
-        Error::Unreachable(format!("cannot read datastores from the cluster: {e}"))
-    };
+    let api_error = kube_error;
     let namespaced: kube::Api<Datastore> = kube::Api::namespaced(client.clone(), &scope.namespace);
     let cluster: kube::Api<ClusterDatastore> = kube::Api::all(client.clone());
     let (label, storage_owner, secret_ns): (String, Either, &str) = if let Some(ds) =
@@ -307,6 +308,27 @@ pub async fn resolve_with_client(
     };
     let config = store_config(&label, storage, secret_ns, secret.as_ref(), Path::new("."))?;
     Ok(Resolved { label, config })
+}
+
+/// One sentence with the fix for a failed apiserver call.
+fn kube_error(e: kube::Error) -> Error {
+    match e {
+        kube::Error::Api(status) if status.code == 403 => Error::Auth(format!(
+            "the cluster refused to show datastores or their Secret ({}): ask for get/list on datastores, clusterdatastores and get on the Secret, or pass --datastores FILE",
+            status.message
+        )),
+        // A 404 that get_opt did not absorb has no Status body: the API group itself is unknown.
+        kube::Error::Api(status) if status.code == 404 => Error::Config(
+            "the datastore.dev CRDs are not installed in this cluster: install them (datastore crds | kubectl apply -f -) or pass --datastores FILE".to_string(),
+        ),
+        kube::Error::Api(status) => Error::Service(format!(
+            "the Kubernetes API answered {} {}: {}",
+            status.code, status.reason, status.message
+        )),
+        other => Error::Unreachable(format!(
+            "cannot reach the Kubernetes API: {other}; check the kubeconfig context, or pass --datastores FILE"
+        )),
+    }
 }
 
 enum Either {
