@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 const ONE_KIND: &str = "set exactly one kind of storage: azureBlob or local";
 const ACCOUNT: &str = "a storage account name has 3 to 24 lowercase letters and digits";
-const CONTAINER: &str = "a container name has 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit";
+const CONTAINER: &str = "a container name has 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit (or is $root, $web or $logs)";
 const NOT_BOTH: &str = "set either secretRef or workloadIdentity, not both";
 
 fn blob(account: &str, container: &str) -> Value {
@@ -122,6 +122,9 @@ fn container_names_follow_azure_rules() {
         "a-b-c",
         "0data9",
         max.as_str(),
+        "$web",
+        "$root",
+        "$logs",
     ] {
         assert_eq!(
             blob_errors("mlstorage", good),
@@ -141,6 +144,7 @@ fn container_names_follow_azure_rules() {
         "training_data",
         "data.set",
         "",
+        "$other",
     ] {
         assert_eq!(
             blob_errors("mlstorage", bad),

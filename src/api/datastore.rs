@@ -114,7 +114,7 @@ pub struct AzureBlobSpec {
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]{3,24}$')").message("a storage account name has 3 to 24 lowercase letters and digits"))]
     pub account_name: String,
     /// The blob container name, e.g. `training-data`.
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([a-z0-9-]{1,61})[a-z0-9]$') && !self.contains('--')").message("a container name has 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit"))]
+    #[x_kube(validation = Rule::new("self in ['$root', '$web', '$logs'] || (self.matches('^[a-z0-9]([a-z0-9-]{1,61})[a-z0-9]$') && !self.contains('--'))").message("a container name has 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit (or is $root, $web or $logs)"))]
     pub container_name: String,
     /// The blob service endpoint, when not `https://<accountName>.blob.core.windows.net`:
     /// sovereign clouds (`https://<account>.blob.core.chinacloudapi.cn`) or the Azurite emulator
