@@ -36,7 +36,13 @@ impl TempFile {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         target.file_name().hash(&mut h);
         let tmp = parent.join(format!("{TEMP_PREFIX}{:016x}", h.finish()));
-        let file = File::create(&tmp)?;
+        // Readable too: downloads hash what they wrote.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         Ok((
             TempFile {
                 tmp,
@@ -58,11 +64,8 @@ impl TempFile {
             std::fs::rename(&self.tmp, &self.target)?;
             Commit::Written
         } else {
-            match std::fs::hard_link(&self.tmp, &self.target) {
-                Ok(()) => {
-                    std::fs::remove_file(&self.tmp)?;
-                    Commit::Written
-                }
+            match rename_noreplace(&self.tmp, &self.target) {
+                Ok(()) => Commit::Written,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Commit::TargetExists,
                 Err(e) => return Err(e),
             }
@@ -79,6 +82,38 @@ impl Drop for TempFile {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists: one `renameat2(RENAME_NOREPLACE)` call, or a hard
+/// link and an unlink on file systems without it.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::other("a path holds a NUL byte"))
+    };
+    let (cfrom, cto) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cfrom.as_ptr(),
+            libc::AT_FDCWD,
+            cto.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(err),
     }
 }
 

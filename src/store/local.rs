@@ -28,11 +28,18 @@ impl LocalDir {
         ))
     }
 
+    /// Fails with a clear error when the directory is missing.
+    pub fn check(&self) -> Result<()> {
+        if self.root.is_dir() {
+            Ok(())
+        } else {
+            Err(self.missing())
+        }
+    }
+
     /// Every file whose name (relative to the root, `/`-separated) starts with `prefix`.
     pub fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        if !self.root.is_dir() {
-            return Err(self.missing());
-        }
+        self.check()?;
         // Walk only below the deepest directory the prefix names.
         let dir_part = prefix.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
         let start = match paths::local_path(&self.root, dir_part) {

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{StreamExt, stream};
 use md5::Digest;
 
-use super::upload::{hash_file, list, md5_of};
+use super::hash::{OrderedHasher, md5_of};
+use super::upload::list;
 use super::{Failed, Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, Tally, md5_hex};
 use crate::atomic::{Commit, TempFile};
 use crate::error::Error;
@@ -195,21 +196,36 @@ async fn download_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<Co
         let _permit = run.permit().await;
         fetch_range(run, client, item, None, &file, true).await?
     } else {
+        // Ranges finish out of order; the hasher follows the complete prefix of the file.
+        let hasher = item.meta.md5.map(|_| OrderedHasher::spawn(file.clone()));
         let n = ranges.len();
-        stream::iter(ranges)
-            .map(|r| {
+        let mut done = vec![false; n];
+        let mut prefix = 0;
+        let mut fetches = stream::iter(ranges.iter().copied().enumerate())
+            .map(|(i, r)| {
                 let file = &file;
                 async move {
                     let _permit = run.permit().await;
-                    fetch_range(run, client, item, Some(r), file, false).await
+                    fetch_range(run, client, item, Some(r), file, false)
+                        .await
+                        .map(|_| i)
                 }
             })
-            .buffer_unordered(n)
-            .try_collect::<Vec<_>>()
-            .await?;
-        match item.meta.md5 {
-            Some(_) => Some(
-                hash_file(tmp.path().to_path_buf(), size)
+            .buffer_unordered(n);
+        while let Some(i) = fetches.next().await.transpose()? {
+            done[i] = true;
+            while prefix < n && done[prefix] {
+                prefix += 1;
+            }
+            if let (Some(h), Some(&(_, end))) =
+                (&hasher, prefix.checked_sub(1).and_then(|p| ranges.get(p)))
+            {
+                h.complete_upto(end);
+            }
+        }
+        match hasher {
+            Some(h) => Some(
+                h.finish()
                     .await
                     .map_err(|e| Error::local("read back", tmp.path(), e))?,
             ),

@@ -6,6 +6,7 @@
 //! streamed from and to disk in blocks.
 
 mod download;
+mod hash;
 pub mod progress;
 mod upload;
 

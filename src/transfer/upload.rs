@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt, stream};
 
+use super::hash::{hash_file, md5_of};
 use super::{Failed, Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, Tally};
 use crate::atomic::Commit;
 use crate::error::Error;
@@ -111,7 +112,7 @@ async fn source_files(src_dir: PathBuf, target: String) -> Result<Vec<Item>, Err
 async fn check(store: &Store) -> Result<(), Error> {
     match store {
         Store::Azure(c) => c.check().await,
-        Store::Local(l) => l.list("\0").map(|_| ()),
+        Store::Local(l) => l.check(),
     }
 }
 
@@ -234,37 +235,4 @@ fn check_size(item: &Item, read: u64) -> Result<(), Error> {
         )));
     }
     Ok(())
-}
-
-pub(super) fn md5_of(data: &[u8]) -> [u8; 16] {
-    use md5::Digest;
-    md5::Md5::digest(data).into()
-}
-
-/// The MD5 of the first `len` bytes of a file, read sequentially off the async threads.
-pub(super) async fn hash_file(path: PathBuf, len: u64) -> std::io::Result<[u8; 16]> {
-    tokio::task::spawn_blocking(move || {
-        use md5::Digest;
-        use std::io::Read;
-        let mut file = std::fs::File::open(&path)?.take(len);
-        let mut hasher = md5::Md5::new();
-        let mut buf = vec![0u8; 1024 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            total += n as u64;
-        }
-        if total != len {
-            return Err(std::io::Error::other(format!(
-                "the file is {total} bytes, {len} were expected: was it changed while being read?"
-            )));
-        }
-        Ok(hasher.finalize().into())
-    })
-    .await
-    .expect("hashing does not panic")
 }
