@@ -92,11 +92,24 @@ impl Store {
         })
     }
 
-    /// A short human description for messages: `container 'c' of account 'a'`.
-    pub fn describe(&self) -> String {
+    /// Every object whose name starts with `prefix`.
+    pub async fn list(&self, prefix: &str) -> crate::error::Result<Vec<ObjectMeta>> {
         match self {
-            Store::Azure(c) => c.describe(),
-            Store::Local(l) => format!("local directory {}", l.root().display()),
+            Store::Azure(c) => c.list(prefix).await,
+            Store::Local(l) => {
+                let (l, prefix) = (l.clone(), prefix.to_string());
+                tokio::task::spawn_blocking(move || l.list(&prefix))
+                    .await
+                    .expect("listing does not panic")
+            }
+        }
+    }
+
+    /// Proves the storage is there and the credentials work, as cheaply as possible.
+    pub async fn check(&self) -> crate::error::Result<()> {
+        match self {
+            Store::Azure(c) => c.check().await,
+            Store::Local(l) => l.check(),
         }
     }
 }

@@ -6,19 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures::{StreamExt, stream};
+use futures::{StreamExt, TryStreamExt, stream};
 use md5::Digest;
 
 use super::hash::{OrderedHasher, md5_of};
-use super::upload::list;
-use super::{Failed, Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, Tally, md5_hex};
+use super::{Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, md5_hex};
 use crate::atomic::{Commit, TempFile};
 use crate::error::Error;
 use crate::paths;
 use crate::store::{BlobClient, LocalDir, ObjectMeta, Store};
 
 /// Bytes gathered before one positional write: few syscalls, bounded memory per request.
-const WRITE_BATCH: usize = 1024 * 1024;
+const WRITE_BATCH: usize = 512 * 1024;
 
 struct Item {
     meta: ObjectMeta,
@@ -36,30 +35,20 @@ pub async fn download(
     let run = Run::new(options, progress);
     // A leading `/` is accepted; the rest is a plain name prefix, as in the SDK.
     let prefix = prefix.trim_start_matches('/');
-    let blobs = list(store, prefix).await?;
+    let blobs = store.list(prefix).await?;
     let items = plan(blobs, target_dir)?;
     let (todo, skipped) = skip_existing(items, run.options.overwrite).await?;
 
-    let mut tally = Tally::default();
-    tally.summary.skipped = skipped;
     run.progress
         .start(todo.len() as u64, todo.iter().map(|i| i.meta.size).sum());
-
+    // Large blobs are cut into parallel ranges only as far as the pool has room: many large
+    // blobs fill it one GET each (fewer requests, hashed as they stream); one alone is split
+    // into `concurrency` ranges.
+    let large = todo.iter().filter(|i| i.meta.size > run.options.block_size).count();
+    let split = (run.options.concurrency / large.max(1)).max(1) as u64;
     let run = &run;
-    let mut results = stream::iter(todo)
-        .map(|item| download_one(run, store, item))
-        .buffer_unordered(run.options.concurrency.max(1));
-    while let Some(result) = results.next().await {
-        if let Err(error) = tally.record(result, &*run.progress) {
-            return Err(Failed {
-                summary: tally.summary,
-                error,
-            });
-        }
-    }
-    tally
-        .finish(run.started)
-        .map_err(|(summary, error)| Failed { summary, error })
+    run.each(todo, skipped, |item| download_one(run, store, item, split))
+        .await
 }
 
 /// Maps blob names to local paths. Any name that cannot be written safely, or that collides
@@ -125,9 +114,9 @@ async fn skip_existing(items: Vec<Item>, overwrite: bool) -> Result<(Vec<Item>, 
     .expect("checking local files does not panic")
 }
 
-async fn download_one(run: &Run, store: &Store, item: Item) -> Result<Outcome, Error> {
+async fn download_one(run: &Run, store: &Store, item: Item, split: u64) -> Result<Outcome, Error> {
     let commit = match store {
-        Store::Azure(client) => download_blob(run, client, &item).await?,
+        Store::Azure(client) => download_blob(run, client, &item, split).await?,
         Store::Local(dir) => download_local(run, dir, &item).await?,
     };
     Ok(match commit {
@@ -155,7 +144,8 @@ async fn download_local(run: &Run, dir: &LocalDir, item: &Item) -> Result<Commit
     Ok(commit)
 }
 
-async fn download_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<Commit, Error> {
+/// Downloads one blob, in up to `split` parallel ranges when it is large.
+async fn download_blob(run: &Run, client: &BlobClient, item: &Item, split: u64) -> Result<Commit, Error> {
     let size = item.meta.size;
     let overwrite = run.options.overwrite;
     let target = item.path.clone();
@@ -187,48 +177,37 @@ async fn download_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<Co
     .expect("creating a file does not panic")
     .map_err(|e| Error::local("create", &item.path, e))?;
 
-    let range = run.options.block_size_for(size);
+    let range = run.options.block_size_for(size).max(size.div_ceil(split));
     let ranges: Vec<(u64, u64)> = (0..size.div_ceil(range))
         .map(|i| (i * range, ((i + 1) * range).min(size)))
         .collect();
     let md5 = if ranges.len() == 1 {
         // One stream in order: hash as the bytes go by.
         let _permit = run.permit().await;
-        fetch_range(run, client, item, None, &file, true).await?
+        fetch_range(run, client, item, None, &file, true, &|_| {}).await?
     } else {
-        // Ranges finish out of order; the hasher follows the complete prefix of the file.
-        let hasher = item.meta.md5.map(|_| OrderedHasher::spawn(file.clone()));
+        // Ranges arrive in parallel; the hasher follows the complete prefix of the file as
+        // each range is written, so verification overlaps the download.
+        let hasher = item.meta.md5.map(|_| OrderedHasher::spawn(file.clone(), ranges.clone()));
         let n = ranges.len();
-        let mut done = vec![false; n];
-        let mut prefix = 0;
-        let mut fetches = stream::iter(ranges.iter().copied().enumerate())
+        stream::iter(ranges.iter().copied().enumerate())
             .map(|(i, r)| {
-                let file = &file;
+                let (file, hasher) = (&file, &hasher);
                 async move {
                     let _permit = run.permit().await;
-                    fetch_range(run, client, item, Some(r), file, false)
-                        .await
-                        .map(|_| i)
+                    let written = |upto| {
+                        if let Some(h) = hasher {
+                            h.written(i, upto)
+                        }
+                    };
+                    fetch_range(run, client, item, Some(r), file, false, &written).await
                 }
             })
-            .buffer_unordered(n);
-        while let Some(i) = fetches.next().await.transpose()? {
-            done[i] = true;
-            while prefix < n && done[prefix] {
-                prefix += 1;
-            }
-            if let (Some(h), Some(&(_, end))) =
-                (&hasher, prefix.checked_sub(1).and_then(|p| ranges.get(p)))
-            {
-                h.complete_upto(end);
-            }
-        }
+            .buffer_unordered(n)
+            .try_collect::<Vec<_>>()
+            .await?;
         match hasher {
-            Some(h) => Some(
-                h.finish()
-                    .await
-                    .map_err(|e| Error::local("read back", tmp.path(), e))?,
-            ),
+            Some(h) => Some(h.finish().await.map_err(|e| Error::local("read back", tmp.path(), e))?),
             None => None,
         }
     };
@@ -284,6 +263,7 @@ async fn fetch_range(
     range: Option<(u64, u64)>,
     file: &Arc<File>,
     hash: bool,
+    written: &(dyn Fn(u64) + Sync),
 ) -> Result<Option<[u8; 16]>, Error> {
     let name = &item.meta.name;
     let (start, end) = range.unwrap_or((0, item.meta.size));
@@ -317,6 +297,7 @@ async fn fetch_range(
                         .expect("writing does not panic")
                         .map_err(StreamError::Write)?;
                     offset += n;
+                    written(offset);
                     run.progress.bytes(n);
                 }
                 if done {

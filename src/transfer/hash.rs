@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use md5::Digest;
 
@@ -43,40 +44,56 @@ fn hash_range(file: &File, mut pos: u64, end: u64, hasher: &mut md5::Md5) -> std
     Ok(())
 }
 
-/// Hashes a file that parallel ranged downloads fill out of order: told how far the file is
-/// complete from its start, it hashes up to there (from the page cache) while the rest is
-/// still arriving, so the digest is ready moments after the last byte.
+/// Hashes a file that parallel ranged downloads fill out of order. Each range reports how far
+/// it has written; the hasher reads the complete prefix of the file (from the page cache) as it
+/// grows, so the digest is ready moments after the last byte lands.
 pub struct OrderedHasher {
-    complete_upto: std::sync::mpsc::Sender<u64>,
+    written: Arc<[AtomicU64]>,
+    wake: std::sync::mpsc::Sender<()>,
     digest: tokio::task::JoinHandle<std::io::Result<[u8; 16]>>,
 }
 
 impl OrderedHasher {
-    pub fn spawn(file: Arc<File>) -> Self {
-        let (complete_upto, progress) = std::sync::mpsc::channel::<u64>();
+    /// `ranges` are the `(start, end)` byte ranges, in order, that tile the file.
+    pub fn spawn(file: Arc<File>, ranges: Vec<(u64, u64)>) -> Self {
+        let written: Arc<[AtomicU64]> = ranges.iter().map(|&(start, _)| AtomicU64::new(start)).collect();
+        let (wake, woken) = std::sync::mpsc::channel::<()>();
+        let progress = written.clone();
         let digest = tokio::task::spawn_blocking(move || {
             let mut hasher = md5::Md5::new();
-            let mut pos = 0;
-            for upto in progress {
-                hash_range(&file, pos, upto, &mut hasher)?;
-                pos = upto.max(pos);
+            let (mut pos, mut current) = (0, 0);
+            loop {
+                while let Some(&(_, end)) = ranges.get(current) {
+                    let upto = progress[current].load(Ordering::Acquire);
+                    if upto > pos {
+                        hash_range(&file, pos, upto, &mut hasher)?;
+                        pos = upto;
+                    }
+                    if upto < end {
+                        break;
+                    }
+                    current += 1;
+                }
+                // Done, or the download gave up (the sender is gone): stop either way.
+                if current == ranges.len() || woken.recv().is_err() {
+                    break;
+                }
             }
             Ok(hasher.finalize().into())
         });
-        OrderedHasher {
-            complete_upto,
-            digest,
-        }
+        OrderedHasher { written, wake, digest }
     }
 
-    /// The file's bytes `0..upto` are all written.
-    pub fn complete_upto(&self, upto: u64) {
-        let _ = self.complete_upto.send(upto);
+    /// Range `index` has its bytes up to `upto` (absolute offset) written.
+    pub fn written(&self, index: usize, upto: u64) {
+        // A retried range writes the same bytes again: the mark never moves back.
+        self.written[index].fetch_max(upto, Ordering::Release);
+        let _ = self.wake.send(());
     }
 
-    /// The digest of everything reported complete.
+    /// The digest of the prefix written so far (the whole file after a complete download).
     pub async fn finish(self) -> std::io::Result<[u8; 16]> {
-        drop(self.complete_upto);
+        drop(self.wake);
         self.digest.await.expect("hashing does not panic")
     }
 }
@@ -91,9 +108,11 @@ mod tests {
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let hasher = OrderedHasher::spawn(Arc::new(File::open(&path).unwrap()));
-        for upto in [0, 1_000_000, 1_000_000, 2_500_000, 3_000_000] {
-            hasher.complete_upto(upto);
+        let ranges = vec![(0, 1_000_000), (1_000_000, 2_000_000), (2_000_000, 3_000_000)];
+        let hasher = OrderedHasher::spawn(Arc::new(File::open(&path).unwrap()), ranges);
+        // Out of order and in pieces, as parallel ranges report.
+        for (range, upto) in [(2, 2_500_000), (1, 2_000_000), (0, 400_000), (2, 3_000_000), (0, 1_000_000)] {
+            hasher.written(range, upto);
         }
         assert_eq!(hasher.finish().await.unwrap(), md5_of(&data));
         assert_eq!(hash_file(path, 3_000_000).await.unwrap(), md5_of(&data));

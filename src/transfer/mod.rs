@@ -13,6 +13,7 @@ mod upload;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::{StreamExt, stream};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -112,6 +113,28 @@ impl Run {
             .acquire()
             .await
             .expect("the pool is never closed")
+    }
+
+    /// Transfers `items` with `one`, several files at a time (their requests share the pool),
+    /// tallying outcomes; `skipped` files were decided before the run.
+    async fn each<I, F, Fut>(&self, items: Vec<I>, skipped: u64, one: F) -> Result<Summary>
+    where
+        F: FnMut(I) -> Fut,
+        Fut: Future<Output = Result<Outcome, Error>>,
+    {
+        let mut tally = Tally::default();
+        tally.summary.skipped = skipped;
+        let mut results = stream::iter(items)
+            .map(one)
+            .buffer_unordered(self.options.concurrency.max(1));
+        while let Some(result) = results.next().await {
+            if let Err(error) = tally.record(result, &*self.progress) {
+                return Err(Failed { summary: tally.summary, error });
+            }
+        }
+        tally
+            .finish(self.started)
+            .map_err(|(summary, error)| Failed { summary, error })
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt, stream};
 
 use super::hash::{hash_file, md5_of};
-use super::{Failed, Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, Tally};
+use super::{Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary};
 use crate::atomic::Commit;
 use crate::error::Error;
 use crate::paths;
@@ -35,7 +35,7 @@ pub async fn upload(
 
     // Skip decisions come from one listing of the target, not a request per file.
     let existing: HashSet<String> = if run.options.overwrite {
-        check(store).await?;
+        store.check().await?;
         HashSet::new()
     } else {
         let prefix = if target.is_empty() {
@@ -43,7 +43,8 @@ pub async fn upload(
         } else {
             format!("{target}/")
         };
-        list(store, &prefix)
+        store
+            .list(&prefix)
             .await?
             .into_iter()
             .map(|m| m.name)
@@ -52,26 +53,11 @@ pub async fn upload(
     let (todo, skipped): (Vec<Item>, Vec<Item>) =
         files.into_iter().partition(|f| !existing.contains(&f.name));
 
-    let mut tally = Tally::default();
-    tally.summary.skipped = skipped.len() as u64;
     run.progress
         .start(todo.len() as u64, todo.iter().map(|f| f.size).sum());
-
     let run = &run;
-    let mut results = stream::iter(todo)
-        .map(|item| upload_one(run, store, item))
-        .buffer_unordered(run.options.concurrency.max(1));
-    while let Some(result) = results.next().await {
-        if let Err(error) = tally.record(result, &*run.progress) {
-            return Err(Failed {
-                summary: tally.summary,
-                error,
-            });
-        }
-    }
-    tally
-        .finish(run.started)
-        .map_err(|(summary, error)| Failed { summary, error })
+    run.each(todo, skipped.len() as u64, |item| upload_one(run, store, item))
+        .await
 }
 
 async fn source_files(src_dir: PathBuf, target: String) -> Result<Vec<Item>, Error> {
@@ -107,28 +93,6 @@ async fn source_files(src_dir: PathBuf, target: String) -> Result<Vec<Item>, Err
     })
     .await
     .expect("listing the source does not panic")
-}
-
-async fn check(store: &Store) -> Result<(), Error> {
-    match store {
-        Store::Azure(c) => c.check().await,
-        Store::Local(l) => l.check(),
-    }
-}
-
-pub(super) async fn list(
-    store: &Store,
-    prefix: &str,
-) -> Result<Vec<crate::store::ObjectMeta>, Error> {
-    match store {
-        Store::Azure(c) => c.list(prefix).await,
-        Store::Local(l) => {
-            let (l, prefix) = (l.clone(), prefix.to_string());
-            tokio::task::spawn_blocking(move || l.list(&prefix))
-                .await
-                .expect("listing does not panic")
-        }
-    }
 }
 
 async fn upload_one(run: &Run, store: &Store, item: Item) -> Result<Outcome, Error> {
