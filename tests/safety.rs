@@ -347,3 +347,47 @@ async fn throttling_is_retried_a_bounded_number_of_times() {
     );
     assert_eq!(server.requests().len(), 5, "five attempts, no more");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_bounds_the_requests_in_flight() {
+    let names: Vec<String> = (0..40).map(|i| format!("f{i}")).collect();
+    let entries: Vec<(&str, u64, bool)> = names.iter().map(|n| (n.as_str(), 2, false)).collect();
+    let listing = listing_xml(&entries);
+    let server = FakeServer::start_with_delay(
+        Arc::new(move |_, target: &str| {
+            if target.contains("comp=list") {
+                (200, vec![], listing.clone())
+            } else {
+                (200, vec![], b"ok".to_vec())
+            }
+        }),
+        Duration::from_millis(30),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    let target = dir.path().join("t");
+    let out = tokio::task::spawn_blocking(move || {
+        datastore(&[
+            "download",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--target-path",
+            target.to_str().unwrap(),
+            "--no-progress",
+            "--concurrency",
+            "3",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_exit(&out, 0);
+    assert_eq!(server.requests().len(), 41);
+    let max = server
+        .max_in_flight
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(max <= 3, "at most 3 requests in flight, saw {max}");
+    assert!(max >= 2, "requests do run in parallel (saw at most {max})");
+}

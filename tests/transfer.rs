@@ -441,3 +441,44 @@ async fn local_datastore_round_trip() {
     );
     assert_eq!(read_tree(&f.path("out/in")), read_tree(&f.path("src")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forced_progress_on_a_pipe_prints_plain_lines_and_the_summary_ends_the_run() {
+    let f = Fixture::new().await;
+    write_tree(
+        &f.path("src"),
+        &[
+            ("a.txt", b"a".to_vec()),
+            ("b/c.txt", bytes(2 * 1024 * 1024, 1)),
+        ],
+    );
+    let ds = f.datastores();
+    let out = datastore(&[
+        "upload",
+        "--datastores",
+        ds.to_str().unwrap(),
+        "--datastore",
+        "blob",
+        "--src-dir",
+        f.path("src").to_str().unwrap(),
+        "--progress",
+    ]);
+    assert_exit(&out, 0);
+    let err = stderr(&out);
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("progress: 2.00 MiB of 2.00 MiB, 2 of 2 files,"),
+        "{err}"
+    );
+    assert!(
+        !err.contains('\x1b'),
+        "no terminal control codes on a pipe: {err:?}"
+    );
+    let summary_line = stdout(&out);
+    assert!(
+        summary_line
+            .trim()
+            .starts_with("2 transferred, 0 skipped, 2.00 MiB in "),
+        "{summary_line}"
+    );
+}

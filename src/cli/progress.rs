@@ -1,43 +1,97 @@
-//! Progress on the terminal: one bar of bytes with files, throughput and ETA.
+//! Progress for people: a live bar on a terminal, or (when `--progress` is forced onto a pipe
+//! or a CI log) a plain line every few seconds.
 
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::error::Error;
 use crate::transfer::Progress;
 
+/// How often a progress line is written when stderr is not a terminal.
+const LINE_EVERY: Duration = Duration::from_secs(2);
+
 pub struct Bar {
     bar: Option<ProgressBar>,
+    counts: Arc<Counts>,
+    /// Line mode: dropping the sender stops the line writer; the handle waits for its last line.
+    lines: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+#[derive(Default)]
+struct Counts {
     files: AtomicU64,
     total_files: AtomicU64,
+    bytes: AtomicU64,
+    total_bytes: AtomicU64,
+}
+
+impl Counts {
+    fn line(&self, started: Instant) -> String {
+        let (bytes, total) = (
+            self.bytes.load(Ordering::Relaxed),
+            self.total_bytes.load(Ordering::Relaxed),
+        );
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        let rate = bytes as f64 / secs;
+        let eta = if rate > 0.0 {
+            format!("{:.0}s", total.saturating_sub(bytes) as f64 / rate)
+        } else {
+            "?".into()
+        };
+        format!(
+            "progress: {} of {}, {} of {} files, {}/s, ETA {eta}",
+            HumanBytes(bytes),
+            HumanBytes(total),
+            self.files.load(Ordering::Relaxed),
+            self.total_files.load(Ordering::Relaxed),
+            HumanBytes(rate as u64),
+        )
+    }
 }
 
 impl Bar {
-    /// A bar drawn on stderr when `show`; otherwise only failures are printed.
     pub fn new(show: bool) -> Self {
-        let bar = show.then(|| {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(8));
-            bar.set_style(
+        let counts = Arc::new(Counts::default());
+        let mut bar = None;
+        let mut lines = None;
+        if show && std::io::stderr().is_terminal() {
+            let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(8));
+            b.set_style(
                 ProgressStyle::with_template("{bytes}/{total_bytes} [{wide_bar}] {binary_bytes_per_sec}, ETA {eta} · files {msg}")
                     .expect("the template is static")
                     .progress_chars("=> "),
             );
-            bar
-        });
+            bar = Some(b);
+        } else if show {
+            let (stop, stopped) = mpsc::channel::<()>();
+            let counts = counts.clone();
+            let started = Instant::now();
+            let writer = std::thread::spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(LINE_EVERY) {
+                    eprintln!("{}", counts.line(started));
+                }
+                eprintln!("{}", counts.line(started));
+            });
+            lines = Some((stop, writer));
+        }
         Bar {
             bar,
-            files: AtomicU64::new(0),
-            total_files: AtomicU64::new(0),
+            counts,
+            lines: Mutex::new(lines),
         }
     }
 
     fn show_files(&self) {
         if let Some(bar) = &self.bar {
+            let c = &self.counts;
             bar.set_message(format!(
                 "{}/{}",
-                self.files.load(Ordering::Relaxed),
-                self.total_files.load(Ordering::Relaxed)
+                c.files.load(Ordering::Relaxed),
+                c.total_files.load(Ordering::Relaxed)
             ));
         }
     }
@@ -46,12 +100,17 @@ impl Bar {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+        if let Some((stop, writer)) = self.lines.lock().expect("not poisoned").take() {
+            drop(stop);
+            let _ = writer.join();
+        }
     }
 }
 
 impl Progress for Bar {
     fn start(&self, files: u64, bytes: u64) {
-        self.total_files.store(files, Ordering::Relaxed);
+        self.counts.total_files.store(files, Ordering::Relaxed);
+        self.counts.total_bytes.store(bytes, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
             bar.set_length(bytes);
             bar.reset_eta();
@@ -60,13 +119,14 @@ impl Progress for Bar {
     }
 
     fn bytes(&self, n: u64) {
+        self.counts.bytes.fetch_add(n, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
             bar.inc(n);
         }
     }
 
     fn file_done(&self) {
-        self.files.fetch_add(1, Ordering::Relaxed);
+        self.counts.files.fetch_add(1, Ordering::Relaxed);
         self.show_files();
     }
 

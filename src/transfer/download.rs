@@ -44,7 +44,10 @@ pub async fn download(
     // Large blobs are cut into parallel ranges only as far as the pool has room: many large
     // blobs fill it one GET each (fewer requests, hashed as they stream); one alone is split
     // into `concurrency` ranges.
-    let large = todo.iter().filter(|i| i.meta.size > run.options.block_size).count();
+    let large = todo
+        .iter()
+        .filter(|i| i.meta.size > run.options.block_size)
+        .count();
     let split = (run.options.concurrency / large.max(1)).max(1) as u64;
     let run = &run;
     run.each(todo, skipped, |item| download_one(run, store, item, split))
@@ -145,7 +148,12 @@ async fn download_local(run: &Run, dir: &LocalDir, item: &Item) -> Result<Commit
 }
 
 /// Downloads one blob, in up to `split` parallel ranges when it is large.
-async fn download_blob(run: &Run, client: &BlobClient, item: &Item, split: u64) -> Result<Commit, Error> {
+async fn download_blob(
+    run: &Run,
+    client: &BlobClient,
+    item: &Item,
+    split: u64,
+) -> Result<Commit, Error> {
     let size = item.meta.size;
     let overwrite = run.options.overwrite;
     let target = item.path.clone();
@@ -188,7 +196,10 @@ async fn download_blob(run: &Run, client: &BlobClient, item: &Item, split: u64) 
     } else {
         // Ranges arrive in parallel; the hasher follows the complete prefix of the file as
         // each range is written, so verification overlaps the download.
-        let hasher = item.meta.md5.map(|_| OrderedHasher::spawn(file.clone(), ranges.clone()));
+        let hasher = item
+            .meta
+            .md5
+            .map(|_| OrderedHasher::spawn(file.clone(), ranges.clone()));
         let n = ranges.len();
         stream::iter(ranges.iter().copied().enumerate())
             .map(|(i, r)| {
@@ -207,7 +218,11 @@ async fn download_blob(run: &Run, client: &BlobClient, item: &Item, split: u64) 
             .try_collect::<Vec<_>>()
             .await?;
         match hasher {
-            Some(h) => Some(h.finish().await.map_err(|e| Error::local("read back", tmp.path(), e))?),
+            Some(h) => Some(
+                h.finish()
+                    .await
+                    .map_err(|e| Error::local("read back", tmp.path(), e))?,
+            ),
             None => None,
         }
     };

@@ -56,7 +56,10 @@ pub struct OrderedHasher {
 impl OrderedHasher {
     /// `ranges` are the `(start, end)` byte ranges, in order, that tile the file.
     pub fn spawn(file: Arc<File>, ranges: Vec<(u64, u64)>) -> Self {
-        let written: Arc<[AtomicU64]> = ranges.iter().map(|&(start, _)| AtomicU64::new(start)).collect();
+        let written: Arc<[AtomicU64]> = ranges
+            .iter()
+            .map(|&(start, _)| AtomicU64::new(start))
+            .collect();
         let (wake, woken) = std::sync::mpsc::channel::<()>();
         let progress = written.clone();
         let digest = tokio::task::spawn_blocking(move || {
@@ -81,7 +84,11 @@ impl OrderedHasher {
             }
             Ok(hasher.finalize().into())
         });
-        OrderedHasher { written, wake, digest }
+        OrderedHasher {
+            written,
+            wake,
+            digest,
+        }
     }
 
     /// Range `index` has its bytes up to `upto` (absolute offset) written.
@@ -108,10 +115,20 @@ mod tests {
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let ranges = vec![(0, 1_000_000), (1_000_000, 2_000_000), (2_000_000, 3_000_000)];
+        let ranges = vec![
+            (0, 1_000_000),
+            (1_000_000, 2_000_000),
+            (2_000_000, 3_000_000),
+        ];
         let hasher = OrderedHasher::spawn(Arc::new(File::open(&path).unwrap()), ranges);
         // Out of order and in pieces, as parallel ranges report.
-        for (range, upto) in [(2, 2_500_000), (1, 2_000_000), (0, 400_000), (2, 3_000_000), (0, 1_000_000)] {
+        for (range, upto) in [
+            (2, 2_500_000),
+            (1, 2_000_000),
+            (0, 400_000),
+            (2, 3_000_000),
+            (0, 1_000_000),
+        ] {
             hasher.written(range, upto);
         }
         assert_eq!(hasher.finish().await.unwrap(), md5_of(&data));

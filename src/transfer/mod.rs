@@ -129,7 +129,10 @@ impl Run {
             .buffer_unordered(self.options.concurrency.max(1));
         while let Some(result) = results.next().await {
             if let Err(error) = tally.record(result, &*self.progress) {
-                return Err(Failed { summary: tally.summary, error });
+                return Err(Failed {
+                    summary: tally.summary,
+                    error,
+                });
             }
         }
         tally

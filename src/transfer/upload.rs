@@ -56,8 +56,10 @@ pub async fn upload(
     run.progress
         .start(todo.len() as u64, todo.iter().map(|f| f.size).sum());
     let run = &run;
-    run.each(todo, skipped.len() as u64, |item| upload_one(run, store, item))
-        .await
+    run.each(todo, skipped.len() as u64, |item| {
+        upload_one(run, store, item)
+    })
+    .await
 }
 
 async fn source_files(src_dir: PathBuf, target: String) -> Result<Vec<Item>, Error> {

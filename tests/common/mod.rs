@@ -280,6 +280,8 @@ pub fn md5(data: &[u8]) -> [u8; 16] {
 pub struct FakeServer {
     pub port: u16,
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The most requests that were being answered at the same time.
+    pub max_in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub type Handler =
@@ -287,17 +289,28 @@ pub type Handler =
 
 impl FakeServer {
     pub async fn start(handler: Handler) -> FakeServer {
+        FakeServer::start_with_delay(handler, Duration::ZERO).await
+    }
+
+    /// Each answer is held back by `delay`, so concurrent requests overlap measurably.
+    pub async fn start_with_delay(handler: Handler, delay: Duration) -> FakeServer {
         use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = requests.clone();
+        let max_in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (max, in_flight) = (
+            max_in_flight.clone(),
+            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
                     return;
                 };
-                let (handler, log) = (handler.clone(), log.clone());
+                let (handler, log, max, in_flight) =
+                    (handler.clone(), log.clone(), max.clone(), in_flight.clone());
                 tokio::spawn(async move {
                     let (read, mut write) = socket.into_split();
                     let mut reader = BufReader::new(read);
@@ -331,7 +344,11 @@ impl FakeServer {
                             parts.next().unwrap_or("").to_string(),
                         );
                         log.lock().unwrap().push(format!("{method} {target}"));
+                        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        max.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(delay).await;
                         let (status, headers, body) = handler(&method, &target);
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
                         let mut resp =
                             format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
                         for (k, v) in headers {
@@ -347,7 +364,11 @@ impl FakeServer {
                 });
             }
         });
-        FakeServer { port, requests }
+        FakeServer {
+            port,
+            requests,
+            max_in_flight,
+        }
     }
 
     pub fn requests(&self) -> Vec<String> {
