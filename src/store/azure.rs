@@ -527,10 +527,10 @@ impl BlobClient {
             .expect("workload identity has a token cache")
             .lock()
             .await;
-        if let Some((token, expires)) = &*cache {
-            if Instant::now() + Duration::from_secs(300) < *expires {
-                return Ok(token.clone());
-            }
+        if let Some((token, expires)) = &*cache
+            && Instant::now() + Duration::from_secs(300) < *expires
+        {
+            return Ok(token.clone());
         }
         let (token, ttl) = workload_identity_token(&self.inner.http, client_id)
             .await

@@ -392,13 +392,13 @@ fn azure_config(
                 ["sasToken"] => AzureCredential::SasToken(Secret::new(values["sasToken"].clone())),
                 ["connectionString"] => {
                     let cs = ConnectionString::parse(&values["connectionString"]);
-                    if let Some(account) = cs.get("AccountName") {
-                        if account != spec.account_name {
-                            return Err(Error::Config(format!(
-                                "the connectionString in {source} is for account '{account}' but {label} names account '{}': make them agree",
-                                spec.account_name
-                            )));
-                        }
+                    if let Some(account) = cs.get("AccountName")
+                        && account != spec.account_name
+                    {
+                        return Err(Error::Config(format!(
+                            "the connectionString in {source} is for account '{account}' but {label} names account '{}': make them agree",
+                            spec.account_name
+                        )));
                     }
                     if endpoint.is_none() {
                         endpoint = cs.blob_endpoint();

@@ -328,10 +328,10 @@ impl FakeServer {
                             if h == "\r\n" {
                                 break;
                             }
-                            if let Some((k, v)) = h.split_once(':') {
-                                if k.eq_ignore_ascii_case("content-length") {
-                                    len = v.trim().parse().unwrap_or(0);
-                                }
+                            if let Some((k, v)) = h.split_once(':')
+                                && k.eq_ignore_ascii_case("content-length")
+                            {
+                                len = v.trim().parse().unwrap_or(0);
                             }
                         }
                         let mut body = vec![0; len];
