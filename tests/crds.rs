@@ -233,3 +233,45 @@ fn names_and_scopes_are_the_designed_ones() {
         }
     }
 }
+
+#[test]
+fn the_experiment_crd_has_the_designed_names_and_columns() {
+    let exp = crds()
+        .into_iter()
+        .find(|c| c.spec.names.kind == "Experiment")
+        .expect("an Experiment CRD");
+    assert_eq!(
+        exp.metadata.name.as_deref(),
+        Some("experiments.datastore.dev")
+    );
+    assert_eq!(exp.spec.scope, "Namespaced");
+    assert_eq!(exp.spec.names.short_names, Some(vec!["exp".to_string()]));
+    assert_eq!(
+        exp.spec.names.categories,
+        Some(vec!["datastore".to_string()])
+    );
+    let version = &exp.spec.versions[0];
+    assert!(version.served && version.storage);
+    assert!(
+        version
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+            .is_some(),
+        "status is a subresource"
+    );
+    let columns: Vec<(&str, &str)> = version
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| (c.name.as_str(), c.json_path.as_str()))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("Phase", ".status.phase"),
+            ("Age", ".metadata.creationTimestamp"),
+            ("Message", ".status.message"),
+        ]
+    );
+}

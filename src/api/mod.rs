@@ -1,8 +1,13 @@
 //! Custom resource types. No IO here.
 
+// kube's printcolumn(...) attributes repeat `type_ = ...`, which clippy mistakes for duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod datastore;
+pub mod experiment;
 
 pub use datastore::*;
+pub use experiment::*;
 
 use kube::CustomResourceExt;
 
@@ -10,7 +15,7 @@ use kube::CustomResourceExt;
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![ClusterDatastore::crd(), Datastore::crd()]
+    vec![ClusterDatastore::crd(), Datastore::crd(), Experiment::crd()]
 }
 
 /// The CRDs as one multi-document YAML stream, as `datastore crds` prints it and `crds/` holds it.

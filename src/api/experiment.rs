@@ -1,0 +1,279 @@
+//! `Experiment`: a training script run with data references, shaped after the Azure ML SDK's
+//! estimator (`image`, `source_directory`, `entry_script`, `script_params`, `compute_target`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The message of the rule refusing `mount` on the local compute target. Its first clause is the
+/// Azure ML SDK's reason, which the planner's error repeats.
+pub const MOUNT_ON_LOCAL: &str = "mount is only available on a remote compute target; with computeTarget local, use mode download";
+
+/// A training script run with access to datastores. A `download` reference is copied into a
+/// local folder before the script starts, an `upload` reference's folder is copied to the
+/// datastore after the run, and a `mount` reference appears as a folder while the script runs;
+/// each reference's path on compute is passed to the script as the value of its parameter.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "datastore.dev",
+    version = "v1alpha1",
+    kind = "Experiment",
+    namespaced,
+    shortname = "exp",
+    category = "datastore",
+    status = "ExperimentStatus",
+    doc = "A training script run with access to datastores: data references in its scriptParams are downloaded before the script starts, uploaded after it ends, or mounted while it runs, and passed to the script as paths.",
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the run is: Pending, Downloading, Running, Uploading, Succeeded or Failed"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        description = "What happened last, for humans"
+    )
+)]
+#[x_kube(
+    cel,
+    validation = Rule::new("!(has(self.computeTarget) && self.computeTarget == 'local' && has(self.scriptParams) && self.scriptParams.exists(p, has(p.dataReference) && p.dataReference.mode == 'mount'))").message(MOUNT_ON_LOCAL)
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentSpec {
+    /// The container image the script runs in, e.g. `python:3.12-slim`. It must contain the
+    /// interpreter and the script's dependencies.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("image must name a container image, e.g. python:3.12-slim"))]
+    pub image: String,
+    /// The working directory of the script, holding `entryScript` (the SDK's
+    /// `source_directory`), e.g. `experiment_folder`. Relative paths are resolved against the
+    /// image's working directory. Absent means the image's working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_directory: Option<String>,
+    /// The script to run, relative to `sourceDirectory`, e.g. `training_script.py`. It runs as
+    /// `python <entryScript> <scriptParams...>` unless `command` is given.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("entryScript must name the script to run, e.g. training_script.py"))]
+    pub entry_script: String,
+    /// The command line to run instead of `python <entryScript>`, e.g.
+    /// `[torchrun, --nproc_per_node=2, train.py]`. The rendered `scriptParams` follow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() > 0").message("command, when set, must hold at least the program to run"))]
+    pub command: Option<Vec<String>>,
+    /// Where the script runs: `cluster` (a Job in this cluster, the default) or `local` (the
+    /// `datastore run` CLI on the machine it runs on; `mount` references are not available there).
+    #[serde(default)]
+    pub compute_target: ComputeTarget,
+    /// The script's command-line parameters, in order. Each is a `name` with either a literal
+    /// `value` or a `dataReference`, whose path on compute becomes the value, e.g.
+    /// `--data_folder /mnt/datastore/training_data`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, q.name == p.name))").message("scriptParams names must be unique"))]
+    pub script_params: Vec<ScriptParam>,
+    /// Compute resources of the script's container (requests and limits of cpu, memory,
+    /// `nvidia.com/gpu`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels the script's pod must match, e.g. `{agentpool: gpu}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the script's pod, e.g. for tainted GPU node pools.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// The service account the script's pod runs as. It never needs storage permissions: the
+    /// operator's agent containers move the data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Extra environment variables of the script's container. Each data reference also gets
+    /// `AZUREML_DATAREFERENCE_<NAME>` holding its path on compute.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// How long the run may take, in seconds, before it is stopped and marked Failed. It also
+    /// bounds the lifetime of the credentials minted for the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0").message("activeDeadlineSeconds must be positive"))]
+    pub active_deadline_seconds: Option<i64>,
+    /// How many times a failed run is retried before the experiment is Failed (the Job's
+    /// `backoffLimit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("backoffLimit must not be negative"))]
+    pub backoff_limit: Option<i32>,
+    /// When outputs of `upload` references are uploaded: `OnSuccess` (the default, only when the
+    /// script succeeded) or `Always` (also after a failed run, e.g. to keep logs and checkpoints).
+    #[serde(default)]
+    pub upload_policy: UploadPolicy,
+    /// The volume that holds the outputs of `upload` references until they are uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<OutputsVolume>,
+}
+
+/// Where an experiment runs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeTarget {
+    /// A Job in the cluster the Experiment is in.
+    #[default]
+    Cluster,
+    /// The machine running `datastore run` (no cluster).
+    Local,
+}
+
+/// When the outputs of `upload` references are uploaded.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UploadPolicy {
+    /// Only after the script succeeded.
+    #[default]
+    OnSuccess,
+    /// After the script ended, whether it succeeded or failed.
+    Always,
+}
+
+/// One command-line parameter of the script.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    cel,
+    validation = Rule::new("has(self.value) != has(self.dataReference)").message("set exactly one of value or dataReference in each scriptParams entry")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ScriptParam {
+    /// The parameter as the script reads it, usually a flag such as `--data_folder`. Rendered
+    /// as `<name> <value>`.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// A literal value, e.g. `"0.1"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// A datastore path made available to the script; the parameter's value is its path on
+    /// compute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_reference: Option<DataReference>,
+}
+
+/// A path in a datastore, made available to the script at a path on compute.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(cel)]
+#[serde(rename_all = "camelCase")]
+pub struct DataReference {
+    /// The name of a Datastore in the experiment's namespace or of a ClusterDatastore.
+    #[schemars(length(min = 1, max = 253))]
+    pub datastore: String,
+    /// The path in the datastore, e.g. `data/files`. Empty (the default) means the whole
+    /// container. For `upload`, what the script writes under the path on compute lands under
+    /// this path (the folder's contents, not the folder itself).
+    #[serde(default)]
+    pub path: String,
+    /// How the data reaches the script: `download` (copied to compute before the script
+    /// starts), `upload` (copied from compute to the datastore after the run) or `mount` (a
+    /// read-only folder backed by the datastore while the script runs; cluster only).
+    pub mode: Mode,
+    /// Where the data is on compute, relative to the data root (`/mnt/datastore` in the
+    /// cluster), e.g. `training_data`. Defaults to the parameter name without leading dashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("self.matches('^[^/]+(/[^/]+)*$') && !self.matches('(^|/)[.][.]?(/|$)')").message(PATH_ON_COMPUTE))]
+    pub path_on_compute: Option<String>,
+}
+
+/// The message of the `pathOnCompute` rule (the planner checks the same rule and names the
+/// problem it found).
+pub const PATH_ON_COMPUTE: &str = "pathOnCompute must be a relative path such as training_data: no leading /, no empty, . or .. segments";
+
+/// How a data reference reaches the script.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Copied from the datastore to compute before the script starts.
+    Download,
+    /// Copied from compute to the datastore after the run.
+    Upload,
+    /// A read-only folder backed by the datastore while the script runs (cluster only).
+    Mount,
+}
+
+/// The volume holding the outputs of `upload` references until they are uploaded.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputsVolume {
+    /// The size of the volume, e.g. `10Gi`. Absent means the operator's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
+    /// The StorageClass of the volume. Absent means the cluster's default StorageClass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+/// The observed state of an experiment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentStatus {
+    /// Where the run is: Pending, Downloading, Running, Uploading, Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Detailed, machine-readable state (e.g. `Ready`, `Succeeded`), with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the experiment reached Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// What happened last, for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The data the run saw: one record per `download` reference, as its download reported it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputRecord>,
+}
+
+/// Where the run is: Pending, Downloading, Running, Uploading, Succeeded or Failed.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepted, waiting for its datastores or for its pod to be scheduled.
+    Pending,
+    /// Copying `download` references to compute.
+    Downloading,
+    /// The script is running.
+    Running,
+    /// Copying the outputs of `upload` references to their datastores.
+    Uploading,
+    /// The script and every upload succeeded.
+    Succeeded,
+    /// The spec is invalid, a datastore is missing, or the script or a transfer failed.
+    Failed,
+}
+
+/// What one `download` reference delivered to the run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InputRecord {
+    /// The parameter name, e.g. `--data_folder`.
+    pub name: String,
+    /// The datastore the data came from.
+    pub datastore: String,
+    /// The path in the datastore.
+    pub path: String,
+    /// How many files were delivered.
+    pub files: i64,
+    /// How many bytes were delivered.
+    pub bytes: i64,
+    /// A digest of the delivered content (names, sizes and MD5s), identifying exactly which
+    /// data the run saw.
+    pub digest: String,
+}
