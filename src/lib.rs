@@ -5,5 +5,6 @@ pub mod atomic;
 pub mod cli;
 pub mod error;
 pub mod paths;
+pub mod plan;
 pub mod store;
 pub mod transfer;

@@ -1,0 +1,425 @@
+//! The planner: an Experiment and its resolved datastores in, an [`ExecutionPlan`] out. Pure: no
+//! IO, no clock, no cluster. Both executors (the controller's builders and the local runner) take
+//! the plan, so anything both need is decided here once.
+//!
+//! The planner re-checks the rules the CRD's CEL validations check, because the CLI reads
+//! Experiment files no apiserver has validated.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::api::{ComputeTarget, DataReference, ExperimentSpec, Mode, ScriptParam};
+use crate::paths::normalize;
+use crate::store::StoreConfig;
+use crate::store::sas::Permissions;
+
+/// Where data references live on compute in the cluster: `pathOnCompute: training_data` is
+/// `/mnt/datastore/training_data` in the script's container.
+pub const CLUSTER_ROOT: &str = "/mnt/datastore";
+
+/// The prefix of the environment variable holding a data reference's path on compute (as the
+/// Azure ML SDK names them): `--data_folder` gets `AZUREML_DATAREFERENCE_DATA_FOLDER`.
+pub const ENV_PREFIX: &str = "AZUREML_DATAREFERENCE_";
+
+/// Everything an executor needs to run an experiment, with every data reference resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecutionPlan {
+    /// What runs before the arguments: `[python, <entryScript>]`, or the spec's `command`.
+    pub command: Vec<String>,
+    /// The script parameters in order, each as `<name> <value>`; a data reference's value is its
+    /// absolute path on compute: `[--data_folder, /mnt/datastore/training_data, ...]`.
+    pub args: Vec<String>,
+    /// The script's working directory (the spec's `sourceDirectory`), if any.
+    pub working_dir: Option<String>,
+    /// One variable per data reference, holding its absolute path on compute, in parameter order.
+    pub env: Vec<EnvVar>,
+    /// Every data reference, in parameter order.
+    pub references: Vec<PlannedReference>,
+    /// What to copy from datastores to compute before the script starts.
+    pub downloads: Vec<Transfer>,
+    /// What to copy from compute to datastores after the script ends.
+    pub uploads: Vec<Transfer>,
+    /// Per datastore name, the least the run's credentials must allow.
+    pub permissions: BTreeMap<String, Permissions>,
+}
+
+/// An environment variable of the script's process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvVar {
+    pub name: String,
+    pub value: String,
+}
+
+/// A data reference resolved to a place on compute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedReference {
+    /// The parameter it is the value of, e.g. `--data_folder`.
+    pub param: String,
+    /// The datastore's name.
+    pub datastore: String,
+    /// The path in the datastore, normalized (`data/files`; `""` is the whole container).
+    pub path: String,
+    pub mode: Mode,
+    /// The absolute path on compute, e.g. `/mnt/datastore/training_data`.
+    pub path_on_compute: String,
+    /// The environment variable holding `path_on_compute`.
+    pub env: String,
+}
+
+/// One folder to copy between a datastore and compute.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    /// The parameter whose reference this is, e.g. `--data_folder`.
+    pub param: String,
+    /// The datastore's name.
+    pub datastore: String,
+    /// The path in the datastore, normalized.
+    pub remote_path: String,
+    /// The absolute path on compute.
+    pub local_path: String,
+}
+
+/// Why an experiment cannot be planned: one sentence that says how to fix it. The variant name
+/// ([`PlanError::reason`]) is meant as a condition and event reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("a scriptParams entry has an empty name; name it, e.g. --data_folder")]
+    EmptyParameterName,
+    #[error(
+        "parameter {name} is given more than once; scriptParams names must be unique, so keep one"
+    )]
+    DuplicateParameter { name: String },
+    #[error("parameter {name} has both a value and a dataReference; keep one of them")]
+    ValueAndDataReference { name: String },
+    #[error("parameter {name} has neither a value nor a dataReference; set one of them")]
+    NoValueOrDataReference { name: String },
+    #[error(
+        "command is set but empty; list the program to run, or remove command to run python <entryScript>"
+    )]
+    EmptyCommand,
+    #[error("entryScript is empty; name the script to run, e.g. training_script.py")]
+    EmptyEntryScript,
+    #[error("parameter {param} refers to datastore {datastore:?}, which does not exist; {}", known_hint(.datastore, .known))]
+    UnknownDatastore {
+        param: String,
+        datastore: String,
+        known: Vec<String>,
+    },
+    #[error(
+        "parameter {param}: mount is only available on a remote compute target; use mode download, or computeTarget cluster"
+    )]
+    MountOnLocalCompute { param: String },
+    #[error(
+        "parameter {param} refers to datastore {datastore:?}, a local directory that only the CLI can reach; use computeTarget local, or a datastore in Azure Blob Storage"
+    )]
+    LocalDatastoreOnCluster { param: String, datastore: String },
+    #[error(
+        "parameter {param}: path on compute {path:?} {problem}; set pathOnCompute to a relative path such as training_data"
+    )]
+    InvalidPathOnCompute {
+        param: String,
+        path: String,
+        problem: &'static str,
+    },
+    #[error(
+        "parameters {first} and {second} overlap on compute ({first_path} and {second_path}): one path is the other or inside it; give each a pathOnCompute of its own"
+    )]
+    PathOnComputeClash {
+        first: String,
+        first_path: String,
+        second: String,
+        second_path: String,
+    },
+    #[error(
+        "parameters {first} and {second} would both set the environment variable {env}; rename one of them"
+    )]
+    EnvVarClash {
+        first: String,
+        second: String,
+        env: String,
+    },
+}
+
+impl PlanError {
+    /// The variant's name, for condition reasons, events and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PlanError::EmptyParameterName => "EmptyParameterName",
+            PlanError::DuplicateParameter { .. } => "DuplicateParameter",
+            PlanError::ValueAndDataReference { .. } => "ValueAndDataReference",
+            PlanError::NoValueOrDataReference { .. } => "NoValueOrDataReference",
+            PlanError::EmptyCommand => "EmptyCommand",
+            PlanError::EmptyEntryScript => "EmptyEntryScript",
+            PlanError::UnknownDatastore { .. } => "UnknownDatastore",
+            PlanError::MountOnLocalCompute { .. } => "MountOnLocalCompute",
+            PlanError::LocalDatastoreOnCluster { .. } => "LocalDatastoreOnCluster",
+            PlanError::InvalidPathOnCompute { .. } => "InvalidPathOnCompute",
+            PlanError::PathOnComputeClash { .. } => "PathOnComputeClash",
+            PlanError::EnvVarClash { .. } => "EnvVarClash",
+        }
+    }
+}
+
+fn known_hint(wanted: &str, known: &[String]) -> String {
+    if known.is_empty() {
+        format!("no datastores are known, so create a Datastore or ClusterDatastore named {wanted}")
+    } else {
+        format!(
+            "create it, or use one of the known datastores: {}",
+            known.join(", ")
+        )
+    }
+}
+
+/// Plans `exp` against `datastores` (by name), placing data references under `root`: the
+/// absolute directory they live under on compute ([`CLUSTER_ROOT`] in the cluster, a work
+/// directory for the local runner).
+pub fn plan(
+    exp: &ExperimentSpec,
+    datastores: &BTreeMap<String, StoreConfig>,
+    root: &str,
+) -> Result<ExecutionPlan, PlanError> {
+    if exp.entry_script.is_empty() {
+        return Err(PlanError::EmptyEntryScript);
+    }
+    let command = match &exp.command {
+        Some(command) if command.is_empty() => return Err(PlanError::EmptyCommand),
+        Some(command) => command.clone(),
+        None => vec!["python".to_string(), exp.entry_script.clone()],
+    };
+
+    check_parameters(&exp.script_params)?;
+
+    let mut plan = ExecutionPlan {
+        command,
+        args: Vec::new(),
+        working_dir: exp.source_directory.clone(),
+        env: Vec::new(),
+        references: Vec::new(),
+        downloads: Vec::new(),
+        uploads: Vec::new(),
+        permissions: BTreeMap::new(),
+    };
+    // Relative paths on compute, to find overlaps.
+    let mut placed: Vec<(&str, Vec<&str>)> = Vec::new();
+
+    for param in &exp.script_params {
+        let reference = match (&param.value, &param.data_reference) {
+            (Some(value), None) => {
+                plan.args.extend([param.name.clone(), value.clone()]);
+                continue;
+            }
+            (None, Some(reference)) => reference,
+            _ => unreachable!("check_parameters refuses both and neither"),
+        };
+        let planned = plan_reference(exp.compute_target, &param.name, reference, datastores, root)?;
+
+        let relative = relative_path_on_compute(&param.name, reference);
+        let segments: Vec<&str> = relative.split('/').collect();
+        if let Some((other, other_segments)) = placed
+            .iter()
+            .find(|(_, other)| is_prefix(other, &segments) || is_prefix(&segments, other))
+        {
+            return Err(PlanError::PathOnComputeClash {
+                first: other.to_string(),
+                first_path: join(root, &other_segments.join("/")),
+                second: param.name.clone(),
+                second_path: planned.path_on_compute.clone(),
+            });
+        }
+        placed.push((&param.name, segments));
+
+        if let Some(other) = plan.references.iter().find(|r| r.env == planned.env) {
+            return Err(PlanError::EnvVarClash {
+                first: other.param.clone(),
+                second: param.name.clone(),
+                env: planned.env.clone(),
+            });
+        }
+
+        let transfer = Transfer {
+            param: param.name.clone(),
+            datastore: planned.datastore.clone(),
+            remote_path: planned.path.clone(),
+            local_path: planned.path_on_compute.clone(),
+        };
+        let needed = match planned.mode {
+            Mode::Download => {
+                plan.downloads.push(transfer);
+                Permissions {
+                    read: true,
+                    list: true,
+                    ..Default::default()
+                }
+            }
+            Mode::Upload => {
+                plan.uploads.push(transfer);
+                Permissions {
+                    create: true,
+                    write: true,
+                    list: true,
+                    ..Default::default()
+                }
+            }
+            // Read-only, while the script runs; nothing to copy.
+            Mode::Mount => Permissions {
+                read: true,
+                list: true,
+                ..Default::default()
+            },
+        };
+        let granted = plan
+            .permissions
+            .entry(planned.datastore.clone())
+            .or_default();
+        *granted = union(*granted, needed);
+
+        plan.args
+            .extend([param.name.clone(), planned.path_on_compute.clone()]);
+        plan.env.push(EnvVar {
+            name: planned.env.clone(),
+            value: planned.path_on_compute.clone(),
+        });
+        plan.references.push(planned);
+    }
+    Ok(plan)
+}
+
+/// The parameter-level rules: non-empty, unique names, each with exactly one of value and
+/// dataReference.
+fn check_parameters(params: &[ScriptParam]) -> Result<(), PlanError> {
+    let mut seen = BTreeSet::new();
+    for param in params {
+        if param.name.is_empty() {
+            return Err(PlanError::EmptyParameterName);
+        }
+        if !seen.insert(param.name.as_str()) {
+            return Err(PlanError::DuplicateParameter {
+                name: param.name.clone(),
+            });
+        }
+        match (&param.value, &param.data_reference) {
+            (Some(_), Some(_)) => {
+                return Err(PlanError::ValueAndDataReference {
+                    name: param.name.clone(),
+                });
+            }
+            (None, None) => {
+                return Err(PlanError::NoValueOrDataReference {
+                    name: param.name.clone(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn plan_reference(
+    target: ComputeTarget,
+    param: &str,
+    reference: &DataReference,
+    datastores: &BTreeMap<String, StoreConfig>,
+    root: &str,
+) -> Result<PlannedReference, PlanError> {
+    let Some(store) = datastores.get(&reference.datastore) else {
+        return Err(PlanError::UnknownDatastore {
+            param: param.to_string(),
+            datastore: reference.datastore.clone(),
+            known: datastores.keys().cloned().collect(),
+        });
+    };
+    if target == ComputeTarget::Local && reference.mode == Mode::Mount {
+        return Err(PlanError::MountOnLocalCompute {
+            param: param.to_string(),
+        });
+    }
+    if target == ComputeTarget::Cluster && matches!(store, StoreConfig::Local(_)) {
+        return Err(PlanError::LocalDatastoreOnCluster {
+            param: param.to_string(),
+            datastore: reference.datastore.clone(),
+        });
+    }
+    let relative = relative_path_on_compute(param, reference);
+    if let Err(problem) = check_relative(relative) {
+        return Err(PlanError::InvalidPathOnCompute {
+            param: param.to_string(),
+            path: relative.to_string(),
+            problem,
+        });
+    }
+    Ok(PlannedReference {
+        param: param.to_string(),
+        datastore: reference.datastore.clone(),
+        path: normalize(&reference.path),
+        mode: reference.mode,
+        path_on_compute: join(root, relative),
+        env: env_name(param),
+    })
+}
+
+/// `pathOnCompute`, or the parameter name without its leading dashes (as the SDK does).
+fn relative_path_on_compute<'a>(param: &'a str, reference: &'a DataReference) -> &'a str {
+    reference
+        .path_on_compute
+        .as_deref()
+        .unwrap_or_else(|| param.trim_start_matches('-'))
+}
+
+/// The rule the CRD's CEL validation of `pathOnCompute` checks: a relative path of non-empty
+/// segments, none of them `.` or `..`.
+fn check_relative(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() {
+        return Err("is empty");
+    }
+    if path.starts_with('/') {
+        return Err("is absolute");
+    }
+    for segment in path.split('/') {
+        match segment {
+            "" => return Err("has an empty segment (a doubled or trailing /)"),
+            "." | ".." => return Err("has a . or .. segment"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `AZUREML_DATAREFERENCE_` and the parameter name without leading dashes, uppercased, with
+/// everything but ASCII letters and digits as `_`.
+fn env_name(param: &str) -> String {
+    let name: String = param
+        .trim_start_matches('-')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{ENV_PREFIX}{name}")
+}
+
+/// `root/relative`, with a single `/` between them.
+fn join(root: &str, relative: &str) -> String {
+    format!("{}/{relative}", root.trim_end_matches('/'))
+}
+
+fn is_prefix(prefix: &[&str], path: &[&str]) -> bool {
+    prefix.len() <= path.len() && prefix.iter().zip(path).all(|(a, b)| a == b)
+}
+
+fn union(a: Permissions, b: Permissions) -> Permissions {
+    Permissions {
+        read: a.read || b.read,
+        add: a.add || b.add,
+        create: a.create || b.create,
+        write: a.write || b.write,
+        delete: a.delete || b.delete,
+        list: a.list || b.list,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,577 @@
+use std::path::PathBuf;
+
+use super::*;
+use crate::api::Experiment;
+use crate::store::{AzureBlobConfig, AzureCredential};
+
+fn blob(container: &str) -> StoreConfig {
+    StoreConfig::AzureBlob(AzureBlobConfig {
+        account: "mlstorage".into(),
+        container: container.into(),
+        endpoint: url::Url::parse("https://mlstorage.blob.core.windows.net").unwrap(),
+        credential: AzureCredential::Anonymous,
+        credential_source: "test".into(),
+    })
+}
+
+fn datastores() -> BTreeMap<String, StoreConfig> {
+    BTreeMap::from([
+        ("blob-ds".to_string(), blob("data")),
+        ("other-ds".to_string(), blob("other")),
+        (
+            "local-ds".to_string(),
+            StoreConfig::Local(PathBuf::from("/srv/ds")),
+        ),
+    ])
+}
+
+/// The issue's example, as committed in `examples/experiment.yaml`.
+fn example() -> ExperimentSpec {
+    let exp: Experiment = serde_yaml::from_str(include_str!("../../examples/experiment.yaml"))
+        .expect("examples/experiment.yaml is an Experiment");
+    exp.spec
+}
+
+fn spec(yaml: &str) -> ExperimentSpec {
+    serde_yaml::from_str(yaml).expect("a valid ExperimentSpec")
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn read_list() -> Permissions {
+    Permissions {
+        read: true,
+        list: true,
+        ..Default::default()
+    }
+}
+
+fn create_write_list() -> Permissions {
+    Permissions {
+        create: true,
+        write: true,
+        list: true,
+        ..Default::default()
+    }
+}
+
+fn plan_err(spec: &ExperimentSpec) -> PlanError {
+    plan(spec, &datastores(), CLUSTER_ROOT).expect_err("the spec cannot be planned")
+}
+
+#[test]
+fn the_example_is_planned_as_the_issue_describes() {
+    let plan = plan(&example(), &datastores(), CLUSTER_ROOT).unwrap();
+    assert_eq!(plan.command, strings(&["python", "training_script.py"]));
+    assert_eq!(
+        plan.args,
+        strings(&[
+            "--data_folder",
+            "/mnt/datastore/training_data",
+            "--output_dir",
+            "/mnt/datastore/outputs",
+            "--regularization",
+            "0.1",
+        ])
+    );
+    assert_eq!(plan.working_dir.as_deref(), Some("experiment_folder"));
+    assert_eq!(
+        plan.env,
+        vec![
+            EnvVar {
+                name: "AZUREML_DATAREFERENCE_DATA_FOLDER".into(),
+                value: "/mnt/datastore/training_data".into(),
+            },
+            EnvVar {
+                name: "AZUREML_DATAREFERENCE_OUTPUT_DIR".into(),
+                value: "/mnt/datastore/outputs".into(),
+            },
+        ]
+    );
+    assert_eq!(
+        plan.references,
+        vec![
+            PlannedReference {
+                param: "--data_folder".into(),
+                datastore: "blob-ds".into(),
+                path: "data/files".into(),
+                mode: Mode::Download,
+                path_on_compute: "/mnt/datastore/training_data".into(),
+                env: "AZUREML_DATAREFERENCE_DATA_FOLDER".into(),
+            },
+            PlannedReference {
+                param: "--output_dir".into(),
+                datastore: "blob-ds".into(),
+                path: "outputs/run1".into(),
+                mode: Mode::Upload,
+                path_on_compute: "/mnt/datastore/outputs".into(),
+                env: "AZUREML_DATAREFERENCE_OUTPUT_DIR".into(),
+            },
+        ]
+    );
+    assert_eq!(
+        plan.downloads,
+        vec![Transfer {
+            param: "--data_folder".into(),
+            datastore: "blob-ds".into(),
+            remote_path: "data/files".into(),
+            local_path: "/mnt/datastore/training_data".into(),
+        }]
+    );
+    assert_eq!(
+        plan.uploads,
+        vec![Transfer {
+            param: "--output_dir".into(),
+            datastore: "blob-ds".into(),
+            remote_path: "outputs/run1".into(),
+            local_path: "/mnt/datastore/outputs".into(),
+        }]
+    );
+    // Download and upload on one datastore: the union, and nothing more (no delete, no add).
+    assert_eq!(plan.permissions.len(), 1);
+    assert_eq!(plan.permissions["blob-ds"].as_str(), "rcwl");
+}
+
+#[test]
+fn command_replaces_python_and_the_entry_script() {
+    let mut spec = example();
+    spec.command = Some(strings(&["torchrun", "--nproc_per_node=2", "train.py"]));
+    let plan = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    assert_eq!(
+        plan.command,
+        strings(&["torchrun", "--nproc_per_node=2", "train.py"])
+    );
+    assert_eq!(
+        plan.args[..2],
+        strings(&["--data_folder", "/mnt/datastore/training_data"])
+    );
+}
+
+#[test]
+fn values_only_give_args_and_nothing_else() {
+    let spec = spec(
+        "image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - {name: --lr, value: '0.1'}
+  - {name: --tag, value: ''}
+  - {name: epochs, value: '3'}
+",
+    );
+    let plan = plan(&spec, &BTreeMap::new(), CLUSTER_ROOT).unwrap();
+    assert_eq!(plan.command, strings(&["python", "train.py"]));
+    assert_eq!(
+        plan.args,
+        strings(&["--lr", "0.1", "--tag", "", "epochs", "3"])
+    );
+    assert_eq!(plan.working_dir, None);
+    assert!(plan.env.is_empty() && plan.references.is_empty());
+    assert!(plan.downloads.is_empty() && plan.uploads.is_empty());
+    assert!(plan.permissions.is_empty());
+}
+
+#[test]
+fn path_on_compute_defaults_to_the_parameter_name_without_dashes() {
+    let spec = spec(
+        "image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - {name: --data_folder, dataReference: {datastore: blob-ds, mode: download}}
+  - {name: -x, dataReference: {datastore: blob-ds, mode: download}}
+  - {name: models/base, dataReference: {datastore: blob-ds, mode: download}}
+",
+    );
+    let plan = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    let paths: Vec<&str> = plan
+        .references
+        .iter()
+        .map(|r| r.path_on_compute.as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/mnt/datastore/data_folder",
+            "/mnt/datastore/x",
+            "/mnt/datastore/models/base",
+        ]
+    );
+    let envs: Vec<&str> = plan.env.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        envs,
+        [
+            "AZUREML_DATAREFERENCE_DATA_FOLDER",
+            "AZUREML_DATAREFERENCE_X",
+            "AZUREML_DATAREFERENCE_MODELS_BASE",
+        ]
+    );
+}
+
+#[test]
+fn env_names_uppercase_and_replace_non_alphanumerics() {
+    assert_eq!(
+        env_name("--data-folder.v2"),
+        "AZUREML_DATAREFERENCE_DATA_FOLDER_V2"
+    );
+    assert_eq!(env_name("--Données"), "AZUREML_DATAREFERENCE_DONN_ES");
+    assert_eq!(env_name("in-put"), "AZUREML_DATAREFERENCE_IN_PUT");
+}
+
+#[test]
+fn datastore_paths_are_normalized_and_empty_is_the_container() {
+    let spec = spec(
+        "image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - {name: --a, dataReference: {datastore: blob-ds, path: /data//files/, mode: download}}
+  - {name: --b, dataReference: {datastore: other-ds, mode: download}}
+",
+    );
+    let plan = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    let remote: Vec<(&str, &str)> = plan
+        .downloads
+        .iter()
+        .map(|t| (t.datastore.as_str(), t.remote_path.as_str()))
+        .collect();
+    assert_eq!(remote, [("blob-ds", "data/files"), ("other-ds", "")]);
+    assert_eq!(plan.references[0].path, "data/files");
+    // Each datastore gets its own permissions.
+    assert_eq!(
+        plan.permissions,
+        BTreeMap::from([
+            ("blob-ds".to_string(), read_list()),
+            ("other-ds".to_string(), read_list()),
+        ])
+    );
+}
+
+#[test]
+fn the_root_is_the_local_runner_s_work_directory_when_given() {
+    let mut spec = example();
+    spec.compute_target = ComputeTarget::Local;
+    for root in ["/tmp/run-1", "/tmp/run-1/"] {
+        let plan = plan(&spec, &datastores(), root).unwrap();
+        assert_eq!(
+            plan.args[..4],
+            strings(&[
+                "--data_folder",
+                "/tmp/run-1/training_data",
+                "--output_dir",
+                "/tmp/run-1/outputs"
+            ]),
+            "root {root:?}"
+        );
+        assert_eq!(plan.uploads[0].local_path, "/tmp/run-1/outputs");
+    }
+}
+
+#[test]
+fn a_local_datastore_serves_the_local_compute_target() {
+    let spec = spec(
+        "image: python:3.12-slim
+entryScript: train.py
+computeTarget: local
+scriptParams:
+  - {name: --data, dataReference: {datastore: local-ds, path: data, mode: download}}
+",
+    );
+    let plan = plan(&spec, &datastores(), "/work").unwrap();
+    assert_eq!(plan.downloads[0].local_path, "/work/data");
+    assert_eq!(plan.permissions["local-ds"], read_list());
+}
+
+#[test]
+fn mount_is_read_only_and_transfers_nothing() {
+    let spec = spec(
+        "image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - {name: --data, dataReference: {datastore: blob-ds, path: big, mode: mount, pathOnCompute: big}}
+  - {name: --out, dataReference: {datastore: other-ds, path: out, mode: upload}}
+",
+    );
+    let plan = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    assert_eq!(plan.references[0].mode, Mode::Mount);
+    assert_eq!(plan.references[0].path_on_compute, "/mnt/datastore/big");
+    assert_eq!(
+        plan.args,
+        strings(&[
+            "--data",
+            "/mnt/datastore/big",
+            "--out",
+            "/mnt/datastore/out"
+        ])
+    );
+    assert!(plan.downloads.is_empty());
+    assert_eq!(plan.uploads.len(), 1);
+    assert_eq!(
+        plan.permissions,
+        BTreeMap::from([
+            ("blob-ds".to_string(), read_list()),
+            ("other-ds".to_string(), create_write_list()),
+        ])
+    );
+    assert_eq!(plan.permissions["blob-ds"].as_str(), "rl");
+    assert_eq!(plan.permissions["other-ds"].as_str(), "cwl");
+}
+
+// --- errors ---
+
+#[test]
+fn an_unknown_datastore_lists_the_known_ones() {
+    let mut spec = example();
+    spec.script_params[0]
+        .data_reference
+        .as_mut()
+        .unwrap()
+        .datastore = "blob-dz".into();
+    let err = plan_err(&spec);
+    assert_eq!(
+        err,
+        PlanError::UnknownDatastore {
+            param: "--data_folder".into(),
+            datastore: "blob-dz".into(),
+            known: strings(&["blob-ds", "local-ds", "other-ds"]),
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "parameter --data_folder refers to datastore \"blob-dz\", which does not exist; create it, or use one of the known datastores: blob-ds, local-ds, other-ds"
+    );
+    assert_eq!(err.reason(), "UnknownDatastore");
+
+    let none = plan(&example(), &BTreeMap::new(), CLUSTER_ROOT).unwrap_err();
+    assert_eq!(
+        none.to_string(),
+        "parameter --data_folder refers to datastore \"blob-ds\", which does not exist; no datastores are known, so create a Datastore or ClusterDatastore named blob-ds"
+    );
+}
+
+#[test]
+fn mount_on_the_local_compute_target_is_refused_with_the_sdk_reason() {
+    let mut spec = example();
+    spec.compute_target = ComputeTarget::Local;
+    spec.script_params[0].data_reference.as_mut().unwrap().mode = Mode::Mount;
+    let err = plan(&spec, &datastores(), "/work").unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::MountOnLocalCompute {
+            param: "--data_folder".into()
+        }
+    );
+    assert!(
+        err.to_string()
+            .contains("mount is only available on a remote compute target"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_local_datastore_is_refused_on_the_cluster() {
+    let mut spec = example();
+    spec.script_params[0]
+        .data_reference
+        .as_mut()
+        .unwrap()
+        .datastore = "local-ds".into();
+    assert_eq!(
+        plan_err(&spec),
+        PlanError::LocalDatastoreOnCluster {
+            param: "--data_folder".into(),
+            datastore: "local-ds".into(),
+        }
+    );
+}
+
+fn with_paths_on_compute(first: Option<&str>, second: Option<&str>) -> ExperimentSpec {
+    let mut spec = example();
+    spec.script_params[0]
+        .data_reference
+        .as_mut()
+        .unwrap()
+        .path_on_compute = first.map(String::from);
+    spec.script_params[1]
+        .data_reference
+        .as_mut()
+        .unwrap()
+        .path_on_compute = second.map(String::from);
+    spec
+}
+
+#[test]
+fn references_on_the_same_path_on_compute_are_refused() {
+    let err = plan_err(&with_paths_on_compute(Some("data"), Some("data")));
+    assert_eq!(
+        err,
+        PlanError::PathOnComputeClash {
+            first: "--data_folder".into(),
+            first_path: "/mnt/datastore/data".into(),
+            second: "--output_dir".into(),
+            second_path: "/mnt/datastore/data".into(),
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "parameters --data_folder and --output_dir overlap on compute (/mnt/datastore/data and /mnt/datastore/data): one path is the other or inside it; give each a pathOnCompute of its own"
+    );
+}
+
+#[test]
+fn nested_paths_on_compute_are_refused_either_way_round() {
+    for (first, second) in [("data", "data/out"), ("data/out", "data")] {
+        let err = plan_err(&with_paths_on_compute(Some(first), Some(second)));
+        assert_eq!(
+            err,
+            PlanError::PathOnComputeClash {
+                first: "--data_folder".into(),
+                first_path: format!("/mnt/datastore/{first}"),
+                second: "--output_dir".into(),
+                second_path: format!("/mnt/datastore/{second}"),
+            }
+        );
+    }
+    // A shared name prefix is not nesting.
+    assert!(
+        plan(
+            &with_paths_on_compute(Some("data"), Some("data2")),
+            &datastores(),
+            CLUSTER_ROOT
+        )
+        .is_ok()
+    );
+    // A default path meets an explicit one.
+    assert_eq!(
+        plan_err(&with_paths_on_compute(Some("output_dir/in"), None)).reason(),
+        "PathOnComputeClash"
+    );
+}
+
+#[test]
+fn invalid_paths_on_compute_are_refused_with_the_problem() {
+    for (path, problem) in [
+        ("/mnt/data", "is absolute"),
+        ("", "is empty"),
+        ("..", "has a . or .. segment"),
+        ("a/../../etc", "has a . or .. segment"),
+        ("./a", "has a . or .. segment"),
+        ("a//b", "has an empty segment (a doubled or trailing /)"),
+        ("a/", "has an empty segment (a doubled or trailing /)"),
+    ] {
+        let err = plan_err(&with_paths_on_compute(Some(path), None));
+        assert_eq!(
+            err,
+            PlanError::InvalidPathOnCompute {
+                param: "--data_folder".into(),
+                path: path.into(),
+                problem,
+            },
+            "{path:?}"
+        );
+    }
+    let err = plan_err(&with_paths_on_compute(Some("/mnt/data"), None));
+    assert_eq!(
+        err.to_string(),
+        "parameter --data_folder: path on compute \"/mnt/data\" is absolute; set pathOnCompute to a relative path such as training_data"
+    );
+    // A name that is all dashes leaves no default path.
+    let spec = spec(
+        "image: i
+entryScript: t.py
+scriptParams: [{name: '--', dataReference: {datastore: blob-ds, mode: download}}]
+",
+    );
+    assert_eq!(
+        plan_err(&spec),
+        PlanError::InvalidPathOnCompute {
+            param: "--".into(),
+            path: "".into(),
+            problem: "is empty",
+        }
+    );
+}
+
+#[test]
+fn duplicate_parameter_names_are_refused() {
+    let mut spec = example();
+    spec.script_params[2].name = "--data_folder".into();
+    let err = plan_err(&spec);
+    assert_eq!(
+        err,
+        PlanError::DuplicateParameter {
+            name: "--data_folder".into()
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "parameter --data_folder is given more than once; scriptParams names must be unique, so keep one"
+    );
+}
+
+#[test]
+fn a_parameter_needs_exactly_one_of_value_and_data_reference() {
+    let mut both = example();
+    both.script_params[0].value = Some("x".into());
+    assert_eq!(
+        plan_err(&both),
+        PlanError::ValueAndDataReference {
+            name: "--data_folder".into()
+        }
+    );
+    let mut neither = example();
+    neither.script_params[2].value = None;
+    let err = plan_err(&neither);
+    assert_eq!(
+        err,
+        PlanError::NoValueOrDataReference {
+            name: "--regularization".into()
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "parameter --regularization has neither a value nor a dataReference; set one of them"
+    );
+}
+
+#[test]
+fn empty_names_commands_and_scripts_are_refused() {
+    let mut spec = example();
+    spec.script_params[2].name = String::new();
+    assert_eq!(plan_err(&spec), PlanError::EmptyParameterName);
+
+    let mut spec = example();
+    spec.command = Some(Vec::new());
+    assert_eq!(plan_err(&spec), PlanError::EmptyCommand);
+
+    let mut spec = example();
+    spec.entry_script = String::new();
+    assert_eq!(plan_err(&spec), PlanError::EmptyEntryScript);
+    // As in the CRD's rule, also when a command replaces it.
+    spec.command = Some(strings(&["python", "-m", "trainer"]));
+    assert_eq!(plan_err(&spec), PlanError::EmptyEntryScript);
+}
+
+#[test]
+fn references_sharing_an_environment_variable_are_refused() {
+    let spec = spec(
+        "image: i
+entryScript: t.py
+scriptParams:
+  - {name: --data-folder, dataReference: {datastore: blob-ds, mode: download}}
+  - {name: --data_folder, dataReference: {datastore: blob-ds, mode: download}}
+",
+    );
+    let err = plan_err(&spec);
+    assert_eq!(
+        err,
+        PlanError::EnvVarClash {
+            first: "--data-folder".into(),
+            second: "--data_folder".into(),
+            env: "AZUREML_DATAREFERENCE_DATA_FOLDER".into(),
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "parameters --data-folder and --data_folder would both set the environment variable AZUREML_DATAREFERENCE_DATA_FOLDER; rename one of them"
+    );
+}
