@@ -3,7 +3,6 @@
 //! under the final name.
 
 use std::fs::File;
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -25,32 +24,38 @@ pub enum Commit {
 }
 
 impl TempFile {
-    /// Creates (truncating) the temporary file for `target`, and `target`'s parent directories.
-    /// The temporary name is derived from the target, so an interrupted run's leftover is
-    /// reused, not accumulated, by the next run.
+    /// Creates a new temporary file for `target` (and `target`'s parent directories). Its
+    /// name is random and created exclusively, so concurrent writers of one directory never
+    /// share one. A process killed before it commits leaves a hidden `.datastore-partial-*`
+    /// file that uploads and listings ignore.
     pub fn create(target: &Path) -> io::Result<(TempFile, File)> {
         let parent = target
             .parent()
             .ok_or_else(|| io::Error::other("the target has no parent directory"))?;
         std::fs::create_dir_all(parent)?;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        target.file_name().hash(&mut h);
-        let tmp = parent.join(format!("{TEMP_PREFIX}{:016x}", h.finish()));
-        // Readable too: downloads hash what they wrote.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        Ok((
-            TempFile {
-                tmp,
-                target: target.to_path_buf(),
-                committed: false,
-            },
-            file,
-        ))
+        loop {
+            let tmp = parent.join(format!("{TEMP_PREFIX}{:016x}", rand::random::<u64>()));
+            // Readable too: downloads hash what they wrote.
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(file) => {
+                    return Ok((
+                        TempFile {
+                            tmp,
+                            target: target.to_path_buf(),
+                            committed: false,
+                        },
+                        file,
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {

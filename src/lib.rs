@@ -1,5 +1,6 @@
 //! datastore-operator: Azure ML style datastores and data references for Kubernetes.
 
+pub mod agent;
 pub mod api;
 pub mod atomic;
 pub mod cli;

@@ -3,7 +3,7 @@ use datastore_operator::cli::{self, Cli};
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    init_logging(&cli.log_level, cli.json_logs());
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
     let code = runtime.block_on(cli::run(cli));
     // Do not wait for blocking tasks of an interrupted run.
@@ -11,13 +11,17 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Human logs on stderr. The filter comes from --log-level / DATASTORE_LOG.
-fn init_logging(level: &str) {
+/// Logs on stderr: for a human, or JSON lines (in-pod agent). The filter comes from
+/// --log-level / DATASTORE_LOG.
+fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.with_target(false).init();
+    }
 }

@@ -12,6 +12,24 @@ pub fn normalize(path: &str) -> String {
         .join("/")
 }
 
+/// A datastore folder path from a user (`--target-path`, a data reference's `path`),
+/// normalized, or why it cannot be used. `.` and `..` segments are refused: URLs resolve them,
+/// so `../other` would address another container.
+pub fn datastore_path(path: &str) -> Result<String, String> {
+    let normalized = normalize(path);
+    if has_dot_segment(&normalized) {
+        return Err(format!(
+            "the datastore path '{path}' has a `.` or `..` segment; datastore paths are folders inside the container: remove them"
+        ));
+    }
+    Ok(normalized)
+}
+
+/// Whether a `/`-separated name has a `.` or `..` segment.
+pub fn has_dot_segment(name: &str) -> bool {
+    name.split('/').any(|s| s == "." || s == "..")
+}
+
 /// `prefix/name`, or `name` when the prefix is the container root.
 pub fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
@@ -41,6 +59,13 @@ pub fn local_relative(name: &str) -> Result<PathBuf, &'static str> {
         return Err("the name contains a backslash, which some systems read as a separator");
     }
     let mut rel = PathBuf::new();
+    if name
+        .rsplit('/')
+        .next()
+        .is_some_and(|last| last.starts_with(crate::atomic::TEMP_PREFIX))
+    {
+        return Err("the name looks like one of our temporary files (.datastore-partial-...)");
+    }
     for segment in name.split('/') {
         match segment {
             "" => return Err("the name has an empty path segment (`//`)"),
@@ -100,6 +125,7 @@ mod tests {
         for bad in [
             "../x",
             "a/../../x",
+            "d/.datastore-partial-1",
             "/etc/passwd",
             "a\0b",
             "a//b",
@@ -111,6 +137,15 @@ mod tests {
         }
         let long = "x".repeat(256);
         assert!(local_relative(&long).is_err());
+    }
+
+    #[test]
+    fn datastore_paths_refuse_dot_segments() {
+        assert_eq!(datastore_path("/data/files/").unwrap(), "data/files");
+        assert_eq!(datastore_path("").unwrap(), "");
+        for bad in ["../other", "a/./b", "a/..", "/.."] {
+            assert!(datastore_path(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

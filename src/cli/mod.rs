@@ -36,6 +36,8 @@ pub enum Command {
     Download(DownloadArgs),
     /// Print the CustomResourceDefinitions as YAML (kubectl apply -f -).
     Crds,
+    /// In-pod commands used by the containers the controller generates (JSON logs and summary).
+    Agent(crate::agent::AgentArgs),
 }
 
 #[derive(Args, Debug)]
@@ -144,9 +146,17 @@ impl Common {
     }
 }
 
+impl Cli {
+    /// Logs as JSON lines (for the cluster) rather than for a human.
+    pub fn json_logs(&self) -> bool {
+        matches!(self.command, Command::Agent(_))
+    }
+}
+
 /// Runs a command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
+        Command::Agent(args) => crate::agent::run(args).await,
         Command::Crds => {
             print!("{}", crate::api::crds_yaml());
             0
@@ -205,7 +215,8 @@ where
     report(common.output, result)
 }
 
-fn report(output: Output, result: transfer::Result<Summary>) -> i32 {
+/// Prints the closing summary (and error) of a transfer; returns the exit code.
+pub(crate) fn report(output: Output, result: transfer::Result<Summary>) -> i32 {
     let (summary, error) = match result {
         Ok(summary) => (summary, None),
         Err(Failed { summary, error }) => (summary, Some(error)),

@@ -107,6 +107,8 @@ enum Failure {
     },
     Transport(String, bool),
     Body(std::io::Error),
+    /// The blob name has a `.` or `..` segment; it was not sent.
+    DotSegment,
 }
 
 impl Failure {
@@ -116,7 +118,7 @@ impl Failure {
                 matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
             }
             Failure::Transport(_, retryable) => *retryable,
-            Failure::Body(_) => false,
+            Failure::Body(_) | Failure::DotSegment => false,
         }
     }
 }
@@ -241,6 +243,9 @@ impl BlobClient {
             q("restype", "container"),
             q("comp", "list"),
             q("maxresults", &max.to_string()),
+            // Directories of hierarchical-namespace accounts (and blobfuse folder markers) are
+            // zero-length blobs with metadata hdi_isfolder=true: folders, not data.
+            q("include", "metadata"),
         ];
         if !prefix.is_empty() {
             query.push(q("prefix", prefix));
@@ -280,8 +285,14 @@ impl BlobClient {
     }
 
     /// Put Block: one block of a large blob, staged until [`Self::put_block_list`] commits it.
-    pub async fn put_block(&self, name: &str, index: usize, body: Body) -> Result<()> {
-        let query = vec![q("comp", "block"), q("blockid", &block_id(index))];
+    pub async fn put_block(
+        &self,
+        name: &str,
+        ids: &BlockIds,
+        index: usize,
+        body: Body,
+    ) -> Result<()> {
+        let query = vec![q("comp", "block"), q("blockid", &ids.id(index))];
         self.send(Method::PUT, Some(name), query, HeaderMap::new(), &body)
             .await
             .map_err(|f| self.error(f, Some(name)))?;
@@ -292,6 +303,7 @@ impl BlobClient {
     pub async fn put_block_list(
         &self,
         name: &str,
+        ids: &BlockIds,
         blocks: usize,
         md5: [u8; 16],
         overwrite: bool,
@@ -300,7 +312,7 @@ impl BlobClient {
         xml.push_str("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>");
         for i in 0..blocks {
             xml.push_str("<Latest>");
-            xml.push_str(&block_id(i));
+            xml.push_str(&ids.id(i));
             xml.push_str("</Latest>");
         }
         xml.push_str("</BlockList>");
@@ -438,6 +450,11 @@ impl BlobClient {
         let inner = &*self.inner;
         let mut url = inner.container_url.clone();
         if let Some(name) = blob {
+            // URLs resolve `.` and `..` (escaped or not): such a name would address another
+            // blob, or another container, under the same credentials.
+            if crate::paths::has_dot_segment(name) {
+                return Err(Failure::DotSegment);
+            }
             url.push('/');
             url.extend(utf8_percent_encode(name, PATH));
         }
@@ -620,6 +637,10 @@ impl BlobClient {
             Failure::Transport(msg, _) => Error::Unreachable(format!(
                 "cannot reach {what}{on_blob}: {msg}; check the endpoint and that this machine can reach it"
             )),
+            Failure::DotSegment => Error::UnsafeName(format!(
+                "blob name '{}' has a `.` or `..` segment, which a URL cannot address safely: rename it",
+                blob.unwrap_or("")
+            )),
             Failure::Body(e) => {
                 Error::Local(format!("cannot read the local file to send{on_blob}: {e}"))
             }
@@ -671,9 +692,29 @@ fn header(value: &str) -> HeaderValue {
     HeaderValue::from_str(value).expect("generated header values are visible ASCII")
 }
 
-/// Block IDs must all have the same length within a blob.
-fn block_id(index: usize) -> String {
-    B64.encode(format!("block-{index:08}"))
+/// The block IDs of one upload. They all have the same length (the service requires it) and
+/// carry a random nonce, so two uploads of one name never stage over each other's blocks.
+#[derive(Clone, Debug)]
+pub struct BlockIds {
+    nonce: u64,
+}
+
+impl BlockIds {
+    pub fn new() -> Self {
+        BlockIds {
+            nonce: rand::random(),
+        }
+    }
+
+    fn id(&self, index: usize) -> String {
+        B64.encode(format!("{:016x}-{index:08}", self.nonce))
+    }
+}
+
+impl Default for BlockIds {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn between<'a>(text: &'a str, open: &str, close: &str) -> Option<&'a str> {
@@ -713,6 +754,14 @@ struct BlobXml {
     name: NameXml,
     #[serde(rename = "Properties")]
     properties: PropertiesXml,
+    #[serde(rename = "Metadata", default)]
+    metadata: MetadataXml,
+}
+
+#[derive(Deserialize, Default)]
+struct MetadataXml {
+    #[serde(rename = "hdi_isfolder", default)]
+    hdi_isfolder: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -737,6 +786,12 @@ fn parse_list(xml: &str) -> std::result::Result<ListPage, String> {
         .blobs
         .blob
         .into_iter()
+        .filter(|b| {
+            !b.metadata
+                .hdi_isfolder
+                .as_deref()
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        })
         .map(|b| {
             let name = if b.name.encoded == Some(true) {
                 percent_encoding::percent_decode_str(&b.name.value)
@@ -846,7 +901,8 @@ mod tests {
 <EnumerationResults ServiceEndpoint="http://x/" ContainerName="c"><Prefix>d</Prefix><MaxResults>2</MaxResults>
 <Blobs>
 <Blob><Name>d/a &amp; b.txt</Name><Properties><Content-Length>3</Content-Length><Content-MD5>kAFQmDzST7DWlj99KOF/cg==</Content-MD5></Properties></Blob>
-<Blob><Name Encoded="true">d/%EF%BF%BEodd</Name><Properties><Content-Length>0</Content-Length><Content-MD5 /></Properties></Blob>
+<Blob><Name Encoded="true">d/%EF%BF%BEodd</Name><Properties><Content-Length>0</Content-Length><Content-MD5 /></Properties><Metadata><owner>x</owner></Metadata></Blob>
+<Blob><Name>d/folder</Name><Properties><Content-Length>0</Content-Length></Properties><Metadata><hdi_isfolder>true</hdi_isfolder></Metadata></Blob>
 </Blobs><NextMarker>2!abc</NextMarker></EnumerationResults>"#;
         let page = parse_list(xml).unwrap();
         assert_eq!(page.blobs.len(), 2);
@@ -869,8 +925,10 @@ mod tests {
     }
 
     #[test]
-    fn block_ids_have_one_length() {
-        assert_eq!(block_id(0).len(), block_id(49_999).len());
+    fn block_ids_have_one_length_and_differ_per_upload() {
+        let (a, b) = (BlockIds::new(), BlockIds::new());
+        assert_eq!(a.id(0).len(), a.id(49_999).len());
+        assert_ne!(a.id(0), b.id(0));
     }
 
     #[test]

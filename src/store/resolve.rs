@@ -435,10 +435,14 @@ fn azure_config(
     };
     let endpoint =
         endpoint.unwrap_or_else(|| format!("https://{}.blob.core.windows.net", spec.account_name));
-    let endpoint = url::Url::parse(&endpoint)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.query().is_none())
-        .ok_or_else(|| Error::Config(format!("{label} has endpoint '{endpoint}', which is not an http(s) URL: use e.g. https://{}.blob.core.windows.net", spec.account_name)))?;
+    let endpoint = parse_endpoint(label, &endpoint, &spec.account_name)?;
+    if !container_name_is_valid(&spec.container_name) {
+        // The CRD's CEL rule says the same, but a datastores file meets no apiserver.
+        return Err(Error::Config(format!(
+            "{label} has containerName '{}', which is not a container name: 3 to 63 lowercase letters, digits and single hyphens (or $root, $web, $logs)",
+            spec.container_name
+        )));
+    }
     Ok(AzureBlobConfig {
         account: spec.account_name.clone(),
         container: spec.container_name.clone(),
@@ -446,6 +450,41 @@ fn azure_config(
         credential,
         credential_source,
     })
+}
+
+/// The blob service endpoint. The value is never echoed whole: a pasted "Blob SAS URL" holds
+/// a signature in its query.
+fn parse_endpoint(label: &str, endpoint: &str, account: &str) -> Result<url::Url> {
+    let example = format!("https://{account}.blob.core.windows.net");
+    let url = url::Url::parse(endpoint)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{label} has an endpoint that is not an http(s) URL: use e.g. {example}"
+            ))
+        })?;
+    if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::Config(format!(
+            "{label} has an endpoint with a query or user info ({}://{}{}?...): give the bare service URL and put a SAS token in the Secret's sasToken",
+            url.scheme(),
+            url.host_str().unwrap_or(""),
+            url.path()
+        )));
+    }
+    Ok(url)
+}
+
+/// Azure's container name rule (the CRD checks the same with CEL).
+fn container_name_is_valid(name: &str) -> bool {
+    matches!(name, "$root" | "$web" | "$logs")
+        || ((3..=63).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-')
+            && !name.contains("--"))
 }
 
 /// A Secret's `data` (decoded) and `stringData`, which wins as the apiserver does.
@@ -561,6 +600,31 @@ metadata: {name: ignored}
             !format!("{cfg:?}").contains("a2V5"),
             "credentials never appear in Debug output"
         );
+    }
+
+    #[test]
+    fn an_endpoint_with_a_sas_is_refused_without_echoing_it() {
+        let text = FILE.replace("containerName: data", "containerName: data\n    endpoint: \"https://acct.blob.core.windows.net/?sv=1&sig=TOPSECRET\"");
+        let err = Catalog::parse(&text, "test.yaml", PathBuf::new())
+            .unwrap()
+            .resolve("blob-ds", &scope())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("put a SAS token in the Secret's sasToken"),
+            "{err}"
+        );
+        assert!(!err.contains("TOPSECRET"), "{err}");
+    }
+
+    #[test]
+    fn container_names_are_checked_without_an_apiserver() {
+        for good in ["data", "a-b", "$web", "abc"] {
+            assert!(container_name_is_valid(good), "{good}");
+        }
+        for bad in ["ab", "Data", "a--b", "-ab", "ab-", "a_b", "../x"] {
+            assert!(!container_name_is_valid(bad), "{bad}");
+        }
     }
 
     #[test]

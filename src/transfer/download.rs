@@ -36,7 +36,72 @@ pub async fn download(
     // A leading `/` is accepted; the rest is a plain name prefix, as in the SDK.
     let prefix = prefix.trim_start_matches('/');
     let blobs = store.list(prefix).await?;
-    let items = plan(blobs, target_dir)?;
+    let items = plan(blobs, target_dir, Layout::FullNames)?;
+    fetch_all(&run, store, items).await
+}
+
+/// What [`download_folder`] found: every file blob under the folder (skipped ones included),
+/// named relative to the folder and sorted by name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FolderListing {
+    pub blobs: Vec<ObjectMeta>,
+}
+
+/// Downloads the contents of the datastore folder `folder` (normalized; `""` is the whole
+/// container): each blob `folder/<rel>` lands at `target_dir/<rel>`. Only blobs inside the
+/// folder count (`data` never picks up `data2/...`). The relative names go through the same
+/// safety checks as full names. Returns the run's summary and the folder's listing.
+pub async fn download_folder(
+    store: &Store,
+    folder: &str,
+    target_dir: &Path,
+    options: Options,
+    progress: Arc<dyn Progress>,
+) -> Result<(Summary, FolderListing)> {
+    let run = Run::new(options, progress);
+    let folder = paths::normalize(folder);
+    let prefix = if folder.is_empty() {
+        String::new()
+    } else {
+        format!("{folder}/")
+    };
+    let blobs = store.list(&prefix).await?;
+    let items = plan(blobs, target_dir, Layout::RelativeTo(&prefix))?;
+    let mut listing = FolderListing {
+        blobs: items
+            .iter()
+            .map(|i| ObjectMeta {
+                name: i.meta.name[prefix.len()..].to_string(),
+                ..i.meta.clone()
+            })
+            .collect(),
+    };
+    listing.blobs.sort_by(|a, b| a.name.cmp(&b.name));
+    let summary = fetch_all(&run, store, items).await?;
+    Ok((summary, listing))
+}
+
+/// Where a blob lands under the target directory.
+#[derive(Clone, Copy)]
+enum Layout<'a> {
+    /// `target/<blob name>`, as the SDK does.
+    FullNames,
+    /// `target/<blob name without this prefix>`; blobs outside the prefix are left out.
+    RelativeTo(&'a str),
+}
+
+impl Layout<'_> {
+    /// The name a blob lands under, or `None` when it is outside the layout's folder.
+    fn local_name<'n>(&self, name: &'n str) -> Option<&'n str> {
+        match self {
+            Layout::FullNames => Some(name),
+            Layout::RelativeTo(prefix) => name.strip_prefix(prefix),
+        }
+    }
+}
+
+/// Downloads the planned items, skipping the files that exist unless overwriting.
+async fn fetch_all(run: &Run, store: &Store, items: Vec<Item>) -> Result<Summary> {
     let (todo, skipped) = skip_existing(items, run.options.overwrite).await?;
 
     run.progress
@@ -49,29 +114,29 @@ pub async fn download(
         .filter(|i| i.meta.size > run.options.block_size)
         .count();
     let split = (run.options.concurrency / large.max(1)).max(1) as u64;
-    let run = &run;
     run.each(todo, skipped, |item| download_one(run, store, item, split))
         .await
 }
 
 /// Maps blob names to local paths. Any name that cannot be written safely, or that collides
 /// with another as file and directory, stops the run before anything is written.
-fn plan(blobs: Vec<ObjectMeta>, target_dir: &Path) -> Result<Vec<Item>, Error> {
+fn plan(blobs: Vec<ObjectMeta>, target_dir: &Path, layout: Layout) -> Result<Vec<Item>, Error> {
     let blobs: Vec<ObjectMeta> = blobs
         .into_iter()
-        .filter(|b| !paths::is_folder_marker(&b.name))
+        .filter(|b| !paths::is_folder_marker(&b.name) && layout.local_name(&b.name).is_some())
         .collect();
     let mut refused = Vec::new();
     let mut items = Vec::with_capacity(blobs.len());
     for meta in blobs {
-        match paths::local_path(target_dir, &meta.name) {
+        let name = layout.local_name(&meta.name).unwrap_or_default();
+        match paths::local_path(target_dir, name) {
             Ok(path) => items.push(Item { meta, path }),
             Err(why) => refused.push(format!("'{}': {why}", meta.name.escape_debug())),
         }
     }
-    for (file, inside) in
-        paths::file_directory_collisions(items.iter().map(|i| i.meta.name.as_str()))
-    {
+    for (file, inside) in paths::file_directory_collisions(
+        items.iter().filter_map(|i| layout.local_name(&i.meta.name)),
+    ) {
         refused.push(format!(
             "'{file}' is both a file and the directory of '{inside}'"
         ));
@@ -81,10 +146,14 @@ fn plan(blobs: Vec<ObjectMeta>, target_dir: &Path) -> Result<Vec<Item>, Error> {
     }
     let shown: Vec<_> = refused.iter().take(5).cloned().collect();
     Err(Error::UnsafeName(format!(
-        "refusing to download: {} blob name(s) cannot be written safely under {}: {}{}; nothing was written: narrow --prefix to leave them out, or rename them in the datastore",
+        "refusing to download: {} blob name(s) cannot be written safely under {}: {}{}; nothing was written: narrow the {} to leave them out, or rename them in the datastore",
         refused.len(),
         target_dir.display(),
         shown.join("; "),
+        match layout {
+            Layout::FullNames => "--prefix",
+            Layout::RelativeTo(_) => "datastore path",
+        },
         if refused.len() > shown.len() {
             "; ..."
         } else {
@@ -374,5 +443,72 @@ fn verify(item: &Item, actual: [u8; 16]) -> Result<(), Error> {
             item.path.display()
         ))),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: name.to_string(),
+            size: 1,
+            md5: None,
+        }
+    }
+
+    fn planned(names: &[&str], layout: Layout) -> Result<Vec<(String, PathBuf)>, Error> {
+        let items = plan(
+            names.iter().map(|n| blob(n)).collect(),
+            Path::new("/t"),
+            layout,
+        )?;
+        Ok(items.into_iter().map(|i| (i.meta.name, i.path)).collect())
+    }
+
+    #[test]
+    fn relative_layout_keeps_only_the_folder_and_strips_it() {
+        let got = planned(
+            &[
+                "data/a.txt",
+                "data/sub/b.bin",
+                "data2/c",
+                "data",
+                "data/",
+                "other/d",
+            ],
+            Layout::RelativeTo("data/"),
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("data/a.txt".to_string(), PathBuf::from("/t/a.txt")),
+                ("data/sub/b.bin".to_string(), PathBuf::from("/t/sub/b.bin")),
+            ]
+        );
+    }
+
+    #[test]
+    fn relative_layout_of_the_root_keeps_full_names() {
+        let got = planned(&["a", "d/b"], Layout::RelativeTo("")).unwrap();
+        assert_eq!(got[1].1, PathBuf::from("/t/d/b"));
+    }
+
+    #[test]
+    fn relative_names_get_the_same_safety_checks() {
+        for bad in [
+            &["data/../x"][..],
+            &["data//x"],
+            &["data/./x"],
+            &["data/a", "data/a/b"],
+        ] {
+            let err = planned(bad, Layout::RelativeTo("data/")).unwrap_err();
+            assert!(matches!(err, Error::UnsafeName(_)), "{bad:?}: {err}");
+            assert!(err.to_string().contains("datastore path"), "{err}");
+        }
+        // `data/` + `/x` is `data//x`: its relative name `/x` is absolute and refused too.
+        assert!(planned(&["data//x"], Layout::RelativeTo("data/")).is_err());
     }
 }

@@ -17,7 +17,7 @@ use futures::{StreamExt, stream};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-pub use download::download;
+pub use download::{FolderListing, download, download_folder};
 pub use progress::{NoProgress, Progress};
 pub use upload::upload;
 

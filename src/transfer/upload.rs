@@ -11,7 +11,7 @@ use super::{Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary};
 use crate::atomic::Commit;
 use crate::error::Error;
 use crate::paths;
-use crate::store::azure::{Body, PutOutcome};
+use crate::store::azure::{BlockIds, Body, PutOutcome};
 use crate::store::{BlobClient, LocalDir, Store, local::walk_files};
 
 /// A local file to upload and the blob name it becomes.
@@ -30,7 +30,7 @@ pub async fn upload(
     progress: Arc<dyn Progress>,
 ) -> Result<Summary> {
     let run = Run::new(options, progress);
-    let target = paths::normalize(target_path);
+    let target = paths::datastore_path(target_path).map_err(Error::Config)?;
     let files = source_files(src_dir.to_path_buf(), target.clone()).await?;
 
     // Skip decisions come from one listing of the target, not a request per file.
@@ -153,8 +153,10 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<bool
     } else {
         // Blocks go up in parallel from their own offsets while one sequential pass hashes
         // the whole file for the blob's Content-MD5.
+        let before = modified(&item.path).await.map_err(read_error)?;
         let hash = tokio::spawn(hash_file(item.path.clone(), item.size));
         let blocks = item.size.div_ceil(block_size) as usize;
+        let ids = &BlockIds::new();
         stream::iter(0..blocks)
             .map(|i| async move {
                 let offset = i as u64 * block_size;
@@ -163,6 +165,7 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<bool
                 client
                     .put_block(
                         &item.name,
+                        ids,
                         i,
                         Body::File {
                             path: item.path.clone(),
@@ -181,9 +184,16 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<bool
             .await
             .expect("hashing does not panic")
             .map_err(read_error)?;
+        // The hash and the blocks were read separately: commit only if the file held still.
+        if modified(&item.path).await.map_err(read_error)? != before {
+            return Err(Error::Local(format!(
+                "{} changed while being uploaded: run again once it is no longer being written",
+                item.path.display()
+            )));
+        }
         let _permit = run.permit().await;
         client
-            .put_block_list(&item.name, blocks, md5, overwrite)
+            .put_block_list(&item.name, ids, blocks, md5, overwrite)
             .await?
     };
     if one_request {
@@ -201,4 +211,10 @@ fn check_size(item: &Item, read: u64) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+/// A file's size and modification time: what tells that it changed.
+async fn modified(path: &Path) -> std::io::Result<(u64, Option<std::time::SystemTime>)> {
+    let m = tokio::fs::metadata(path).await?;
+    Ok((m.len(), m.modified().ok()))
 }

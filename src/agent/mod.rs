@@ -1,0 +1,332 @@
+//! In-pod commands, run by the containers the controller generates:
+//!
+//! - `datastore agent download` (init container): the contents of a datastore folder land in a
+//!   local directory, and a report of exactly which data the run saw goes to the container's
+//!   termination message, where the controller reads it into the Experiment's status;
+//! - `datastore agent upload` (upload Job): the contents of a local directory land under a
+//!   datastore folder.
+//!
+//! Both print the CLI's JSON summary as one line on stdout; logs are JSON lines on stderr.
+//! There are no progress bars.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+use crate::store::ObjectMeta;
+use crate::store::resolve::{self, Scope, Source};
+use crate::store::{Store, azure::Tuning};
+use crate::transfer::{self, Failed, NoProgress, Options};
+
+/// Kubernetes keeps at most this many bytes of a termination message.
+pub const REPORT_LIMIT: usize = 4096;
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: AgentCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Download the contents of a datastore folder into a directory (never overwrites).
+    Download(DownloadArgs),
+    /// Upload the contents of a directory under a datastore folder.
+    Upload(UploadArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    pub datastore: DatastoreArgs,
+    /// The datastore folder whose contents are downloaded (`""` or `/`: the whole container).
+    #[arg(long)]
+    pub path: String,
+    /// The local directory the folder's contents land in (`<target>/<name relative to path>`).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Where the JSON report (files, bytes, digest) or the error goes, e.g. /dev/termination-log.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct UploadArgs {
+    #[command(flatten)]
+    pub datastore: DatastoreArgs,
+    /// The local directory whose contents are uploaded (recursively).
+    #[arg(long)]
+    pub src_dir: PathBuf,
+    /// The datastore folder the files land under (`""` or `/`: the container root).
+    #[arg(long)]
+    pub path: String,
+    /// Replace blobs that exist; without it they are skipped and counted.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DatastoreArgs {
+    /// A YAML file of Datastore/ClusterDatastore and Secret objects.
+    #[arg(long)]
+    pub datastores: PathBuf,
+    /// The datastore's name.
+    #[arg(long)]
+    pub datastore: String,
+    /// Requests in flight at most, across all files.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub concurrency: u16,
+    /// Namespace objects of the datastores file without one are taken to be in.
+    #[arg(
+        long,
+        env = "DATASTORE_NAMESPACE",
+        default_value = "default",
+        hide = true
+    )]
+    pub namespace: String,
+    /// Namespace holding ClusterDatastores' Secrets.
+    #[arg(
+        long,
+        env = "DATASTORE_OPERATOR_NAMESPACE",
+        default_value = "datastore-operator",
+        hide = true
+    )]
+    pub operator_namespace: String,
+}
+
+impl DatastoreArgs {
+    async fn store(&self) -> Result<Store, Error> {
+        let scope = Scope {
+            namespace: self.namespace.clone(),
+            operator_namespace: self.operator_namespace.clone(),
+        };
+        let resolved = resolve::resolve(
+            &self.datastore,
+            &Source::File(self.datastores.clone()),
+            &scope,
+        )
+        .await?;
+        tracing::info!(datastore = %resolved.label, "resolved");
+        let tuning = Tuning {
+            pool_size: self.concurrency as usize,
+            ..Tuning::default()
+        };
+        Store::new(&resolved.config, &tuning)
+    }
+
+    fn options(&self, overwrite: bool) -> Options {
+        Options {
+            concurrency: self.concurrency as usize,
+            overwrite,
+            ..Options::default()
+        }
+    }
+}
+
+/// What a successful download saw, as the termination message: `{"files":N,"bytes":N,"digest":"sha256:<hex>"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// Files under the folder (those that were already there and skipped included).
+    pub files: u64,
+    /// Their total size.
+    pub bytes: u64,
+    /// `sha256:<hex>` over the sorted lines `<relative name>\t<size>\t<content-md5 hex or empty>\n`.
+    pub digest: String,
+}
+
+impl Report {
+    /// The report of a folder's listing (names relative to the folder).
+    pub fn of(blobs: &[ObjectMeta]) -> Report {
+        Report {
+            files: blobs.len() as u64,
+            bytes: blobs.iter().map(|b| b.size).sum(),
+            digest: digest(blobs),
+        }
+    }
+
+    /// Reads a termination message written by a successful download; `None` when the message
+    /// is something else (the error sentence of a failed one).
+    pub fn parse(message: &str) -> Option<Report> {
+        serde_json::from_str(message.trim()).ok()
+    }
+}
+
+/// `sha256:<hex>` over the sorted lines `<name>\t<size>\t<content-md5 hex or empty>\n`: a record
+/// of which data a run saw, the same whatever order the listing came in.
+pub fn digest(blobs: &[ObjectMeta]) -> String {
+    let mut lines: Vec<String> = blobs
+        .iter()
+        .map(|b| {
+            let md5 = b
+                .md5
+                .map(|m| m.iter().map(|x| format!("{x:02x}")).collect::<String>())
+                .unwrap_or_default();
+            format!("{}\t{}\t{md5}\n", b.name, b.size)
+        })
+        .collect();
+    lines.sort_unstable();
+    let mut hasher = Sha256::new();
+    for line in &lines {
+        hasher.update(line.as_bytes());
+    }
+    let hash: String = hasher
+        .finalize()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    format!("sha256:{hash}")
+}
+
+/// `text` cut to at most `limit` bytes, on a character boundary.
+pub fn truncate(text: &str, limit: usize) -> &str {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn write_report(path: &Path, text: &str) -> Result<(), Error> {
+    std::fs::write(path, truncate(text, REPORT_LIMIT))
+        .map_err(|e| Error::local("write the report to", path, e))
+}
+
+/// Runs an agent command; returns the process exit code.
+pub async fn run(args: AgentArgs) -> i32 {
+    match args.command {
+        AgentCommand::Download(args) => download(args).await,
+        AgentCommand::Upload(args) => upload(args).await,
+    }
+}
+
+async fn download(args: DownloadArgs) -> i32 {
+    let work = async {
+        let store = args.datastore.store().await?;
+        transfer::download_folder(
+            &store,
+            &args.path,
+            &args.target,
+            args.datastore.options(false),
+            Arc::new(NoProgress),
+        )
+        .await
+    };
+    let result = match interruptible(work).await {
+        Ok((summary, listing)) => {
+            let report = Report::of(&listing.blobs);
+            let text = serde_json::to_string(&report).expect("a report serializes");
+            tracing::info!(files = report.files, bytes = report.bytes, digest = %report.digest, "downloaded");
+            match &args.report {
+                Some(path) => write_report(path, &text)
+                    .map(|()| summary.clone())
+                    .map_err(|error| Failed { summary, error }),
+                None => Ok(summary),
+            }
+        }
+        Err(failed) => {
+            if let Some(path) = &args.report
+                && let Err(e) = write_report(path, &failed.error.to_string())
+            {
+                tracing::error!(error = %e, "the error could not be reported");
+            }
+            Err(failed)
+        }
+    };
+    crate::cli::report(crate::cli::Output::Json, result)
+}
+
+async fn upload(args: UploadArgs) -> i32 {
+    let work = async {
+        let store = args.datastore.store().await?;
+        transfer::upload(
+            &store,
+            &args.src_dir,
+            &args.path,
+            args.datastore.options(args.overwrite),
+            Arc::new(NoProgress),
+        )
+        .await
+    };
+    let result = interruptible(work).await;
+    crate::cli::report(crate::cli::Output::Json, result)
+}
+
+/// Runs the transfer until it ends or the pod is told to stop (SIGTERM, or SIGINT); dropping it
+/// removes its temporary files, so nothing partial is left under a final name.
+async fn interruptible<T>(work: impl Future<Output = transfer::Result<T>>) -> transfer::Result<T> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM can be handled");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT can be handled");
+    tokio::select! {
+        result = work => result,
+        _ = term.recv() => Err(Failed::from(Error::Partial("interrupted by SIGTERM: no partial file was left under its final name; run again to finish".to_string()))),
+        _ = int.recv() => Err(Failed::from(Error::Partial("interrupted by SIGINT: no partial file was left under its final name; run again to finish".to_string()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(name: &str, size: u64, md5: Option<[u8; 16]>) -> ObjectMeta {
+        ObjectMeta {
+            name: name.into(),
+            size,
+            md5,
+        }
+    }
+
+    #[test]
+    fn digest_is_sha256_of_the_sorted_lines_whatever_the_order() {
+        let a = blob("a.txt", 5, Some([0xab; 16]));
+        let b = blob("sub/b.bin", 0, None);
+        let expected = {
+            let text = format!("a.txt\t5\t{}\nsub/b.bin\t0\t\n", "ab".repeat(16));
+            let hash = Sha256::digest(text.as_bytes());
+            format!(
+                "sha256:{}",
+                hash.iter().map(|x| format!("{x:02x}")).collect::<String>()
+            )
+        };
+        assert_eq!(digest(&[a.clone(), b.clone()]), expected);
+        assert_eq!(digest(&[b.clone(), a.clone()]), expected);
+        assert_ne!(digest(&[a.clone(), blob("sub/b.bin", 1, None)]), expected);
+        assert_ne!(digest(&[blob("a.txt", 5, Some([0xac; 16])), b]), expected);
+        assert_eq!(
+            digest(&[]),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn report_is_the_json_the_controller_reads() {
+        let report = Report::of(&[blob("a", 3, None), blob("b", 4, None)]);
+        assert_eq!((report.files, report.bytes), (2, 7));
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(
+            text.starts_with(r#"{"files":2,"bytes":7,"digest":"sha256:"#),
+            "{text}"
+        );
+        assert!(text.len() < REPORT_LIMIT);
+        assert_eq!(Report::parse(&text), Some(report));
+        assert_eq!(Report::parse("cannot reach the storage"), None);
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate("abcdef", 3), "abc");
+        // `é` is two bytes: cutting inside it drops it whole.
+        assert_eq!(truncate("aé", 2), "a");
+        let long = "ü".repeat(REPORT_LIMIT);
+        let cut = truncate(&long, REPORT_LIMIT);
+        assert!(cut.len() <= REPORT_LIMIT && cut.len() > REPORT_LIMIT - 2);
+    }
+}

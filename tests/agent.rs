@@ -1,0 +1,413 @@
+//! `datastore agent download|upload`, the in-pod commands of the generated containers, against a
+//! real Azurite (and a scripted endpoint for names Azurite cannot be made to list).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+
+use common::*;
+use datastore_operator::store::azure::Body;
+use sha2::Digest;
+
+async fn put(f: &Fixture, name: &str, data: &[u8]) {
+    f.client
+        .put_blob(name, Body::Bytes(data.to_vec().into()), md5(data), true)
+        .await
+        .unwrap();
+}
+
+/// `datastore agent download ...` with the datastores file of the fixture, in a blocking task.
+async fn agent(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        datastore(&args)
+    })
+    .await
+    .unwrap()
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+async fn agent_download(f: &Fixture, path: &str, target: &Path, report: &Path) -> Output {
+    agent(vec![
+        "agent".into(),
+        "download".into(),
+        "--datastores".into(),
+        s(&f.datastores()),
+        "--datastore".into(),
+        "blob".into(),
+        "--path".into(),
+        path.into(),
+        "--target".into(),
+        s(target),
+        "--report".into(),
+        s(report),
+    ])
+    .await
+}
+
+fn report(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.len() <= 4096, "{text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("report is JSON ({e}): {text:?}"))
+}
+
+/// The digest as the issue defines it, computed here independently of the agent.
+fn expected_digest(files: &[(&str, &[u8])]) -> String {
+    let mut lines: Vec<String> = files
+        .iter()
+        .map(|(name, data)| {
+            let hex: String = md5(data).iter().map(|b| format!("{b:02x}")).collect();
+            format!("{name}\t{}\t{hex}\n", data.len())
+        })
+        .collect();
+    lines.sort();
+    let hash = sha2::Sha256::digest(lines.concat().as_bytes());
+    format!(
+        "sha256:{}",
+        hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn download_lands_the_folder_contents_and_reports_what_it_saw() {
+    let f = Fixture::new().await;
+    let big = bytes(3 * 1024 * 1024 + 5, 7);
+    put(&f, "data/files/a.txt", b"hello").await;
+    put(&f, "data/files/sub/b.bin", &big).await;
+    put(&f, "data/files/empty", b"").await;
+    // Siblings that share the prefix but are not inside the folder.
+    put(&f, "data/files2/nope.txt", b"no").await;
+    put(&f, "data/filesx", b"no").await;
+    put(&f, "other/c.txt", b"no").await;
+
+    let out = f.path("mnt/training_data");
+    let rep = f.path("termination-log");
+    let o = agent_download(&f, "/data/files/", &out, &rep).await;
+    assert_exit(&o, 0);
+    let sum = summary(&o);
+    assert_eq!(sum["transferred"], 3, "{sum}");
+    assert_eq!(sum["skipped"], 0, "{sum}");
+
+    assert_eq!(
+        read_tree(&out),
+        vec![
+            ("a.txt".to_string(), b"hello".to_vec()),
+            ("empty".to_string(), Vec::new()),
+            ("sub/b.bin".to_string(), big.clone()),
+        ]
+    );
+    let r = report(&rep);
+    assert_eq!(r["files"], 3);
+    assert_eq!(r["bytes"], 5 + big.len());
+    let digest = expected_digest(&[("a.txt", b"hello"), ("sub/b.bin", &big), ("empty", b"")]);
+    assert_eq!(r["digest"], digest.as_str());
+    assert_eq!(
+        r.as_object().unwrap().len(),
+        3,
+        "exactly files, bytes, digest: {r}"
+    );
+
+    // Same data, fresh directory: the same digest.
+    let rep2 = f.path("report2");
+    assert_exit(
+        &agent_download(&f, "data/files", &f.path("again"), &rep2).await,
+        0,
+    );
+    assert_eq!(report(&rep2)["digest"], digest.as_str());
+
+    // Same directory: everything is skipped (never overwritten), and the record is the same.
+    let rep3 = f.path("report3");
+    let o = agent_download(&f, "data/files", &out, &rep3).await;
+    assert_exit(&o, 0);
+    assert_eq!(summary(&o)["skipped"], 3);
+    assert_eq!(report(&rep3), r);
+
+    // One blob changes: the digest changes, the skipped local file is left as it was.
+    put(&f, "data/files/a.txt", b"HELLO").await;
+    let rep4 = f.path("report4");
+    let o = agent_download(&f, "data/files", &out, &rep4).await;
+    assert_exit(&o, 0);
+    let r4 = report(&rep4);
+    assert_ne!(r4["digest"], digest.as_str());
+    assert_eq!(
+        r4["digest"],
+        expected_digest(&[("a.txt", b"HELLO"), ("sub/b.bin", &big), ("empty", b"")]).as_str()
+    );
+    assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_folder_does_not_pick_up_its_prefix_siblings_and_empty_is_the_container() {
+    let f = Fixture::new().await;
+    put(&f, "data/x.txt", b"x").await;
+    put(&f, "data2/y.txt", b"y").await;
+    put(&f, "data", b"a blob, not the folder").await;
+
+    let rep = f.path("r1");
+    assert_exit(&agent_download(&f, "data", &f.path("one"), &rep).await, 0);
+    assert_eq!(
+        read_tree(&f.path("one")),
+        vec![("x.txt".to_string(), b"x".to_vec())]
+    );
+    assert_eq!(report(&rep)["files"], 1);
+
+    // At the container root the blob `data` and the folder `data/` clash: refused, reported.
+    let rep = f.path("r2");
+    let o = agent_download(&f, "", &f.path("clash"), &rep).await;
+    assert_exit(&o, 8);
+    let msg = std::fs::read_to_string(&rep).unwrap();
+    assert!(
+        msg.contains("'data' is both a file and the directory of 'data/x.txt'"),
+        "{msg}"
+    );
+
+    // `""` and `/` mean the whole container.
+    let g = Fixture::new().await;
+    put(&g, "data/x.txt", b"x").await;
+    put(&g, "data2/y.txt", b"y").await;
+    for (i, root) in ["", "/"].into_iter().enumerate() {
+        let rep = g.path(&format!("r{i}"));
+        let out = g.path(&format!("all{i}"));
+        assert_exit(&agent_download(&g, root, &out, &rep).await, 0);
+        let names: Vec<String> = read_tree(&out).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["data/x.txt", "data2/y.txt"].map(String::from));
+        assert_eq!(report(&rep)["files"], 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_or_missing_folder_reports_zero_files() {
+    let f = Fixture::new().await;
+    let rep = f.path("r");
+    let o = agent_download(&f, "nothing/here", &f.path("out"), &rep).await;
+    assert_exit(&o, 0);
+    let r = report(&rep);
+    assert_eq!(
+        (r["files"].as_u64(), r["bytes"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(r["digest"], expected_digest(&[]).as_str());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_lands_the_directory_contents_under_the_path() {
+    let f = Fixture::new().await;
+    let src = f.path("outputs");
+    write_tree(
+        &src,
+        &[
+            ("model.pkl", bytes(2000, 1)),
+            ("logs/run.txt", b"epoch 1".to_vec()),
+        ],
+    );
+    let upload = |overwrite: bool| {
+        let mut args = vec![
+            "agent".to_string(),
+            "upload".into(),
+            "--datastores".into(),
+            s(&f.datastores()),
+            "--datastore".into(),
+            "blob".into(),
+            "--src-dir".into(),
+            s(&src),
+            "--path".into(),
+            "/outputs/run1/".into(),
+            "--concurrency".into(),
+            "4".into(),
+        ];
+        if overwrite {
+            args.push("--overwrite".into());
+        }
+        agent(args)
+    };
+    let o = upload(false).await;
+    assert_exit(&o, 0);
+    assert_eq!(summary(&o)["transferred"], 2);
+    let mut names: Vec<String> = f
+        .client
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["outputs/run1/logs/run.txt", "outputs/run1/model.pkl"].map(String::from)
+    );
+
+    // Without --overwrite what exists is skipped; with it, replaced.
+    write_tree(&src, &[("logs/run.txt", b"epoch 2".to_vec())]);
+    let o = upload(false).await;
+    assert_exit(&o, 0);
+    assert_eq!(summary(&o)["skipped"], 2);
+    let listed = f.client.list("outputs/run1/logs/").await.unwrap();
+    assert_eq!(listed[0].md5, Some(md5(b"epoch 1")));
+    let o = upload(true).await;
+    assert_exit(&o, 0);
+    assert_eq!(summary(&o)["transferred"], 2);
+    let listed = f.client.list("outputs/run1/logs/").await.unwrap();
+    assert_eq!(listed[0].md5, Some(md5(b"epoch 2")));
+}
+
+/// A datastores file for an anonymous datastore at a scripted endpoint.
+fn fake_datastores(dir: &Path, port: u16) -> PathBuf {
+    let path = dir.join("fake.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: datastore.dev/v1alpha1\nkind: Datastore\nmetadata: {{name: fake}}\nspec:\n  azureBlob:\n    accountName: {ACCOUNT}\n    containerName: data\n    endpoint: http://127.0.0.1:{port}/{ACCOUNT}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relative_names_that_would_leave_the_target_are_refused_and_reported() {
+    // The scripted endpoint lists these whatever the prefix asked for.
+    let listing = listing_xml(&[
+        ("in/fine.txt", 5, false),
+        ("in/../escape.txt", 5, false),
+        ("in/ok/../../escape2.txt", 5, false),
+        ("in//abs.txt", 5, false),
+        ("in2/sibling.txt", 5, false),
+    ]);
+    let server = FakeServer::start(Arc::new(move |_, target: &str| {
+        if target.contains("comp=list") {
+            (200, vec![], listing.clone())
+        } else {
+            (200, vec![], b"pwned".to_vec())
+        }
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    let target = dir.path().join("deep/target");
+    let rep = dir.path().join("termination-log");
+    let o = agent(vec![
+        "agent".into(),
+        "download".into(),
+        "--datastores".into(),
+        s(&ds),
+        "--datastore".into(),
+        "fake".into(),
+        "--path".into(),
+        "in".into(),
+        "--target".into(),
+        s(&target),
+        "--report".into(),
+        s(&rep),
+    ])
+    .await;
+    assert_exit(&o, 8);
+    let msg = std::fs::read_to_string(&rep).unwrap();
+    for name in ["in/../escape.txt", "in/ok/../../escape2.txt", "in//abs.txt"] {
+        assert!(msg.contains(name), "the report names {name}: {msg}");
+    }
+    assert!(!msg.contains("sibling"), "outside the folder: {msg}");
+    assert!(msg.contains("nothing was written"), "{msg}");
+    assert_eq!(summary(&o)["error"]["reason"], "UnsafeBlobName");
+    assert!(
+        server.requests().iter().all(|r| r.contains("comp=list")),
+        "nothing fetched: {:?}",
+        server.requests()
+    );
+    assert!(!target.exists(), "nothing written");
+    assert!(!dir.path().join("deep/escape.txt").exists());
+    assert!(!dir.path().join("escape2.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_writes_the_reason_to_the_report_and_exits_non_zero() {
+    let f = Fixture::new().await;
+    // A datastore that does not exist: a configuration error.
+    let rep = f.path("r1");
+    let o = agent(vec![
+        "agent".into(),
+        "download".into(),
+        "--datastores".into(),
+        s(&f.datastores()),
+        "--datastore".into(),
+        "nope".into(),
+        "--path".into(),
+        "data".into(),
+        "--target".into(),
+        s(&f.path("out")),
+        "--report".into(),
+        s(&rep),
+    ])
+    .await;
+    assert_exit(&o, 3);
+    let msg = std::fs::read_to_string(&rep).unwrap();
+    assert!(msg.contains("no datastore named 'nope'"), "{msg}");
+    assert_eq!(summary(&o)["error"]["message"], msg.as_str());
+
+    // The container is gone: not found, with the reason in the report and no credential.
+    f.write_datastores(
+        "no-such-container",
+        &endpoint(),
+        &format!("accountKey: {KEY}"),
+    );
+    let rep = f.path("r2");
+    let o = agent_download(&f, "data", &f.path("out"), &rep).await;
+    assert_exit(&o, 5);
+    let msg = std::fs::read_to_string(&rep).unwrap();
+    assert!(msg.contains("no-such-container"), "{msg}");
+    assert!(msg.len() <= 4096);
+    for text in [msg.as_str(), &stdout(&o), &stderr(&o)] {
+        assert!(!text.contains(KEY), "{text}");
+    }
+
+    // An unwritable target: a local error, reported.
+    f.write_datastores(&f.container, &endpoint(), &format!("accountKey: {KEY}"));
+    put(&f, "data/a.txt", b"a").await;
+    std::fs::write(f.path("file"), b"").unwrap();
+    let rep = f.path("r3");
+    let o = agent_download(&f, "data", &f.path("file/sub"), &rep).await;
+    assert_exit(&o, 10);
+    assert!(
+        std::fs::read_to_string(&rep).unwrap().contains("file/sub"),
+        "{}",
+        std::fs::read_to_string(&rep).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_are_json_lines_and_stdout_is_one_json_summary() {
+    let f = Fixture::new().await;
+    put(&f, "d/a", b"a").await;
+    let o = agent(vec![
+        "--log-level".into(),
+        "info".into(),
+        "agent".into(),
+        "download".into(),
+        "--datastores".into(),
+        s(&f.datastores()),
+        "--datastore".into(),
+        "blob".into(),
+        "--path".into(),
+        "d".into(),
+        "--target".into(),
+        s(&f.path("out")),
+    ])
+    .await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert_eq!(summary(&o)["transferred"], 1);
+    let err = stderr(&o);
+    assert!(!err.trim().is_empty(), "info logs are written");
+    for line in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    assert!(err.contains("sha256:"), "the report is logged too: {err}");
+}
