@@ -443,3 +443,38 @@ async fn a_target_path_cannot_climb_into_another_container() {
     assert_eq!(err.exit_code(), 8, "{err}");
     assert!(client(&other).list("").await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_run_with_its_exit_code_and_no_partial_file() {
+    let names: Vec<String> = (0..200).map(|i| format!("f{i:03}")).collect();
+    let entries: Vec<(&str, u64, bool)> = names.iter().map(|n| (n.as_str(), 2, false)).collect();
+    let listing = listing_xml(&entries);
+    let server = FakeServer::start_with_delay(
+        Arc::new(move |_, target: &str| {
+            if target.contains("comp=list") { (200, vec![], listing.clone()) } else { (200, vec![], b"ok".to_vec()) }
+        }),
+        Duration::from_millis(20),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    let target = dir.path().join("t");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args(["download", "--datastores", ds.to_str().unwrap(), "--datastore", "fake", "--no-progress", "--concurrency", "1"])
+        .args(["--target-path", target.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.requests().len() < 10 {
+        assert!(Instant::now() < deadline, "the download never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    let files = read_tree(&target);
+    assert!(files.len() < names.len(), "stopped before the end");
+    assert!(files.iter().filter(|(n, _)| !n.starts_with(".datastore-partial-")).all(|(_, d)| d == b"ok"), "only complete files under final names");
+}

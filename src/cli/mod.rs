@@ -205,10 +205,10 @@ where
     let result = tokio::select! {
         result = run(store, bar.clone()) => result,
         // Dropping the transfer removes its temporary files: nothing partial is left.
-        _ = tokio::signal::ctrl_c() => {
+        signal = interrupted() => {
             bar.finish();
             eprintln!("interrupted: no partial file was left under its final name; run the same command again to finish");
-            return 130;
+            return 128 + signal;
         }
     };
     bar.finish();
@@ -237,4 +237,14 @@ pub(crate) fn report(output: Output, result: transfer::Result<Summary>) -> i32 {
         }
     }
     error.map_or(0, |e| e.exit_code())
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM (what Kubernetes sends a pod); returns the signal number.
+pub async fn interrupted() -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => 2,
+        _ = term.recv() => 15,
+    }
 }

@@ -261,7 +261,9 @@ async fn download_blob(
     let md5 = if ranges.len() == 1 {
         // One stream in order: hash as the bytes go by.
         let _permit = run.permit().await;
-        fetch_range(run, client, item, None, &file, true, &|_| {}).await?
+        // Ask for the explicit range (not the whole blob) so the request's timeout is sized
+        // to the payload.
+        fetch_range(run, client, item, Some((0, size)), &file, true, &|_| {}).await?
     } else {
         // Ranges arrive in parallel; the hasher follows the complete prefix of the file as
         // each range is written, so verification overlaps the download.
