@@ -411,3 +411,53 @@ async fn logs_are_json_lines_and_stdout_is_one_json_summary() {
     }
     assert!(err.contains("sha256:"), "the report is logged too: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_a_download_reports_it_and_leaves_nothing_partial() {
+    let listing = listing_xml(&[("in/slow.bin", 5, false)]);
+    let server = FakeServer::start_with_delay(
+        Arc::new(move |_, target: &str| {
+            if target.contains("comp=list") {
+                (200, vec![], listing.clone())
+            } else {
+                (200, vec![], b"slow!".to_vec())
+            }
+        }),
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    let target = dir.path().join("target");
+    let rep = dir.path().join("termination-log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args(["agent", "download", "--datastores", &s(&ds)])
+        .args([
+            "--datastore",
+            "fake",
+            "--path",
+            "in",
+            "--target",
+            &s(&target),
+        ])
+        .args(["--report", &s(&rep)])
+        .env_remove("DATASTORE_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once the blob is being fetched, the pod is told to stop.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !server.requests().iter().any(|r| !r.contains("comp=list")) {
+        assert!(std::time::Instant::now() < deadline, "the blob is fetched");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(143));
+    let msg = std::fs::read_to_string(&rep).unwrap();
+    assert!(msg.contains("interrupted by signal 15"), "{msg}");
+    assert!(read_tree(&target).is_empty(), "nothing partial is left");
+}

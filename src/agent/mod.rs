@@ -219,7 +219,19 @@ async fn download(args: DownloadArgs) -> i32 {
         .await
     };
     let result = match interruptible(work).await {
-        Ok((summary, listing)) => {
+        Err(Interrupted(signal)) => {
+            let msg = format!(
+                "interrupted by signal {signal}: no partial file was left under its final name; run again to finish"
+            );
+            tracing::warn!("{msg}");
+            if let Some(path) = &args.report
+                && let Err(e) = write_report(path, &msg)
+            {
+                tracing::error!(error = %e, "the interruption could not be reported");
+            }
+            return 128 + signal;
+        }
+        Ok(Ok((summary, listing))) => {
             let report = Report::of(&listing.blobs);
             let text = serde_json::to_string(&report).expect("a report serializes");
             tracing::info!(files = report.files, bytes = report.bytes, digest = %report.digest, "downloaded");
@@ -230,7 +242,7 @@ async fn download(args: DownloadArgs) -> i32 {
                 None => Ok(summary),
             }
         }
-        Err(failed) => {
+        Ok(Err(failed)) => {
             if let Some(path) = &args.report
                 && let Err(e) = write_report(path, &failed.error.to_string())
             {
@@ -254,20 +266,26 @@ async fn upload(args: UploadArgs) -> i32 {
         )
         .await
     };
-    let result = interruptible(work).await;
-    crate::cli::report(crate::cli::Output::Json, result)
+    match interruptible(work).await {
+        Ok(result) => crate::cli::report(crate::cli::Output::Json, result),
+        Err(Interrupted(signal)) => {
+            tracing::warn!(
+                "interrupted by signal {signal}: no partial file was left under its final name; run again to finish"
+            );
+            128 + signal
+        }
+    }
 }
 
-/// Runs the transfer until it ends or the pod is told to stop (SIGTERM, or SIGINT); dropping it
-/// removes its temporary files, so nothing partial is left under a final name.
-async fn interruptible<T>(work: impl Future<Output = transfer::Result<T>>) -> transfer::Result<T> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM can be handled");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT can be handled");
+/// The transfer was stopped by this signal.
+struct Interrupted(i32);
+
+/// Runs the transfer until it ends or the pod is told to stop (SIGTERM, or SIGINT), like the
+/// CLI; dropping it removes its temporary files, so nothing partial is left under a final name.
+async fn interruptible<T>(work: impl Future<Output = T>) -> Result<T, Interrupted> {
     tokio::select! {
-        result = work => result,
-        _ = term.recv() => Err(Failed::from(Error::Partial("interrupted by SIGTERM: no partial file was left under its final name; run again to finish".to_string()))),
-        _ = int.recv() => Err(Failed::from(Error::Partial("interrupted by SIGINT: no partial file was left under its final name; run again to finish".to_string()))),
+        result = work => Ok(result),
+        signal = crate::cli::interrupted() => Err(Interrupted(signal)),
     }
 }
 
