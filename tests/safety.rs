@@ -451,7 +451,11 @@ async fn sigterm_stops_the_run_with_its_exit_code_and_no_partial_file() {
     let listing = listing_xml(&entries);
     let server = FakeServer::start_with_delay(
         Arc::new(move |_, target: &str| {
-            if target.contains("comp=list") { (200, vec![], listing.clone()) } else { (200, vec![], b"ok".to_vec()) }
+            if target.contains("comp=list") {
+                (200, vec![], listing.clone())
+            } else {
+                (200, vec![], b"ok".to_vec())
+            }
         }),
         Duration::from_millis(20),
     )
@@ -459,8 +463,17 @@ async fn sigterm_stops_the_run_with_its_exit_code_and_no_partial_file() {
     let dir = tempfile::tempdir().unwrap();
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("t");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
-        .args(["download", "--datastores", ds.to_str().unwrap(), "--datastore", "fake", "--no-progress", "--concurrency", "1"])
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args([
+            "download",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--no-progress",
+            "--concurrency",
+            "1",
+        ])
         .args(["--target-path", target.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -472,9 +485,20 @@ async fn sigterm_stops_the_run_with_its_exit_code_and_no_partial_file() {
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
     let files = read_tree(&target);
     assert!(files.len() < names.len(), "stopped before the end");
-    assert!(files.iter().filter(|(n, _)| !n.starts_with(".datastore-partial-")).all(|(_, d)| d == b"ok"), "only complete files under final names");
+    assert!(
+        files
+            .iter()
+            .filter(|(n, _)| !n.starts_with(".datastore-partial-"))
+            .all(|(_, d)| d == b"ok"),
+        "only complete files under final names"
+    );
 }
