@@ -4,6 +4,7 @@ pub mod agent;
 pub mod api;
 pub mod atomic;
 pub mod cli;
+pub mod controller;
 pub mod error;
 pub mod paths;
 pub mod plan;

@@ -1,5 +1,6 @@
 //! The user commands. Each one ends in a summary (text or JSON) and an exit code.
 
+pub mod plan;
 mod progress;
 
 use std::io::IsTerminal;
@@ -36,6 +37,8 @@ pub enum Command {
     Download(DownloadArgs),
     /// Print the CustomResourceDefinitions as YAML (kubectl apply -f -).
     Crds,
+    /// Print, as YAML, the objects the controller would create for an Experiment.
+    Plan(plan::PlanArgs),
     /// In-pod commands used by the containers the controller generates (JSON logs and summary).
     Agent(crate::agent::AgentArgs),
 }
@@ -156,6 +159,7 @@ impl Cli {
 /// Runs a command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
+        Command::Plan(args) => plan::run(args).await,
         Command::Agent(args) => crate::agent::run(args).await,
         Command::Crds => {
             print!("{}", crate::api::crds_yaml());

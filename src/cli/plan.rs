@@ -1,0 +1,122 @@
+//! `datastore plan experiment.yaml`: print, as multi-document YAML, the objects the controller
+//! would create for an Experiment, from the same planner and builders.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use chrono::Utc;
+use clap::Args;
+use kube::ResourceExt;
+
+use crate::api::Experiment;
+use crate::controller::build::{self, BuildContext, DEFAULT_AGENT_IMAGE, to_yaml};
+use crate::error::{Error, Result};
+use crate::plan::{self, CLUSTER_ROOT};
+use crate::store::resolve::{self, Scope, Source};
+
+/// The uid the owner references carry when the Experiment file has none (it has none until the
+/// apiserver creates it).
+pub const PLACEHOLDER_UID: &str = "00000000-0000-0000-0000-000000000000";
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// The Experiment's YAML file.
+    pub experiment: PathBuf,
+    /// A YAML file of Datastore/ClusterDatastore and Secret objects [default: $DATASTORE_CONFIG,
+    /// else the cluster of the current kubeconfig].
+    #[arg(long)]
+    pub datastores: Option<PathBuf>,
+    /// The namespace the Experiment is in [default: the file's, else `default`].
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// Namespace holding ClusterDatastores' Secrets.
+    #[arg(
+        long,
+        env = "DATASTORE_OPERATOR_NAMESPACE",
+        default_value = "datastore-operator"
+    )]
+    pub operator_namespace: String,
+    /// The image of the agent containers.
+    #[arg(long, env = "DATASTORE_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
+    pub agent_image: String,
+}
+
+/// Runs `datastore plan`; returns the exit code.
+pub async fn run(args: PlanArgs) -> i32 {
+    match render(&args).await {
+        Ok(yaml) => {
+            print!("{yaml}");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// The objects as multi-document YAML.
+pub async fn render(args: &PlanArgs) -> Result<String> {
+    let mut exp = read_experiment(&args.experiment)?;
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| exp.namespace())
+        .unwrap_or_else(|| "default".to_string());
+    exp.metadata.namespace = Some(namespace.clone());
+    if exp.metadata.uid.is_none() {
+        exp.metadata.uid = Some(PLACEHOLDER_UID.to_string());
+    }
+
+    let scope = Scope {
+        namespace,
+        operator_namespace: args.operator_namespace.clone(),
+    };
+    let source = Source::pick(args.datastores.clone());
+    let mut datastores = BTreeMap::new();
+    for param in &exp.spec.script_params {
+        if let Some(reference) = &param.data_reference
+            && !datastores.contains_key(&reference.datastore)
+        {
+            let resolved = resolve::resolve(&reference.datastore, &source, &scope).await?;
+            datastores.insert(reference.datastore.clone(), resolved.config);
+        }
+    }
+
+    let plan = plan::plan(&exp.spec, &datastores, CLUSTER_ROOT)
+        .map_err(|e| Error::Config(format!("{}: {e}", args.experiment.display())))?;
+    let ctx = BuildContext {
+        agent_image: args.agent_image.clone(),
+        ..Default::default()
+    };
+    let children = build::build(&exp, &plan, &datastores, &ctx, Utc::now())?;
+
+    let mut docs = Vec::new();
+    docs.extend(children.credentials.as_ref().map(to_yaml));
+    docs.extend(children.outputs.as_ref().map(to_yaml));
+    docs.push(to_yaml(&children.run));
+    docs.extend(children.upload.as_ref().map(to_yaml));
+    Ok(docs.join("---\n"))
+}
+
+fn read_experiment(path: &std::path::Path) -> Result<Experiment> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Config(format!(
+            "cannot read the Experiment file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let exp: Experiment = serde_yaml::from_str(&text).map_err(|e| {
+        Error::Config(format!(
+            "{} is not a valid Experiment: {e}; see examples/experiment.yaml",
+            path.display()
+        ))
+    })?;
+    if exp.metadata.name.as_deref().unwrap_or("").is_empty() {
+        return Err(Error::Config(format!(
+            "{} has no metadata.name: name the Experiment",
+            path.display()
+        )));
+    }
+    Ok(exp)
+}

@@ -1,0 +1,619 @@
+//! The objects the controller creates for an Experiment, from its [`ExecutionPlan`]. Pure:
+//! values in, values out; no clock (the caller passes `now`), no cluster.
+//!
+//! - Secret `<exp>-credentials`: a datastores file (`datastores.yaml`) for the agent containers
+//!   only, holding per-experiment credentials ([`render_credentials`]);
+//! - Job `<exp>-run`: one init container `download-<n>` per download reference (the agent
+//!   image), each filling an emptyDir, then the user's container `main`;
+//! - PVC `<exp>-outputs` when there are upload references, mounted (one subPath per reference)
+//!   at each upload reference's path in the run Job and in the upload Job;
+//! - Job `<exp>-upload`: one container `upload-<n>` per upload reference.
+//!
+//! Every pod meets the Pod Security Standard "restricted"; the user's container never sees a
+//! credential.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+use crate::api::{
+    AzureBlobSpec, Credentials, Datastore, DatastoreSpec, Experiment, Mode, SecretRef,
+    WorkloadIdentity,
+};
+use crate::error::{Error, Result};
+use crate::plan::{ExecutionPlan, Transfer};
+use crate::store::sas;
+use crate::store::{AzureCredential, StoreConfig};
+
+/// The agent image when the operator is not told otherwise.
+pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/datastore-operator/datastore:0.1.0";
+/// The outputs volume's size when the spec does not give one.
+pub const DEFAULT_OUTPUTS_SIZE: &str = "10Gi";
+/// How long minted credentials live when the spec sets no `activeDeadlineSeconds`.
+pub const DEFAULT_DEADLINE_SECONDS: i64 = 24 * 3600;
+/// What minted credentials outlive the run's deadline by: time for the upload Job.
+pub const SAS_MARGIN_SECONDS: i64 = 3600;
+
+/// Where agent containers find the datastores file.
+pub const CREDENTIALS_DIR: &str = "/etc/datastore";
+/// The key of the credentials Secret holding the datastores file.
+pub const DATASTORES_KEY: &str = "datastores.yaml";
+/// The user (and group) every generated container runs as: `nonroot` of distroless images.
+pub const RUN_AS_USER: i64 = 65532;
+
+/// Label naming the Experiment a child belongs to.
+pub const EXPERIMENT_LABEL: &str = "datastore.dev/experiment";
+/// Label naming the operator as the manager of a child.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGER: &str = "datastore-operator";
+
+const CREDENTIALS_VOLUME: &str = "credentials";
+const OUTPUTS_VOLUME: &str = "outputs";
+
+/// Settings of the operator the builders need.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuildContext {
+    /// The image holding the `datastore` binary, run by the agent containers.
+    pub agent_image: String,
+    /// The outputs volume's size when the spec gives none.
+    pub default_outputs_size: Quantity,
+    /// The lifetime of minted credentials when the spec sets no deadline (seconds).
+    pub default_deadline_seconds: i64,
+}
+
+impl Default for BuildContext {
+    fn default() -> Self {
+        BuildContext {
+            agent_image: DEFAULT_AGENT_IMAGE.to_string(),
+            default_outputs_size: Quantity(DEFAULT_OUTPUTS_SIZE.to_string()),
+            default_deadline_seconds: DEFAULT_DEADLINE_SECONDS,
+        }
+    }
+}
+
+/// Everything the controller creates for one experiment, in creation order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Children {
+    pub credentials: Option<Secret>,
+    pub outputs: Option<PersistentVolumeClaim>,
+    pub run: Job,
+    pub upload: Option<Job>,
+}
+
+/// Builds every child of `exp`. `now` is when minted credentials start to count down.
+pub fn build(
+    exp: &Experiment,
+    plan: &ExecutionPlan,
+    datastores: &BTreeMap<String, StoreConfig>,
+    ctx: &BuildContext,
+    now: DateTime<Utc>,
+) -> Result<Children> {
+    if let Some(r) = plan.references.iter().find(|r| r.mode == Mode::Mount) {
+        return Err(Error::Config(format!(
+            "parameter {}: mode mount is not supported in the cluster yet; use mode download",
+            r.param
+        )));
+    }
+    let deadline = exp
+        .spec
+        .active_deadline_seconds
+        .unwrap_or(ctx.default_deadline_seconds);
+    let datastores_file = render_credentials(plan, datastores, now, Some(deadline))?;
+    let has_credentials = datastores_file.is_some();
+    Ok(Children {
+        credentials: datastores_file.map(|file| credentials_secret(exp, file)),
+        outputs: outputs_pvc(exp, plan, ctx),
+        run: run_job(exp, plan, ctx, has_credentials),
+        upload: upload_job(exp, plan, ctx, has_credentials),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Names, labels, owner references
+
+pub fn credentials_name(exp: &Experiment) -> String {
+    format!("{}-credentials", exp.name_any())
+}
+pub fn run_job_name(exp: &Experiment) -> String {
+    format!("{}-run", exp.name_any())
+}
+pub fn upload_job_name(exp: &Experiment) -> String {
+    format!("{}-upload", exp.name_any())
+}
+pub fn outputs_name(exp: &Experiment) -> String {
+    format!("{}-outputs", exp.name_any())
+}
+
+/// The labels of every child (and of the pods of its Jobs).
+pub fn labels(exp: &Experiment) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (EXPERIMENT_LABEL.to_string(), exp.name_any()),
+        (MANAGED_BY_LABEL.to_string(), MANAGER.to_string()),
+    ])
+}
+
+/// The controller owner reference to `exp`: children are garbage-collected with it. An
+/// Experiment read from the apiserver always has a uid; callers rendering a file set one.
+pub fn owner_reference(exp: &Experiment) -> OwnerReference {
+    OwnerReference {
+        api_version: Experiment::api_version(&()).into_owned(),
+        kind: Experiment::kind(&()).into_owned(),
+        name: exp.name_any(),
+        uid: exp.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn child_meta(exp: &Experiment, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: exp.metadata.namespace.clone(),
+        labels: Some(labels(exp)),
+        owner_references: Some(vec![owner_reference(exp)]),
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials
+
+/// The datastores file the agent containers read: for each datastore the plan references, a
+/// `Datastore` and (unless it needs none) a `Secret` `<ds>-sas` with `sasToken`. An account key
+/// never leaves the controller: a SAS for the container with exactly the plan's permissions,
+/// expiring at `now` + the deadline (`deadline_seconds`, else 24 h) + 1 h, stands in for it. A
+/// SAS token is passed through as is; anonymous access and workload identity need no Secret.
+/// `None` when the plan references no datastore.
+pub fn render_credentials(
+    plan: &ExecutionPlan,
+    datastores: &BTreeMap<String, StoreConfig>,
+    now: DateTime<Utc>,
+    deadline_seconds: Option<i64>,
+) -> Result<Option<String>> {
+    if plan.permissions.is_empty() {
+        return Ok(None);
+    }
+    let deadline = deadline_seconds.unwrap_or(DEFAULT_DEADLINE_SECONDS).max(0);
+    let expiry = now + Duration::seconds(deadline + SAS_MARGIN_SECONDS);
+    let mut docs = Vec::new();
+    for (name, permissions) in &plan.permissions {
+        let config = match datastores.get(name) {
+            Some(StoreConfig::AzureBlob(config)) => config,
+            Some(StoreConfig::Local(_)) => {
+                return Err(Error::Config(format!(
+                    "datastore {name} is a local directory, which only the CLI can reach; use a datastore in Azure Blob Storage"
+                )));
+            }
+            None => {
+                return Err(Error::Config(format!(
+                    "datastore {name} was not resolved; create it"
+                )));
+            }
+        };
+        let secret_name = format!("{name}-sas");
+        let (credentials, token) = match &config.credential {
+            AzureCredential::AccountKey(key) => {
+                let token = sas::container_sas(
+                    &config.account,
+                    key.expose(),
+                    &config.container,
+                    *permissions,
+                    expiry,
+                )
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "the account key in {} (used by datastore {name}) is not valid base64: copy it again from the portal",
+                        config.credential_source
+                    ))
+                })?;
+                (Some(secret_credentials(&secret_name)), Some(token))
+            }
+            AzureCredential::SasToken(token) => (
+                Some(secret_credentials(&secret_name)),
+                Some(token.expose().to_string()),
+            ),
+            AzureCredential::WorkloadIdentity { client_id } => (
+                Some(Credentials {
+                    secret_ref: None,
+                    workload_identity: Some(WorkloadIdentity {
+                        client_id: client_id.clone(),
+                    }),
+                }),
+                None,
+            ),
+            AzureCredential::Anonymous => (None, None),
+        };
+        let datastore = Datastore::new(
+            name,
+            DatastoreSpec {
+                azure_blob: Some(AzureBlobSpec {
+                    account_name: config.account.clone(),
+                    container_name: config.container.clone(),
+                    endpoint: Some(config.endpoint.as_str().trim_end_matches('/').to_string()),
+                    credentials,
+                }),
+                local: None,
+            },
+        );
+        docs.push(to_yaml(&datastore));
+        if let Some(token) = token {
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(secret_name),
+                    ..Default::default()
+                },
+                string_data: Some(BTreeMap::from([("sasToken".to_string(), token)])),
+                ..Default::default()
+            };
+            docs.push(to_yaml(&secret));
+        }
+    }
+    Ok(Some(docs.join("---\n")))
+}
+
+fn secret_credentials(secret_name: &str) -> Credentials {
+    Credentials {
+        secret_ref: Some(SecretRef {
+            name: secret_name.to_string(),
+        }),
+        workload_identity: None,
+    }
+}
+
+/// One YAML document, with `apiVersion` and `kind` (k8s-openapi and kube types serialize them).
+pub fn to_yaml<T: serde::Serialize>(object: &T) -> String {
+    serde_yaml::to_string(object).expect("Kubernetes objects serialize to YAML")
+}
+
+/// Secret `<exp>-credentials` holding the datastores file under `datastores.yaml`.
+pub fn credentials_secret(exp: &Experiment, datastores_file: String) -> Secret {
+    Secret {
+        metadata: child_meta(exp, credentials_name(exp)),
+        type_: Some("Opaque".to_string()),
+        string_data: Some(BTreeMap::from([(
+            DATASTORES_KEY.to_string(),
+            datastores_file,
+        )])),
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pod security
+
+/// Pod level of "restricted": non-root as [`RUN_AS_USER`], volumes group-owned by it, seccomp
+/// RuntimeDefault.
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS_USER),
+        run_as_group: Some(RUN_AS_USER),
+        fs_group: Some(RUN_AS_USER),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Container level of "restricted"; agent containers also get a read-only root filesystem and
+/// an explicit user.
+fn container_security(agent: bool) -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: agent.then_some(RUN_AS_USER),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: agent.then_some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            add: None,
+        }),
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Volumes
+
+fn download_volume(n: usize) -> String {
+    format!("download-{n}")
+}
+
+/// The directory of upload reference `n` on the outputs volume.
+fn upload_sub_path(n: usize) -> String {
+    format!("upload-{n}")
+}
+
+fn credentials_volume(exp: &Experiment) -> Volume {
+    Volume {
+        name: CREDENTIALS_VOLUME.to_string(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(credentials_name(exp)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn credentials_mount() -> VolumeMount {
+    VolumeMount {
+        name: CREDENTIALS_VOLUME.to_string(),
+        mount_path: CREDENTIALS_DIR.to_string(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
+fn outputs_volume(exp: &Experiment) -> Volume {
+    Volume {
+        name: OUTPUTS_VOLUME.to_string(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: outputs_name(exp),
+            read_only: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn outputs_mount(n: usize, transfer: &Transfer, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: OUTPUTS_VOLUME.to_string(),
+        mount_path: transfer.local_path.clone(),
+        sub_path: Some(upload_sub_path(n)),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    }
+}
+
+fn datastores_path() -> String {
+    format!("{CREDENTIALS_DIR}/{DATASTORES_KEY}")
+}
+
+fn agent_container(
+    name: String,
+    ctx: &BuildContext,
+    args: Vec<String>,
+    mut mounts: Vec<VolumeMount>,
+    has_credentials: bool,
+) -> Container {
+    if has_credentials {
+        mounts.push(credentials_mount());
+    }
+    Container {
+        name,
+        image: Some(ctx.agent_image.clone()),
+        command: Some(vec!["datastore".to_string()]),
+        args: Some(args),
+        volume_mounts: Some(mounts),
+        security_context: Some(container_security(true)),
+        termination_message_policy: Some("File".to_string()),
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run Job
+
+/// Job `<exp>-run`: an init container `download-<n>` per download reference, then `main`.
+pub fn run_job(
+    exp: &Experiment,
+    plan: &ExecutionPlan,
+    ctx: &BuildContext,
+    has_credentials: bool,
+) -> Job {
+    let spec = &exp.spec;
+    let mut volumes = Vec::new();
+    let mut init_containers = Vec::new();
+    let mut main_mounts = Vec::new();
+
+    for (n, download) in plan.downloads.iter().enumerate() {
+        let volume = download_volume(n);
+        volumes.push(Volume {
+            name: volume.clone(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+        let mount = |read_only: bool| VolumeMount {
+            name: volume.clone(),
+            mount_path: download.local_path.clone(),
+            read_only: read_only.then_some(true),
+            ..Default::default()
+        };
+        init_containers.push(agent_container(
+            format!("download-{n}"),
+            ctx,
+            vec![
+                "agent".into(),
+                "download".into(),
+                "--datastores".into(),
+                datastores_path(),
+                "--datastore".into(),
+                download.datastore.clone(),
+                "--path".into(),
+                download.remote_path.clone(),
+                "--target".into(),
+                download.local_path.clone(),
+                "--report".into(),
+                "/dev/termination-log".into(),
+            ],
+            vec![mount(false)],
+            has_credentials,
+        ));
+        main_mounts.push(mount(true));
+    }
+    if !plan.uploads.is_empty() {
+        volumes.push(outputs_volume(exp));
+        main_mounts.extend(
+            plan.uploads
+                .iter()
+                .enumerate()
+                .map(|(n, upload)| outputs_mount(n, upload, false)),
+        );
+    }
+    // Only init containers mount it; without downloads nothing does.
+    if has_credentials && !plan.downloads.is_empty() {
+        volumes.push(credentials_volume(exp));
+    }
+
+    let env: Vec<EnvVar> = spec
+        .env
+        .iter()
+        .cloned()
+        .chain(plan.env.iter().map(|e| EnvVar {
+            name: e.name.clone(),
+            value: Some(e.value.clone()),
+            value_from: None,
+        }))
+        .collect();
+    let main = Container {
+        name: "main".to_string(),
+        image: Some(spec.image.clone()),
+        working_dir: plan.working_dir.clone(),
+        command: Some(plan.command.clone()),
+        args: Some(plan.args.clone()),
+        env: (!env.is_empty()).then_some(env),
+        resources: spec.resources.clone(),
+        volume_mounts: (!main_mounts.is_empty()).then_some(main_mounts),
+        security_context: Some(container_security(false)),
+        ..Default::default()
+    };
+
+    let pod = PodSpec {
+        restart_policy: Some("Never".to_string()),
+        init_containers: (!init_containers.is_empty()).then_some(init_containers),
+        containers: vec![main],
+        volumes: (!volumes.is_empty()).then_some(volumes),
+        node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
+        tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+        service_account_name: spec.service_account_name.clone(),
+        security_context: Some(pod_security()),
+        ..Default::default()
+    };
+    job(
+        exp,
+        run_job_name(exp),
+        pod,
+        spec.backoff_limit,
+        spec.active_deadline_seconds,
+    )
+}
+
+fn job(
+    exp: &Experiment,
+    name: String,
+    pod: PodSpec,
+    backoff_limit: Option<i32>,
+    active_deadline_seconds: Option<i64>,
+) -> Job {
+    Job {
+        metadata: child_meta(exp, name),
+        spec: Some(JobSpec {
+            backoff_limit,
+            active_deadline_seconds,
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(exp)),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outputs: the PVC and the upload Job
+
+/// PVC `<exp>-outputs` (ReadWriteOnce), when the plan has uploads.
+pub fn outputs_pvc(
+    exp: &Experiment,
+    plan: &ExecutionPlan,
+    ctx: &BuildContext,
+) -> Option<PersistentVolumeClaim> {
+    if plan.uploads.is_empty() {
+        return None;
+    }
+    let outputs = exp.spec.outputs.clone().unwrap_or_default();
+    let size = outputs
+        .size
+        .unwrap_or_else(|| ctx.default_outputs_size.clone());
+    Some(PersistentVolumeClaim {
+        metadata: child_meta(exp, outputs_name(exp)),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), size)])),
+                limits: None,
+            }),
+            storage_class_name: outputs.storage_class_name,
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Job `<exp>-upload`: a container `upload-<n>` per upload reference, reading the outputs
+/// volume at the same paths the script wrote to. `None` without uploads.
+pub fn upload_job(
+    exp: &Experiment,
+    plan: &ExecutionPlan,
+    ctx: &BuildContext,
+    has_credentials: bool,
+) -> Option<Job> {
+    if plan.uploads.is_empty() {
+        return None;
+    }
+    let containers = plan
+        .uploads
+        .iter()
+        .enumerate()
+        .map(|(n, upload)| {
+            agent_container(
+                format!("upload-{n}"),
+                ctx,
+                vec![
+                    "agent".into(),
+                    "upload".into(),
+                    "--datastores".into(),
+                    datastores_path(),
+                    "--datastore".into(),
+                    upload.datastore.clone(),
+                    "--src-dir".into(),
+                    upload.local_path.clone(),
+                    "--path".into(),
+                    upload.remote_path.clone(),
+                ],
+                vec![outputs_mount(n, upload, true)],
+                has_credentials,
+            )
+        })
+        .collect();
+    let mut volumes = vec![outputs_volume(exp)];
+    if has_credentials {
+        volumes.push(credentials_volume(exp));
+    }
+    let pod = PodSpec {
+        restart_policy: Some("Never".to_string()),
+        containers,
+        volumes: Some(volumes),
+        security_context: Some(pod_security()),
+        ..Default::default()
+    };
+    Some(job(exp, upload_job_name(exp), pod, None, None))
+}
+
+#[cfg(test)]
+mod tests;

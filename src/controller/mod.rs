@@ -1,0 +1,3 @@
+//! The Experiment controller. `build` holds the pure builders of the objects it creates.
+
+pub mod build;

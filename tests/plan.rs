@@ -1,0 +1,258 @@
+//! `datastore plan`: the objects the controller would create, validated against the Kubernetes
+//! schemas of the lowest supported version with `kubernetes-validate` (installed by
+//! `make test-deps`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde::Deserialize;
+
+const KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+const K8S_VERSION: &str = "1.30.0";
+
+const DATASTORES: &str = r#"
+apiVersion: datastore.dev/v1alpha1
+kind: Datastore
+metadata:
+  name: blob-ds
+spec:
+  azureBlob:
+    accountName: devstoreaccount1
+    containerName: data
+    endpoint: http://127.0.0.1:10000/devstoreaccount1
+    credentials:
+      secretRef:
+        name: blob-ds-credentials
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: blob-ds-credentials
+stringData:
+  accountKey: Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==
+"#;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn validator() -> PathBuf {
+    let bin = repo().join(".tools/venv/bin/kubernetes-validate");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `make test-deps` (it installs kubernetes-validate into .tools/venv)",
+        bin.display()
+    );
+    bin
+}
+
+fn plan(args: &[&str], datastores: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .arg("plan")
+        .args(args)
+        .arg("--datastores")
+        .arg(datastores)
+        .env_remove("DATASTORE_CONFIG")
+        .env_remove("DATASTORE_AGENT_IMAGE")
+        .current_dir(repo())
+        .output()
+        .expect("run `datastore plan`")
+}
+
+fn datastores_file(dir: &Path) -> PathBuf {
+    let path = dir.join("datastores.yaml");
+    std::fs::write(&path, DATASTORES).unwrap();
+    path
+}
+
+fn validate(file: &Path) -> Output {
+    Command::new(validator())
+        .args(["--strict", "--kubernetes-version", K8S_VERSION])
+        .arg(file)
+        .output()
+        .expect("run kubernetes-validate")
+}
+
+#[test]
+fn the_example_renders_valid_objects_with_a_minted_sas() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = plan(&["examples/experiment.yaml"], &datastores_file(dir.path()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "datastore plan failed: {stderr}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(!printed.contains(KEY), "the account key leaked:\n{printed}");
+
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&printed)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .collect();
+    let objects: Vec<(&str, &str)> = docs
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        objects,
+        [
+            ("Secret", "train-iris-credentials"),
+            ("PersistentVolumeClaim", "train-iris-outputs"),
+            ("Job", "train-iris-run"),
+            ("Job", "train-iris-upload"),
+        ]
+    );
+    for d in &docs {
+        assert_eq!(d["metadata"]["namespace"], "default");
+        assert_eq!(
+            d["metadata"]["labels"]["datastore.dev/experiment"],
+            "train-iris"
+        );
+        let owner = &d["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "Experiment");
+        assert_eq!(owner["controller"], true);
+        assert!(!owner["uid"].as_str().unwrap().is_empty());
+    }
+
+    // The credentials: a SAS for download + upload on blob-ds (read, create, write, list).
+    let file = docs[0]["stringData"]["datastores.yaml"].as_str().unwrap();
+    assert!(
+        !file.contains(KEY) && !file.contains("accountKey"),
+        "{file}"
+    );
+    let inner: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(file)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(inner[0]["kind"], "Datastore");
+    assert_eq!(
+        inner[0]["spec"]["azureBlob"]["endpoint"],
+        "http://127.0.0.1:10000/devstoreaccount1"
+    );
+    assert_eq!(inner[1]["kind"], "Secret");
+    let token = inner[1]["stringData"]["sasToken"].as_str().unwrap();
+    assert!(token.contains("&sp=rcwl&"), "{token}");
+    assert!(token.contains("&sr=c&"), "{token}");
+
+    // Every object against the real schemas.
+    let rendered = dir.path().join("objects.yaml");
+    std::fs::write(&rendered, &printed).unwrap();
+    let v = validate(&rendered);
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(
+        v.status.success(),
+        "kubernetes-validate refused:\n{report}\n{printed}"
+    );
+    for name in [
+        "secret/train-iris-credentials",
+        "persistentvolumeclaim/train-iris-outputs",
+        "job/train-iris-run",
+        "job/train-iris-upload",
+    ] {
+        assert!(
+            report.contains(&format!("passed for resource {name}")),
+            "{report}"
+        );
+    }
+}
+
+#[test]
+fn the_validator_refuses_what_it_should() {
+    // An honest check needs a validator that says no: an unknown field under --strict.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: batch/v1\nkind: Job\nmetadata: {name: x}\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers: [{name: main, image: x, bogusField: 1}]\n",
+    )
+    .unwrap();
+    assert!(!validate(&bad).status.success());
+}
+
+#[test]
+fn errors_end_in_the_config_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let datastores = datastores_file(dir.path());
+
+    // A datastore that does not exist.
+    let exp = dir.path().join("missing.yaml");
+    std::fs::write(
+        &exp,
+        "apiVersion: datastore.dev/v1alpha1\nkind: Experiment\nmetadata: {name: e}\nspec:\n  image: x\n  entryScript: t.py\n  scriptParams: [{name: --d, dataReference: {datastore: nope, mode: download}}]\n",
+    )
+    .unwrap();
+    let out = plan(&[exp.to_str().unwrap()], &datastores);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+    assert!(out.stdout.is_empty());
+
+    // A spec the planner refuses.
+    let exp = dir.path().join("dup.yaml");
+    std::fs::write(
+        &exp,
+        "apiVersion: datastore.dev/v1alpha1\nkind: Experiment\nmetadata: {name: e}\nspec:\n  image: x\n  entryScript: t.py\n  scriptParams: [{name: --a, value: '1'}, {name: --a, value: '2'}]\n",
+    )
+    .unwrap();
+    let out = plan(&[exp.to_str().unwrap()], &datastores);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more than once"));
+
+    // No such file.
+    let out = plan(&["does-not-exist.yaml"], &datastores);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn a_spec_using_every_field_renders_valid_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("full.yaml");
+    std::fs::write(
+        &exp,
+        r#"apiVersion: datastore.dev/v1alpha1
+kind: Experiment
+metadata: {name: full, namespace: ml}
+spec:
+  image: python:3.12-slim
+  sourceDirectory: /app
+  entryScript: train.py
+  command: [torchrun, --nproc_per_node=2, train.py]
+  resources: {requests: {cpu: "1", memory: 2Gi}, limits: {nvidia.com/gpu: "1"}}
+  nodeSelector: {agentpool: gpu}
+  tolerations: [{key: sku, operator: Equal, value: gpu, effect: NoSchedule}]
+  serviceAccountName: trainer
+  env: [{name: EPOCHS, value: "3"}]
+  activeDeadlineSeconds: 3600
+  backoffLimit: 1
+  uploadPolicy: Always
+  outputs: {size: 50Gi, storageClassName: managed-csi}
+  scriptParams:
+    - {name: --a, dataReference: {datastore: blob-ds, path: a, mode: download}}
+    - {name: --b, dataReference: {datastore: blob-ds, path: b, mode: download}}
+    - {name: --out, dataReference: {datastore: blob-ds, path: out, mode: upload}}
+    - {name: --logs, dataReference: {datastore: blob-ds, path: logs, mode: upload}}
+"#,
+    )
+    .unwrap();
+    let out = plan(&[exp.to_str().unwrap()], &datastores_file(dir.path()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(printed.contains("namespace: ml"));
+    let rendered = dir.path().join("objects.yaml");
+    std::fs::write(&rendered, &printed).unwrap();
+    let v = validate(&rendered);
+    assert!(
+        v.status.success(),
+        "kubernetes-validate refused:\n{}{}\n{printed}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
