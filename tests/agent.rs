@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::sync::Arc;
 
@@ -254,19 +254,6 @@ async fn upload_lands_the_directory_contents_under_the_path() {
     assert_eq!(summary(&o)["transferred"], 2);
     let listed = f.client.list("outputs/run1/logs/").await.unwrap();
     assert_eq!(listed[0].md5, Some(md5(b"epoch 2")));
-}
-
-/// A datastores file for an anonymous datastore at a scripted endpoint.
-fn fake_datastores(dir: &Path, port: u16) -> PathBuf {
-    let path = dir.join("fake.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: datastore.dev/v1alpha1\nkind: Datastore\nmetadata: {{name: fake}}\nspec:\n  azureBlob:\n    accountName: {ACCOUNT}\n    containerName: data\n    endpoint: http://127.0.0.1:{port}/{ACCOUNT}\n"
-        ),
-    )
-    .unwrap();
-    path
 }
 
 #[tokio::test(flavor = "multi_thread")]

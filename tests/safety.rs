@@ -9,19 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use datastore_operator::store::azure::{BlockIds, Body};
 
-/// A datastores file for an anonymous datastore at a fake endpoint.
-fn fake_datastores(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
-    let path = dir.join("fake.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: datastore.dev/v1alpha1\nkind: Datastore\nmetadata: {{name: fake}}\nspec:\n  azureBlob:\n    accountName: {ACCOUNT}\n    containerName: data\n    endpoint: http://127.0.0.1:{port}/{ACCOUNT}\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn traversal_names_are_refused_and_nothing_is_written() {
     let listing = listing_xml(&[

@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Error;
 use crate::store::ObjectMeta;
-use crate::store::resolve::{self, Scope, Source};
-use crate::store::{Store, azure::Tuning};
+use crate::store::Store;
+use crate::store::resolve::{Scope, Source};
 use crate::transfer::{self, Failed, NoProgress, Options};
 
 /// Kubernetes keeps at most this many bytes of a termination message.
@@ -104,18 +104,8 @@ impl DatastoreArgs {
             namespace: self.namespace.clone(),
             operator_namespace: self.operator_namespace.clone(),
         };
-        let resolved = resolve::resolve(
-            &self.datastore,
-            &Source::File(self.datastores.clone()),
-            &scope,
-        )
-        .await?;
-        tracing::info!(datastore = %resolved.label, "resolved");
-        let tuning = Tuning {
-            pool_size: self.concurrency as usize,
-            ..Tuning::default()
-        };
-        Store::new(&resolved.config, &tuning)
+        let source = Source::File(self.datastores.clone());
+        Store::open(&self.datastore, &source, &scope, self.concurrency as usize).await
     }
 
     fn options(&self, overwrite: bool) -> Options {

@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::error::Error;
-use crate::store::resolve::{self, Scope, Source};
-use crate::store::{Store, azure::Tuning};
+use crate::store::Store;
+use crate::store::resolve::{Scope, Source};
 use crate::transfer::{self, Failed, Options, Summary};
 
 #[derive(Parser, Debug)]
@@ -134,18 +134,8 @@ impl Common {
             namespace: self.namespace.clone(),
             operator_namespace: self.operator_namespace.clone(),
         };
-        let resolved = resolve::resolve(
-            &self.datastore,
-            &Source::pick(self.datastores.clone()),
-            &scope,
-        )
-        .await?;
-        tracing::info!(datastore = %resolved.label, "resolved");
-        let tuning = Tuning {
-            pool_size: self.concurrency as usize,
-            ..Tuning::default()
-        };
-        Store::new(&resolved.config, &tuning)
+        let source = Source::pick(self.datastores.clone());
+        Store::open(&self.datastore, &source, &scope, self.concurrency as usize).await
     }
 }
 

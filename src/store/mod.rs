@@ -83,6 +83,22 @@ pub enum Store {
 }
 
 impl Store {
+    /// Finds the datastore `name` and opens a client for it, sized for `concurrency` requests.
+    pub async fn open(
+        name: &str,
+        source: &resolve::Source,
+        scope: &resolve::Scope,
+        concurrency: usize,
+    ) -> crate::error::Result<Self> {
+        let resolved = resolve::resolve(name, source, scope).await?;
+        tracing::info!(datastore = %resolved.label, "resolved");
+        let tuning = azure::Tuning {
+            pool_size: concurrency,
+            ..azure::Tuning::default()
+        };
+        Store::new(&resolved.config, &tuning)
+    }
+
     pub fn new(config: &StoreConfig, tuning: &azure::Tuning) -> crate::error::Result<Self> {
         Ok(match config {
             StoreConfig::AzureBlob(cfg) => {

@@ -393,3 +393,16 @@ pub fn listing_xml(blobs: &[(&str, u64, bool)]) -> Vec<u8> {
     xml.push_str("</Blobs><NextMarker /></EnumerationResults>");
     xml.into_bytes()
 }
+
+/// A datastores file naming `fake`: an anonymous datastore at a scripted endpoint on `port`.
+pub fn fake_datastores(dir: &Path, port: u16) -> PathBuf {
+    let path = dir.join("fake.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: datastore.dev/v1alpha1\nkind: Datastore\nmetadata: {{name: fake}}\nspec:\n  azureBlob:\n    accountName: {ACCOUNT}\n    containerName: data\n    endpoint: http://127.0.0.1:{port}/{ACCOUNT}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
