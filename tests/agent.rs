@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Output;
-use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use datastore_operator::store::azure::Body;
@@ -266,14 +266,7 @@ async fn relative_names_that_would_leave_the_target_are_refused_and_reported() {
         ("in//abs.txt", 5, false),
         ("in2/sibling.txt", 5, false),
     ]);
-    let server = FakeServer::start(Arc::new(move |_, target: &str| {
-        if target.contains("comp=list") {
-            (200, vec![], listing.clone())
-        } else {
-            (200, vec![], b"pwned".to_vec())
-        }
-    }))
-    .await;
+    let server = FakeServer::listing(listing, b"pwned".to_vec(), Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("deep/target");
@@ -402,17 +395,7 @@ async fn logs_are_json_lines_and_stdout_is_one_json_summary() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_a_download_reports_it_and_leaves_nothing_partial() {
     let listing = listing_xml(&[("in/slow.bin", 5, false)]);
-    let server = FakeServer::start_with_delay(
-        Arc::new(move |_, target: &str| {
-            if target.contains("comp=list") {
-                (200, vec![], listing.clone())
-            } else {
-                (200, vec![], b"slow!".to_vec())
-            }
-        }),
-        std::time::Duration::from_secs(2),
-    )
-    .await;
+    let server = FakeServer::listing(listing, b"slow!".to_vec(), Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("target");
@@ -434,7 +417,7 @@ async fn sigterm_stops_a_download_reports_it_and_leaves_nothing_partial() {
         .spawn()
         .unwrap();
     // Once the blob is being fetched, the pod is told to stop.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !server.requests().iter().any(|r| !r.contains("comp=list")) {
         assert!(std::time::Instant::now() < deadline, "the blob is fetched");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

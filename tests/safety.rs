@@ -19,14 +19,7 @@ async fn traversal_names_are_refused_and_nothing_is_written() {
         ("nul%00byte.txt", 5, true),
         ("win\\..\\escape3.txt", 5, false),
     ]);
-    let server = FakeServer::start(Arc::new(move |_, target: &str| {
-        if target.contains("comp=list") {
-            (200, vec![], listing.clone())
-        } else {
-            (200, vec![], b"pwned".to_vec())
-        }
-    }))
-    .await;
+    let server = FakeServer::listing(listing, b"pwned".to_vec(), Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("deep/target");
@@ -348,17 +341,7 @@ async fn concurrency_bounds_the_requests_in_flight() {
     let names: Vec<String> = (0..40).map(|i| format!("f{i}")).collect();
     let entries: Vec<(&str, u64, bool)> = names.iter().map(|n| (n.as_str(), 2, false)).collect();
     let listing = listing_xml(&entries);
-    let server = FakeServer::start_with_delay(
-        Arc::new(move |_, target: &str| {
-            if target.contains("comp=list") {
-                (200, vec![], listing.clone())
-            } else {
-                (200, vec![], b"ok".to_vec())
-            }
-        }),
-        Duration::from_millis(30),
-    )
-    .await;
+    let server = FakeServer::listing(listing, b"ok".to_vec(), Duration::from_millis(30)).await;
     let dir = tempfile::tempdir().unwrap();
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("t");
@@ -436,17 +419,7 @@ async fn sigterm_stops_the_run_with_its_exit_code_and_no_partial_file() {
     let names: Vec<String> = (0..200).map(|i| format!("f{i:03}")).collect();
     let entries: Vec<(&str, u64, bool)> = names.iter().map(|n| (n.as_str(), 2, false)).collect();
     let listing = listing_xml(&entries);
-    let server = FakeServer::start_with_delay(
-        Arc::new(move |_, target: &str| {
-            if target.contains("comp=list") {
-                (200, vec![], listing.clone())
-            } else {
-                (200, vec![], b"ok".to_vec())
-            }
-        }),
-        Duration::from_millis(20),
-    )
-    .await;
+    let server = FakeServer::listing(listing, b"ok".to_vec(), Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().unwrap();
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("t");

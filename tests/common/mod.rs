@@ -371,6 +371,22 @@ impl FakeServer {
         }
     }
 
+    /// A blob endpoint that answers every listing with `listing` and every other request with
+    /// `body`, each after `delay`.
+    pub async fn listing(listing: Vec<u8>, body: Vec<u8>, delay: Duration) -> FakeServer {
+        FakeServer::start_with_delay(
+            std::sync::Arc::new(move |_, target: &str| {
+                if target.contains("comp=list") {
+                    (200, vec![], listing.clone())
+                } else {
+                    (200, vec![], body.clone())
+                }
+            }),
+            delay,
+        )
+        .await
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
     }
