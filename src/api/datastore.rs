@@ -1,6 +1,6 @@
 //! `Datastore` and `ClusterDatastore`: named storage locations, as in the Azure ML SDK.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -104,6 +104,11 @@ pub struct ClusterDatastoreSpec {
     /// A directory on the machine running the CLI (demos, tests, laptops). Not usable in a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalSpec>,
+    /// Which namespaces' experiments may use this datastore: a label selector on namespaces,
+    /// e.g. `{matchLabels: {team: vision}}`. Absent means every namespace; `{}` also selects
+    /// every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_namespaces: Option<LabelSelector>,
 }
 
 /// An Azure Blob Storage container.

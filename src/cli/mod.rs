@@ -41,6 +41,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// In-pod commands used by the containers the controller generates (JSON logs and summary).
     Agent(crate::agent::AgentArgs),
+    /// Run the operator: reconcile Experiments, Datastores and ClusterDatastores until SIGTERM.
+    Controller(crate::controller::ControllerArgs),
 }
 
 #[derive(Args, Debug)]
@@ -142,7 +144,12 @@ impl Common {
 impl Cli {
     /// Logs as JSON lines (for the cluster) rather than for a human.
     pub fn json_logs(&self) -> bool {
-        matches!(self.command, Command::Agent(_))
+        match self.command {
+            Command::Agent(_) => true,
+            // In a pod: JSON for the log pipeline; on a terminal: for the human watching.
+            Command::Controller(_) => !std::io::stderr().is_terminal(),
+            _ => false,
+        }
     }
 }
 
@@ -151,6 +158,7 @@ pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Plan(args) => plan::run(args).await,
         Command::Agent(args) => crate::agent::run(args).await,
+        Command::Controller(args) => crate::controller::run(args).await,
         Command::Crds => {
             print!("{}", crate::api::crds_yaml());
             0

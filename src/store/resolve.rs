@@ -249,58 +249,104 @@ pub async fn resolve_with_client(
     name: &str,
     scope: &Scope,
 ) -> Result<Resolved> {
-    let api_error = kube_error;
-    let namespaced: kube::Api<Datastore> = kube::Api::namespaced(client.clone(), &scope.namespace);
-    let cluster: kube::Api<ClusterDatastore> = kube::Api::all(client.clone());
-    let (label, storage_owner, secret_ns): (String, Either, &str) = if let Some(ds) =
-        namespaced.get_opt(name).await.map_err(api_error)?
-    {
-        (
-            format!("Datastore {}/{name}", scope.namespace),
-            Either::Namespaced(ds),
-            &scope.namespace,
-        )
-    } else if let Some(cds) = cluster.get_opt(name).await.map_err(api_error)? {
-        (
-            format!("ClusterDatastore {name}"),
-            Either::Cluster(cds),
-            &scope.operator_namespace,
-        )
-    } else {
-        let mut known: Vec<String> = namespaced
+    match find(client.clone(), name, &scope.namespace).await? {
+        Some(found) => resolve_found(client, &found, scope).await,
+        None => Err(not_found(client, name, &scope.namespace).await?),
+    }
+}
+
+/// A datastore found in the cluster by name.
+#[derive(Clone, Debug)]
+pub enum Found {
+    Namespaced(Datastore),
+    Cluster(ClusterDatastore),
+}
+
+impl Found {
+    /// `Datastore default/blob-ds` or `ClusterDatastore shared`.
+    pub fn label(&self) -> String {
+        match self {
+            Found::Namespaced(d) => format!(
+                "Datastore {}/{}",
+                d.namespace().unwrap_or_default(),
+                d.name_any()
+            ),
+            Found::Cluster(d) => format!("ClusterDatastore {}", d.name_any()),
+        }
+    }
+
+    pub fn storage(&self) -> std::result::Result<Storage<'_>, &'static str> {
+        match self {
+            Found::Namespaced(d) => d.spec.storage(),
+            Found::Cluster(d) => d.spec.storage(),
+        }
+    }
+
+    /// Where its credentials Secret lives.
+    pub fn secret_namespace<'a>(&'a self, scope: &'a Scope) -> &'a str {
+        match self {
+            Found::Namespaced(_) => &scope.namespace,
+            Found::Cluster(_) => &scope.operator_namespace,
+        }
+    }
+}
+
+/// The Datastore `name` in `namespace`, else the ClusterDatastore `name`, else `None`.
+pub async fn find(client: kube::Client, name: &str, namespace: &str) -> Result<Option<Found>> {
+    let namespaced: kube::Api<Datastore> = kube::Api::namespaced(client.clone(), namespace);
+    if let Some(ds) = namespaced.get_opt(name).await.map_err(kube_error)? {
+        return Ok(Some(Found::Namespaced(ds)));
+    }
+    let cluster: kube::Api<ClusterDatastore> = kube::Api::all(client);
+    Ok(cluster
+        .get_opt(name)
+        .await
+        .map_err(kube_error)?
+        .map(Found::Cluster))
+}
+
+/// The error for a name that names no datastore, listing the ones there are.
+async fn not_found(client: kube::Client, name: &str, namespace: &str) -> Result<Error> {
+    let namespaced: kube::Api<Datastore> = kube::Api::namespaced(client.clone(), namespace);
+    let cluster: kube::Api<ClusterDatastore> = kube::Api::all(client);
+    let mut known: Vec<String> = namespaced
+        .list(&Default::default())
+        .await
+        .map_err(kube_error)?
+        .items
+        .iter()
+        .map(|d| format!("{} (Datastore)", d.name_any()))
+        .collect();
+    known.extend(
+        cluster
             .list(&Default::default())
             .await
-            .map_err(api_error)?
+            .map_err(kube_error)?
             .items
             .iter()
-            .map(|d| format!("{} (Datastore)", d.name_any()))
-            .collect();
-        known.extend(
-            cluster
-                .list(&Default::default())
-                .await
-                .map_err(api_error)?
-                .items
-                .iter()
-                .map(|d| format!("{} (ClusterDatastore)", d.name_any())),
-        );
-        return Err(Error::Config(format!(
-            "no datastore named '{name}' in namespace '{}' or cluster-wide; the cluster has: {}",
-            scope.namespace,
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        )));
-    };
-    let storage = storage_owner
+            .map(|d| format!("{} (ClusterDatastore)", d.name_any())),
+    );
+    Ok(Error::Config(format!(
+        "no datastore named '{name}' in namespace '{namespace}' or cluster-wide; the cluster has: {}",
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    )))
+}
+
+/// Reads the found datastore's credentials Secret (if it names one) and resolves its storage.
+pub async fn resolve_found(client: kube::Client, found: &Found, scope: &Scope) -> Result<Resolved> {
+    let label = found.label();
+    let storage = found
         .storage()
         .map_err(|why| Error::Config(format!("{label}: {why}")))?;
+    let secret_ns = found.secret_namespace(scope);
     let secret = match secret_name(&storage) {
         Some(secret_name) => {
             let secrets: kube::Api<K8sSecret> = kube::Api::namespaced(client, secret_ns);
-            Some(secrets.get_opt(secret_name).await.map_err(api_error)?.ok_or_else(|| {
+            Some(secrets.get_opt(secret_name).await.map_err(kube_error)?.ok_or_else(|| {
                 Error::Config(format!("{label} refers to Secret '{secret_name}', which does not exist in namespace '{secret_ns}': create it"))
             })?)
         }
@@ -328,20 +374,6 @@ fn kube_error(e: kube::Error) -> Error {
         other => Error::Unreachable(format!(
             "cannot reach the Kubernetes API: {other}; check the kubeconfig context, or pass --datastores FILE"
         )),
-    }
-}
-
-enum Either {
-    Namespaced(Datastore),
-    Cluster(ClusterDatastore),
-}
-
-impl Either {
-    fn storage(&self) -> std::result::Result<Storage<'_>, &'static str> {
-        match self {
-            Either::Namespaced(d) => d.spec.storage(),
-            Either::Cluster(d) => d.spec.storage(),
-        }
     }
 }
 

@@ -1,0 +1,535 @@
+//! Reconciling an Experiment: dereference its datastores, plan, build, apply, then follow its
+//! Jobs to the end and report every step in its status and events.
+//!
+//! One pass reads the world and moves one step:
+//! - no run Job: resolve the datastores, plan and build; on success apply the credentials
+//!   Secret, the outputs PVC and the run Job; on a bad spec or an unusable datastore, create
+//!   nothing and say why (condition `Accepted` False, a Warning event);
+//! - run Job active: Pending, Downloading or Running, from its newest pod; the download reports
+//!   become `status.inputs`;
+//! - run Job ended: with upload references (and the run succeeded, or `uploadPolicy: Always`),
+//!   mint fresh credentials and apply the upload Job; otherwise Succeeded or Failed;
+//! - upload Job ended: delete the outputs PVC after a successful upload, then Succeeded or
+//!   Failed (a failed upload keeps the PVC, so no output is lost).
+//!
+//! Status is written only when it changes, so an unchanged experiment costs reads only.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::build::{self, MANAGER};
+use super::progress::{self, Outcome, RunStep, Step};
+use super::{Context, ReconcileError};
+use crate::api::{Experiment, ExperimentStatus, InputRecord, Mode, Phase, UploadPolicy};
+use crate::error::Error;
+use crate::plan::{self, CLUSTER_ROOT, ExecutionPlan};
+use crate::store::StoreConfig;
+use crate::store::resolve::{self, Found, Scope};
+
+/// How often a running experiment is looked at even when nothing it watches changed.
+pub const ACTIVE_RECHECK: Duration = Duration::from_secs(300);
+/// How often an experiment waiting for a datastore (or its Secret) looks again.
+pub const BLOCKED_RECHECK: Duration = Duration::from_secs(60);
+
+/// The label the Job controller puts on a Job's pods.
+const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+
+pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let status = exp.status.clone().unwrap_or_default();
+    // Finished runs are history: Jobs are immutable and a re-run would change what the status
+    // says the run saw. A new run is a new Experiment.
+    if status.completion_time.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = exp.namespace().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    match jobs.get_opt(&build::run_job_name(&exp)).await? {
+        None => start(&exp, &ctx).await,
+        Some(run) => follow(&exp, &ctx, &run).await,
+    }
+}
+
+/// Resolves, plans, builds and applies the run; or says why it cannot.
+async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError> {
+    let (plan, datastores) = match plan_with_datastores(exp, ctx).await? {
+        Ok(planned) => planned,
+        Err(refusal) => {
+            let recheck = refusal.phase == Phase::Pending;
+            update(exp, ctx, refusal, Vec::new(), false).await?;
+            return Ok(if recheck {
+                Action::requeue(BLOCKED_RECHECK)
+            } else {
+                Action::await_change()
+            });
+        }
+    };
+    let children = match build::build(exp, &plan, &datastores, &ctx.build, ctx.now()) {
+        Ok(children) => children,
+        Err(e) => {
+            let refusal = Step::refused(Phase::Failed, "Unsupported", e.to_string());
+            update(exp, ctx, refusal, Vec::new(), false).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let ns = exp.namespace().unwrap_or_default();
+    if let Some(secret) = &children.credentials {
+        apply(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), secret).await?;
+    }
+    if let Some(pvc) = &children.outputs {
+        apply(
+            &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns),
+            pvc,
+        )
+        .await?;
+    }
+    apply(
+        &Api::<Job>::namespaced(ctx.client.clone(), &ns),
+        &children.run,
+    )
+    .await?;
+    let step = Step::new(
+        Phase::Pending,
+        "Created",
+        format!(
+            "created Job {} ({} download(s), {} upload(s)); waiting for its pod to start",
+            build::run_job_name(exp),
+            plan.downloads.len(),
+            plan.uploads.len()
+        ),
+    );
+    update(exp, ctx, step, Vec::new(), true).await?;
+    Ok(Action::requeue(ACTIVE_RECHECK))
+}
+
+/// Moves an experiment whose run Job exists one step on.
+async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, ReconcileError> {
+    let ns = exp.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let run_pods = pods
+        .list(
+            &ListParams::default()
+                .labels(&format!("{JOB_NAME_LABEL}={}", build::run_job_name(exp))),
+        )
+        .await?
+        .items;
+    let inputs = record_inputs(exp, ctx, &run_pods).await?;
+    let downloads = count(exp, Mode::Download);
+    let uploads = count(exp, Mode::Upload);
+
+    let run_ok = match progress::outcome(run) {
+        Outcome::Active => {
+            let step = match progress::run_step(&run_pods, downloads) {
+                RunStep::Pending => Step::new(
+                    Phase::Pending,
+                    "Created",
+                    "waiting for the run's pod to start",
+                ),
+                RunStep::Downloading { done, total } => Step::new(
+                    Phase::Downloading,
+                    "Downloading",
+                    format!("downloading inputs: {done} of {total} done"),
+                ),
+                RunStep::Running => Step::new(Phase::Running, "Running", "the script is running"),
+            };
+            update(exp, ctx, step, inputs, true).await?;
+            return Ok(Action::requeue(ACTIVE_RECHECK));
+        }
+        Outcome::Succeeded => Ok(()),
+        Outcome::Failed(why) => {
+            let mut lines = progress::failures(&run_pods);
+            if lines.is_empty() {
+                lines.push(why);
+            }
+            Err(lines.join("; "))
+        }
+    };
+
+    let upload_due =
+        uploads > 0 && (run_ok.is_ok() || exp.spec.upload_policy == UploadPolicy::Always);
+    if !upload_due {
+        let step = match run_ok {
+            Ok(()) => Step::new(Phase::Succeeded, "Succeeded", "the script succeeded"),
+            Err(why) if uploads > 0 => Step::new(
+                Phase::Failed,
+                "RunFailed",
+                format!(
+                    "the run failed: {why}; its outputs were not uploaded (uploadPolicy OnSuccess) and are kept on PersistentVolumeClaim {}",
+                    build::outputs_name(exp)
+                ),
+            ),
+            Err(why) => Step::new(Phase::Failed, "RunFailed", format!("the run failed: {why}")),
+        };
+        update(exp, ctx, step, inputs, true).await?;
+        return Ok(Action::await_change());
+    }
+
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(upload) = jobs.get_opt(&build::upload_job_name(exp)).await? else {
+        return start_upload(exp, ctx, inputs).await;
+    };
+    let after_run = match &run_ok {
+        Ok(()) => "the script succeeded".to_string(),
+        Err(why) => format!("the run failed ({why})"),
+    };
+    match progress::outcome(&upload) {
+        Outcome::Active => {
+            let step = Step::new(
+                Phase::Uploading,
+                "Uploading",
+                format!("{after_run}; uploading its outputs"),
+            );
+            update(exp, ctx, step, inputs, true).await?;
+            Ok(Action::requeue(ACTIVE_RECHECK))
+        }
+        Outcome::Succeeded => {
+            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+            match pvcs
+                .delete(&build::outputs_name(exp), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            let step = match run_ok {
+                Ok(()) => Step::new(
+                    Phase::Succeeded,
+                    "Succeeded",
+                    "the script succeeded and its outputs were uploaded",
+                ),
+                Err(_) => Step::new(
+                    Phase::Failed,
+                    "RunFailed",
+                    format!("{after_run}; its outputs were uploaded (uploadPolicy Always)"),
+                ),
+            };
+            update(exp, ctx, step, inputs, true).await?;
+            Ok(Action::await_change())
+        }
+        Outcome::Failed(why) => {
+            let upload_pods = pods
+                .list(
+                    &ListParams::default()
+                        .labels(&format!("{JOB_NAME_LABEL}={}", build::upload_job_name(exp))),
+                )
+                .await?
+                .items;
+            let mut lines = progress::failures(&upload_pods);
+            if lines.is_empty() {
+                lines.push(why);
+            }
+            let step = Step::new(
+                Phase::Failed,
+                "UploadFailed",
+                format!(
+                    "{after_run}; uploading its outputs failed: {}; they are kept on PersistentVolumeClaim {}",
+                    lines.join("; "),
+                    build::outputs_name(exp)
+                ),
+            );
+            update(exp, ctx, step, inputs, true).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Applies the upload Job with freshly minted credentials: the run may have outlived the ones
+/// minted at its start.
+async fn start_upload(
+    exp: &Experiment,
+    ctx: &Context,
+    inputs: Vec<InputRecord>,
+) -> Result<Action, ReconcileError> {
+    let ns = exp.namespace().unwrap_or_default();
+    let built = match plan_with_datastores(exp, ctx).await? {
+        Ok((plan, datastores)) => build::build(exp, &plan, &datastores, &ctx.build, ctx.now())
+            .map_err(|e| Step::refused(Phase::Uploading, "Unsupported", e.to_string())),
+        Err(refusal) => Err(refusal),
+    };
+    let children = match built {
+        Ok(children) => children,
+        Err(refusal) => {
+            // The outputs wait on their volume until the datastore is usable again.
+            let waiting = Step::refused(
+                Phase::Uploading,
+                refusal.reason.as_str(),
+                format!(
+                    "the outputs cannot be uploaded yet: {}; they wait on PersistentVolumeClaim {}",
+                    refusal.message,
+                    build::outputs_name(exp)
+                ),
+            );
+            update(exp, ctx, waiting, inputs, true).await?;
+            return Ok(Action::requeue(BLOCKED_RECHECK));
+        }
+    };
+    if let Some(secret) = &children.credentials {
+        apply(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), secret).await?;
+    }
+    let upload = children
+        .upload
+        .as_ref()
+        .expect("a plan with uploads builds an upload Job");
+    apply(&Api::<Job>::namespaced(ctx.client.clone(), &ns), upload).await?;
+    let step = Step::new(
+        Phase::Uploading,
+        "Uploading",
+        format!(
+            "created Job {}: uploading the outputs",
+            build::upload_job_name(exp)
+        ),
+    );
+    update(exp, ctx, step, inputs, true).await?;
+    Ok(Action::requeue(ACTIVE_RECHECK))
+}
+
+fn count(exp: &Experiment, mode: Mode) -> usize {
+    exp.spec
+        .script_params
+        .iter()
+        .filter(|p| p.data_reference.as_ref().is_some_and(|r| r.mode == mode))
+        .count()
+}
+
+/// The inputs record, completed from the pods' download reports when they hold new ones (this
+/// needs the plan, so the datastores are resolved only then).
+async fn record_inputs(
+    exp: &Experiment,
+    ctx: &Context,
+    run_pods: &[Pod],
+) -> Result<Vec<InputRecord>, ReconcileError> {
+    let recorded = exp
+        .status
+        .as_ref()
+        .map(|s| s.inputs.clone())
+        .unwrap_or_default();
+    let downloads = count(exp, Mode::Download);
+    let reported = run_pods
+        .iter()
+        .flat_map(|p| {
+            p.status
+                .iter()
+                .flat_map(|s| s.init_container_statuses.iter().flatten())
+        })
+        .filter(|c| c.name.starts_with("download-"))
+        .filter(|c| {
+            c.state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .is_some_and(|t| t.exit_code == 0)
+        })
+        .map(|c| c.name.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    if recorded.len() >= downloads || reported <= recorded.len() {
+        return Ok(recorded);
+    }
+    match plan_with_datastores(exp, ctx).await? {
+        Ok((plan, _)) => Ok(progress::inputs(run_pods, &plan.downloads)),
+        Err(refusal) => {
+            tracing::warn!(experiment = %exp.name_any(), reason = %refusal.reason, "cannot record the inputs: {}", refusal.message);
+            Ok(recorded)
+        }
+    }
+}
+
+/// The experiment's datastores resolved and its plan; or the refusal saying why there is none.
+async fn plan_with_datastores(
+    exp: &Experiment,
+    ctx: &Context,
+) -> Result<Result<(ExecutionPlan, BTreeMap<String, StoreConfig>), Step>, ReconcileError> {
+    let datastores = match resolve_datastores(exp, ctx).await? {
+        Ok(datastores) => datastores,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    Ok(match plan::plan(&exp.spec, &datastores, CLUSTER_ROOT) {
+        Ok(plan) => Ok((plan, datastores)),
+        Err(e) => Err(Step::refused(Phase::Failed, e.reason(), e.to_string())),
+    })
+}
+
+/// Every datastore the experiment references, resolved with its credentials. A missing one, one
+/// that does not allow this namespace, or one with unusable credentials is a refusal (the
+/// experiment waits, Pending); apiserver failures are errors (retried).
+async fn resolve_datastores(
+    exp: &Experiment,
+    ctx: &Context,
+) -> Result<Result<BTreeMap<String, StoreConfig>, Step>, ReconcileError> {
+    let ns = exp.namespace().unwrap_or_default();
+    let scope = Scope {
+        namespace: ns.clone(),
+        operator_namespace: ctx.operator_namespace.clone(),
+    };
+    let mut resolved = BTreeMap::new();
+    let mut namespace_labels = None;
+    for param in &exp.spec.script_params {
+        let Some(reference) = &param.data_reference else {
+            continue;
+        };
+        let name = &reference.datastore;
+        if resolved.contains_key(name) {
+            continue;
+        }
+        let Some(found) = resolve::find(ctx.client.clone(), name, &ns)
+            .await
+            .map_err(ReconcileError::Resolve)?
+        else {
+            return Ok(Err(Step::refused(
+                Phase::Pending,
+                "DatastoreNotFound",
+                format!(
+                    "parameter {} refers to datastore {name}, which is neither a Datastore in namespace {ns} nor a ClusterDatastore; create it and the experiment starts",
+                    param.name
+                ),
+            )));
+        };
+        if let Found::Cluster(cds) = &found
+            && let Some(selector) = &cds.spec.allowed_namespaces
+        {
+            if namespace_labels.is_none() {
+                let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+                namespace_labels = Some(namespaces.get(&ns).await?.labels().clone());
+            }
+            let labels = namespace_labels.as_ref().expect("just read");
+            let allowed = match Selector::try_from(selector.clone()) {
+                Ok(selector) => selector.matches(labels),
+                Err(e) => {
+                    return Ok(Err(Step::refused(
+                        Phase::Pending,
+                        "DatastoreInvalid",
+                        format!(
+                            "ClusterDatastore {name} has an invalid allowedNamespaces selector ({e}); ask its owners to fix it"
+                        ),
+                    )));
+                }
+            };
+            if !allowed {
+                return Ok(Err(Step::refused(
+                    Phase::Pending,
+                    "DatastoreNotAllowed",
+                    format!(
+                        "parameter {} refers to ClusterDatastore {name}, whose allowedNamespaces does not select namespace {ns}; ask its owners to allow this namespace, or use another datastore",
+                        param.name
+                    ),
+                )));
+            }
+        }
+        match resolve::resolve_found(ctx.client.clone(), &found, &scope).await {
+            Ok(r) => {
+                resolved.insert(name.clone(), r.config);
+            }
+            Err(Error::Config(message)) => {
+                return Ok(Err(Step::refused(
+                    Phase::Pending,
+                    "DatastoreInvalid",
+                    message,
+                )));
+            }
+            Err(e) => return Err(ReconcileError::Resolve(e)),
+        }
+    }
+    Ok(Ok(resolved))
+}
+
+/// Server-side apply as the operator, taking over fields another manager set.
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().expect("built objects are named");
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+}
+
+/// Writes the status `step` leads to, if it differs from the current one, and publishes an event
+/// when the step is new (a new phase or reason, or a new refusal).
+async fn update(
+    exp: &Experiment,
+    ctx: &Context,
+    step: Step,
+    inputs: Vec<InputRecord>,
+    started: bool,
+) -> Result<(), ReconcileError> {
+    let current = exp.status.clone().unwrap_or_default();
+    let now = Time(ctx.now_k8s());
+    let next = progress::next_status(
+        &current,
+        exp.metadata.generation,
+        &step,
+        inputs,
+        started,
+        &now,
+    );
+    if next == current {
+        return Ok(());
+    }
+    let api: Api<Experiment> =
+        Api::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": Experiment::api_version(&()),
+        "kind": Experiment::kind(&()),
+        "status": next,
+    });
+    api.patch_status(
+        &exp.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    if is_new_step(&current, &next) {
+        let failed = step.refused.is_some() || step.phase == Phase::Failed;
+        let event = Event {
+            type_: if failed {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: step.reason.clone(),
+            note: Some(crate::agent::truncate(&step.message, 1024).to_string()),
+            action: if step.refused.is_some() {
+                "Validate"
+            } else {
+                "Run"
+            }
+            .to_string(),
+            secondary: None,
+        };
+        // An event is a courtesy: failing to publish one must not stop the run.
+        if let Err(e) = ctx.recorder.publish(&event, &exp.object_ref(&())).await {
+            tracing::warn!(experiment = %exp.name_any(), error = %e, "cannot publish an event");
+        }
+    }
+    Ok(())
+}
+
+/// A new phase, a new reason, or a refusal with a new message (progress within a phase, like
+/// "1 of 2 downloads done", is not an event).
+fn is_new_step(current: &ExperimentStatus, next: &ExperimentStatus) -> bool {
+    let key = |s: &ExperimentStatus| {
+        let succeeded = s.conditions.iter().find(|c| c.type_ == progress::SUCCEEDED);
+        let accepted = s.conditions.iter().find(|c| c.type_ == progress::ACCEPTED);
+        (
+            s.phase,
+            succeeded.map(|c| c.reason.clone()),
+            accepted
+                .filter(|c| c.status == "False")
+                .map(|c| c.message.clone()),
+        )
+    };
+    key(current) != key(next)
+}

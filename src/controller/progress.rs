@@ -1,0 +1,315 @@
+//! Where an experiment's run is, read from its Jobs and the run's pods, and the status that says
+//! so. Pure: the reconciler fetches the objects and passes them in.
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::agent::Report;
+use crate::api::{ExperimentStatus, InputRecord, Phase};
+use crate::plan::Transfer;
+
+/// The condition saying whether the spec is valid and its datastores usable.
+pub const ACCEPTED: &str = "Accepted";
+/// The condition saying whether the experiment succeeded: Unknown while it runs (the reason is
+/// the phase), True when it succeeded, False when it failed or cannot start.
+pub const SUCCEEDED: &str = "Succeeded";
+
+/// How a Job ended, from its terminal conditions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Still running (or not started).
+    Active,
+    Succeeded,
+    /// Failed, with the Job's reason and message (e.g. BackoffLimitExceeded).
+    Failed(String),
+}
+
+/// The Job's outcome: `Complete` or `Failed` conditions only (the `SuccessCriteriaMet` and
+/// `FailureTarget` conditions come first while pods may still be terminating).
+pub fn outcome(job: &Job) -> Outcome {
+    let conditions = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    for c in conditions.iter().filter(|c| c.status == "True") {
+        match c.type_.as_str() {
+            "Complete" => return Outcome::Succeeded,
+            "Failed" => {
+                let reason = c.reason.clone().unwrap_or_else(|| "Failed".to_string());
+                return Outcome::Failed(match c.message.as_deref() {
+                    Some(m) if !m.is_empty() => format!("{reason}: {m}"),
+                    _ => reason,
+                });
+            }
+            _ => {}
+        }
+    }
+    Outcome::Active
+}
+
+/// Where a running (not yet finished) run Job is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunStep {
+    /// No pod has started a container yet.
+    Pending,
+    /// `done` of `total` downloads have finished.
+    Downloading {
+        done: usize,
+        total: usize,
+    },
+    Running,
+}
+
+/// The newest pod: after a retry, the one that tells where the run is now.
+pub fn newest(pods: &[Pod]) -> Option<&Pod> {
+    pods.iter().max_by(|a, b| {
+        a.metadata
+            .creation_timestamp
+            .cmp(&b.metadata.creation_timestamp)
+            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+    })
+}
+
+pub fn run_step(pods: &[Pod], downloads: usize) -> RunStep {
+    let Some(status) = newest(pods).and_then(|p| p.status.as_ref()) else {
+        return RunStep::Pending;
+    };
+    let started = |c: &ContainerStatus| {
+        c.state
+            .as_ref()
+            .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+    };
+    if status
+        .container_statuses
+        .iter()
+        .flatten()
+        .any(|c| c.name == "main" && started(c))
+    {
+        return RunStep::Running;
+    }
+    let init = status
+        .init_container_statuses
+        .as_deref()
+        .unwrap_or_default();
+    let done = init
+        .iter()
+        .filter(|c| c.name.starts_with("download-") && exit_code(c) == Some(0))
+        .count();
+    if downloads > 0 && init.iter().any(started) {
+        RunStep::Downloading {
+            done,
+            total: downloads,
+        }
+    } else {
+        RunStep::Pending
+    }
+}
+
+fn exit_code(c: &ContainerStatus) -> Option<i32> {
+    c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code)
+}
+
+/// What each download delivered, from the reports its agent wrote to the termination message of
+/// `download-<n>` (any pod of the run Job that got that far; the newest wins).
+pub fn inputs(pods: &[Pod], downloads: &[Transfer]) -> Vec<InputRecord> {
+    let mut by_age: Vec<&Pod> = pods.iter().collect();
+    by_age.sort_by(|a, b| {
+        b.metadata
+            .creation_timestamp
+            .cmp(&a.metadata.creation_timestamp)
+    });
+    downloads
+        .iter()
+        .enumerate()
+        .filter_map(|(n, download)| {
+            let container = format!("download-{n}");
+            let report = by_age.iter().find_map(|pod| {
+                let status = pod.status.as_ref()?;
+                let c = status
+                    .init_container_statuses
+                    .iter()
+                    .flatten()
+                    .find(|c| c.name == container)?;
+                let terminated = c.state.as_ref()?.terminated.as_ref()?;
+                if terminated.exit_code != 0 {
+                    return None;
+                }
+                Report::parse(terminated.message.as_deref()?)
+            })?;
+            Some(InputRecord {
+                name: download.param.clone(),
+                datastore: download.datastore.clone(),
+                path: download.remote_path.clone(),
+                files: report.files as i64,
+                bytes: report.bytes as i64,
+                digest: report.digest,
+            })
+        })
+        .collect()
+}
+
+/// Why the pods of a failed Job failed, for humans: each container that exited non-zero, with
+/// its termination message (the agent writes its error there).
+pub fn failures(pods: &[Pod]) -> Vec<String> {
+    let Some(status) = newest(pods).and_then(|p| p.status.as_ref()) else {
+        return Vec::new();
+    };
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .filter_map(|c| {
+            let t = c.state.as_ref()?.terminated.as_ref()?;
+            if t.exit_code == 0 {
+                return None;
+            }
+            let what = if c.name == "main" {
+                "the script".to_string()
+            } else {
+                format!("container {}", c.name)
+            };
+            let mut line = format!("{what} exited with code {}", t.exit_code);
+            if let Some(m) = t
+                .message
+                .as_deref()
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+            {
+                line.push_str(": ");
+                line.push_str(crate::agent::truncate(m, 512));
+            } else if let Some(r) = t.reason.as_deref().filter(|r| *r != "Error") {
+                line.push_str(&format!(" ({r})"));
+            }
+            Some(line)
+        })
+        .collect()
+}
+
+/// One step of an experiment, as its status reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub phase: Phase,
+    /// `Accepted` condition: `None` is True, `Some((reason, message))` is False.
+    pub refused: Option<(String, String)>,
+    /// The `Succeeded` condition's reason (CamelCase).
+    pub reason: String,
+    /// What happened, for humans.
+    pub message: String,
+}
+
+impl Step {
+    pub fn new(phase: Phase, reason: &str, message: impl Into<String>) -> Step {
+        Step {
+            phase,
+            refused: None,
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The spec or its datastores keep the experiment from starting.
+    pub fn refused(phase: Phase, reason: &str, message: impl Into<String>) -> Step {
+        let message = message.into();
+        Step {
+            phase,
+            refused: Some((reason.to_string(), message.clone())),
+            reason: reason.to_string(),
+            message,
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        matches!(self.phase, Phase::Succeeded | Phase::Failed) && self.refused.is_none()
+    }
+}
+
+/// The status after `step`: conditions keep their transition time while their status holds;
+/// the start time is set once, when the run starts, and the completion time when it ends.
+/// Equal to `current` when nothing changed, so an unchanged experiment is not written.
+pub fn next_status(
+    current: &ExperimentStatus,
+    generation: Option<i64>,
+    step: &Step,
+    inputs: Vec<InputRecord>,
+    started: bool,
+    now: &Time,
+) -> ExperimentStatus {
+    let accepted = match &step.refused {
+        None => condition(
+            ACCEPTED,
+            "True",
+            "Accepted",
+            "the spec is valid and every datastore is usable",
+            generation,
+        ),
+        Some((reason, message)) => condition(ACCEPTED, "False", reason, message, generation),
+    };
+    let succeeded = match step.phase {
+        Phase::Succeeded => condition(SUCCEEDED, "True", &step.reason, &step.message, generation),
+        Phase::Failed => condition(SUCCEEDED, "False", &step.reason, &step.message, generation),
+        _ => condition(
+            SUCCEEDED,
+            "Unknown",
+            &step.reason,
+            &step.message,
+            generation,
+        ),
+    };
+    let conditions = [accepted, succeeded]
+        .into_iter()
+        .map(|mut c| {
+            if let Some(old) = current.conditions.iter().find(|o| o.type_ == c.type_)
+                && old.status == c.status
+            {
+                c.last_transition_time = old.last_transition_time.clone();
+            } else {
+                c.last_transition_time = now.clone();
+            }
+            c
+        })
+        .collect();
+    let start_time = current
+        .start_time
+        .clone()
+        .or_else(|| started.then(|| now.clone()));
+    let completion_time = current
+        .completion_time
+        .clone()
+        .or_else(|| step.finished().then(|| now.clone()));
+    ExperimentStatus {
+        phase: Some(step.phase),
+        conditions,
+        observed_generation: generation,
+        start_time,
+        completion_time,
+        message: Some(step.message.clone()),
+        inputs: if inputs.is_empty() {
+            current.inputs.clone()
+        } else {
+            inputs
+        },
+    }
+}
+
+fn condition(
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        observed_generation: generation,
+        last_transition_time: Time(Default::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,400 @@
+use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+
+use super::*;
+
+fn job(conditions: &[(&str, &str, &str)]) -> Job {
+    Job {
+        status: Some(JobStatus {
+            conditions: Some(
+                conditions
+                    .iter()
+                    .map(|(type_, status, reason)| JobCondition {
+                        type_: type_.to_string(),
+                        status: status.to_string(),
+                        reason: Some(reason.to_string()),
+                        message: Some(format!("{reason} happened")),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn only_terminal_job_conditions_end_a_job() {
+    assert_eq!(outcome(&Job::default()), Outcome::Active);
+    // SuccessCriteriaMet / FailureTarget come while pods may still be terminating.
+    assert_eq!(
+        outcome(&job(&[("SuccessCriteriaMet", "True", "x")])),
+        Outcome::Active
+    );
+    assert_eq!(
+        outcome(&job(&[("FailureTarget", "True", "x")])),
+        Outcome::Active
+    );
+    assert_eq!(
+        outcome(&job(&[("Complete", "False", "x")])),
+        Outcome::Active
+    );
+    assert_eq!(
+        outcome(&job(&[
+            ("SuccessCriteriaMet", "True", "x"),
+            ("Complete", "True", "x")
+        ])),
+        Outcome::Succeeded
+    );
+    assert_eq!(
+        outcome(&job(&[("Failed", "True", "BackoffLimitExceeded")])),
+        Outcome::Failed("BackoffLimitExceeded: BackoffLimitExceeded happened".into())
+    );
+}
+
+fn running(name: &str) -> ContainerStatus {
+    ContainerStatus {
+        name: name.into(),
+        state: Some(ContainerState {
+            running: Some(ContainerStateRunning::default()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn terminated(name: &str, exit_code: i32, message: Option<&str>) -> ContainerStatus {
+    ContainerStatus {
+        name: name.into(),
+        state: Some(ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code,
+                message: message.map(str::to_string),
+                reason: Some(if exit_code == 0 { "Completed" } else { "Error" }.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn waiting(name: &str) -> ContainerStatus {
+    ContainerStatus {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn pod(name: &str, created: i64, init: Vec<ContainerStatus>, main: Vec<ContainerStatus>) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            creation_timestamp: Some(Time(Timestamp::from_second(created).unwrap())),
+            ..Default::default()
+        },
+        status: Some(PodStatus {
+            init_container_statuses: Some(init),
+            container_statuses: Some(main),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+const REPORT_A: &str = r#"{"files":2,"bytes":10,"digest":"sha256:aa"}"#;
+const REPORT_B: &str = r#"{"files":1,"bytes":3,"digest":"sha256:bb"}"#;
+
+#[test]
+fn the_newest_pod_says_where_the_run_is() {
+    assert_eq!(run_step(&[], 2), RunStep::Pending);
+    let scheduled = pod(
+        "p",
+        1,
+        vec![waiting("download-0"), waiting("download-1")],
+        vec![waiting("main")],
+    );
+    assert_eq!(
+        run_step(std::slice::from_ref(&scheduled), 2),
+        RunStep::Pending
+    );
+
+    let first = pod(
+        "p",
+        1,
+        vec![running("download-0"), waiting("download-1")],
+        vec![waiting("main")],
+    );
+    assert_eq!(
+        run_step(&[first], 2),
+        RunStep::Downloading { done: 0, total: 2 }
+    );
+
+    let second = pod(
+        "p",
+        1,
+        vec![
+            terminated("download-0", 0, Some(REPORT_A)),
+            running("download-1"),
+        ],
+        vec![waiting("main")],
+    );
+    assert_eq!(
+        run_step(&[second], 2),
+        RunStep::Downloading { done: 1, total: 2 }
+    );
+
+    let script = pod(
+        "q",
+        5,
+        vec![
+            terminated("download-0", 0, None),
+            terminated("download-1", 0, None),
+        ],
+        vec![running("main")],
+    );
+    // An older failed attempt does not hide the retry that is running.
+    let failed_attempt = pod(
+        "p",
+        1,
+        vec![terminated("download-0", 4, Some("denied"))],
+        vec![waiting("main")],
+    );
+    assert_eq!(
+        run_step(&[script.clone(), failed_attempt.clone()], 2),
+        RunStep::Running
+    );
+    assert_eq!(run_step(&[failed_attempt, script], 2), RunStep::Running);
+
+    // Without downloads there is nothing to download.
+    let plain = pod("p", 1, vec![], vec![waiting("main")]);
+    assert_eq!(run_step(&[plain], 0), RunStep::Pending);
+}
+
+fn transfer(param: &str, path: &str) -> Transfer {
+    Transfer {
+        param: param.into(),
+        datastore: "blob-ds".into(),
+        remote_path: path.into(),
+        local_path: format!("/mnt/datastore/{path}"),
+    }
+}
+
+#[test]
+fn inputs_come_from_the_download_reports_of_successful_init_containers() {
+    let downloads = [transfer("--data", "data"), transfer("--labels", "labels")];
+    let p = pod(
+        "p",
+        1,
+        vec![
+            terminated("download-0", 0, Some(REPORT_A)),
+            terminated("download-1", 0, Some(REPORT_B)),
+        ],
+        vec![running("main")],
+    );
+    let inputs = inputs(&[p], &downloads);
+    assert_eq!(
+        inputs,
+        vec![
+            InputRecord {
+                name: "--data".into(),
+                datastore: "blob-ds".into(),
+                path: "data".into(),
+                files: 2,
+                bytes: 10,
+                digest: "sha256:aa".into(),
+            },
+            InputRecord {
+                name: "--labels".into(),
+                datastore: "blob-ds".into(),
+                path: "labels".into(),
+                files: 1,
+                bytes: 3,
+                digest: "sha256:bb".into(),
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_failed_download_or_an_unparsable_message_records_nothing() {
+    let downloads = [transfer("--data", "data"), transfer("--labels", "labels")];
+    let p = pod(
+        "p",
+        1,
+        vec![
+            terminated("download-0", 0, Some("not json")),
+            terminated("download-1", 4, Some(REPORT_B)),
+        ],
+        vec![waiting("main")],
+    );
+    assert_eq!(super::inputs(&[p], &downloads), vec![]);
+}
+
+#[test]
+fn the_newest_report_wins() {
+    let downloads = [transfer("--data", "data")];
+    let old = pod(
+        "a",
+        1,
+        vec![terminated("download-0", 0, Some(REPORT_A))],
+        vec![],
+    );
+    let new = pod(
+        "b",
+        9,
+        vec![terminated("download-0", 0, Some(REPORT_B))],
+        vec![],
+    );
+    let got = inputs(&[old, new], &downloads);
+    assert_eq!(got[0].digest, "sha256:bb");
+}
+
+#[test]
+fn failures_name_each_container_that_failed_and_its_message() {
+    let p = pod(
+        "p",
+        1,
+        vec![terminated(
+            "download-0",
+            4,
+            Some("the storage account refused the SAS token"),
+        )],
+        vec![terminated("main", 0, None)],
+    );
+    assert_eq!(
+        failures(&[p]),
+        vec!["container download-0 exited with code 4: the storage account refused the SAS token"]
+    );
+    let mut oom = terminated("main", 137, None);
+    oom.state
+        .as_mut()
+        .unwrap()
+        .terminated
+        .as_mut()
+        .unwrap()
+        .reason = Some("OOMKilled".into());
+    let p = pod("p", 1, vec![], vec![oom]);
+    assert_eq!(
+        failures(&[p]),
+        vec!["the script exited with code 137 (OOMKilled)"]
+    );
+    assert_eq!(failures(&[]), Vec::<String>::new());
+}
+
+fn at(second: i64) -> Time {
+    Time(Timestamp::from_second(second).unwrap())
+}
+
+#[test]
+fn status_keeps_transition_and_start_times_and_is_unchanged_when_nothing_moved() {
+    let pending = Step::new(Phase::Pending, "Created", "created Job x-run");
+    let first = next_status(
+        &ExperimentStatus::default(),
+        Some(1),
+        &pending,
+        vec![],
+        true,
+        &at(10),
+    );
+    assert_eq!(first.phase, Some(Phase::Pending));
+    assert_eq!(first.start_time, Some(at(10)));
+    assert_eq!(first.completion_time, None);
+    assert_eq!(first.observed_generation, Some(1));
+    let accepted = &first.conditions[0];
+    assert_eq!(
+        (accepted.type_.as_str(), accepted.status.as_str()),
+        (ACCEPTED, "True")
+    );
+    let succeeded = &first.conditions[1];
+    assert_eq!(
+        (
+            succeeded.type_.as_str(),
+            succeeded.status.as_str(),
+            succeeded.reason.as_str()
+        ),
+        (SUCCEEDED, "Unknown", "Created")
+    );
+
+    // The same step later: nothing to write.
+    assert_eq!(
+        next_status(&first, Some(1), &pending, vec![], true, &at(99)),
+        first
+    );
+
+    // Running: the Succeeded condition stays Unknown, so its transition time stays too.
+    let running = Step::new(Phase::Running, "Running", "the script is running");
+    let second = next_status(&first, Some(1), &running, vec![], true, &at(20));
+    assert_eq!(second.conditions[1].reason, "Running");
+    assert_eq!(second.conditions[1].last_transition_time, at(10));
+    assert_eq!(second.start_time, Some(at(10)));
+
+    let done = Step::new(Phase::Succeeded, "Succeeded", "the script succeeded");
+    let third = next_status(&second, Some(1), &done, vec![], true, &at(30));
+    assert_eq!(third.conditions[1].status, "True");
+    assert_eq!(third.conditions[1].last_transition_time, at(30));
+    assert_eq!(third.completion_time, Some(at(30)));
+}
+
+#[test]
+fn a_refusal_is_not_a_start_nor_a_completion() {
+    let refusal = Step::refused(
+        Phase::Failed,
+        "PathOnComputeClash",
+        "parameters --a and --b overlap",
+    );
+    let status = next_status(
+        &ExperimentStatus::default(),
+        Some(2),
+        &refusal,
+        vec![],
+        false,
+        &at(5),
+    );
+    assert_eq!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.start_time, None);
+    assert_eq!(status.completion_time, None, "a fixed spec still runs");
+    let accepted = &status.conditions[0];
+    assert_eq!(
+        (
+            accepted.status.as_str(),
+            accepted.reason.as_str(),
+            accepted.message.as_str()
+        ),
+        (
+            "False",
+            "PathOnComputeClash",
+            "parameters --a and --b overlap"
+        )
+    );
+    assert_eq!(status.conditions[1].status, "False");
+}
+
+#[test]
+fn recorded_inputs_survive_steps_that_report_none() {
+    let record = InputRecord {
+        name: "--data".into(),
+        datastore: "ds".into(),
+        path: "p".into(),
+        files: 1,
+        bytes: 1,
+        digest: "sha256:cc".into(),
+    };
+    let running = Step::new(Phase::Running, "Running", "running");
+    let first = next_status(
+        &ExperimentStatus::default(),
+        None,
+        &running,
+        vec![record.clone()],
+        true,
+        &at(1),
+    );
+    let done = Step::new(Phase::Succeeded, "Succeeded", "done");
+    let second = next_status(&first, None, &done, vec![], true, &at(2));
+    assert_eq!(second.inputs, vec![record]);
+}
