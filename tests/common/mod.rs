@@ -2,6 +2,8 @@
 //! run the `datastore` binary against it.
 #![allow(dead_code)]
 
+pub mod apiserver;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -1,0 +1,180 @@
+//! A scripted Kubernetes apiserver (`tower_test::mock::pair`): every request the client makes is
+//! checked against the script, in order (method, path, query, body), and nothing more may be
+//! asked once the script is done.
+
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle};
+
+/// Inspects a request's JSON body (panics on what is wrong).
+type BodyCheck = Box<dyn FnOnce(&Value) + Send>;
+
+/// One expected request and the apiserver's answer.
+pub struct Exchange {
+    method: Method,
+    path: String,
+    query: Vec<String>,
+    check: Option<BodyCheck>,
+    reply: Reply,
+}
+
+enum Reply {
+    Json(StatusCode, Value),
+    /// 200 with the request's own body: what apply and create return, near enough.
+    Echo,
+}
+
+/// `expect("GET /api/v1/namespaces/ml/pods")`: a request with this method and path (the query
+/// is checked with [`Exchange::query`]). Answers 200 `{}` unless told otherwise.
+pub fn expect(request: &str) -> Exchange {
+    let (method, path) = request.split_once(' ').expect("METHOD /path");
+    Exchange {
+        method: method.parse().expect("an HTTP method"),
+        path: path.to_string(),
+        query: Vec::new(),
+        check: None,
+        reply: Reply::Json(StatusCode::OK, json!({})),
+    }
+}
+
+/// A server-side apply (PATCH) of `path` as the operator, forcing conflicts, answered with the
+/// applied object.
+pub fn apply(path: &str) -> Exchange {
+    expect(&format!("PATCH {path}"))
+        .query("fieldManager=datastore-operator")
+        .query("force=true")
+        .echo()
+}
+
+/// An event (events.k8s.io/v1) created in `namespace`.
+pub fn event(namespace: &str) -> Exchange {
+    expect(&format!(
+        "POST /apis/events.k8s.io/v1/namespaces/{namespace}/events"
+    ))
+    .echo()
+}
+
+impl Exchange {
+    /// The query must contain this (already percent-encoded) text.
+    pub fn query(mut self, part: &str) -> Exchange {
+        self.query.push(part.to_string());
+        self
+    }
+    /// Checks the request's JSON body.
+    pub fn body(mut self, check: impl FnOnce(&Value) + Send + 'static) -> Exchange {
+        self.check = Some(Box::new(check));
+        self
+    }
+    pub fn ok(mut self, body: Value) -> Exchange {
+        self.reply = Reply::Json(StatusCode::OK, body);
+        self
+    }
+    pub fn echo(mut self) -> Exchange {
+        self.reply = Reply::Echo;
+        self
+    }
+    /// A 404 as a real apiserver sends it (a `Status`), so `get_opt` returns `None`.
+    pub fn not_found(mut self) -> Exchange {
+        let name = self.path.rsplit('/').next().unwrap_or_default().to_string();
+        self.reply = Reply::Json(
+            StatusCode::NOT_FOUND,
+            json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("\"{name}\" not found"), "reason": "NotFound",
+                "details": {"name": name}, "code": 404,
+            }),
+        );
+        self
+    }
+}
+
+/// A client talking to the script; the handle finishes once every request matched and the
+/// client is gone. Await [`Server::done`] after the code under test.
+pub fn start(script: Vec<Exchange>) -> (kube::Client, Server) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let task = tokio::spawn(serve(handle, script));
+    (kube::Client::new(service, "default"), Server(task))
+}
+
+pub struct Server(tokio::task::JoinHandle<()>);
+
+impl Server {
+    /// Waits until the client is dropped and fails if a request was missing or unexpected.
+    pub async fn done(self) {
+        tokio::time::timeout(Duration::from_secs(10), self.0)
+            .await
+            .expect("the mocked apiserver finishes once the client is dropped")
+            .expect("every request matched the script");
+    }
+}
+
+async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Exchange>) {
+    for (i, want) in script.into_iter().enumerate() {
+        let n = i + 1;
+        let (request, send) = handle.next_request().await.unwrap_or_else(|| {
+            panic!(
+                "request {n} was never made: expected {} {}",
+                want.method, want.path
+            )
+        });
+        let (method, path, query) = (
+            request.method().clone(),
+            request.uri().path().to_string(),
+            request.uri().query().unwrap_or_default().to_string(),
+        );
+        assert_eq!(
+            format!("{method} {path}"),
+            format!("{} {}", want.method, want.path),
+            "request {n} differs from the script"
+        );
+        for part in &want.query {
+            assert!(
+                query.contains(part.as_str()),
+                "request {n} ({method} {path}): query {query:?} lacks {part:?}"
+            );
+        }
+        if want.method == Method::PATCH && want.query.iter().any(|q| q.starts_with("fieldManager"))
+        {
+            let content_type = request
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(
+                content_type.as_deref(),
+                Some("application/apply-patch+yaml"),
+                "request {n} is a server-side apply"
+            );
+        }
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("request {n} body is JSON: {e}"))
+        };
+        if let Some(check) = want.check {
+            check(&body);
+        }
+        let (status, reply) = match want.reply {
+            Reply::Json(status, value) => (status, value),
+            Reply::Echo => (StatusCode::OK, body),
+        };
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .unwrap(),
+        );
+    }
+    if let Some((extra, _)) = handle.next_request().await {
+        panic!(
+            "unexpected request after the script: {} {}",
+            extra.method(),
+            extra.uri()
+        );
+    }
+}

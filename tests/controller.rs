@@ -1,0 +1,958 @@
+//! Controller scenarios against a mocked apiserver: each reconcile's requests are checked in
+//! order (method, path, query, body). Scenarios chain: each starts from the status the previous
+//! one wrote, as the apiserver would hand it back.
+//!
+//! The datastore checks talk to a real Azurite (the harness in `common`).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use chrono::{DateTime, TimeZone, Utc};
+use common::apiserver::{Exchange, apply, event, expect, start};
+use datastore_operator::api::{
+    ClusterDatastore, Datastore, Experiment, ExperimentSpec, ExperimentStatus, Phase,
+};
+use datastore_operator::controller::build::BuildContext;
+use datastore_operator::controller::datastore::{
+    NOT_READY_RECHECK, READY_RECHECK, reconcile_cluster_datastore, reconcile_datastore,
+};
+use datastore_operator::controller::experiment::{ACTIVE_RECHECK, BLOCKED_RECHECK, reconcile};
+use datastore_operator::controller::{Context, referencing};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+
+const NS: &str = "ml";
+const OPERATOR_NS: &str = "datastore-operator";
+const UID: &str = "6a1f0e52-0000-4000-8000-000000000001";
+
+const GROUP: &str = "/apis/datastore.dev/v1alpha1";
+const RUN: &str = "/apis/batch/v1/namespaces/ml/jobs/train-run";
+const UPLOAD: &str = "/apis/batch/v1/namespaces/ml/jobs/train-upload";
+const PODS: &str = "/api/v1/namespaces/ml/pods";
+const PVC: &str = "/api/v1/namespaces/ml/persistentvolumeclaims/train-outputs";
+const CREDENTIALS: &str = "/api/v1/namespaces/ml/secrets/train-credentials";
+const STATUS: &str = "/apis/datastore.dev/v1alpha1/namespaces/ml/experiments/train/status";
+
+const EXAMPLE: &str = r#"
+image: python:3.12-slim
+entryScript: training_script.py
+scriptParams:
+  - name: --data_folder
+    dataReference: {datastore: blob-ds, path: data/files, mode: download, pathOnCompute: training_data}
+  - name: --output_dir
+    dataReference: {datastore: blob-ds, path: outputs/run1, mode: upload, pathOnCompute: outputs}
+  - name: --regularization
+    value: "0.1"
+"#;
+
+fn experiment(spec: &str) -> Experiment {
+    let spec: ExperimentSpec = serde_yaml::from_str(spec).unwrap();
+    let mut exp = Experiment::new("train", spec);
+    exp.metadata.namespace = Some(NS.into());
+    exp.metadata.uid = Some(UID.into());
+    exp.metadata.generation = Some(1);
+    exp.metadata.resource_version = Some("100".into());
+    exp
+}
+
+fn with_status(mut exp: Experiment, status: ExperimentStatus) -> Experiment {
+    exp.status = Some(status);
+    exp
+}
+
+fn the_clock() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap()
+}
+
+fn context(client: kube::Client) -> Arc<Context> {
+    let mut ctx = Context::new(client, OPERATOR_NS.into(), BuildContext::default());
+    ctx.clock = the_clock;
+    Arc::new(ctx)
+}
+
+/// Runs one reconcile against the script; returns its action.
+async fn reconcile_once(exp: &Experiment, script: Vec<Exchange>) -> Action {
+    let (client, server) = start(script);
+    let result = reconcile(Arc::new(exp.clone()), context(client)).await;
+    server.done().await;
+    result.expect("the reconcile succeeds")
+}
+
+/// A status patch (server-side apply of the status subresource) whose body `check` inspects;
+/// the status it carries is stored in `into` for the next scenario.
+fn status_patch(
+    into: &Arc<Mutex<Option<ExperimentStatus>>>,
+    check: impl FnOnce(&ExperimentStatus) + Send + 'static,
+) -> Exchange {
+    let into = into.clone();
+    apply(STATUS)
+        .body(move |body| {
+            assert_eq!(body["apiVersion"], "datastore.dev/v1alpha1");
+            assert_eq!(body["kind"], "Experiment");
+            let status: ExperimentStatus = serde_json::from_value(body["status"].clone()).unwrap();
+            check(&status);
+            *into.lock().unwrap() = Some(status);
+        })
+        // What the apiserver answers: the whole object.
+        .ok(serde_json::to_value(experiment(EXAMPLE)).unwrap())
+}
+
+/// An event about the experiment with this type and reason; `note` must contain `says`.
+fn event_about(type_: &'static str, reason: &'static str, says: &'static str) -> Exchange {
+    event(NS).body(move |e| {
+        assert_eq!(e["regarding"]["kind"], "Experiment");
+        assert_eq!(e["regarding"]["name"], "train");
+        assert_eq!(e["type"], type_, "{e}");
+        assert_eq!(e["reason"], reason, "{e}");
+        let note = e["note"].as_str().unwrap();
+        assert!(note.contains(says), "event note {note:?} lacks {says:?}");
+        assert_eq!(e["reportingController"], "datastore-operator");
+    })
+}
+
+fn blob_datastore(ns: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "datastore.dev/v1alpha1",
+        "kind": "Datastore",
+        "metadata": {"name": name, "namespace": ns, "uid": "uid-ds", "resourceVersion": "7", "generation": 1},
+        "spec": {"azureBlob": {
+            "accountName": "mlstorage",
+            "containerName": "training",
+            "credentials": {"secretRef": {"name": "mlstorage-key"}},
+        }},
+    })
+}
+
+fn secret(ns: &str, name: &str, key: &str, value: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": "9"},
+        "data": {key: base64::engine::general_purpose::STANDARD.encode(value)},
+    })
+}
+
+/// Not a real key: base64 of "not-a-real-account-key-for-tests".
+const ACCOUNT_KEY: &str = "bm90LWEtcmVhbC1hY2NvdW50LWtleS1mb3ItdGVzdHM=";
+
+/// The requests that resolve `blob-ds` (a Datastore in the namespace with an account key).
+fn resolution() -> Vec<Exchange> {
+    vec![
+        expect(&format!("GET {GROUP}/namespaces/ml/datastores/blob-ds"))
+            .ok(blob_datastore(NS, "blob-ds")),
+        expect("GET /api/v1/namespaces/ml/secrets/mlstorage-key").ok(secret(
+            NS,
+            "mlstorage-key",
+            "accountKey",
+            ACCOUNT_KEY,
+        )),
+    ]
+}
+
+fn job(name: &str, conditions: Value) -> Value {
+    json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": NS, "resourceVersion": "20"},
+        "spec": {"template": {"spec": {"containers": [{"name": "main", "image": "x"}]}}},
+        "status": {"conditions": conditions},
+    })
+}
+
+fn active_job(name: &str) -> Value {
+    let mut job = job(name, json!([]));
+    job["status"] = json!({"active": 1});
+    job
+}
+
+fn condition(type_: &str, reason: &str) -> Value {
+    json!([{"type": type_, "status": "True", "reason": reason, "message": format!("{reason} happened")}])
+}
+
+fn container(name: &str, state: Value) -> Value {
+    json!({"name": name, "image": "x", "imageID": "", "ready": false, "restartCount": 0, "state": state})
+}
+
+fn terminated(exit_code: i32, message: &str) -> Value {
+    json!({"terminated": {"exitCode": exit_code, "message": message, "reason": if exit_code == 0 {"Completed"} else {"Error"}}})
+}
+
+fn running() -> Value {
+    json!({"running": {"startedAt": "2026-11-24T12:00:00Z"}})
+}
+
+fn pods(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "30"}, "items": items})
+}
+
+fn pod(init: Vec<Value>, main: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "train-run-abcde", "namespace": NS, "creationTimestamp": "2026-11-24T12:00:05Z"},
+        "status": {"phase": "Running", "initContainerStatuses": init, "containerStatuses": main},
+    })
+}
+
+const REPORT: &str = r#"{"files":3,"bytes":1234,"digest":"sha256:5b1c"}"#;
+
+fn run_pods(main_state: Value) -> Exchange {
+    expect(&format!("GET {PODS}"))
+        .query("labelSelector=batch.kubernetes.io%2Fjob-name%3Dtrain-run")
+        .ok(pods(vec![pod(
+            vec![container("download-0", terminated(0, REPORT))],
+            vec![container("main", main_state)],
+        )]))
+}
+
+// -------------------------------------------------------------------------------------------
+// The happy path, one step per scenario
+
+/// Creation: the datastore resolves, the credentials Secret (a minted SAS, never the key), the
+/// outputs PVC and the run Job are applied, and the status says Pending with Accepted True.
+async fn created() -> Experiment {
+    let exp = experiment(EXAMPLE);
+    let status = Arc::default();
+    let mut script = vec![expect(&format!("GET {RUN}")).not_found()];
+    script.extend(resolution());
+    script.extend([
+        apply(CREDENTIALS).body(|secret| {
+            let file = secret["stringData"]["datastores.yaml"].as_str().unwrap();
+            assert!(
+                !file.contains(ACCOUNT_KEY),
+                "the account key never leaves the controller"
+            );
+            assert!(file.contains("sasToken"), "{file}");
+            assert!(
+                file.contains("sp=rcwl"),
+                "download and upload permissions only: {file}"
+            );
+            assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], UID);
+            assert_eq!(secret["metadata"]["ownerReferences"][0]["controller"], true);
+        }),
+        apply(PVC).body(|pvc| {
+            assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "10Gi");
+            assert_eq!(
+                pvc["metadata"]["labels"]["datastore.dev/experiment"],
+                "train"
+            );
+        }),
+        apply(RUN).body(|job| {
+            let pod = &job["spec"]["template"]["spec"];
+            assert_eq!(pod["initContainers"][0]["name"], "download-0");
+            let main = &pod["containers"][0];
+            assert_eq!(
+                main["args"],
+                json!([
+                    "--data_folder",
+                    "/mnt/datastore/training_data",
+                    "--output_dir",
+                    "/mnt/datastore/outputs",
+                    "--regularization",
+                    "0.1"
+                ])
+            );
+            assert!(
+                !main.to_string().contains("credentials"),
+                "the script's container gets no credentials: {main}"
+            );
+        }),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Pending));
+            assert_eq!(s.observed_generation, Some(1));
+            assert!(s.start_time.is_some());
+            assert_eq!(s.completion_time, None);
+            let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+            assert_eq!(
+                (accepted.status.as_str(), accepted.reason.as_str()),
+                ("True", "Accepted")
+            );
+            assert!(
+                s.message
+                    .as_deref()
+                    .unwrap()
+                    .contains("created Job train-run")
+            );
+        }),
+        event_about("Normal", "Created", "created Job train-run"),
+    ]);
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::requeue(ACTIVE_RECHECK));
+    with_status(exp, written(&status))
+}
+
+fn written(status: &Arc<Mutex<Option<ExperimentStatus>>>) -> ExperimentStatus {
+    status
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("a status was written")
+}
+
+#[tokio::test]
+async fn creation_applies_the_secret_the_pvc_and_the_run_job() {
+    created().await;
+}
+
+/// The run's pod has downloaded and runs the script: Running, with the download's report as
+/// the input record (the plan is needed to name it, so the datastore is resolved again).
+async fn running_exp() -> Experiment {
+    let exp = created().await;
+    let status = Arc::default();
+    let mut script = vec![
+        expect(&format!("GET {RUN}")).ok(active_job("train-run")),
+        run_pods(running()),
+    ];
+    script.extend(resolution());
+    script.extend([
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Running));
+            assert_eq!(s.inputs.len(), 1);
+            let input = &s.inputs[0];
+            assert_eq!(
+                (
+                    input.name.as_str(),
+                    input.datastore.as_str(),
+                    input.path.as_str()
+                ),
+                ("--data_folder", "blob-ds", "data/files")
+            );
+            assert_eq!(
+                (input.files, input.bytes, input.digest.as_str()),
+                (3, 1234, "sha256:5b1c")
+            );
+        }),
+        event_about("Normal", "Running", "the script is running"),
+    ]);
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::requeue(ACTIVE_RECHECK));
+    with_status(exp, written(&status))
+}
+
+#[tokio::test]
+async fn a_running_job_becomes_the_status_with_the_inputs_it_saw() {
+    running_exp().await;
+}
+
+#[tokio::test]
+async fn an_unchanged_experiment_sends_no_writes() {
+    let exp = running_exp().await;
+    // Reads only: the Job and its pods. No resolution (the inputs are recorded), no PATCH, no event.
+    let action = reconcile_once(
+        &exp,
+        vec![
+            expect(&format!("GET {RUN}")).ok(active_job("train-run")),
+            run_pods(running()),
+        ],
+    )
+    .await;
+    assert_eq!(action, Action::requeue(ACTIVE_RECHECK));
+}
+
+/// The run Job completed: fresh credentials and the upload Job are applied; Uploading.
+async fn uploading(exp: Experiment) -> Experiment {
+    let status = Arc::default();
+    let mut script = vec![
+        expect(&format!("GET {RUN}")).ok(job("train-run", condition("Complete", "Completed"))),
+        run_pods(terminated(0, "")),
+        expect(&format!("GET {UPLOAD}")).not_found(),
+    ];
+    script.extend(resolution());
+    script.extend([
+        apply(CREDENTIALS).body(|secret| {
+            let file = secret["stringData"]["datastores.yaml"].as_str().unwrap();
+            assert!(!file.contains(ACCOUNT_KEY));
+            assert!(file.contains("sasToken"));
+        }),
+        apply(UPLOAD).body(|job| {
+            let container = &job["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(container["name"], "upload-0");
+            let args: Vec<&str> = container["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            assert_eq!(&args[..2], ["agent", "upload"]);
+            assert!(
+                args.windows(2).any(|w| w == ["--path", "outputs/run1"]),
+                "{args:?}"
+            );
+            assert!(
+                args.windows(2)
+                    .any(|w| w == ["--src-dir", "/mnt/datastore/outputs"]),
+                "{args:?}"
+            );
+        }),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Uploading));
+            assert_eq!(s.inputs.len(), 1, "the inputs record is kept");
+        }),
+        event_about("Normal", "Uploading", "train-upload"),
+    ]);
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::requeue(ACTIVE_RECHECK));
+    with_status(exp, written(&status))
+}
+
+#[tokio::test]
+async fn a_succeeded_run_job_leads_to_the_upload_job() {
+    uploading(running_exp().await).await;
+}
+
+#[tokio::test]
+async fn a_finished_upload_deletes_the_pvc_and_the_experiment_succeeds() {
+    let exp = uploading(running_exp().await).await;
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(job("train-run", condition("Complete", "Completed"))),
+        run_pods(terminated(0, "")),
+        expect(&format!("GET {UPLOAD}"))
+            .ok(job("train-upload", condition("Complete", "Completed"))),
+        expect(&format!("DELETE {PVC}"))
+            .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Succeeded));
+            assert!(s.completion_time.is_some());
+            let succeeded = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Succeeded")
+                .unwrap();
+            assert_eq!(succeeded.status, "True");
+        }),
+        event_about("Normal", "Succeeded", "outputs were uploaded"),
+    ];
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::await_change());
+
+    // Finished: nothing more is read or written.
+    let done = with_status(exp, written(&status));
+    let action = reconcile_once(&done, vec![]).await;
+    assert_eq!(action, Action::await_change());
+}
+
+// -------------------------------------------------------------------------------------------
+// Failures
+
+fn failed_run_pods() -> Exchange {
+    run_pods(terminated(
+        2,
+        "ValueError: no files in /mnt/datastore/training_data",
+    ))
+}
+
+#[tokio::test]
+async fn a_failed_run_fails_the_experiment_and_keeps_the_outputs() {
+    let exp = running_exp().await;
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(job(
+            "train-run",
+            condition("Failed", "BackoffLimitExceeded"),
+        )),
+        failed_run_pods(),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Failed));
+            assert!(s.completion_time.is_some());
+            let message = s.message.as_deref().unwrap();
+            assert!(
+                message.contains("the script exited with code 2: ValueError"),
+                "{message}"
+            );
+            assert!(
+                message.contains("kept on PersistentVolumeClaim train-outputs"),
+                "{message}"
+            );
+            let succeeded = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Succeeded")
+                .unwrap();
+            assert_eq!(
+                (succeeded.status.as_str(), succeeded.reason.as_str()),
+                ("False", "RunFailed")
+            );
+        }),
+        event_about("Warning", "RunFailed", "exited with code 2"),
+    ];
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_failed_run_still_uploads_under_upload_policy_always() {
+    let mut exp = running_exp().await;
+    exp.spec.upload_policy = datastore_operator::api::UploadPolicy::Always;
+    let status = Arc::default();
+    let mut script = vec![
+        expect(&format!("GET {RUN}")).ok(job(
+            "train-run",
+            condition("Failed", "BackoffLimitExceeded"),
+        )),
+        failed_run_pods(),
+        expect(&format!("GET {UPLOAD}")).not_found(),
+    ];
+    script.extend(resolution());
+    script.extend([
+        apply(CREDENTIALS),
+        apply(UPLOAD),
+        status_patch(&status, |s| assert_eq!(s.phase, Some(Phase::Uploading))),
+        event_about("Normal", "Uploading", "train-upload"),
+    ]);
+    reconcile_once(&exp, script).await;
+    let exp = with_status(exp, written(&status));
+
+    // The upload finishes: the PVC goes, and the experiment is Failed (the run failed), with
+    // its outputs uploaded.
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(job(
+            "train-run",
+            condition("Failed", "BackoffLimitExceeded"),
+        )),
+        failed_run_pods(),
+        expect(&format!("GET {UPLOAD}"))
+            .ok(job("train-upload", condition("Complete", "Completed"))),
+        expect(&format!("DELETE {PVC}"))
+            .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Failed));
+            let message = s.message.as_deref().unwrap();
+            assert!(
+                message.contains("outputs were uploaded (uploadPolicy Always)"),
+                "{message}"
+            );
+        }),
+        event_about("Warning", "RunFailed", "outputs were uploaded"),
+    ];
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_failed_upload_fails_the_experiment_and_keeps_the_pvc() {
+    let exp = uploading(running_exp().await).await;
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(job("train-run", condition("Complete", "Completed"))),
+        run_pods(terminated(0, "")),
+        expect(&format!("GET {UPLOAD}")).ok(job(
+            "train-upload",
+            condition("Failed", "BackoffLimitExceeded"),
+        )),
+        expect(&format!("GET {PODS}"))
+            .query("labelSelector=batch.kubernetes.io%2Fjob-name%3Dtrain-upload")
+            .ok(pods(vec![pod(
+                vec![],
+                vec![container(
+                    "upload-0",
+                    terminated(4, "the storage account refused the SAS token"),
+                )],
+            )])),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Failed));
+            let message = s.message.as_deref().unwrap();
+            assert!(
+                message
+                    .contains("container upload-0 exited with code 4: the storage account refused"),
+                "{message}"
+            );
+            assert!(
+                message.contains("kept on PersistentVolumeClaim train-outputs"),
+                "{message}"
+            );
+        }),
+        event_about("Warning", "UploadFailed", "upload-0"),
+    ];
+    // No DELETE of the PVC: the script would refuse it.
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::await_change());
+}
+
+// -------------------------------------------------------------------------------------------
+// Refusals: nothing is created
+
+#[tokio::test]
+async fn an_invalid_spec_creates_nothing_and_says_why() {
+    // Two references on the same path on compute: a rule the schema cannot check.
+    let exp = experiment(
+        r#"
+image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - name: --a
+    dataReference: {datastore: blob-ds, path: a, mode: download, pathOnCompute: data}
+  - name: --b
+    dataReference: {datastore: blob-ds, path: b, mode: download, pathOnCompute: data/b}
+"#,
+    );
+    let status = Arc::default();
+    let mut script = vec![expect(&format!("GET {RUN}")).not_found()];
+    script.extend(resolution());
+    script.extend([
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Failed));
+            assert_eq!(s.start_time, None);
+            let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+            assert_eq!(
+                (accepted.status.as_str(), accepted.reason.as_str()),
+                ("False", "PathOnComputeClash")
+            );
+            assert!(
+                accepted.message.contains("--a and --b overlap"),
+                "{}",
+                accepted.message
+            );
+        }),
+        event_about(
+            "Warning",
+            "PathOnComputeClash",
+            "give each a pathOnCompute of its own",
+        ),
+    ]);
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_missing_datastore_waits_and_the_experiment_starts_when_it_appears() {
+    let exp = experiment(EXAMPLE);
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).not_found(),
+        expect(&format!("GET {GROUP}/namespaces/ml/datastores/blob-ds")).not_found(),
+        expect(&format!("GET {GROUP}/clusterdatastores/blob-ds")).not_found(),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Pending));
+            let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+            assert_eq!(
+                (accepted.status.as_str(), accepted.reason.as_str()),
+                ("False", "DatastoreNotFound")
+            );
+            assert!(
+                accepted.message.contains("create it"),
+                "{}",
+                accepted.message
+            );
+        }),
+        event_about(
+            "Warning",
+            "DatastoreNotFound",
+            "parameter --data_folder refers to datastore blob-ds",
+        ),
+    ];
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(
+        action,
+        Action::requeue(BLOCKED_RECHECK),
+        "rechecked on a bounded period"
+    );
+    let waiting = with_status(exp, written(&status));
+
+    // The datastore appears: the watch maps it to the waiting experiment...
+    let (reader, mut writer) = reflector::store::<Experiment>();
+    writer.apply_watcher_event(&watcher::Event::Apply(waiting.clone()));
+    writer.apply_watcher_event(&watcher::Event::Apply({
+        let mut other = experiment("image: x\nentryScript: y.py\n");
+        other.metadata.name = Some("unrelated".into());
+        other
+    }));
+    assert_eq!(
+        referencing(&reader, "blob-ds", Some(NS)),
+        vec![ObjectRef::new("train").within(NS)]
+    );
+    assert_eq!(referencing(&reader, "blob-ds", Some("elsewhere")), vec![]);
+    assert_eq!(
+        referencing(&reader, "blob-ds", None),
+        vec![ObjectRef::new("train").within(NS)],
+        "a ClusterDatastore of that name"
+    );
+
+    // ... and its reconcile creates the run.
+    let status = Arc::default();
+    let mut script = vec![expect(&format!("GET {RUN}")).not_found()];
+    script.extend(resolution());
+    script.extend([
+        apply(CREDENTIALS),
+        apply(PVC),
+        apply(RUN),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Pending));
+            let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+            assert_eq!(accepted.status, "True");
+        }),
+        event_about("Normal", "Created", "created Job train-run"),
+    ]);
+    let action = reconcile_once(&waiting, script).await;
+    assert_eq!(action, Action::requeue(ACTIVE_RECHECK));
+}
+
+fn cluster_datastore(allowed: Value) -> Value {
+    json!({
+        "apiVersion": "datastore.dev/v1alpha1",
+        "kind": "ClusterDatastore",
+        "metadata": {"name": "blob-ds", "uid": "uid-cds", "resourceVersion": "8", "generation": 1},
+        "spec": {
+            "azureBlob": {
+                "accountName": "shared",
+                "containerName": "datasets",
+                "credentials": {"secretRef": {"name": "shared-key"}},
+            },
+            "allowedNamespaces": allowed,
+        },
+    })
+}
+
+fn namespace(labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "labels": labels}})
+}
+
+#[tokio::test]
+async fn a_cluster_datastore_refuses_namespaces_its_selector_does_not_allow() {
+    let exp = experiment(EXAMPLE);
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).not_found(),
+        expect(&format!("GET {GROUP}/namespaces/ml/datastores/blob-ds")).not_found(),
+        expect(&format!("GET {GROUP}/clusterdatastores/blob-ds")).ok(cluster_datastore(
+            json!({"matchLabels": {"team": "vision"}}),
+        )),
+        expect("GET /api/v1/namespaces/ml").ok(namespace(json!({"team": "nlp"}))),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Pending));
+            let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+            assert_eq!(
+                (accepted.status.as_str(), accepted.reason.as_str()),
+                ("False", "DatastoreNotAllowed")
+            );
+            assert!(
+                accepted.message.contains("does not select namespace ml"),
+                "{}",
+                accepted.message
+            );
+        }),
+        event_about("Warning", "DatastoreNotAllowed", "ClusterDatastore blob-ds"),
+    ];
+    // No Secret of the operator's namespace is read, nothing is created.
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::requeue(BLOCKED_RECHECK));
+}
+
+#[tokio::test]
+async fn a_cluster_datastore_serves_the_namespaces_it_allows_without_copying_its_key() {
+    let exp = experiment(EXAMPLE);
+    let status = Arc::default();
+    let script =
+        vec![
+        expect(&format!("GET {RUN}")).not_found(),
+        expect(&format!("GET {GROUP}/namespaces/ml/datastores/blob-ds")).not_found(),
+        expect(&format!("GET {GROUP}/clusterdatastores/blob-ds")).ok(cluster_datastore(json!({
+            "matchExpressions": [{"key": "team", "operator": "In", "values": ["vision", "nlp"]}]
+        }))),
+        expect("GET /api/v1/namespaces/ml").ok(namespace(json!({"team": "nlp"}))),
+        expect(&format!("GET /api/v1/namespaces/{OPERATOR_NS}/secrets/shared-key"))
+            .ok(secret(OPERATOR_NS, "shared-key", "accountKey", ACCOUNT_KEY)),
+        apply(CREDENTIALS).body(|secret| {
+            assert_eq!(secret["metadata"]["namespace"], NS);
+            let file = secret["stringData"]["datastores.yaml"].as_str().unwrap();
+            assert!(!file.contains(ACCOUNT_KEY), "{file}");
+            assert!(file.contains("containerName: datasets"), "{file}");
+        }),
+        apply(PVC),
+        apply(RUN),
+        status_patch(&status, |s| assert_eq!(s.phase, Some(Phase::Pending))),
+        event_about("Normal", "Created", "created Job train-run"),
+    ];
+    reconcile_once(&exp, script).await;
+}
+
+// -------------------------------------------------------------------------------------------
+// Datastore readiness, checked against a real Azurite
+
+fn azurite_datastore(container: &str, secret_name: &str, endpoint: &str) -> Datastore {
+    serde_json::from_value(json!({
+        "apiVersion": "datastore.dev/v1alpha1",
+        "kind": "Datastore",
+        "metadata": {"name": "blob-ds", "namespace": NS, "uid": "uid-ds", "resourceVersion": "7", "generation": 3},
+        "spec": {"azureBlob": {
+            "accountName": common::ACCOUNT,
+            "containerName": container,
+            "endpoint": endpoint,
+            "credentials": {"secretRef": {"name": secret_name}},
+        }},
+    }))
+    .unwrap()
+}
+
+const DS_STATUS: &str = "/apis/datastore.dev/v1alpha1/namespaces/ml/datastores/blob-ds/status";
+
+/// Reconciles `ds` with its Secret holding `key`; returns the action and the Ready condition
+/// written (`None`: nothing written).
+async fn check_datastore(ds: Datastore, key: &str) -> (Action, Option<Value>) {
+    let written: Arc<Mutex<Option<Value>>> = Arc::default();
+    let into = written.clone();
+    let mut script = vec![
+        expect("GET /api/v1/namespaces/ml/secrets/ds-key").ok(secret(
+            NS,
+            "ds-key",
+            "accountKey",
+            key,
+        )),
+    ];
+    let expect_write = ds.status.is_none();
+    if expect_write {
+        script.push(
+            apply(DS_STATUS)
+                .body(move |body| {
+                    assert_eq!(body["kind"], "Datastore");
+                    assert_eq!(body["status"]["observedGeneration"], 3);
+                    *into.lock().unwrap() = Some(body["status"]["conditions"][0].clone());
+                })
+                .ok(blob_datastore(NS, "blob-ds")),
+        );
+    }
+    let (client, server) = start(script);
+    let action = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        reconcile_datastore(Arc::new(ds), context(client)),
+    )
+    .await
+    .expect("a check is bounded")
+    .expect("the reconcile succeeds");
+    server.done().await;
+    let condition = written.lock().unwrap().take();
+    (action, condition)
+}
+
+fn reason(condition: &Option<Value>) -> (String, String) {
+    let c = condition.as_ref().expect("a Ready condition was written");
+    (
+        c["status"].as_str().unwrap().into(),
+        c["reason"].as_str().unwrap().into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reachable_datastore_is_ready_and_an_unchanged_one_is_not_rewritten() {
+    let container = common::unique_container();
+    common::client(&container).create_container().await.unwrap();
+    let ds = azurite_datastore(&container, "ds-key", &common::endpoint());
+    let (action, condition) = check_datastore(ds.clone(), common::KEY).await;
+    assert_eq!(reason(&condition), ("True".into(), "Reachable".into()));
+    assert_eq!(action, Action::requeue(READY_RECHECK));
+
+    // Checked again later: still ready, same condition, no write.
+    let mut checked = ds;
+    checked.status = Some(
+        serde_json::from_value(json!({
+            "conditions": [condition.unwrap()], "observedGeneration": 3
+        }))
+        .unwrap(),
+    );
+    let (client, server) = start(vec![
+        expect("GET /api/v1/namespaces/ml/secrets/ds-key").ok(secret(
+            NS,
+            "ds-key",
+            "accountKey",
+            common::KEY,
+        )),
+    ]);
+    let action = reconcile_datastore(Arc::new(checked), context(client))
+        .await
+        .unwrap();
+    server.done().await;
+    assert_eq!(action, Action::requeue(READY_RECHECK));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_key_is_auth_failed() {
+    let container = common::unique_container();
+    common::client(&container).create_container().await.unwrap();
+    let wrong = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+    let (action, condition) = check_datastore(
+        azurite_datastore(&container, "ds-key", &common::endpoint()),
+        &wrong,
+    )
+    .await;
+    assert_eq!(reason(&condition), ("False".into(), "AuthFailed".into()));
+    assert_eq!(
+        action,
+        Action::requeue(NOT_READY_RECHECK),
+        "not ready: rechecked on a bounded period"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_container_is_container_not_found() {
+    let (_, condition) = check_datastore(
+        azurite_datastore(&common::unique_container(), "ds-key", &common::endpoint()),
+        common::KEY,
+    )
+    .await;
+    assert_eq!(
+        reason(&condition),
+        ("False".into(), "ContainerNotFound".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_port_is_unreachable() {
+    let endpoint = format!(
+        "http://127.0.0.1:{}/{}",
+        common::free_port(),
+        common::ACCOUNT
+    );
+    let (_, condition) =
+        check_datastore(azurite_datastore("data", "ds-key", &endpoint), common::KEY).await;
+    assert_eq!(reason(&condition), ("False".into(), "Unreachable".into()));
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_invalid_config_not_a_retry_loop() {
+    let ds = azurite_datastore("data", "ds-key", "http://127.0.0.1:9/devstoreaccount1");
+    let written: Arc<Mutex<Option<Value>>> = Arc::default();
+    let into = written.clone();
+    let (client, server) = start(vec![
+        expect("GET /api/v1/namespaces/ml/secrets/ds-key").not_found(),
+        apply(DS_STATUS)
+            .body(move |body| *into.lock().unwrap() = Some(body["status"]["conditions"][0].clone()))
+            .ok(blob_datastore(NS, "blob-ds")),
+    ]);
+    let action = reconcile_datastore(Arc::new(ds), context(client))
+        .await
+        .unwrap();
+    server.done().await;
+    let condition = written.lock().unwrap().take();
+    assert_eq!(reason(&condition), ("False".into(), "InvalidConfig".into()));
+    let message = condition.unwrap()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("Secret 'ds-key'") && message.contains("create it"),
+        "{message}"
+    );
+    assert_eq!(action, Action::requeue(NOT_READY_RECHECK));
+}
+
+#[tokio::test]
+async fn a_cluster_datastore_reads_its_secret_in_the_operator_namespace() {
+    let cds: ClusterDatastore = serde_json::from_value(cluster_datastore(json!({}))).unwrap();
+    let (client, server) = start(vec![
+        expect(&format!(
+            "GET /api/v1/namespaces/{OPERATOR_NS}/secrets/shared-key"
+        ))
+        .not_found(),
+        apply("/apis/datastore.dev/v1alpha1/clusterdatastores/blob-ds/status")
+            .body(|body| {
+                assert_eq!(body["kind"], "ClusterDatastore");
+                assert_eq!(body["status"]["conditions"][0]["reason"], "InvalidConfig");
+            })
+            .ok(cluster_datastore(json!({}))),
+    ]);
+    reconcile_cluster_datastore(Arc::new(cds), context(client))
+        .await
+        .unwrap();
+    server.done().await;
+}
