@@ -58,7 +58,8 @@ pub struct ExperimentSpec {
     pub image: String,
     /// The working directory of the script, holding `entryScript` (the SDK's
     /// `source_directory`), e.g. `experiment_folder`. Relative paths are resolved against the
-    /// image's working directory. Absent means the image's working directory.
+    /// image's working directory and entered with `sh` (which the image must then have); an
+    /// absolute path needs no shell. Absent means the image's working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_directory: Option<String>,
     /// The script to run, relative to `sourceDirectory`, e.g. `training_script.py`. It runs as

@@ -476,12 +476,13 @@ pub fn run_job(
             value_from: None,
         }))
         .collect();
+    let (working_dir, command, args) = main_command(plan);
     let main = Container {
         name: "main".to_string(),
         image: Some(spec.image.clone()),
-        working_dir: plan.working_dir.clone(),
-        command: Some(plan.command.clone()),
-        args: Some(plan.args.clone()),
+        working_dir,
+        command: Some(command),
+        args: Some(args),
         env: (!env.is_empty()).then_some(env),
         resources: spec.resources.clone(),
         volume_mounts: (!main_mounts.is_empty()).then_some(main_mounts),
@@ -507,6 +508,27 @@ pub fn run_job(
         spec.backoff_limit,
         spec.active_deadline_seconds,
     )
+}
+
+/// The script's working directory, command and args. An absolute `sourceDirectory` is the
+/// container's working directory. A relative one (a folder under the image's WORKDIR, as the
+/// SDK's `source_directory` is relative) cannot be: a container's working directory must be
+/// absolute. Then a shell enters it first, each argument passed as a positional parameter (no
+/// quoting to get wrong); this needs `sh` in the image.
+pub fn main_command(plan: &ExecutionPlan) -> (Option<String>, Vec<String>, Vec<String>) {
+    match &plan.working_dir {
+        Some(dir) if !dir.starts_with('/') => {
+            let mut args = vec![
+                "-c".to_string(),
+                r#"cd -- "$0" && exec "$@""#.to_string(),
+                dir.clone(),
+            ];
+            args.extend(plan.command.iter().cloned());
+            args.extend(plan.args.iter().cloned());
+            (None, vec!["sh".to_string()], args)
+        }
+        dir => (dir.clone(), plan.command.clone(), plan.args.clone()),
+    }
 }
 
 fn job(

@@ -367,7 +367,9 @@ fn outputs_pvc_and_upload_job() {
             "--src-dir",
             "/mnt/datastore/outputs",
             "--path",
-            "outputs/run1"
+            "outputs/run1",
+            "--report",
+            "/dev/termination-log"
         ]
     );
     assert_eq!(
@@ -593,4 +595,60 @@ fn render_is_deterministic_and_none_without_datastores() {
         render_credentials(&empty, &stores, now(), None).unwrap(),
         None
     );
+}
+
+/// A relative `sourceDirectory` is entered by a shell; run the rendered command for real, from a
+/// directory standing for the image's WORKDIR, with arguments a shell would mangle if quoted.
+#[test]
+fn a_relative_source_directory_is_entered_before_the_script_runs() {
+    let exp = experiment(
+        r#"
+image: python:3.12-slim
+sourceDirectory: code dir/src
+entryScript: unused.py
+command: [sh, show.sh]
+scriptParams:
+  - name: --tricky
+    value: "a b 'c\" $HOME `x` ; exit 3"
+"#,
+    );
+    let plan = plan(&exp.spec, &BTreeMap::new(), CLUSTER_ROOT).unwrap();
+    let job = run_job(&exp, &plan, &BuildContext::default(), false);
+    let main = &pod(&job).containers[0];
+    assert_eq!(
+        main.working_dir, None,
+        "a relative workingDir is not valid in a container"
+    );
+
+    let workdir = tempfile::tempdir().unwrap();
+    let src = workdir.path().join("code dir/src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("show.sh"),
+        "pwd\nfor a in \"$@\"; do echo \"[$a]\"; done\n",
+    )
+    .unwrap();
+    let command = main.command.as_ref().unwrap();
+    let out = std::process::Command::new(&command[0])
+        .args(command[1..].iter().chain(main.args.as_ref().unwrap()))
+        .current_dir(workdir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        std::path::Path::new(lines[0]).canonicalize().unwrap(),
+        src.canonicalize().unwrap()
+    );
+    assert_eq!(&lines[1..], ["[--tricky]", "[a b 'c\" $HOME `x` ; exit 3]"]);
+
+    // An absolute one is the working directory itself, without a shell.
+    let absolute = ExecutionPlan {
+        working_dir: Some("/app".into()),
+        ..plan
+    };
+    let (dir, command, args) = main_command(&absolute);
+    assert_eq!(dir.as_deref(), Some("/app"));
+    assert_eq!((command, args), (absolute.command, absolute.args));
 }
