@@ -956,3 +956,88 @@ async fn a_cluster_datastore_reads_its_secret_in_the_operator_namespace() {
         .unwrap();
     server.done().await;
 }
+
+// -------------------------------------------------------------------------------------------
+// The controller process
+
+fn controller(
+    kubeconfig: Option<&std::path::Path>,
+    home: &std::path::Path,
+) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_datastore"));
+    command
+        .arg("controller")
+        .env("HOME", home)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT");
+    if let Some(path) = kubeconfig {
+        command.env("KUBECONFIG", path);
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn without_a_cluster_the_controller_says_so_and_exits() {
+    let home = tempfile::tempdir().unwrap();
+    let out = controller(None, home.path());
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no Kubernetes cluster is reachable"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_its_crds_the_controller_says_how_to_install_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An apiserver that knows no datastore.dev resources: every request is a 404.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let n = socket.read(&mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            seen.lock().unwrap().push(head);
+            let body = r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#;
+            let response = format!(
+                "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            socket.write_all(response.as_bytes()).await.unwrap();
+        }
+    });
+    let home = tempfile::tempdir().unwrap();
+    let kubeconfig = home.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'http://127.0.0.1:{port}'}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || controller(Some(&kubeconfig), home.path()))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CRDs are not installed")
+            && stderr.contains("datastore crds | kubectl apply -f -"),
+        "{stderr}"
+    );
+    assert_eq!(
+        requests.lock().unwrap().as_slice(),
+        ["GET /apis/datastore.dev/v1alpha1/experiments?&limit=1 HTTP/1.1"],
+        "one request, then a clear exit"
+    );
+}

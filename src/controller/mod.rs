@@ -124,9 +124,9 @@ pub async fn run(args: ControllerArgs) -> i32 {
             return 6;
         }
     };
-    if let Err(message) = crds_installed(&client).await {
-        eprintln!("error: {message}");
-        return 3;
+    if let Err(e) = crds_installed(&client).await {
+        eprintln!("error: {e}");
+        return e.exit_code();
     }
     let build = BuildContext {
         agent_image: args.agent_image,
@@ -154,14 +154,21 @@ pub async fn run(args: ControllerArgs) -> i32 {
 }
 
 /// Fails with a message saying how to install the CRDs when they are missing.
-async fn crds_installed(client: &Client) -> Result<(), String> {
+async fn crds_installed(client: &Client) -> Result<(), crate::error::Error> {
+    use crate::error::Error;
     let experiments: Api<Experiment> = Api::all(client.clone());
     match experiments.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Err(
-            "the datastore.dev CRDs are not installed: install them (datastore crds | kubectl apply -f -, or the Helm chart)".to_string(),
-        ),
-        Err(e) => Err(format!("cannot list Experiments: {e}")),
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(Error::Config(
+            "the datastore.dev CRDs are not installed in this cluster: install them (datastore crds | kubectl apply -f -, or the Helm chart), then start the controller again".to_string(),
+        )),
+        Err(kube::Error::Api(e)) if e.code == 403 => Err(Error::Auth(format!(
+            "the cluster refused to list Experiments ({}): the controller's ServiceAccount needs the RBAC rules of the Helm chart",
+            e.message
+        ))),
+        Err(e) => Err(Error::Unreachable(format!(
+            "cannot reach the Kubernetes API ({e}): check the kubeconfig or the in-cluster service account"
+        ))),
     }
 }
 
