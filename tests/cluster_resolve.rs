@@ -2,16 +2,17 @@
 //! (`tower_test::mock::pair`). Every request the code makes is checked (method and path, in
 //! order) and nothing more may be asked once the scenario's script is done.
 
+mod common;
+
 use std::time::Duration;
 
 use base64::Engine;
+use common::apiserver::{Exchange, expect, start};
 use datastore_operator::error::Error;
 use datastore_operator::store::resolve::{Resolved, Scope, resolve_with_client};
 use datastore_operator::store::{AzureBlobConfig, AzureCredential, Secret, StoreConfig};
-use http::{Method, Request, Response, StatusCode};
-use kube::client::Body;
+use http::StatusCode;
 use serde_json::{Value, json};
-use tower_test::mock::{self, Handle};
 
 const GROUP: &str = "/apis/datastore.dev/v1alpha1";
 const OPERATOR_NS: &str = "datastore-operator";
@@ -19,21 +20,10 @@ const OPERATOR_NS: &str = "datastore-operator";
 const ACCOUNT_KEY: &str = "bm90LWEtcmVhbC1hY2NvdW50LWtleQ==";
 const SAS: &str = "sv=2024-11-04&ss=b&srt=co&sp=rl&se=2030-01-01T00:00:00Z&sig=c2ln";
 
-/// One expected request and the apiserver's answer to it.
-struct Exchange {
-    method: Method,
-    path_and_query: String,
-    status: StatusCode,
-    body: Value,
-}
-
 fn get(path: impl Into<String>, status: StatusCode, body: Value) -> Exchange {
-    Exchange {
-        method: Method::GET,
-        path_and_query: path.into(),
-        status,
-        body,
-    }
+    let path = path.into();
+    // The list calls end in `?`: the script compares paths; queries are not at stake here.
+    expect(&format!("GET {}", path.trim_end_matches('?'))).reply(status, body)
 }
 
 fn found(path: impl Into<String>, body: Value) -> Exchange {
@@ -41,65 +31,8 @@ fn found(path: impl Into<String>, body: Value) -> Exchange {
 }
 
 /// A 404 as a real apiserver sends it: a `Status` object, so `get_opt` returns `None`.
-fn not_found(path: impl Into<String>, resource: &str, name: &str) -> Exchange {
-    get(
-        path,
-        StatusCode::NOT_FOUND,
-        json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": format!("{resource} \"{name}\" not found"),
-            "reason": "NotFound",
-            "details": {"name": name, "kind": resource},
-            "code": 404,
-        }),
-    )
-}
-
-/// Answers the client's requests in order, checking each one against the script, then checks
-/// that the client asks nothing more (it has been dropped by then, which ends the stream).
-async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Exchange>) {
-    for (i, want) in script.into_iter().enumerate() {
-        let (request, send) = handle.next_request().await.unwrap_or_else(|| {
-            panic!(
-                "request {} was never made: expected {} {}",
-                i + 1,
-                want.method,
-                want.path_and_query
-            )
-        });
-        let got = (
-            request.method().clone(),
-            request
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_default(),
-        );
-        assert_eq!(
-            got,
-            (want.method, want.path_and_query),
-            "request {} differs from the script",
-            i + 1
-        );
-        let body = serde_json::to_vec(&want.body).unwrap();
-        send.send_response(
-            Response::builder()
-                .status(want.status)
-                .header("content-type", "application/json")
-                .body(Body::from(body))
-                .unwrap(),
-        );
-    }
-    if let Some((extra, _)) = handle.next_request().await {
-        panic!(
-            "unexpected request after the script: {} {}",
-            extra.method(),
-            extra.uri()
-        );
-    }
+fn not_found(path: impl Into<String>) -> Exchange {
+    expect(&format!("GET {}", path.into())).not_found()
 }
 
 fn scope() -> Scope {
@@ -111,19 +44,14 @@ fn scope() -> Scope {
 
 /// Runs `resolve_with_client` against the scripted apiserver.
 async fn resolve(name: &str, script: Vec<Exchange>) -> Result<Resolved, Error> {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let server = tokio::spawn(serve(handle, script));
-    let client = kube::Client::new(service, "default");
+    let (client, server) = start(script);
     let result = tokio::time::timeout(
         Duration::from_secs(10),
         resolve_with_client(client, name, &scope()),
     )
     .await
     .expect("resolution finishes");
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("the mocked apiserver finishes once the client is dropped")
-        .expect("every request matched the script");
+    server.done().await;
     result
 }
 
@@ -237,11 +165,7 @@ async fn a_cluster_datastore_reads_its_secret_from_the_operator_namespace() {
     let resolved = resolve(
         "shared",
         vec![
-            not_found(
-                datastore_path("default", "shared"),
-                "datastores.datastore.dev",
-                "shared",
-            ),
+            not_found(datastore_path("default", "shared")),
             found(
                 cluster_datastore_path("shared"),
                 cluster_datastore("shared", spec),
@@ -322,16 +246,8 @@ async fn neither_kind_found_lists_the_names_the_cluster_has() {
         resolve(
             "nope",
             vec![
-                not_found(
-                    datastore_path("default", "nope"),
-                    "datastores.datastore.dev",
-                    "nope",
-                ),
-                not_found(
-                    cluster_datastore_path("nope"),
-                    "clusterdatastores.datastore.dev",
-                    "nope",
-                ),
+                not_found(datastore_path("default", "nope")),
+                not_found(cluster_datastore_path("nope")),
                 found(
                     format!("{GROUP}/namespaces/default/datastores?"),
                     list(
@@ -373,16 +289,8 @@ async fn neither_kind_found_in_an_empty_cluster_says_none() {
         resolve(
             "nope",
             vec![
-                not_found(
-                    datastore_path("default", "nope"),
-                    "datastores.datastore.dev",
-                    "nope",
-                ),
-                not_found(
-                    cluster_datastore_path("nope"),
-                    "clusterdatastores.datastore.dev",
-                    "nope",
-                ),
+                not_found(datastore_path("default", "nope")),
+                not_found(cluster_datastore_path("nope")),
                 found(
                     format!("{GROUP}/namespaces/default/datastores?"),
                     list("Datastore", vec![]),
@@ -412,11 +320,7 @@ async fn a_missing_secret_is_named_with_its_namespace() {
                         azure_spec("mlstorage", "data", "blob-creds"),
                     ),
                 ),
-                not_found(
-                    secret_path("default", "blob-creds"),
-                    "secrets",
-                    "blob-creds",
-                ),
+                not_found(secret_path("default", "blob-creds")),
             ],
         )
         .await,
@@ -436,20 +340,12 @@ async fn a_cluster_datastore_secret_missing_from_the_operator_namespace() {
         resolve(
             "shared",
             vec![
-                not_found(
-                    datastore_path("default", "shared"),
-                    "datastores.datastore.dev",
-                    "shared",
-                ),
+                not_found(datastore_path("default", "shared")),
                 found(
                     cluster_datastore_path("shared"),
                     cluster_datastore("shared", azure_spec("sharedstore", "data", "shared-creds")),
                 ),
-                not_found(
-                    secret_path(OPERATOR_NS, "shared-creds"),
-                    "secrets",
-                    "shared-creds",
-                ),
+                not_found(secret_path(OPERATOR_NS, "shared-creds")),
             ],
         )
         .await,
@@ -521,12 +417,11 @@ async fn crds_not_installed_is_an_error_not_an_absent_datastore() {
     // Status: the code must stop there, not go on as if the datastore did not exist.
     let result = resolve(
         "blob-ds",
-        vec![Exchange {
-            method: Method::GET,
-            path_and_query: datastore_path("default", "blob-ds"),
-            status: StatusCode::NOT_FOUND,
-            body: json!("404 page not found"),
-        }],
+        vec![get(
+            datastore_path("default", "blob-ds"),
+            StatusCode::NOT_FOUND,
+            json!("404 page not found"),
+        )],
     )
     .await;
     let err = result.expect_err("missing CRDs are an error");

@@ -72,6 +72,10 @@ impl Exchange {
         self.reply = Reply::Json(StatusCode::OK, body);
         self
     }
+    pub fn reply(mut self, status: StatusCode, body: Value) -> Exchange {
+        self.reply = Reply::Json(status, body);
+        self
+    }
     pub fn echo(mut self) -> Exchange {
         self.reply = Reply::Echo;
         self
