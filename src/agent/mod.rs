@@ -4,7 +4,8 @@
 //!   local directory, and a report of exactly which data the run saw goes to the container's
 //!   termination message, where the controller reads it into the Experiment's status;
 //! - `datastore agent upload` (upload Job): the contents of a local directory land under a
-//!   datastore folder.
+//!   datastore folder; if that fails, the error goes to the termination message, where the
+//!   controller reads why.
 //!
 //! Both print the CLI's JSON summary as one line on stdout; logs are JSON lines on stderr.
 //! There are no progress bars.
@@ -67,6 +68,9 @@ pub struct UploadArgs {
     /// Replace blobs that exist; without it they are skipped and counted.
     #[arg(long)]
     pub overwrite: bool,
+    /// Where the error goes when the upload fails, e.g. /dev/termination-log.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -257,11 +261,24 @@ async fn upload(args: UploadArgs) -> i32 {
         .await
     };
     match interruptible(work).await {
-        Ok(result) => crate::cli::report(crate::cli::Output::Json, result),
+        Ok(result) => {
+            if let (Some(path), Err(failed)) = (&args.report, &result)
+                && let Err(e) = write_report(path, &failed.error.to_string())
+            {
+                tracing::error!(error = %e, "the error could not be reported");
+            }
+            crate::cli::report(crate::cli::Output::Json, result)
+        }
         Err(Interrupted(signal)) => {
-            tracing::warn!(
+            let msg = format!(
                 "interrupted by signal {signal}: no partial file was left under its final name; run again to finish"
             );
+            tracing::warn!("{msg}");
+            if let Some(path) = &args.report
+                && let Err(e) = write_report(path, &msg)
+            {
+                tracing::error!(error = %e, "the interruption could not be reported");
+            }
             128 + signal
         }
     }

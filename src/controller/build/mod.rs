@@ -617,6 +617,8 @@ pub fn upload_job(
                     upload.local_path.clone(),
                     "--path".into(),
                     upload.remote_path.clone(),
+                    "--report".into(),
+                    "/dev/termination-log".into(),
                 ],
                 vec![outputs_mount(n, upload, true)],
                 has_credentials,
