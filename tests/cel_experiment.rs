@@ -377,7 +377,7 @@ fn every_rule_compiles_and_stays_within_the_cost_budget() {
         .collect();
     assert_eq!(
         found.len(),
-        9,
+        10,
         "the rules written in src/api/experiment.rs: {listed:?}"
     );
     for (path, rule, node) in found {
@@ -425,4 +425,28 @@ fn the_committed_example_is_a_valid_experiment() {
         .unwrap()
         .remove("uploadPolicy"); // the one default the example leaves out
     assert_eq!(round_trip, written);
+}
+
+// --- DataReference: overwrite is for uploads ---
+
+#[test]
+fn overwrite_applies_to_upload_references_only() {
+    let reference = |mode: &str, overwrite: bool| json!({"datastore": "blob-ds", "path": "outputs", "mode": mode, "overwrite": overwrite});
+    assert!(DataReference::validate_cel(&reference("upload", true), None).is_ok());
+    assert!(DataReference::validate_cel(&reference("download", false), None).is_ok());
+    for mode in ["download", "mount"] {
+        let errors = DataReference::validate_cel(&reference(mode, true), None)
+            .map_or_else(messages, |()| Vec::new());
+        assert_eq!(
+            errors,
+            vec!["overwrite applies to upload references only"],
+            "{mode}"
+        );
+    }
+    let mut spec = example();
+    spec["scriptParams"][0]["dataReference"]["overwrite"] = json!(true);
+    assert_eq!(
+        spec_errors(&spec),
+        vec!["overwrite applies to upload references only"]
+    );
 }

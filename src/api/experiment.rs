@@ -163,7 +163,10 @@ pub struct ScriptParam {
 
 /// A path in a datastore, made available to the script at a path on compute.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(cel)]
+#[x_kube(
+    cel,
+    validation = Rule::new("!has(self.overwrite) || !self.overwrite || self.mode == 'upload'").message("overwrite applies to upload references only")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct DataReference {
     /// The name of a Datastore in the experiment's namespace or of a ClusterDatastore.
@@ -184,6 +187,12 @@ pub struct DataReference {
     #[schemars(length(max = 1024))]
     #[x_kube(validation = Rule::new("self.matches('^[^/]+(/[^/]+)*$') && !self.matches('(^|/)[.][.]?(/|$)')").message(PATH_ON_COMPUTE))]
     pub path_on_compute: Option<String>,
+    /// For `upload`: replace blobs that already exist under `path` (the SDK's
+    /// `as_upload(overwrite=True)`). Without it, an output whose blob exists is kept as it is
+    /// and counted as skipped, so a second run into the same path does not replace the first
+    /// run's files.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overwrite: bool,
 }
 
 /// The message of the `pathOnCompute` rule (the planner checks the same rule and names the

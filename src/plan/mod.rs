@@ -74,6 +74,8 @@ pub struct Transfer {
     pub datastore: String,
     /// The path in the datastore, normalized.
     pub remote_path: String,
+    /// Uploads: replace blobs that exist.
+    pub overwrite: bool,
     /// The absolute path on compute.
     pub local_path: String,
 }
@@ -108,6 +110,8 @@ pub enum PlanError {
         "parameter {param}: mount is only available on a remote compute target; use mode download, or computeTarget cluster"
     )]
     MountOnLocalCompute { param: String },
+    #[error("parameter {param}: overwrite applies to upload references only; remove it")]
+    OverwriteNotUpload { param: String },
     #[error(
         "parameter {param} refers to datastore {datastore:?}, a local directory that only the CLI can reach; use computeTarget local, or a datastore in Azure Blob Storage"
     )]
@@ -151,6 +155,7 @@ impl PlanError {
             PlanError::EmptyEntryScript => "EmptyEntryScript",
             PlanError::UnknownDatastore { .. } => "UnknownDatastore",
             PlanError::MountOnLocalCompute { .. } => "MountOnLocalCompute",
+            PlanError::OverwriteNotUpload { .. } => "OverwriteNotUpload",
             PlanError::LocalDatastoreOnCluster { .. } => "LocalDatastoreOnCluster",
             PlanError::InvalidPathOnCompute { .. } => "InvalidPathOnCompute",
             PlanError::PathOnComputeClash { .. } => "PathOnComputeClash",
@@ -241,6 +246,7 @@ pub fn plan(
             datastore: planned.datastore.clone(),
             remote_path: planned.path.clone(),
             local_path: planned.path_on_compute.clone(),
+            overwrite: reference.overwrite,
         };
         let needed = match planned.mode {
             Mode::Download => {
@@ -328,6 +334,11 @@ fn plan_reference(
             known: datastores.keys().cloned().collect(),
         });
     };
+    if reference.overwrite && reference.mode != Mode::Upload {
+        return Err(PlanError::OverwriteNotUpload {
+            param: param.to_string(),
+        });
+    }
     if target == ComputeTarget::Local && reference.mode == Mode::Mount {
         return Err(PlanError::MountOnLocalCompute {
             param: param.to_string(),

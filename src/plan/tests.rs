@@ -118,6 +118,7 @@ fn the_example_is_planned_as_the_issue_describes() {
             datastore: "blob-ds".into(),
             remote_path: "data/files".into(),
             local_path: "/mnt/datastore/training_data".into(),
+            overwrite: false,
         }]
     );
     assert_eq!(
@@ -127,6 +128,7 @@ fn the_example_is_planned_as_the_issue_describes() {
             datastore: "blob-ds".into(),
             remote_path: "outputs/run1".into(),
             local_path: "/mnt/datastore/outputs".into(),
+            overwrite: false,
         }]
     );
     // Download and upload on one datastore: the union, and nothing more (no delete, no add).
@@ -574,4 +576,32 @@ scriptParams:
         err.to_string(),
         "parameters --data-folder and --data_folder would both set the environment variable AZUREML_DATAREFERENCE_DATA_FOLDER; rename one of them"
     );
+}
+
+#[test]
+fn overwrite_is_carried_to_the_upload_and_refused_elsewhere() {
+    let mut spec = example();
+    spec.script_params[1]
+        .data_reference
+        .as_mut()
+        .unwrap()
+        .overwrite = true;
+    let planned = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    assert!(planned.uploads[0].overwrite);
+    assert!(!planned.downloads[0].overwrite);
+
+    let mut spec = example();
+    spec.script_params[0]
+        .data_reference
+        .as_mut()
+        .unwrap()
+        .overwrite = true;
+    let err = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::OverwriteNotUpload {
+            param: "--data_folder".into()
+        }
+    );
+    assert_eq!(err.reason(), "OverwriteNotUpload");
 }

@@ -603,23 +603,27 @@ pub fn upload_job(
         .iter()
         .enumerate()
         .map(|(n, upload)| {
+            let mut args: Vec<String> = vec![
+                "agent".into(),
+                "upload".into(),
+                "--datastores".into(),
+                datastores_path(),
+                "--datastore".into(),
+                upload.datastore.clone(),
+                "--src-dir".into(),
+                upload.local_path.clone(),
+                "--path".into(),
+                upload.remote_path.clone(),
+                "--report".into(),
+                "/dev/termination-log".into(),
+            ];
+            if upload.overwrite {
+                args.push("--overwrite".into());
+            }
             agent_container(
                 format!("upload-{n}"),
                 ctx,
-                vec![
-                    "agent".into(),
-                    "upload".into(),
-                    "--datastores".into(),
-                    datastores_path(),
-                    "--datastore".into(),
-                    upload.datastore.clone(),
-                    "--src-dir".into(),
-                    upload.local_path.clone(),
-                    "--path".into(),
-                    upload.remote_path.clone(),
-                    "--report".into(),
-                    "/dev/termination-log".into(),
-                ],
+                args,
                 vec![outputs_mount(n, upload, true)],
                 has_credentials,
             )

@@ -387,6 +387,26 @@ fn outputs_pvc_and_upload_job() {
 }
 
 #[test]
+fn an_upload_reference_with_overwrite_replaces_existing_blobs() {
+    let yaml = EXAMPLE.replace(
+        "mode: upload, pathOnCompute: outputs}",
+        "mode: upload, pathOnCompute: outputs, overwrite: true}",
+    );
+    let (_, _, c) = children(&yaml);
+    let args = pod(c.upload.as_ref().unwrap()).containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(args.last().map(String::as_str), Some("--overwrite"));
+    let (_, _, c) = children(EXAMPLE);
+    let args = pod(c.upload.as_ref().unwrap()).containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(!args.contains(&"--overwrite".to_string()), "{args:?}");
+}
+
+#[test]
 fn outputs_size_and_class_come_from_the_spec() {
     let yaml = format!("{EXAMPLE}outputs: {{size: 50Gi, storageClassName: managed-csi}}\n");
     let (_, _, c) = children(&yaml);

@@ -182,6 +182,7 @@ fn transfer(param: &str, path: &str) -> Transfer {
         datastore: "blob-ds".into(),
         remote_path: path.into(),
         local_path: format!("/mnt/datastore/{path}"),
+        overwrite: false,
     }
 }
 
