@@ -157,7 +157,10 @@ fn job(name: &str, conditions: Value) -> Value {
     json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": name, "namespace": NS, "resourceVersion": "20"},
+        "metadata": {"name": name, "namespace": NS, "resourceVersion": "20", "ownerReferences": [{
+            "apiVersion": "datastore.dev/v1alpha1", "kind": "Experiment", "name": "train", "uid": UID,
+            "controller": true, "blockOwnerDeletion": true,
+        }]},
         "spec": {"template": {"spec": {"containers": [{"name": "main", "image": "x"}]}}},
         "status": {"conditions": conditions},
     })
@@ -1040,4 +1043,107 @@ async fn without_its_crds_the_controller_says_how_to_install_them() {
         ["GET /apis/datastore.dev/v1alpha1/experiments?&limit=1 HTTP/1.1"],
         "one request, then a clear exit"
     );
+}
+
+// -------------------------------------------------------------------------------------------
+// Objects that are not ours, deletion, and what the cluster refuses
+
+#[tokio::test]
+async fn a_leftover_job_of_a_deleted_namesake_is_neither_followed_nor_adopted() {
+    // `kubectl delete exp train && kubectl apply -f train.yaml`: the old Job (another uid)
+    // may still be there, Complete. It must not pass for this Experiment's run.
+    let exp = experiment(EXAMPLE);
+    let mut leftover = job("train-run", condition("Complete", "Completed"));
+    leftover["metadata"]["ownerReferences"][0]["uid"] = json!("uid-of-the-deleted-one");
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(leftover),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Pending));
+            let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+            assert_eq!(
+                (accepted.status.as_str(), accepted.reason.as_str()),
+                ("False", "NameConflict")
+            );
+        }),
+        event_about(
+            "Warning",
+            "NameConflict",
+            "does not belong to this Experiment",
+        ),
+    ];
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(
+        action,
+        Action::requeue(BLOCKED_RECHECK),
+        "it goes away with the garbage collector"
+    );
+}
+
+#[tokio::test]
+async fn a_run_job_deleted_mid_run_fails_the_experiment_instead_of_rerunning_it() {
+    let exp = running_exp().await;
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).not_found(),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Failed));
+            assert!(s.completion_time.is_some());
+        }),
+        event_about("Warning", "RunJobDeleted", "create a new Experiment"),
+    ];
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn an_experiment_being_deleted_creates_nothing() {
+    let mut exp = experiment(EXAMPLE);
+    exp.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(1_790_000_000).unwrap(),
+    ));
+    assert_eq!(reconcile_once(&exp, vec![]).await, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_local_experiment_is_left_to_datastore_run() {
+    let mut exp = experiment(EXAMPLE);
+    exp.spec.compute_target = datastore_operator::api::ComputeTarget::Local;
+    let status = Arc::default();
+    let script = vec![
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Pending));
+            assert!(s.message.as_deref().unwrap().contains("datastore run"));
+        }),
+        event_about("Normal", "LocalComputeTarget", "datastore run"),
+    ];
+    assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
+}
+
+#[tokio::test]
+async fn objects_the_cluster_refuses_are_reported_not_retried_in_a_loop() {
+    let exp = experiment(EXAMPLE);
+    let status = Arc::default();
+    let mut script = vec![expect(&format!("GET {RUN}")).not_found()];
+    script.extend(resolution());
+    script.extend([
+        apply(CREDENTIALS),
+        apply(PVC).reply(
+            http::StatusCode::FORBIDDEN,
+            json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 403,
+                "reason": "Forbidden",
+                "message": "persistentvolumeclaims \"train-outputs\" is forbidden: exceeded quota: storage, requested: requests.storage=10Gi",
+            }),
+        ),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Failed));
+            let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+            assert_eq!((accepted.status.as_str(), accepted.reason.as_str()), ("False", "InvalidJob"));
+            assert!(accepted.message.contains("exceeded quota"), "{}", accepted.message);
+        }),
+        event_about("Warning", "InvalidJob", "exceeded quota"),
+    ]);
+    // No Job is applied after the refusal.
+    assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
 }

@@ -31,7 +31,9 @@ use serde_json::json;
 use super::build::{self, MANAGER};
 use super::progress::{self, Outcome, RunStep, Step};
 use super::{Context, ReconcileError};
-use crate::api::{Experiment, ExperimentStatus, InputRecord, Mode, Phase, UploadPolicy};
+use crate::api::{
+    ComputeTarget, Experiment, ExperimentStatus, InputRecord, Mode, Phase, UploadPolicy,
+};
 use crate::error::Error;
 use crate::plan::{self, CLUSTER_ROOT, ExecutionPlan};
 use crate::store::StoreConfig;
@@ -48,16 +50,64 @@ const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
 pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let status = exp.status.clone().unwrap_or_default();
     // Finished runs are history: Jobs are immutable and a re-run would change what the status
-    // says the run saw. A new run is a new Experiment.
-    if status.completion_time.is_some() {
+    // says the run saw. A new run is a new Experiment. Nor is anything (re)created while the
+    // Experiment is being deleted (a foreground deletion removes the Jobs first).
+    if status.completion_time.is_some() || exp.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    if exp.spec.compute_target == ComputeTarget::Local {
+        let step = Step::new(
+            Phase::Pending,
+            "LocalComputeTarget",
+            "computeTarget is local: run it with `datastore run`; the cluster creates nothing for it",
+        );
+        update(&exp, &ctx, step, Vec::new(), false).await?;
         return Ok(Action::await_change());
     }
     let ns = exp.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     match jobs.get_opt(&build::run_job_name(&exp)).await? {
-        None => start(&exp, &ctx).await,
+        Some(run) if !owned_by(&run, &exp) => {
+            // Not ours: a leftover of a deleted Experiment of the same name that the garbage
+            // collector has not removed yet, or someone else's Job. Never follow or adopt it.
+            let step = Step::refused(
+                Phase::Pending,
+                "NameConflict",
+                format!(
+                    "Job {} exists and does not belong to this Experiment; it is waited for to go away (delete it if it is not a leftover)",
+                    run.name_any()
+                ),
+            );
+            update(&exp, &ctx, step, Vec::new(), false).await?;
+            Ok(Action::requeue(BLOCKED_RECHECK))
+        }
         Some(run) => follow(&exp, &ctx, &run).await,
+        None if status.start_time.is_some() => {
+            // Started once: running it again would download again into an outputs volume that
+            // may hold the first run's outputs.
+            let step = Step::new(
+                Phase::Failed,
+                "RunJobDeleted",
+                format!(
+                    "Job {} was deleted before the experiment finished; create a new Experiment to run again",
+                    build::run_job_name(&exp)
+                ),
+            );
+            update(&exp, &ctx, step, Vec::new(), true).await?;
+            Ok(Action::await_change())
+        }
+        None => start(&exp, &ctx).await,
     }
+}
+
+/// Whether `object`'s controller owner is this Experiment (same uid, not just same name).
+fn owned_by(object: &impl Resource, exp: &Experiment) -> bool {
+    object
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == exp.metadata.uid.as_ref())
 }
 
 /// Resolves, plans, builds and applies the run; or says why it cannot.
@@ -74,30 +124,31 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
             });
         }
     };
+    if let Some(mount) = plan.references.iter().find(|r| r.mode == Mode::Mount) {
+        let refusal = Step::refused(
+            Phase::Failed,
+            "Unsupported",
+            format!(
+                "parameter {}: mode mount is not supported in the cluster yet; use mode download",
+                mount.param
+            ),
+        );
+        update(exp, ctx, refusal, Vec::new(), false).await?;
+        return Ok(Action::await_change());
+    }
     let children = match build::build(exp, &plan, &datastores, &ctx.build, ctx.now()) {
         Ok(children) => children,
         Err(e) => {
-            let refusal = Step::refused(Phase::Failed, "Unsupported", e.to_string());
+            // E.g. an account key that is not base64: the datastore's to fix, not the spec's.
+            let refusal = Step::refused(Phase::Pending, "DatastoreInvalid", e.to_string());
             update(exp, ctx, refusal, Vec::new(), false).await?;
-            return Ok(Action::await_change());
+            return Ok(Action::requeue(BLOCKED_RECHECK));
         }
     };
-    let ns = exp.namespace().unwrap_or_default();
-    if let Some(secret) = &children.credentials {
-        apply(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), secret).await?;
+    if let Err(refusal) = apply_run(exp, ctx, &children).await? {
+        update(exp, ctx, refusal, Vec::new(), false).await?;
+        return Ok(Action::await_change());
     }
-    if let Some(pvc) = &children.outputs {
-        apply(
-            &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns),
-            pvc,
-        )
-        .await?;
-    }
-    apply(
-        &Api::<Job>::namespaced(ctx.client.clone(), &ns),
-        &children.run,
-    )
-    .await?;
     let step = Step::new(
         Phase::Pending,
         "Created",
@@ -110,6 +161,50 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
     );
     update(exp, ctx, step, Vec::new(), true).await?;
     Ok(Action::requeue(ACTIVE_RECHECK))
+}
+
+/// Applies the run's objects. The apiserver refusing one (invalid, or over a quota) is a
+/// refusal the user sees, not a retry loop.
+async fn apply_run(
+    exp: &Experiment,
+    ctx: &Context,
+    children: &build::Children,
+) -> Result<Result<(), Step>, ReconcileError> {
+    let ns = exp.namespace().unwrap_or_default();
+    let refused = |e: kube::Error| match e {
+        kube::Error::Api(status) if matches!(status.code, 400 | 403 | 422) => Ok(Step::refused(
+            Phase::Failed,
+            "InvalidJob",
+            format!(
+                "the cluster refused the run's objects: {}; fix the spec and it is tried again",
+                status.message
+            ),
+        )),
+        other => Err(ReconcileError::Kube(other)),
+    };
+    if let Some(secret) = &children.credentials
+        && let Err(e) = apply(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), secret).await
+    {
+        return refused(e).map(Err);
+    }
+    if let Some(pvc) = &children.outputs
+        && let Err(e) = apply(
+            &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns),
+            pvc,
+        )
+        .await
+    {
+        return refused(e).map(Err);
+    }
+    if let Err(e) = apply(
+        &Api::<Job>::namespaced(ctx.client.clone(), &ns),
+        &children.run,
+    )
+    .await
+    {
+        return refused(e).map(Err);
+    }
+    Ok(Ok(()))
 }
 
 /// Moves an experiment whose run Job exists one step on.
