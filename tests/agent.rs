@@ -431,3 +431,69 @@ async fn sigterm_stops_a_download_reports_it_and_leaves_nothing_partial() {
     assert!(msg.contains("interrupted by signal 15"), "{msg}");
     assert!(read_tree(&target).is_empty(), "nothing partial is left");
 }
+
+/// A script could link its outputs to the agent's credentials (mounted in the upload pod): the
+/// agent refuses links that lead outside the folder, uploads nothing, and says why in its
+/// report. A link inside the folder is fine.
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_refuses_a_symlink_out_of_the_outputs_folder() {
+    let f = Fixture::new().await;
+    let src = f.path("outputs");
+    write_tree(&src, &[("model.bin", b"weights".to_vec())]);
+    std::os::unix::fs::symlink(src.join("model.bin"), src.join("latest.bin")).unwrap();
+    let report_path = f.path("report");
+    let upload = |src: std::path::PathBuf, report: std::path::PathBuf| {
+        agent(vec![
+            "agent".into(),
+            "upload".into(),
+            "--datastores".into(),
+            s(&f.datastores()),
+            "--datastore".into(),
+            "blob".into(),
+            "--src-dir".into(),
+            s(&src),
+            "--path".into(),
+            "outputs".into(),
+            "--report".into(),
+            s(&report),
+        ])
+    };
+
+    // Inside: uploaded, as the file it points to.
+    let ok = upload(src.clone(), report_path.clone()).await;
+    assert_exit(&ok, 0);
+    let names: Vec<String> = f
+        .client
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["outputs/latest.bin", "outputs/model.bin"]);
+
+    // Outside: refused before anything is sent.
+    let leaky = f.path("leaky");
+    write_tree(&leaky, &[("a.txt", b"a".to_vec())]);
+    std::os::unix::fs::symlink(f.datastores(), leaky.join("creds.yaml")).unwrap();
+    let refused = upload(leaky, report_path.clone()).await;
+    assert_exit(&refused, 8);
+    let message = std::fs::read_to_string(&report_path).unwrap();
+    assert!(
+        message.contains("creds.yaml is a symbolic link") && message.contains("outside the folder"),
+        "{message}"
+    );
+    let names: Vec<String> = f
+        .client
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(
+        names,
+        ["outputs/latest.bin", "outputs/model.bin"],
+        "nothing more was uploaded"
+    );
+}

@@ -116,6 +116,7 @@ impl DatastoreArgs {
         Options {
             concurrency: self.concurrency as usize,
             overwrite,
+            contain_symlinks: true,
             ..Options::default()
         }
     }

@@ -128,6 +128,8 @@ impl Common {
             concurrency: self.concurrency as usize,
             block_size: self.block_size_mib * 1024 * 1024,
             overwrite: self.overwrite,
+            // On a laptop a link to data elsewhere is a choice the user made.
+            contain_symlinks: false,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct Options {
     pub block_size: u64,
     /// Replace blobs (upload) or files (download) that exist.
     pub overwrite: bool,
+    /// Uploads: refuse a symbolic link that leads outside the source directory. The in-pod
+    /// agent sets it: a script could otherwise link its outputs to the agent's credentials.
+    pub contain_symlinks: bool,
 }
 
 impl Default for Options {
@@ -46,6 +49,7 @@ impl Default for Options {
             concurrency: 16,
             block_size: MIN_BLOCK_SIZE,
             overwrite: false,
+            contain_symlinks: false,
         }
     }
 }

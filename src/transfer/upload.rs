@@ -31,7 +31,12 @@ pub async fn upload(
 ) -> Result<Summary> {
     let run = Run::new(options, progress);
     let target = paths::datastore_path(target_path).map_err(Error::Config)?;
-    let files = source_files(src_dir.to_path_buf(), target.clone()).await?;
+    let files = source_files(
+        src_dir.to_path_buf(),
+        target.clone(),
+        run.options.contain_symlinks,
+    )
+    .await?;
 
     // Skip decisions come from one listing of the target, not a request per file.
     let existing: HashSet<String> = if run.options.overwrite {
@@ -62,7 +67,11 @@ pub async fn upload(
     .await
 }
 
-async fn source_files(src_dir: PathBuf, target: String) -> Result<Vec<Item>, Error> {
+async fn source_files(
+    src_dir: PathBuf,
+    target: String,
+    contain_symlinks: bool,
+) -> Result<Vec<Item>, Error> {
     tokio::task::spawn_blocking(move || {
         if !src_dir.is_dir() {
             return Err(Error::NotFound(format!(
@@ -73,6 +82,9 @@ async fn source_files(src_dir: PathBuf, target: String) -> Result<Vec<Item>, Err
         let mut files = Vec::new();
         walk_files(&src_dir, &mut files).map_err(|e| Error::local("read", &src_dir, e))?;
         files.sort();
+        if contain_symlinks {
+            refuse_symlinks_out_of(&src_dir, &files)?;
+        }
         files
             .into_iter()
             .map(|(path, size)| {
@@ -95,6 +107,34 @@ async fn source_files(src_dir: PathBuf, target: String) -> Result<Vec<Item>, Err
     })
     .await
     .expect("listing the source does not panic")
+}
+
+/// Fails on the first file that is a symbolic link resolving outside `root`.
+fn refuse_symlinks_out_of(root: &Path, files: &[(PathBuf, u64)]) -> Result<(), Error> {
+    let root = root
+        .canonicalize()
+        .map_err(|e| Error::local("resolve", root, e))?;
+    for (path, _) in files {
+        let is_link = path
+            .symlink_metadata()
+            .map_err(|e| Error::local("read", path, e))?
+            .file_type()
+            .is_symlink();
+        if !is_link {
+            continue;
+        }
+        let target = path
+            .canonicalize()
+            .map_err(|e| Error::local("resolve", path, e))?;
+        if !target.starts_with(&root) {
+            return Err(Error::UnsafeName(format!(
+                "{} is a symbolic link to {}, outside the folder being uploaded; nothing was uploaded: write the file itself into the outputs folder",
+                path.display(),
+                target.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn upload_one(run: &Run, store: &Store, item: Item) -> Result<Outcome, Error> {

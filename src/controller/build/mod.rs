@@ -487,6 +487,9 @@ pub fn run_job(
         resources: spec.resources.clone(),
         volume_mounts: (!main_mounts.is_empty()).then_some(main_mounts),
         security_context: Some(container_security(false)),
+        // A script that fails leaves its last log lines (a traceback) as the message the
+        // controller puts in the Experiment's status.
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
         ..Default::default()
     };
 

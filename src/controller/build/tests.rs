@@ -233,6 +233,10 @@ fn run_job_downloads_each_reference_in_its_own_init_container() {
     assert_eq!(main.name, "main");
     assert_eq!(main.image.as_deref(), Some("python:3.12-slim"));
     assert_eq!(main.working_dir.as_deref(), Some("/app/experiment_folder"));
+    assert_eq!(
+        main.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
     assert_eq!(main.command.as_ref(), Some(&plan.command));
     assert_eq!(
         main.args.as_ref().unwrap(),
