@@ -436,7 +436,7 @@ async fn sigterm_stops_a_download_reports_it_and_leaves_nothing_partial() {
 /// agent refuses links that lead outside the folder, uploads nothing, and says why in its
 /// report. A link inside the folder is fine.
 #[tokio::test(flavor = "multi_thread")]
-async fn upload_refuses_a_symlink_out_of_the_outputs_folder() {
+async fn upload_reports_what_it_kept_and_refuses_a_symlink_out_of_the_outputs_folder() {
     let f = Fixture::new().await;
     let src = f.path("outputs");
     write_tree(&src, &[("model.bin", b"weights".to_vec())]);
@@ -471,6 +471,21 @@ async fn upload_refuses_a_symlink_out_of_the_outputs_folder() {
         .map(|m| m.name)
         .collect();
     assert_eq!(names, ["outputs/latest.bin", "outputs/model.bin"]);
+    let report = |path: &std::path::Path| {
+        datastore_operator::agent::UploadReport::parse(&std::fs::read_to_string(path).unwrap())
+            .expect("a success report")
+    };
+    assert_eq!(
+        (report(&report_path).uploaded, report(&report_path).skipped),
+        (2, 0)
+    );
+    // Again: both exist, both are kept, and the report says so (the controller keeps the
+    // outputs volume then).
+    assert_exit(&upload(src.clone(), report_path.clone()).await, 0);
+    assert_eq!(
+        (report(&report_path).uploaded, report(&report_path).skipped),
+        (0, 2)
+    );
 
     // Outside: refused before anything is sent.
     let leaky = f.path("leaky");

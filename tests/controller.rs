@@ -415,6 +415,7 @@ async fn a_finished_upload_deletes_the_pvc_and_the_experiment_succeeds() {
         run_pods(terminated(0, "")),
         expect(&format!("GET {UPLOAD}"))
             .ok(job("train-upload", condition("Complete", "Completed"))),
+        upload_pods(0),
         expect(&format!("DELETE {PVC}"))
             .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
         status_patch(&status, |s| {
@@ -436,6 +437,45 @@ async fn a_finished_upload_deletes_the_pvc_and_the_experiment_succeeds() {
     let done = with_status(exp, written(&status));
     let action = reconcile_once(&done, vec![]).await;
     assert_eq!(action, Action::await_change());
+}
+
+/// The upload Job's pod, its container having reported `skipped` outputs kept as they were.
+fn upload_pods(skipped: u64) -> Exchange {
+    let report = format!(r#"{{"uploaded":2,"skipped":{skipped},"bytes":10}}"#);
+    expect(&format!("GET {PODS}"))
+        .query("labelSelector=batch.kubernetes.io%2Fjob-name%3Dtrain-upload")
+        .ok(pods(vec![pod(
+            vec![],
+            vec![container("upload-0", terminated(0, &report))],
+        )]))
+}
+
+#[tokio::test]
+async fn outputs_kept_because_their_blobs_existed_keep_the_pvc() {
+    let exp = uploading(running_exp().await).await;
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(job("train-run", condition("Complete", "Completed"))),
+        run_pods(terminated(0, "")),
+        expect(&format!("GET {UPLOAD}"))
+            .ok(job("train-upload", condition("Complete", "Completed"))),
+        upload_pods(2),
+        // No DELETE of the PVC: this run's versions of two files live only there.
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Succeeded));
+            let message = s.message.as_deref().unwrap();
+            assert!(
+                message.contains("2 output file(s) already existed"),
+                "{message}"
+            );
+            assert!(
+                message.contains("stay on PersistentVolumeClaim train-outputs"),
+                "{message}"
+            );
+        }),
+        event_about("Warning", "OutputsSkipped", "overwrite"),
+    ];
+    assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
 }
 
 // -------------------------------------------------------------------------------------------
@@ -520,6 +560,7 @@ async fn a_failed_run_still_uploads_under_upload_policy_always() {
         failed_run_pods(),
         expect(&format!("GET {UPLOAD}"))
             .ok(job("train-upload", condition("Complete", "Completed"))),
+        upload_pods(0),
         expect(&format!("DELETE {PVC}"))
             .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
         status_patch(&status, |s| {

@@ -150,6 +150,22 @@ impl Report {
     }
 }
 
+/// What a successful upload did, as the termination message:
+/// `{"uploaded":N,"skipped":N,"bytes":N}`. `skipped` counts outputs whose blob existed and was
+/// kept (no `--overwrite`): the controller keeps the outputs volume then, so nothing is lost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadReport {
+    pub uploaded: u64,
+    pub skipped: u64,
+    pub bytes: u64,
+}
+
+impl UploadReport {
+    pub fn parse(message: &str) -> Option<UploadReport> {
+        serde_json::from_str(message.trim()).ok()
+    }
+}
+
 /// `sha256:<hex>` over the sorted lines `<name>\t<size>\t<content-md5 hex or empty>\n`: a record
 /// of which data a run saw, the same whatever order the listing came in.
 pub fn digest(blobs: &[ObjectMeta]) -> String {
@@ -263,10 +279,19 @@ async fn upload(args: UploadArgs) -> i32 {
     };
     match interruptible(work).await {
         Ok(result) => {
-            if let (Some(path), Err(failed)) = (&args.report, &result)
-                && let Err(e) = write_report(path, &failed.error.to_string())
-            {
-                tracing::error!(error = %e, "the error could not be reported");
+            if let Some(path) = &args.report {
+                let text = match &result {
+                    Ok(summary) => serde_json::to_string(&UploadReport {
+                        uploaded: summary.transferred,
+                        skipped: summary.skipped,
+                        bytes: summary.bytes,
+                    })
+                    .expect("a report serializes"),
+                    Err(failed) => failed.error.to_string(),
+                };
+                if let Err(e) = write_report(path, &text) {
+                    tracing::error!(error = %e, "the outcome could not be reported");
+                }
             }
             crate::cli::report(crate::cli::Output::Json, result)
         }

@@ -211,13 +211,7 @@ async fn apply_run(
 async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, ReconcileError> {
     let ns = exp.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let run_pods = pods
-        .list(
-            &ListParams::default()
-                .labels(&format!("{JOB_NAME_LABEL}={}", build::run_job_name(exp))),
-        )
-        .await?
-        .items;
+    let run_pods = job_pods(&pods, &build::run_job_name(exp)).await?;
     let inputs = record_inputs(exp, ctx, &run_pods).await?;
     let downloads = count(exp, Mode::Download);
     let uploads = count(exp, Mode::Upload);
@@ -288,6 +282,22 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
             Ok(Action::requeue(ACTIVE_RECHECK))
         }
         Outcome::Succeeded => {
+            let skipped =
+                progress::skipped_outputs(&job_pods(&pods, &build::upload_job_name(exp)).await?);
+            if skipped > 0 {
+                // This run's versions of those files exist only on the volume: keep it.
+                let step = Step::new(
+                    if run_ok.is_ok() { Phase::Succeeded } else { Phase::Failed },
+                    "OutputsSkipped",
+                    format!(
+                        "{after_run}; {skipped} output file(s) already existed in the datastore and were kept as they were (the upload reference does not set overwrite); this run's versions stay on PersistentVolumeClaim {}",
+                        build::outputs_name(exp)
+                    ),
+                )
+                .warning();
+                update(exp, ctx, step, inputs, true).await?;
+                return Ok(Action::await_change());
+            }
             let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
             match pvcs
                 .delete(&build::outputs_name(exp), &DeleteParams::default())
@@ -313,13 +323,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
             Ok(Action::await_change())
         }
         Outcome::Failed(why) => {
-            let upload_pods = pods
-                .list(
-                    &ListParams::default()
-                        .labels(&format!("{JOB_NAME_LABEL}={}", build::upload_job_name(exp))),
-                )
-                .await?
-                .items;
+            let upload_pods = job_pods(&pods, &build::upload_job_name(exp)).await?;
             let mut lines = progress::failures(&upload_pods);
             if lines.is_empty() {
                 lines.push(why);
@@ -337,6 +341,15 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
             Ok(Action::await_change())
         }
     }
+}
+
+/// The pods of the Job `job`.
+async fn job_pods(pods: &Api<Pod>, job: &str) -> Result<Vec<Pod>, kube::Error> {
+    let selector = format!("{JOB_NAME_LABEL}={job}");
+    Ok(pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items)
 }
 
 /// Applies the upload Job with freshly minted credentials: the run may have outlived the ones
@@ -587,7 +600,7 @@ async fn update(
     )
     .await?;
     if is_new_step(&current, &next) {
-        let failed = step.refused.is_some() || step.phase == Phase::Failed;
+        let failed = step.warning || step.phase == Phase::Failed;
         let event = Event {
             type_: if failed {
                 EventType::Warning

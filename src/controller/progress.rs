@@ -188,6 +188,22 @@ pub fn failures(pods: &[Pod]) -> Vec<String> {
         .collect()
 }
 
+/// How many outputs the upload left as they were because their blob existed (from the upload
+/// containers' reports in the newest pod).
+pub fn skipped_outputs(pods: &[Pod]) -> u64 {
+    let Some(status) = newest(pods).and_then(|p| p.status.as_ref()) else {
+        return 0;
+    };
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
+        .filter_map(crate::agent::UploadReport::parse)
+        .map(|r| r.skipped)
+        .sum()
+}
+
 /// One step of an experiment, as its status reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
@@ -198,6 +214,8 @@ pub struct Step {
     pub reason: String,
     /// What happened, for humans.
     pub message: String,
+    /// Publish its event as a Warning even though nothing failed.
+    pub warning: bool,
 }
 
 impl Step {
@@ -207,7 +225,13 @@ impl Step {
             refused: None,
             reason: reason.to_string(),
             message: message.into(),
+            warning: false,
         }
+    }
+
+    pub fn warning(mut self) -> Step {
+        self.warning = true;
+        self
     }
 
     /// The spec or its datastores keep the experiment from starting.
@@ -218,6 +242,7 @@ impl Step {
             refused: Some((reason.to_string(), message.clone())),
             reason: reason.to_string(),
             message,
+            warning: true,
         }
     }
 
