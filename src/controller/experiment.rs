@@ -124,6 +124,11 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
             });
         }
     };
+    if let Err(e) = build::check_name(exp) {
+        let refusal = Step::refused(Phase::Failed, "NameTooLong", e.to_string());
+        update(exp, ctx, refusal, Vec::new(), false).await?;
+        return Ok(Action::await_change());
+    }
     if let Some(mount) = plan.references.iter().find(|r| r.mode == Mode::Mount) {
         let refusal = Step::refused(
             Phase::Failed,

@@ -110,6 +110,10 @@ pub enum PlanError {
         "parameter {param}: mount is only available on a remote compute target; use mode download, or computeTarget cluster"
     )]
     MountOnLocalCompute { param: String },
+    #[error(
+        "env sets {name}, which holds the path of parameter {param}; rename the variable (the script reads the path from it)"
+    )]
+    EnvShadowsReference { name: String, param: String },
     #[error("parameter {param}: overwrite applies to upload references only; remove it")]
     OverwriteNotUpload { param: String },
     #[error(
@@ -156,6 +160,7 @@ impl PlanError {
             PlanError::UnknownDatastore { .. } => "UnknownDatastore",
             PlanError::MountOnLocalCompute { .. } => "MountOnLocalCompute",
             PlanError::OverwriteNotUpload { .. } => "OverwriteNotUpload",
+            PlanError::EnvShadowsReference { .. } => "EnvShadowsReference",
             PlanError::LocalDatastoreOnCluster { .. } => "LocalDatastoreOnCluster",
             PlanError::InvalidPathOnCompute { .. } => "InvalidPathOnCompute",
             PlanError::PathOnComputeClash { .. } => "PathOnComputeClash",
@@ -286,6 +291,14 @@ pub fn plan(
             value: planned.path_on_compute.clone(),
         });
         plan.references.push(planned);
+    }
+    if let Some((name, param)) = exp.env.iter().find_map(|e| {
+        plan.references
+            .iter()
+            .find(|r| r.env == e.name)
+            .map(|r| (e.name.clone(), r.param.clone()))
+    }) {
+        return Err(PlanError::EnvShadowsReference { name, param });
     }
     Ok(plan)
 }

@@ -605,3 +605,21 @@ fn overwrite_is_carried_to_the_upload_and_refused_elsewhere() {
     );
     assert_eq!(err.reason(), "OverwriteNotUpload");
 }
+
+#[test]
+fn user_env_may_not_shadow_a_reference_variable() {
+    let mut spec = example();
+    spec.env.push(k8s_openapi::api::core::v1::EnvVar {
+        name: "AZUREML_DATAREFERENCE_DATA_FOLDER".into(),
+        value: Some("/elsewhere".into()),
+        value_from: None,
+    });
+    let err = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::EnvShadowsReference {
+            name: "AZUREML_DATAREFERENCE_DATA_FOLDER".into(),
+            param: "--data_folder".into()
+        }
+    );
+}

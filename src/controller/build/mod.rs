@@ -90,6 +90,22 @@ pub struct Children {
     pub upload: Option<Job>,
 }
 
+/// The longest Experiment name whose children's names fit: `<name>-upload` is the value of the
+/// `batch.kubernetes.io/job-name` label on its pods, and label values hold 63 characters.
+pub const MAX_NAME_LEN: usize = 63 - "-upload".len();
+
+/// Whether the Experiment's name leaves room for its children's names and labels.
+pub fn check_name(exp: &Experiment) -> Result<()> {
+    let name = exp.name_any();
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::Config(format!(
+            "the Experiment name {name} has {} characters; its Jobs' names and labels fit at most {MAX_NAME_LEN}: choose a shorter name",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Builds every child of `exp`. `now` is when minted credentials start to count down.
 pub fn build(
     exp: &Experiment,
@@ -98,6 +114,7 @@ pub fn build(
     ctx: &BuildContext,
     now: DateTime<Utc>,
 ) -> Result<Children> {
+    check_name(exp)?;
     if let Some(r) = plan.references.iter().find(|r| r.mode == Mode::Mount) {
         return Err(Error::Config(format!(
             "parameter {}: mode mount is not supported in the cluster yet; use mode download",

@@ -676,3 +676,16 @@ scriptParams:
     assert_eq!(dir.as_deref(), Some("/app"));
     assert_eq!((command, args), (absolute.command, absolute.args));
 }
+
+#[test]
+fn a_name_too_long_for_the_job_labels_is_refused() {
+    let mut exp = experiment(EXAMPLE);
+    exp.metadata.name = Some("x".repeat(MAX_NAME_LEN));
+    let stores = datastores();
+    let plan = plan(&exp.spec, &stores, CLUSTER_ROOT).unwrap();
+    let children = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap();
+    assert_eq!(children.upload.unwrap().metadata.name.unwrap().len(), 63);
+    exp.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
+    let err = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap_err();
+    assert!(err.to_string().contains("choose a shorter name"), "{err}");
+}
