@@ -227,7 +227,10 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                 RunStep::Pending => Step::new(
                     Phase::Pending,
                     "Created",
-                    "waiting for the run's pod to start",
+                    match progress::stuck(&run_pods) {
+                        Some(why) => format!("waiting for the run's pod to start: {why}"),
+                        None => "waiting for the run's pod to start".to_string(),
+                    },
                 ),
                 RunStep::Downloading { done, total } => Step::new(
                     Phase::Downloading,

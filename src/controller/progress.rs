@@ -107,6 +107,46 @@ pub fn run_step(pods: &[Pod], downloads: usize) -> RunStep {
     }
 }
 
+/// Why the newest pod is stuck, when Kubernetes says: a container waiting for a reason other
+/// than starting (ImagePullBackOff, CreateContainerConfigError, ...) or a pod that cannot be
+/// scheduled. `None` while it is simply on its way.
+pub fn stuck(pods: &[Pod]) -> Option<String> {
+    let status = newest(pods)?.status.as_ref()?;
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    for c in containers {
+        let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+            continue;
+        };
+        match waiting.reason.as_deref() {
+            None | Some("PodInitializing" | "ContainerCreating") => {}
+            Some(reason) => {
+                let detail = waiting
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {}", crate::agent::truncate(m, 256)))
+                    .unwrap_or_default();
+                return Some(format!("container {} is {reason}{detail}", c.name));
+            }
+        }
+    }
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .map(|c| {
+            format!(
+                "the pod cannot be scheduled ({}): {}",
+                c.reason.as_deref().unwrap_or("Unschedulable"),
+                c.message.as_deref().unwrap_or_default()
+            )
+        })
+}
+
 fn exit_code(c: &ContainerStatus) -> Option<i32> {
     c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code)
 }

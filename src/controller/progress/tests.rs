@@ -399,3 +399,45 @@ fn recorded_inputs_survive_steps_that_report_none() {
     let second = next_status(&first, None, &done, vec![], true, &at(2));
     assert_eq!(second.inputs, vec![record]);
 }
+
+#[test]
+fn a_stuck_pod_says_why() {
+    use k8s_openapi::api::core::v1::{ContainerStateWaiting, PodCondition};
+    let waiting = |name: &str, reason: &str| ContainerStatus {
+        name: name.into(),
+        state: Some(ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.into()),
+                message: Some("Back-off pulling image \"pyton:3.12\"".into()),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let starting = pod(
+        "p",
+        1,
+        vec![waiting("download-0", "PodInitializing")],
+        vec![waiting("main", "ContainerCreating")],
+    );
+    assert_eq!(stuck(&[starting]), None);
+    let bad_image = pod("p", 1, vec![], vec![waiting("main", "ImagePullBackOff")]);
+    assert_eq!(
+        stuck(&[bad_image]).as_deref(),
+        Some("container main is ImagePullBackOff: Back-off pulling image \"pyton:3.12\"")
+    );
+    let mut unschedulable = pod("p", 1, vec![], vec![]);
+    unschedulable.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
+        type_: "PodScheduled".into(),
+        status: "False".into(),
+        reason: Some("Unschedulable".into()),
+        message: Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into()),
+        ..Default::default()
+    }]);
+    assert_eq!(
+        stuck(&[unschedulable]).as_deref(),
+        Some(
+            "the pod cannot be scheduled (Unschedulable): 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+        )
+    );
+}
