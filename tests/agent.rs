@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use datastore_operator::store::azure::Body;
-use sha2::Digest;
 
 async fn put(f: &Fixture, name: &str, data: &[u8]) {
     f.client
@@ -54,23 +53,6 @@ fn report(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap();
     assert!(text.len() <= 4096, "{text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("report is JSON ({e}): {text:?}"))
-}
-
-/// The digest as the issue defines it, computed here independently of the agent.
-fn expected_digest(files: &[(&str, &[u8])]) -> String {
-    let mut lines: Vec<String> = files
-        .iter()
-        .map(|(name, data)| {
-            let hex: String = md5(data).iter().map(|b| format!("{b:02x}")).collect();
-            format!("{name}\t{}\t{hex}\n", data.len())
-        })
-        .collect();
-    lines.sort();
-    let hash = sha2::Sha256::digest(lines.concat().as_bytes());
-    format!(
-        "sha256:{}",
-        hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

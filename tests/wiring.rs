@@ -32,7 +32,6 @@ use datastore_operator::store::resolve::{Catalog, Scope};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Container, PodSpec, Secret};
 use serde::Deserialize;
-use sha2::Digest;
 
 const DATASTORE: &str = "blob-ds";
 /// Where a container finds its termination message file when it does not say otherwise.
@@ -619,24 +618,6 @@ fn assert_no_credentials(pod: &Pod, main: &Container, sig: &str) {
 // ---------------------------------------------------------------------------------------------
 // Checks
 
-/// The digest the agent reports, computed here from the definition: sha256 over the
-/// sorted lines `<name>\t<size>\t<content-md5 hex>\n`.
-fn expected_digest(files: &[(&str, Vec<u8>)]) -> String {
-    let mut lines: Vec<String> = files
-        .iter()
-        .map(|(name, data)| {
-            let hex: String = md5(data).iter().map(|b| format!("{b:02x}")).collect();
-            format!("{name}\t{}\t{hex}\n", data.len())
-        })
-        .collect();
-    lines.sort();
-    let hash = sha2::Sha256::digest(lines.concat().as_bytes());
-    format!(
-        "sha256:{}",
-        hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
 /// The datastores file of the credentials Secret, and the SAS token it holds for `blob-ds`.
 fn credentials(children: &Children) -> (String, String) {
     let secret = children.credentials.as_ref().expect("a credentials Secret");
@@ -733,7 +714,8 @@ async fn the_rendered_jobs_move_the_data_against_azurite() {
         report.bytes,
         inputs.iter().map(|(_, d)| d.len() as u64).sum::<u64>()
     );
-    assert_eq!(report.digest, expected_digest(&inputs));
+    let named: Vec<(&str, &[u8])> = inputs.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+    assert_eq!(report.digest, expected_digest(&named));
     let download_dir = &mounts.mount("/mnt/datastore/training_data").host;
     let expected_tree: Tree = inputs
         .iter()

@@ -9,7 +9,7 @@ use clap::Args;
 use kube::ResourceExt;
 
 use crate::api::Experiment;
-use crate::controller::build::{self, BuildContext, DEFAULT_AGENT_IMAGE, to_yaml};
+use crate::controller::build::{self, BuildContext, to_yaml};
 use crate::error::{Error, Result};
 use crate::plan::{self, CLUSTER_ROOT};
 use crate::store::resolve::{self, Scope, Source};
@@ -29,16 +29,8 @@ pub struct PlanArgs {
     /// The namespace the Experiment is in [default: the file's, else `default`].
     #[arg(short, long)]
     pub namespace: Option<String>,
-    /// Namespace holding ClusterDatastores' Secrets.
-    #[arg(
-        long,
-        env = "DATASTORE_OPERATOR_NAMESPACE",
-        default_value = "datastore-operator"
-    )]
-    pub operator_namespace: String,
-    /// The image of the agent containers.
-    #[arg(long, env = "DATASTORE_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
-    pub agent_image: String,
+    #[command(flatten)]
+    pub operator: crate::controller::OperatorArgs,
 }
 
 /// Runs `datastore plan`; returns the exit code.
@@ -70,7 +62,7 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
 
     let scope = Scope {
         namespace,
-        operator_namespace: args.operator_namespace.clone(),
+        operator_namespace: args.operator.operator_namespace.clone(),
     };
     let source = Source::pick(args.datastores.clone());
     let mut datastores = BTreeMap::new();
@@ -86,7 +78,7 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
     let plan = plan::plan(&exp.spec, &datastores, CLUSTER_ROOT)
         .map_err(|e| Error::Config(format!("{}: {e}", args.experiment.display())))?;
     let ctx = BuildContext {
-        agent_image: args.agent_image.clone(),
+        agent_image: args.operator.agent_image.clone(),
         ..Default::default()
     };
     let children = build::build(&exp, &plan, &datastores, &ctx, Utc::now())?;

@@ -34,8 +34,9 @@ use build::{
 /// How long a failed reconcile waits before it is tried again.
 pub const ERROR_RETRY: Duration = Duration::from_secs(30);
 
+/// The operator's settings that `datastore controller` and `datastore plan` share.
 #[derive(Args, Debug)]
-pub struct ControllerArgs {
+pub struct OperatorArgs {
     /// The namespace the operator runs in; ClusterDatastores' Secrets live there.
     #[arg(
         long,
@@ -46,6 +47,12 @@ pub struct ControllerArgs {
     /// The image of the agent containers (download and upload).
     #[arg(long, env = "DATASTORE_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
     pub agent_image: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub operator: OperatorArgs,
     /// The outputs volume's size when an Experiment gives none.
     #[arg(long, env = "DATASTORE_OUTPUTS_SIZE", default_value = DEFAULT_OUTPUTS_SIZE)]
     pub default_outputs_size: String,
@@ -129,11 +136,15 @@ pub async fn run(args: ControllerArgs) -> i32 {
         return e.exit_code();
     }
     let build = BuildContext {
-        agent_image: args.agent_image,
+        agent_image: args.operator.agent_image,
         default_outputs_size: Quantity(args.default_outputs_size),
         ..BuildContext::default()
     };
-    let ctx = Arc::new(Context::new(client, args.operator_namespace, build));
+    let ctx = Arc::new(Context::new(
+        client,
+        args.operator.operator_namespace,
+        build,
+    ));
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {

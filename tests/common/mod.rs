@@ -424,3 +424,22 @@ pub fn fake_datastores(dir: &Path, port: u16) -> PathBuf {
     .unwrap();
     path
 }
+
+/// The digest an agent download reports, computed here independently of the agent from the
+/// issue's definition: sha256 over the sorted lines `<name>\t<size>\t<content-md5 hex>\n`.
+pub fn expected_digest(files: &[(&str, &[u8])]) -> String {
+    use sha2::Digest;
+    let mut lines: Vec<String> = files
+        .iter()
+        .map(|(name, data)| {
+            let hex: String = md5(data).iter().map(|b| format!("{b:02x}")).collect();
+            format!("{name}\t{}\t{hex}\n", data.len())
+        })
+        .collect();
+    lines.sort();
+    let hash = sha2::Sha256::digest(lines.concat().as_bytes());
+    format!(
+        "sha256:{}",
+        hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
