@@ -172,6 +172,17 @@ fn active_job(name: &str) -> Value {
     job
 }
 
+/// The run Job read back after it completed.
+fn run_completed() -> Exchange {
+    expect(&format!("GET {RUN}")).ok(job("train-run", condition("Complete", "Completed")))
+}
+
+/// The outputs PVC deleted after a complete upload.
+fn pvc_deleted() -> Exchange {
+    expect(&format!("DELETE {PVC}"))
+        .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}))
+}
+
 fn condition(type_: &str, reason: &str) -> Value {
     json!([{"type": type_, "status": "True", "reason": reason, "message": format!("{reason} happened")}])
 }
@@ -359,7 +370,7 @@ async fn an_unchanged_experiment_sends_no_writes() {
 async fn uploading(exp: Experiment) -> Experiment {
     let status = Arc::default();
     let mut script = vec![
-        expect(&format!("GET {RUN}")).ok(job("train-run", condition("Complete", "Completed"))),
+        run_completed(),
         run_pods(terminated(0, "")),
         expect(&format!("GET {UPLOAD}")).not_found(),
     ];
@@ -411,13 +422,12 @@ async fn a_finished_upload_deletes_the_pvc_and_the_experiment_succeeds() {
     let exp = uploading(running_exp().await).await;
     let status = Arc::default();
     let script = vec![
-        expect(&format!("GET {RUN}")).ok(job("train-run", condition("Complete", "Completed"))),
+        run_completed(),
         run_pods(terminated(0, "")),
         expect(&format!("GET {UPLOAD}"))
             .ok(job("train-upload", condition("Complete", "Completed"))),
         upload_pods(0),
-        expect(&format!("DELETE {PVC}"))
-            .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
+        pvc_deleted(),
         status_patch(&status, |s| {
             assert_eq!(s.phase, Some(Phase::Succeeded));
             assert!(s.completion_time.is_some());
@@ -455,7 +465,7 @@ async fn outputs_kept_because_their_blobs_existed_keep_the_pvc() {
     let exp = uploading(running_exp().await).await;
     let status = Arc::default();
     let script = vec![
-        expect(&format!("GET {RUN}")).ok(job("train-run", condition("Complete", "Completed"))),
+        run_completed(),
         run_pods(terminated(0, "")),
         expect(&format!("GET {UPLOAD}"))
             .ok(job("train-upload", condition("Complete", "Completed"))),
@@ -561,8 +571,7 @@ async fn a_failed_run_still_uploads_under_upload_policy_always() {
         expect(&format!("GET {UPLOAD}"))
             .ok(job("train-upload", condition("Complete", "Completed"))),
         upload_pods(0),
-        expect(&format!("DELETE {PVC}"))
-            .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
+        pvc_deleted(),
         status_patch(&status, |s| {
             assert_eq!(s.phase, Some(Phase::Failed));
             let message = s.message.as_deref().unwrap();
@@ -582,7 +591,7 @@ async fn a_failed_upload_fails_the_experiment_and_keeps_the_pvc() {
     let exp = uploading(running_exp().await).await;
     let status = Arc::default();
     let script = vec![
-        expect(&format!("GET {RUN}")).ok(job("train-run", condition("Complete", "Completed"))),
+        run_completed(),
         run_pods(terminated(0, "")),
         expect(&format!("GET {UPLOAD}")).ok(job(
             "train-upload",

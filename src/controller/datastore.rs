@@ -6,12 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
-use super::build::MANAGER;
 use super::{Context, ReconcileError};
 use crate::api::{ClusterDatastore, Datastore, DatastoreStatus};
 use crate::error::Error;
@@ -147,17 +145,7 @@ where
         observed_generation: generation,
     };
     if current != Some(&next) {
-        let patch = json!({
-            "apiVersion": K::api_version(&()),
-            "kind": K::kind(&()),
-            "status": next,
-        });
-        api.patch_status(
-            &ds.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        super::apply_status(api, &ds.name_any(), &next).await?;
     }
     Ok(Action::requeue(if check.ready {
         READY_RECHECK

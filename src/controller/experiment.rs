@@ -26,7 +26,6 @@ use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use super::build::{self, MANAGER};
 use super::progress::{self, Outcome, RunStep, Step};
@@ -596,17 +595,7 @@ async fn update(
     }
     let api: Api<Experiment> =
         Api::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": Experiment::api_version(&()),
-        "kind": Experiment::kind(&()),
-        "status": next,
-    });
-    api.patch_status(
-        &exp.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    super::apply_status(&api, &exp.name_any(), &next).await?;
     if is_new_step(&current, &next) {
         let failed = step.warning || step.phase == Phase::Failed;
         let event = Event {

@@ -103,6 +103,29 @@ impl Context {
     }
 }
 
+/// Writes `status` to the status subresource of `name` by server-side apply, as the operator.
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::apply(MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Why a reconcile failed; it is retried after [`ERROR_RETRY`].
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
