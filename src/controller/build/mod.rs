@@ -69,6 +69,12 @@ pub struct BuildContext {
     pub default_outputs_size: Quantity,
     /// The lifetime of minted credentials when the spec sets no deadline (seconds).
     pub default_deadline_seconds: i64,
+    /// The outputs volume's storage class when the spec gives none (`None`: the cluster's
+    /// default class).
+    pub default_outputs_storage_class: Option<String>,
+    /// The blobfuse2 sidecar image for `mount` references. Accepted and stored for the mount
+    /// support to come (issue 6); nothing uses it yet.
+    pub blobfuse_image: Option<String>,
 }
 
 impl Default for BuildContext {
@@ -77,6 +83,8 @@ impl Default for BuildContext {
             agent_image: DEFAULT_AGENT_IMAGE.to_string(),
             default_outputs_size: Quantity(DEFAULT_OUTPUTS_SIZE.to_string()),
             default_deadline_seconds: DEFAULT_DEADLINE_SECONDS,
+            default_outputs_storage_class: None,
+            blobfuse_image: None,
         }
     }
 }
@@ -600,7 +608,9 @@ pub fn outputs_pvc(
                 requests: Some(BTreeMap::from([("storage".to_string(), size)])),
                 limits: None,
             }),
-            storage_class_name: outputs.storage_class_name,
+            storage_class_name: outputs
+                .storage_class_name
+                .or_else(|| ctx.default_outputs_storage_class.clone()),
             ..Default::default()
         }),
         status: None,
