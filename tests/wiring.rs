@@ -25,7 +25,7 @@ use common::*;
 use datastore_operator::agent::Report;
 use datastore_operator::api::Experiment;
 use datastore_operator::controller::build::{self, BuildContext, CREDENTIALS_DIR, Children};
-use datastore_operator::plan::{self, CLUSTER_ROOT, ENV_PREFIX, ExecutionPlan};
+use datastore_operator::plan::{self, CLUSTER, ENV_PREFIX, ExecutionPlan};
 use datastore_operator::store::StoreConfig;
 use datastore_operator::store::azure::Body;
 use datastore_operator::store::resolve::{Catalog, Scope};
@@ -109,7 +109,7 @@ fn render(
     exp: &Experiment,
     datastores: &BTreeMap<String, StoreConfig>,
 ) -> (ExecutionPlan, Children) {
-    let plan = plan::plan(&exp.spec, datastores, CLUSTER_ROOT).unwrap();
+    let plan = plan::plan(&exp.spec, datastores, CLUSTER).unwrap();
     let children =
         build::build(exp, &plan, datastores, &BuildContext::default(), Utc::now()).unwrap();
     (plan, children)

@@ -62,6 +62,12 @@ pub struct ExperimentSpec {
     /// absolute path needs no shell. Absent means the image's working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_directory: Option<String>,
+    /// Where the script's code comes from when the image does not hold it: a datastore folder
+    /// downloaded before the script starts (`/mnt/code` in the cluster), which becomes the
+    /// working directory; a relative `sourceDirectory` is then a folder inside it. `datastore
+    /// submit` sets it to a snapshot of the local `sourceDirectory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<CodeReference>,
     /// The script to run, relative to `sourceDirectory`, e.g. `training_script.py`. It runs as
     /// `python <entryScript> <scriptParams...>` unless `command` is given.
     #[x_kube(validation = Rule::new("self.size() > 0").message("entryScript must name the script to run, e.g. training_script.py"))]
@@ -138,6 +144,42 @@ pub enum UploadPolicy {
     OnSuccess,
     /// After the script ended, whether it succeeded or failed.
     Always,
+}
+
+/// A datastore folder holding the script's code.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CodeReference {
+    /// The name of a Datastore in the experiment's namespace or of a ClusterDatastore.
+    #[schemars(length(min = 1, max = 253))]
+    pub datastore: String,
+    /// The folder in the datastore, e.g. `snapshots/sha256-3f2a...`; its contents become the
+    /// working directory.
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: String,
+}
+
+impl ExperimentSpec {
+    /// Each datastore the experiment uses, once, with the first thing using it (`parameter
+    /// --data_folder`, or `code`), in spec order.
+    pub fn datastore_uses(&self) -> Vec<(String, &str)> {
+        let params = self.script_params.iter().filter_map(|p| {
+            p.data_reference
+                .as_ref()
+                .map(|r| (format!("parameter {}", p.name), r.datastore.as_str()))
+        });
+        let code = self
+            .code
+            .iter()
+            .map(|c| ("code".to_string(), c.datastore.as_str()));
+        let mut uses: Vec<(String, &str)> = Vec::new();
+        for (user, name) in params.chain(code) {
+            if !uses.iter().any(|(_, seen)| *seen == name) {
+                uses.push((user, name));
+            }
+        }
+        uses
+    }
 }
 
 /// One command-line parameter of the script.

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use crate::api::Experiment;
 use crate::controller::build::{self, BuildContext, to_yaml};
 use crate::error::{Error, Result};
-use crate::plan::{self, CLUSTER_ROOT};
+use crate::plan::{self, CLUSTER};
 use crate::store::resolve::{self, Scope, Source};
 
 /// The uid the owner references carry when the Experiment file has none (it has none until the
@@ -66,16 +66,12 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
     };
     let source = Source::pick(args.datastores.clone());
     let mut datastores = BTreeMap::new();
-    for param in &exp.spec.script_params {
-        if let Some(reference) = &param.data_reference
-            && !datastores.contains_key(&reference.datastore)
-        {
-            let resolved = resolve::resolve(&reference.datastore, &source, &scope).await?;
-            datastores.insert(reference.datastore.clone(), resolved.config);
-        }
+    for (_, name) in exp.spec.datastore_uses() {
+        let resolved = resolve::resolve(name, &source, &scope).await?;
+        datastores.insert(name.to_string(), resolved.config);
     }
 
-    let plan = plan::plan(&exp.spec, &datastores, CLUSTER_ROOT)
+    let plan = plan::plan(&exp.spec, &datastores, CLUSTER)
         .map_err(|e| Error::Config(format!("{}: {e}", args.experiment.display())))?;
     let ctx = BuildContext {
         agent_image: args.operator.agent_image.clone(),

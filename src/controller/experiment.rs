@@ -34,7 +34,7 @@ use crate::api::{
     ComputeTarget, Experiment, ExperimentStatus, InputRecord, Mode, Phase, UploadPolicy,
 };
 use crate::error::Error;
-use crate::plan::{self, CLUSTER_ROOT, ExecutionPlan};
+use crate::plan::{self, CLUSTER, ExecutionPlan};
 use crate::store::StoreConfig;
 use crate::store::resolve::{self, Found, Scope};
 
@@ -217,7 +217,8 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let run_pods = job_pods(&pods, &build::run_job_name(exp)).await?;
     let inputs = record_inputs(exp, ctx, &run_pods).await?;
-    let downloads = count(exp, Mode::Download);
+    // The code download is a download step too.
+    let downloads = count(exp, Mode::Download) + usize::from(exp.spec.code.is_some());
     let uploads = count(exp, Mode::Upload);
 
     let run_ok = match progress::outcome(run) {
@@ -468,7 +469,7 @@ async fn plan_with_datastores(
         Ok(datastores) => datastores,
         Err(refusal) => return Ok(Err(refusal)),
     };
-    Ok(match plan::plan(&exp.spec, &datastores, CLUSTER_ROOT) {
+    Ok(match plan::plan(&exp.spec, &datastores, CLUSTER) {
         Ok(plan) => Ok((plan, datastores)),
         Err(e) => Err(Step::refused(Phase::Failed, e.reason(), e.to_string())),
     })
@@ -488,14 +489,7 @@ async fn resolve_datastores(
     };
     let mut resolved = BTreeMap::new();
     let mut namespace_labels = None;
-    for param in &exp.spec.script_params {
-        let Some(reference) = &param.data_reference else {
-            continue;
-        };
-        let name = &reference.datastore;
-        if resolved.contains_key(name) {
-            continue;
-        }
+    for (user, name) in exp.spec.datastore_uses() {
         let Some(found) = resolve::find(ctx.client.clone(), name, &ns)
             .await
             .map_err(ReconcileError::Resolve)?
@@ -504,8 +498,7 @@ async fn resolve_datastores(
                 Phase::Pending,
                 "DatastoreNotFound",
                 format!(
-                    "parameter {} refers to datastore {name}, which is neither a Datastore in namespace {ns} nor a ClusterDatastore; create it and the experiment starts",
-                    param.name
+                    "{user} refers to datastore {name}, which is neither a Datastore in namespace {ns} nor a ClusterDatastore; create it and the experiment starts"
                 ),
             )));
         };
@@ -534,15 +527,14 @@ async fn resolve_datastores(
                     Phase::Pending,
                     "DatastoreNotAllowed",
                     format!(
-                        "parameter {} refers to ClusterDatastore {name}, whose allowedNamespaces does not select namespace {ns}; ask its owners to allow this namespace, or use another datastore",
-                        param.name
+                        "{user} refers to ClusterDatastore {name}, whose allowedNamespaces does not select namespace {ns}; ask its owners to allow this namespace, or use another datastore"
                     ),
                 )));
             }
         }
         match resolve::resolve_found(ctx.client.clone(), &found, &scope).await {
             Ok(r) => {
-                resolved.insert(name.clone(), r.config);
+                resolved.insert(name.to_string(), r.config);
             }
             Err(Error::Config(message)) => {
                 return Ok(Err(Step::refused(

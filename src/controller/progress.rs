@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::agent::Report;
 use crate::api::{ExperimentStatus, InputRecord, Phase};
+use crate::controller::build::CODE_CONTAINER;
 use crate::plan::Transfer;
 
 /// The condition saying whether the spec is valid and its datastores usable.
@@ -95,7 +96,9 @@ pub fn run_step(pods: &[Pod], downloads: usize) -> RunStep {
         .unwrap_or_default();
     let done = init
         .iter()
-        .filter(|c| c.name.starts_with("download-") && exit_code(c) == Some(0))
+        .filter(|c| {
+            (c.name.starts_with("download-") || c.name == CODE_CONTAINER) && exit_code(c) == Some(0)
+        })
         .count();
     if downloads > 0 && init.iter().any(started) {
         RunStep::Downloading {

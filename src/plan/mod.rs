@@ -7,14 +7,26 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::api::{ComputeTarget, DataReference, ExperimentSpec, Mode, ScriptParam};
+use crate::api::{CodeReference, ComputeTarget, DataReference, ExperimentSpec, Mode, ScriptParam};
 use crate::paths::normalize;
 use crate::store::StoreConfig;
 use crate::store::sas::Permissions;
 
-/// Where data references live on compute in the cluster: `pathOnCompute: training_data` is
-/// `/mnt/datastore/training_data` in the script's container.
-pub const CLUSTER_ROOT: &str = "/mnt/datastore";
+/// Where an executor places data references and code on compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roots<'a> {
+    /// Data references live under it: `pathOnCompute: training_data` is `<data>/training_data`.
+    pub data: &'a str,
+    /// The code of `spec.code` is downloaded into it.
+    pub code: &'a str,
+}
+
+/// The cluster's roots: `pathOnCompute: training_data` is `/mnt/datastore/training_data` in the
+/// script's container, and downloaded code is in `/mnt/code`.
+pub const CLUSTER: Roots<'static> = Roots {
+    data: "/mnt/datastore",
+    code: "/mnt/code",
+};
 
 /// The prefix of the environment variable holding a data reference's path on compute (as the
 /// Azure ML SDK names them): `--data_folder` gets `AZUREML_DATAREFERENCE_DATA_FOLDER`.
@@ -28,8 +40,11 @@ pub struct ExecutionPlan {
     /// The script parameters in order, each as `<name> <value>`; a data reference's value is its
     /// absolute path on compute: `[--data_folder, /mnt/datastore/training_data, ...]`.
     pub args: Vec<String>,
-    /// The script's working directory (the spec's `sourceDirectory`), if any.
+    /// The script's working directory: the spec's `sourceDirectory`, inside the code root when
+    /// the code is downloaded.
     pub working_dir: Option<String>,
+    /// The download of the script's code (`spec.code`) into the code root.
+    pub code: Option<Transfer>,
     /// One variable per data reference, holding its absolute path on compute, in parameter order.
     pub env: Vec<EnvVar>,
     /// Every data reference, in parameter order.
@@ -68,7 +83,7 @@ pub struct PlannedReference {
 /// One folder to copy between a datastore and compute.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transfer {
-    /// The parameter whose reference this is, e.g. `--data_folder`.
+    /// The parameter whose reference this is, e.g. `--data_folder` (`code` for the code).
     pub param: String,
     /// The datastore's name.
     pub datastore: String,
@@ -100,9 +115,10 @@ pub enum PlanError {
     EmptyCommand,
     #[error("entryScript is empty; name the script to run, e.g. training_script.py")]
     EmptyEntryScript,
-    #[error("parameter {param} refers to datastore {datastore:?}, which does not exist; {}", known_hint(.datastore, .known))]
+    #[error("{user} refers to datastore {datastore:?}, which does not exist; {}", known_hint(.datastore, .known))]
     UnknownDatastore {
-        param: String,
+        /// `parameter --data_folder`, or `code`.
+        user: String,
         datastore: String,
         known: Vec<String>,
     },
@@ -117,9 +133,13 @@ pub enum PlanError {
     #[error("parameter {param}: overwrite applies to upload references only; remove it")]
     OverwriteNotUpload { param: String },
     #[error(
-        "parameter {param} refers to datastore {datastore:?}, a local directory that only the CLI can reach; use computeTarget local, or a datastore in Azure Blob Storage"
+        "{user} refers to datastore {datastore:?}, a local directory that only the CLI can reach; use computeTarget local, or a datastore in Azure Blob Storage"
     )]
-    LocalDatastoreOnCluster { param: String, datastore: String },
+    LocalDatastoreOnCluster { user: String, datastore: String },
+    #[error(
+        "sourceDirectory {path:?} is absolute, but the code is downloaded from a datastore (code); make it a folder relative to the code, or remove it"
+    )]
+    SourceDirectoryOutsideCode { path: String },
     #[error(
         "parameter {param}: path on compute {path:?} {problem}; set pathOnCompute to a relative path such as training_data"
     )]
@@ -162,6 +182,7 @@ impl PlanError {
             PlanError::OverwriteNotUpload { .. } => "OverwriteNotUpload",
             PlanError::EnvShadowsReference { .. } => "EnvShadowsReference",
             PlanError::LocalDatastoreOnCluster { .. } => "LocalDatastoreOnCluster",
+            PlanError::SourceDirectoryOutsideCode { .. } => "SourceDirectoryOutsideCode",
             PlanError::InvalidPathOnCompute { .. } => "InvalidPathOnCompute",
             PlanError::PathOnComputeClash { .. } => "PathOnComputeClash",
             PlanError::EnvVarClash { .. } => "EnvVarClash",
@@ -180,14 +201,15 @@ fn known_hint(wanted: &str, known: &[String]) -> String {
     }
 }
 
-/// Plans `exp` against `datastores` (by name), placing data references under `root`: the
-/// absolute directory they live under on compute ([`CLUSTER_ROOT`] in the cluster, a work
-/// directory for the local runner).
+/// Plans `exp` against `datastores` (by name), placing data references and code under `roots`:
+/// absolute directories on compute ([`CLUSTER`] in the cluster, a work directory for the local
+/// runner).
 pub fn plan(
     exp: &ExperimentSpec,
     datastores: &BTreeMap<String, StoreConfig>,
-    root: &str,
+    roots: Roots,
 ) -> Result<ExecutionPlan, PlanError> {
+    let root = roots.data;
     if exp.entry_script.is_empty() {
         return Err(PlanError::EmptyEntryScript);
     }
@@ -203,6 +225,7 @@ pub fn plan(
         command,
         args: Vec::new(),
         working_dir: exp.source_directory.clone(),
+        code: None,
         env: Vec::new(),
         references: Vec::new(),
         downloads: Vec::new(),
@@ -256,11 +279,7 @@ pub fn plan(
         let needed = match planned.mode {
             Mode::Download => {
                 plan.downloads.push(transfer);
-                Permissions {
-                    read: true,
-                    list: true,
-                    ..Default::default()
-                }
+                READ_LIST
             }
             Mode::Upload => {
                 plan.uploads.push(transfer);
@@ -272,11 +291,7 @@ pub fn plan(
                 }
             }
             // Read-only, while the script runs; nothing to copy.
-            Mode::Mount => Permissions {
-                read: true,
-                list: true,
-                ..Default::default()
-            },
+            Mode::Mount => READ_LIST,
         };
         let granted = plan
             .permissions
@@ -291,6 +306,9 @@ pub fn plan(
             value: planned.path_on_compute.clone(),
         });
         plan.references.push(planned);
+    }
+    if let Some(code) = &exp.code {
+        plan_code(&mut plan, exp, code, datastores, roots.code)?;
     }
     if let Some((name, param)) = exp.env.iter().find_map(|e| {
         plan.references
@@ -333,6 +351,58 @@ fn check_parameters(params: &[ScriptParam]) -> Result<(), PlanError> {
     Ok(())
 }
 
+/// The code download, the working directory inside it, and read access to its datastore.
+fn plan_code(
+    plan: &mut ExecutionPlan,
+    exp: &ExperimentSpec,
+    code: &CodeReference,
+    datastores: &BTreeMap<String, StoreConfig>,
+    code_root: &str,
+) -> Result<(), PlanError> {
+    let user = "code".to_string();
+    let Some(store) = datastores.get(&code.datastore) else {
+        return Err(PlanError::UnknownDatastore {
+            user,
+            datastore: code.datastore.clone(),
+            known: datastores.keys().cloned().collect(),
+        });
+    };
+    if exp.compute_target == ComputeTarget::Cluster && matches!(store, StoreConfig::Local(_)) {
+        return Err(PlanError::LocalDatastoreOnCluster {
+            user,
+            datastore: code.datastore.clone(),
+        });
+    }
+    plan.working_dir = Some(match exp.source_directory.as_deref() {
+        None | Some("" | ".") => code_root.to_string(),
+        Some(dir) if dir.starts_with('/') => {
+            return Err(PlanError::SourceDirectoryOutsideCode {
+                path: dir.to_string(),
+            });
+        }
+        Some(dir) => join(code_root, dir.trim_end_matches('/')),
+    });
+    plan.code = Some(Transfer {
+        param: user,
+        datastore: code.datastore.clone(),
+        remote_path: normalize(&code.path),
+        overwrite: false,
+        local_path: code_root.to_string(),
+    });
+    let granted = plan.permissions.entry(code.datastore.clone()).or_default();
+    *granted = union(*granted, READ_LIST);
+    Ok(())
+}
+
+const READ_LIST: Permissions = Permissions {
+    read: true,
+    add: false,
+    create: false,
+    write: false,
+    delete: false,
+    list: true,
+};
+
 fn plan_reference(
     target: ComputeTarget,
     param: &str,
@@ -342,7 +412,7 @@ fn plan_reference(
 ) -> Result<PlannedReference, PlanError> {
     let Some(store) = datastores.get(&reference.datastore) else {
         return Err(PlanError::UnknownDatastore {
-            param: param.to_string(),
+            user: format!("parameter {param}"),
             datastore: reference.datastore.clone(),
             known: datastores.keys().cloned().collect(),
         });
@@ -359,7 +429,7 @@ fn plan_reference(
     }
     if target == ComputeTarget::Cluster && matches!(store, StoreConfig::Local(_)) {
         return Err(PlanError::LocalDatastoreOnCluster {
-            param: param.to_string(),
+            user: format!("parameter {param}"),
             datastore: reference.datastore.clone(),
         });
     }

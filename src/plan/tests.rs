@@ -57,13 +57,21 @@ fn create_write_list() -> Permissions {
     }
 }
 
+/// The local runner's roots, with data under `root` (its code root is unused here).
+fn local(root: &str) -> Roots<'_> {
+    Roots {
+        data: root,
+        code: "/work/code",
+    }
+}
+
 fn plan_err(spec: &ExperimentSpec) -> PlanError {
-    plan(spec, &datastores(), CLUSTER_ROOT).expect_err("the spec cannot be planned")
+    plan(spec, &datastores(), CLUSTER).expect_err("the spec cannot be planned")
 }
 
 #[test]
 fn the_example_is_planned_as_the_issue_describes() {
-    let plan = plan(&example(), &datastores(), CLUSTER_ROOT).unwrap();
+    let plan = plan(&example(), &datastores(), CLUSTER).unwrap();
     assert_eq!(plan.command, strings(&["python", "training_script.py"]));
     assert_eq!(
         plan.args,
@@ -140,7 +148,7 @@ fn the_example_is_planned_as_the_issue_describes() {
 fn command_replaces_python_and_the_entry_script() {
     let mut spec = example();
     spec.command = Some(strings(&["torchrun", "--nproc_per_node=2", "train.py"]));
-    let plan = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    let plan = plan(&spec, &datastores(), CLUSTER).unwrap();
     assert_eq!(
         plan.command,
         strings(&["torchrun", "--nproc_per_node=2", "train.py"])
@@ -162,7 +170,7 @@ scriptParams:
   - {name: epochs, value: '3'}
 ",
     );
-    let plan = plan(&spec, &BTreeMap::new(), CLUSTER_ROOT).unwrap();
+    let plan = plan(&spec, &BTreeMap::new(), CLUSTER).unwrap();
     assert_eq!(plan.command, strings(&["python", "train.py"]));
     assert_eq!(
         plan.args,
@@ -185,7 +193,7 @@ scriptParams:
   - {name: models/base, dataReference: {datastore: blob-ds, mode: download}}
 ",
     );
-    let plan = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    let plan = plan(&spec, &datastores(), CLUSTER).unwrap();
     let paths: Vec<&str> = plan
         .references
         .iter()
@@ -230,7 +238,7 @@ scriptParams:
   - {name: --b, dataReference: {datastore: other-ds, mode: download}}
 ",
     );
-    let plan = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    let plan = plan(&spec, &datastores(), CLUSTER).unwrap();
     let remote: Vec<(&str, &str)> = plan
         .downloads
         .iter()
@@ -253,7 +261,7 @@ fn the_root_is_the_local_runner_s_work_directory_when_given() {
     let mut spec = example();
     spec.compute_target = ComputeTarget::Local;
     for root in ["/tmp/run-1", "/tmp/run-1/"] {
-        let plan = plan(&spec, &datastores(), root).unwrap();
+        let plan = plan(&spec, &datastores(), local(root)).unwrap();
         assert_eq!(
             plan.args[..4],
             strings(&[
@@ -278,7 +286,7 @@ scriptParams:
   - {name: --data, dataReference: {datastore: local-ds, path: data, mode: download}}
 ",
     );
-    let plan = plan(&spec, &datastores(), "/work").unwrap();
+    let plan = plan(&spec, &datastores(), local("/work")).unwrap();
     assert_eq!(plan.downloads[0].local_path, "/work/data");
     assert_eq!(plan.permissions["local-ds"], read_list());
 }
@@ -293,7 +301,7 @@ scriptParams:
   - {name: --out, dataReference: {datastore: other-ds, path: out, mode: upload}}
 ",
     );
-    let plan = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    let plan = plan(&spec, &datastores(), CLUSTER).unwrap();
     assert_eq!(plan.references[0].mode, Mode::Mount);
     assert_eq!(plan.references[0].path_on_compute, "/mnt/datastore/big");
     assert_eq!(
@@ -332,7 +340,7 @@ fn an_unknown_datastore_lists_the_known_ones() {
     assert_eq!(
         err,
         PlanError::UnknownDatastore {
-            param: "--data_folder".into(),
+            user: "parameter --data_folder".into(),
             datastore: "blob-dz".into(),
             known: strings(&["blob-ds", "local-ds", "other-ds"]),
         }
@@ -343,7 +351,7 @@ fn an_unknown_datastore_lists_the_known_ones() {
     );
     assert_eq!(err.reason(), "UnknownDatastore");
 
-    let none = plan(&example(), &BTreeMap::new(), CLUSTER_ROOT).unwrap_err();
+    let none = plan(&example(), &BTreeMap::new(), CLUSTER).unwrap_err();
     assert_eq!(
         none.to_string(),
         "parameter --data_folder refers to datastore \"blob-ds\", which does not exist; no datastores are known, so create a Datastore or ClusterDatastore named blob-ds"
@@ -355,7 +363,7 @@ fn mount_on_the_local_compute_target_is_refused_with_the_sdk_reason() {
     let mut spec = example();
     spec.compute_target = ComputeTarget::Local;
     spec.script_params[0].data_reference.as_mut().unwrap().mode = Mode::Mount;
-    let err = plan(&spec, &datastores(), "/work").unwrap_err();
+    let err = plan(&spec, &datastores(), local("/work")).unwrap_err();
     assert_eq!(
         err,
         PlanError::MountOnLocalCompute {
@@ -380,7 +388,7 @@ fn a_local_datastore_is_refused_on_the_cluster() {
     assert_eq!(
         plan_err(&spec),
         PlanError::LocalDatastoreOnCluster {
-            param: "--data_folder".into(),
+            user: "parameter --data_folder".into(),
             datastore: "local-ds".into(),
         }
     );
@@ -438,7 +446,7 @@ fn nested_paths_on_compute_are_refused_either_way_round() {
         plan(
             &with_paths_on_compute(Some("data"), Some("data2")),
             &datastores(),
-            CLUSTER_ROOT
+            CLUSTER
         )
         .is_ok()
     );
@@ -586,7 +594,7 @@ fn overwrite_is_carried_to_the_upload_and_refused_elsewhere() {
         .as_mut()
         .unwrap()
         .overwrite = true;
-    let planned = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap();
+    let planned = plan(&spec, &datastores(), CLUSTER).unwrap();
     assert!(planned.uploads[0].overwrite);
     assert!(!planned.downloads[0].overwrite);
 
@@ -596,7 +604,7 @@ fn overwrite_is_carried_to_the_upload_and_refused_elsewhere() {
         .as_mut()
         .unwrap()
         .overwrite = true;
-    let err = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap_err();
+    let err = plan(&spec, &datastores(), CLUSTER).unwrap_err();
     assert_eq!(
         err,
         PlanError::OverwriteNotUpload {
@@ -614,7 +622,7 @@ fn user_env_may_not_shadow_a_reference_variable() {
         value: Some("/elsewhere".into()),
         value_from: None,
     });
-    let err = plan(&spec, &datastores(), CLUSTER_ROOT).unwrap_err();
+    let err = plan(&spec, &datastores(), CLUSTER).unwrap_err();
     assert_eq!(
         err,
         PlanError::EnvShadowsReference {
@@ -622,4 +630,78 @@ fn user_env_may_not_shadow_a_reference_variable() {
             param: "--data_folder".into()
         }
     );
+}
+
+#[test]
+fn code_from_a_datastore_is_downloaded_first_and_becomes_the_working_directory() {
+    let mut spec = example();
+    spec.code = Some(CodeReference {
+        datastore: "other-ds".into(),
+        path: "/snapshots/sha256-ab/".into(),
+    });
+    spec.source_directory = None;
+    let planned = plan(&spec, &datastores(), CLUSTER).unwrap();
+    assert_eq!(
+        planned.code,
+        Some(Transfer {
+            param: "code".into(),
+            datastore: "other-ds".into(),
+            remote_path: "snapshots/sha256-ab".into(),
+            overwrite: false,
+            local_path: "/mnt/code".into(),
+        })
+    );
+    assert_eq!(planned.working_dir.as_deref(), Some("/mnt/code"));
+    // Read access is added to what the references need, and nothing more.
+    assert_eq!(planned.permissions["other-ds"], read_list());
+    assert_eq!(
+        planned.permissions["blob-ds"],
+        union(read_list(), create_write_list())
+    );
+    // The data references do not move.
+    assert_eq!(
+        planned.downloads[0].local_path,
+        "/mnt/datastore/training_data"
+    );
+
+    // A relative sourceDirectory is a folder inside the code; an absolute one is outside it.
+    spec.source_directory = Some("src/".into());
+    let planned = plan(&spec, &datastores(), CLUSTER).unwrap();
+    assert_eq!(planned.working_dir.as_deref(), Some("/mnt/code/src"));
+    spec.source_directory = Some("/app".into());
+    assert_eq!(
+        plan_err(&spec),
+        PlanError::SourceDirectoryOutsideCode {
+            path: "/app".into()
+        }
+    );
+}
+
+#[test]
+fn code_on_an_unknown_or_local_datastore_is_refused_for_the_cluster() {
+    let mut spec = example();
+    spec.code = Some(CodeReference {
+        datastore: "nowhere".into(),
+        path: "snapshots/x".into(),
+    });
+    let err = plan_err(&spec);
+    assert_eq!(err.reason(), "UnknownDatastore");
+    assert!(
+        err.to_string()
+            .starts_with("code refers to datastore \"nowhere\""),
+        "{err}"
+    );
+
+    spec.code.as_mut().unwrap().datastore = "local-ds".into();
+    assert_eq!(
+        plan_err(&spec),
+        PlanError::LocalDatastoreOnCluster {
+            user: "code".into(),
+            datastore: "local-ds".into()
+        }
+    );
+    // The local runner reaches it.
+    spec.compute_target = ComputeTarget::Local;
+    let planned = plan(&spec, &datastores(), local("/w/data")).unwrap();
+    assert_eq!(planned.code.unwrap().local_path, "/work/code");
 }

@@ -3,8 +3,9 @@
 //!
 //! - Secret `<exp>-credentials`: a datastores file (`datastores.yaml`) for the agent containers
 //!   only, holding per-experiment credentials ([`render_credentials`]);
-//! - Job `<exp>-run`: one init container `download-<n>` per download reference (the agent
-//!   image), each filling an emptyDir, then the user's container `main`;
+//! - Job `<exp>-run`: an init container `code` when the code comes from a datastore and one
+//!   `download-<n>` per download reference (the agent image), each filling an emptyDir, then
+//!   the user's container `main`;
 //! - PVC `<exp>-outputs` when there are upload references, mounted (one subPath per reference)
 //!   at each upload reference's path in the run Job and in the upload Job;
 //! - Job `<exp>-upload`: one container `upload-<n>` per upload reference.
@@ -34,6 +35,9 @@ use crate::error::{Error, Result};
 use crate::plan::{ExecutionPlan, Transfer};
 use crate::store::sas;
 use crate::store::{AzureCredential, StoreConfig};
+
+/// The run Job's init container (and volume) downloading `spec.code`.
+pub const CODE_CONTAINER: &str = "code";
 
 /// The agent image when the operator is not told otherwise.
 pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/datastore-operator/datastore:0.1.0";
@@ -430,7 +434,8 @@ fn agent_container(
 // ---------------------------------------------------------------------------------------------
 // The run Job
 
-/// Job `<exp>-run`: an init container `download-<n>` per download reference, then `main`.
+/// Job `<exp>-run`: an init container `code` when the code comes from a datastore, one
+/// `download-<n>` per download reference, then `main`.
 pub fn run_job(
     exp: &Experiment,
     plan: &ExecutionPlan,
@@ -442,8 +447,19 @@ pub fn run_job(
     let mut init_containers = Vec::new();
     let mut main_mounts = Vec::new();
 
-    for (n, download) in plan.downloads.iter().enumerate() {
-        let volume = download_volume(n);
+    // The code first (`spec.code`), so the working directory is complete before the script
+    // starts; the script may write next to its code, as it may on a laptop. Data references
+    // are read-only for the script.
+    let code = plan
+        .code
+        .iter()
+        .map(|code| (CODE_CONTAINER.to_string(), code, false));
+    let references = plan
+        .downloads
+        .iter()
+        .enumerate()
+        .map(|(n, download)| (download_volume(n), download, true));
+    for (volume, download, read_only_for_main) in code.chain(references) {
         volumes.push(Volume {
             name: volume.clone(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -456,7 +472,7 @@ pub fn run_job(
             ..Default::default()
         };
         init_containers.push(agent_container(
-            format!("download-{n}"),
+            volume.clone(),
             ctx,
             vec![
                 "agent".into(),
@@ -475,7 +491,7 @@ pub fn run_job(
             vec![mount(false)],
             has_credentials,
         ));
-        main_mounts.push(mount(true));
+        main_mounts.push(mount(read_only_for_main));
     }
     if !plan.uploads.is_empty() {
         volumes.push(outputs_volume(exp));
@@ -487,7 +503,7 @@ pub fn run_job(
         );
     }
     // Only init containers mount it; without downloads nothing does.
-    if has_credentials && !plan.downloads.is_empty() {
+    if has_credentials && (!plan.downloads.is_empty() || plan.code.is_some()) {
         volumes.push(credentials_volume(exp));
     }
 

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::api::ExperimentSpec;
-use crate::plan::{CLUSTER_ROOT, plan};
+use crate::plan::{CLUSTER, plan};
 use crate::store::resolve::{Catalog, Scope};
 use crate::store::{AzureBlobConfig, Secret as Hidden};
 
@@ -72,7 +72,7 @@ fn now() -> DateTime<Utc> {
 fn children(yaml: &str) -> (Experiment, ExecutionPlan, Children) {
     let exp = experiment(yaml);
     let stores = datastores();
-    let plan = plan(&exp.spec, &stores, CLUSTER_ROOT).unwrap();
+    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
     let children = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap();
     (exp, plan, children)
 }
@@ -447,7 +447,7 @@ fn mount_references_are_refused_until_supported() {
         "image: x\nentryScript: t.py\nscriptParams: [{name: --d, dataReference: {datastore: blob-ds, mode: mount}}]\n",
     );
     let stores = datastores();
-    let plan = plan(&exp.spec, &stores, CLUSTER_ROOT).unwrap();
+    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
     let err = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err}");
 }
@@ -501,7 +501,7 @@ fn download_only_gets_read_and_list_and_the_default_deadline() {
         "image: x\nentryScript: t.py\nscriptParams: [{name: --d, dataReference: {datastore: blob-ds, mode: download}}]\n",
     );
     let stores = datastores();
-    let plan = plan(&exp.spec, &stores, CLUSTER_ROOT).unwrap();
+    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
     let file = render_credentials(&plan, &stores, now(), None)
         .unwrap()
         .unwrap();
@@ -539,7 +539,7 @@ fn datastores_file_shapes_per_credential_kind() {
     let exp = experiment(&format!(
         "image: x\nentryScript: t.py\nscriptParams:\n{params}"
     ));
-    let plan = plan(&exp.spec, &stores, CLUSTER_ROOT).unwrap();
+    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
     let file = render_credentials(&plan, &stores, now(), Some(60))
         .unwrap()
         .unwrap();
@@ -598,7 +598,7 @@ fn an_invalid_account_key_is_a_config_error_that_does_not_show_it() {
     let exp = experiment(
         "image: x\nentryScript: t.py\nscriptParams: [{name: --d, dataReference: {datastore: blob-ds, mode: download}}]\n",
     );
-    let plan = plan(&exp.spec, &stores, CLUSTER_ROOT).unwrap();
+    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
     let err = render_credentials(&plan, &stores, now(), None).unwrap_err();
     assert!(matches!(err, Error::Config(_)));
     assert!(!err.to_string().contains("not base64!"), "{err}");
@@ -636,7 +636,7 @@ scriptParams:
     value: "a b 'c\" $HOME `x` ; exit 3"
 "#,
     );
-    let plan = plan(&exp.spec, &BTreeMap::new(), CLUSTER_ROOT).unwrap();
+    let plan = plan(&exp.spec, &BTreeMap::new(), CLUSTER).unwrap();
     let job = run_job(&exp, &plan, &BuildContext::default(), false);
     let main = &pod(&job).containers[0];
     assert_eq!(
@@ -682,10 +682,71 @@ fn a_name_too_long_for_the_job_labels_is_refused() {
     let mut exp = experiment(EXAMPLE);
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN));
     let stores = datastores();
-    let plan = plan(&exp.spec, &stores, CLUSTER_ROOT).unwrap();
+    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
     let children = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap();
     assert_eq!(children.upload.unwrap().metadata.name.unwrap().len(), 63);
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
     let err = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap_err();
     assert!(err.to_string().contains("choose a shorter name"), "{err}");
+}
+
+#[test]
+fn code_from_a_datastore_is_fetched_by_the_first_init_container_into_the_working_directory() {
+    let yaml = EXAMPLE.replace(
+        "sourceDirectory: /app/experiment_folder",
+        "code: {datastore: public-ds, path: snapshots/sha256-ab}",
+    );
+    let (_, plan, children) = children(&yaml);
+    let pod = pod(&children.run);
+    let init = pod.init_containers.as_ref().unwrap();
+    let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["code", "download-0", "download-1"]);
+    let code = &init[0];
+    assert_eq!(
+        code.args.as_ref().unwrap(),
+        &[
+            "agent",
+            "download",
+            "--datastores",
+            "/etc/datastore/datastores.yaml",
+            "--datastore",
+            "public-ds",
+            "--path",
+            "snapshots/sha256-ab",
+            "--target",
+            "/mnt/code",
+            "--report",
+            "/dev/termination-log",
+        ]
+    );
+    assert_eq!(
+        mounts(code),
+        [
+            ("code".into(), "/mnt/code".into(), None, false),
+            ("credentials".into(), "/etc/datastore".into(), None, true),
+        ]
+    );
+    let main = &pod.containers[0];
+    // An absolute working directory: no shell needed in the image.
+    assert_eq!(main.working_dir.as_deref(), Some("/mnt/code"));
+    assert_eq!(
+        main.command.as_ref().unwrap(),
+        &["python", "training_script.py"]
+    );
+    // Writable for the script (it may write next to its code); the data stays read-only.
+    let main_mounts = mounts(main);
+    assert_eq!(
+        main_mounts[0],
+        ("code".into(), "/mnt/code".into(), None, false)
+    );
+    assert!(main_mounts[1].3, "{main_mounts:?}");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "code")
+        .unwrap();
+    assert!(volume.empty_dir.is_some());
+    // The code's datastore can be read with the run's credentials.
+    assert_eq!(plan.permissions["public-ds"].as_str(), "rl");
 }

@@ -176,6 +176,22 @@ fn the_newest_pod_says_where_the_run_is() {
     assert_eq!(run_step(&[plain], 0), RunStep::Pending);
 }
 
+#[test]
+fn the_code_download_counts_as_a_download_step_but_records_no_input() {
+    let fetched = pod(
+        "p",
+        1,
+        vec![terminated("code", 0, Some(REPORT_B)), running("download-0")],
+        vec![waiting("main")],
+    );
+    assert_eq!(
+        run_step(std::slice::from_ref(&fetched), 2),
+        RunStep::Downloading { done: 1, total: 2 }
+    );
+    // Inputs are the data references' only: `code` is not `download-0`.
+    assert_eq!(inputs(&[fetched], &[transfer("--data", "data")]), []);
+}
+
 fn transfer(param: &str, path: &str) -> Transfer {
     Transfer {
         param: param.into(),
