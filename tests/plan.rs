@@ -15,7 +15,7 @@ const DATASTORES: &str = r#"
 apiVersion: datastore.dev/v1alpha1
 kind: Datastore
 metadata:
-  name: blob-ds
+  name: workspace-ds
 spec:
   azureBlob:
     accountName: devstoreaccount1
@@ -23,12 +23,12 @@ spec:
     endpoint: http://127.0.0.1:10000/devstoreaccount1
     credentials:
       secretRef:
-        name: blob-ds-credentials
+        name: workspace-ds-credentials
 ---
 apiVersion: v1
 kind: Secret
 metadata:
-  name: blob-ds-credentials
+  name: workspace-ds-credentials
 stringData:
   accountKey: Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==
 "#;
@@ -116,7 +116,7 @@ fn the_example_renders_valid_objects_with_a_minted_sas() {
         assert!(!owner["uid"].as_str().unwrap().is_empty());
     }
 
-    // The credentials: a SAS for download + upload on blob-ds (read, create, write, list).
+    // The credentials: a SAS for download + upload on workspace-ds (read, create, write, list).
     let file = docs[0]["stringData"]["datastores.yaml"].as_str().unwrap();
     assert!(
         !file.contains(KEY) && !file.contains("accountKey"),
@@ -231,10 +231,10 @@ spec:
   uploadPolicy: Always
   outputs: {size: 50Gi, storageClassName: managed-csi}
   scriptParams:
-    - {name: --a, dataReference: {datastore: blob-ds, path: a, mode: download}}
-    - {name: --b, dataReference: {datastore: blob-ds, path: b, mode: download}}
-    - {name: --out, dataReference: {datastore: blob-ds, path: out, mode: upload}}
-    - {name: --logs, dataReference: {datastore: blob-ds, path: logs, mode: upload}}
+    - {name: --a, dataReference: {datastore: workspace-ds, path: a, mode: download}}
+    - {name: --b, dataReference: {datastore: workspace-ds, path: b, mode: download}}
+    - {name: --out, dataReference: {datastore: workspace-ds, path: out, mode: upload}}
+    - {name: --logs, dataReference: {datastore: workspace-ds, path: logs, mode: upload}}
 "#,
     )
     .unwrap();

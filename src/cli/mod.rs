@@ -1,7 +1,9 @@
 //! The user commands. Each one ends in a summary (text or JSON) and an exit code.
 
+mod experiment_file;
 pub mod plan;
-mod progress;
+pub(crate) mod progress;
+pub mod run;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -37,6 +39,8 @@ pub enum Command {
     Download(DownloadArgs),
     /// Print the CustomResourceDefinitions as YAML (kubectl apply -f -).
     Crds,
+    /// Run an Experiment on this machine (the local compute target): download, run the script, upload.
+    Run(run::RunArgs),
     /// Print, as YAML, the objects the controller would create for an Experiment.
     Plan(plan::PlanArgs),
     /// In-pod commands used by the containers the controller generates (JSON logs and summary).
@@ -116,11 +120,7 @@ pub enum Output {
 
 impl Common {
     fn show_progress(&self) -> bool {
-        if self.no_progress {
-            false
-        } else {
-            self.progress || std::io::stderr().is_terminal()
-        }
+        show_progress(self.progress, self.no_progress)
     }
 
     fn options(&self) -> Options {
@@ -155,10 +155,16 @@ impl Cli {
     }
 }
 
+/// `--progress` / `--no-progress`, else whether stderr is a terminal.
+fn show_progress(progress: bool, no_progress: bool) -> bool {
+    !no_progress && (progress || std::io::stderr().is_terminal())
+}
+
 /// Runs a command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Plan(args) => plan::run(args).await,
+        Command::Run(args) => run::run(args).await,
         Command::Agent(args) => crate::agent::run(args).await,
         Command::Controller(args) => crate::controller::run(args).await,
         Command::Crds => {

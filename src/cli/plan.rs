@@ -1,18 +1,17 @@
 //! `datastore plan experiment.yaml`: print, as multi-document YAML, the objects the controller
 //! would create for an Experiment, from the same planner and builders.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use chrono::Utc;
 use clap::Args;
 use kube::ResourceExt;
 
-use crate::api::Experiment;
+use super::experiment_file::{ExperimentFile, resolve_datastores};
 use crate::controller::build::{self, BuildContext, to_yaml};
 use crate::error::{Error, Result};
 use crate::plan::{self, CLUSTER};
-use crate::store::resolve::{self, Scope, Source};
+use crate::store::resolve::{Scope, Source};
 
 /// The uid the owner references carry when the Experiment file has none (it has none until the
 /// apiserver creates it).
@@ -49,27 +48,17 @@ pub async fn run(args: PlanArgs) -> i32 {
 
 /// The objects as multi-document YAML.
 pub async fn render(args: &PlanArgs) -> Result<String> {
-    let mut exp = read_experiment(&args.experiment)?;
-    let namespace = args
-        .namespace
-        .clone()
-        .or_else(|| exp.namespace())
-        .unwrap_or_else(|| "default".to_string());
-    exp.metadata.namespace = Some(namespace.clone());
+    let file = ExperimentFile::read(&args.experiment, args.namespace.as_deref(), "default")?;
+    let mut exp = file.exp;
     if exp.metadata.uid.is_none() {
         exp.metadata.uid = Some(PLACEHOLDER_UID.to_string());
     }
-
     let scope = Scope {
-        namespace,
+        namespace: exp.namespace().unwrap_or_default(),
         operator_namespace: args.operator.operator_namespace.clone(),
     };
     let source = Source::pick(args.datastores.clone());
-    let mut datastores = BTreeMap::new();
-    for (_, name) in exp.spec.datastore_uses() {
-        let resolved = resolve::resolve(name, &source, &scope).await?;
-        datastores.insert(name.to_string(), resolved.config);
-    }
+    let datastores = resolve_datastores(&exp.spec, &source, &scope).await?;
 
     let plan = plan::plan(&exp.spec, &datastores, CLUSTER)
         .map_err(|e| Error::Config(format!("{}: {e}", args.experiment.display())))?;
@@ -85,26 +74,4 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
     docs.push(to_yaml(&children.run));
     docs.extend(children.upload.as_ref().map(to_yaml));
     Ok(docs.join("---\n"))
-}
-
-fn read_experiment(path: &std::path::Path) -> Result<Experiment> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::Config(format!(
-            "cannot read the Experiment file {}: {e}",
-            path.display()
-        ))
-    })?;
-    let exp: Experiment = serde_yaml::from_str(&text).map_err(|e| {
-        Error::Config(format!(
-            "{} is not a valid Experiment: {e}; see examples/experiment.yaml",
-            path.display()
-        ))
-    })?;
-    if exp.metadata.name.as_deref().unwrap_or("").is_empty() {
-        return Err(Error::Config(format!(
-            "{} has no metadata.name: name the Experiment",
-            path.display()
-        )));
-    }
-    Ok(exp)
 }

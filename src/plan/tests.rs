@@ -16,7 +16,7 @@ fn blob(container: &str) -> StoreConfig {
 
 fn datastores() -> BTreeMap<String, StoreConfig> {
     BTreeMap::from([
-        ("blob-ds".to_string(), blob("data")),
+        ("workspace-ds".to_string(), blob("data")),
         ("other-ds".to_string(), blob("other")),
         (
             "local-ds".to_string(),
@@ -103,7 +103,7 @@ fn the_example_is_planned_as_the_issue_describes() {
         vec![
             PlannedReference {
                 param: "--data_folder".into(),
-                datastore: "blob-ds".into(),
+                datastore: "workspace-ds".into(),
                 path: "data/files".into(),
                 mode: Mode::Download,
                 path_on_compute: "/mnt/datastore/training_data".into(),
@@ -111,7 +111,7 @@ fn the_example_is_planned_as_the_issue_describes() {
             },
             PlannedReference {
                 param: "--output_dir".into(),
-                datastore: "blob-ds".into(),
+                datastore: "workspace-ds".into(),
                 path: "outputs/run1".into(),
                 mode: Mode::Upload,
                 path_on_compute: "/mnt/datastore/outputs".into(),
@@ -123,7 +123,7 @@ fn the_example_is_planned_as_the_issue_describes() {
         plan.downloads,
         vec![Transfer {
             param: "--data_folder".into(),
-            datastore: "blob-ds".into(),
+            datastore: "workspace-ds".into(),
             remote_path: "data/files".into(),
             local_path: "/mnt/datastore/training_data".into(),
             overwrite: false,
@@ -133,7 +133,7 @@ fn the_example_is_planned_as_the_issue_describes() {
         plan.uploads,
         vec![Transfer {
             param: "--output_dir".into(),
-            datastore: "blob-ds".into(),
+            datastore: "workspace-ds".into(),
             remote_path: "outputs/run1".into(),
             local_path: "/mnt/datastore/outputs".into(),
             overwrite: false,
@@ -141,7 +141,7 @@ fn the_example_is_planned_as_the_issue_describes() {
     );
     // Download and upload on one datastore: the union, and nothing more (no delete, no add).
     assert_eq!(plan.permissions.len(), 1);
-    assert_eq!(plan.permissions["blob-ds"].as_str(), "rcwl");
+    assert_eq!(plan.permissions["workspace-ds"].as_str(), "rcwl");
 }
 
 #[test]
@@ -188,9 +188,9 @@ fn path_on_compute_defaults_to_the_parameter_name_without_dashes() {
         "image: python:3.12-slim
 entryScript: train.py
 scriptParams:
-  - {name: --data_folder, dataReference: {datastore: blob-ds, mode: download}}
-  - {name: -x, dataReference: {datastore: blob-ds, mode: download}}
-  - {name: models/base, dataReference: {datastore: blob-ds, mode: download}}
+  - {name: --data_folder, dataReference: {datastore: workspace-ds, mode: download}}
+  - {name: -x, dataReference: {datastore: workspace-ds, mode: download}}
+  - {name: models/base, dataReference: {datastore: workspace-ds, mode: download}}
 ",
     );
     let plan = plan(&spec, &datastores(), CLUSTER).unwrap();
@@ -234,7 +234,7 @@ fn datastore_paths_are_normalized_and_empty_is_the_container() {
         "image: python:3.12-slim
 entryScript: train.py
 scriptParams:
-  - {name: --a, dataReference: {datastore: blob-ds, path: /data//files/, mode: download}}
+  - {name: --a, dataReference: {datastore: workspace-ds, path: /data//files/, mode: download}}
   - {name: --b, dataReference: {datastore: other-ds, mode: download}}
 ",
     );
@@ -244,13 +244,13 @@ scriptParams:
         .iter()
         .map(|t| (t.datastore.as_str(), t.remote_path.as_str()))
         .collect();
-    assert_eq!(remote, [("blob-ds", "data/files"), ("other-ds", "")]);
+    assert_eq!(remote, [("workspace-ds", "data/files"), ("other-ds", "")]);
     assert_eq!(plan.references[0].path, "data/files");
     // Each datastore gets its own permissions.
     assert_eq!(
         plan.permissions,
         BTreeMap::from([
-            ("blob-ds".to_string(), read_list()),
+            ("workspace-ds".to_string(), read_list()),
             ("other-ds".to_string(), read_list()),
         ])
     );
@@ -297,7 +297,7 @@ fn mount_is_read_only_and_transfers_nothing() {
         "image: python:3.12-slim
 entryScript: train.py
 scriptParams:
-  - {name: --data, dataReference: {datastore: blob-ds, path: big, mode: mount, pathOnCompute: big}}
+  - {name: --data, dataReference: {datastore: workspace-ds, path: big, mode: mount, pathOnCompute: big}}
   - {name: --out, dataReference: {datastore: other-ds, path: out, mode: upload}}
 ",
     );
@@ -318,11 +318,11 @@ scriptParams:
     assert_eq!(
         plan.permissions,
         BTreeMap::from([
-            ("blob-ds".to_string(), read_list()),
+            ("workspace-ds".to_string(), read_list()),
             ("other-ds".to_string(), create_write_list()),
         ])
     );
-    assert_eq!(plan.permissions["blob-ds"].as_str(), "rl");
+    assert_eq!(plan.permissions["workspace-ds"].as_str(), "rl");
     assert_eq!(plan.permissions["other-ds"].as_str(), "cwl");
 }
 
@@ -335,26 +335,26 @@ fn an_unknown_datastore_lists_the_known_ones() {
         .data_reference
         .as_mut()
         .unwrap()
-        .datastore = "blob-dz".into();
+        .datastore = "workspace-dz".into();
     let err = plan_err(&spec);
     assert_eq!(
         err,
         PlanError::UnknownDatastore {
             user: "parameter --data_folder".into(),
-            datastore: "blob-dz".into(),
-            known: strings(&["blob-ds", "local-ds", "other-ds"]),
+            datastore: "workspace-dz".into(),
+            known: strings(&["local-ds", "other-ds", "workspace-ds"]),
         }
     );
     assert_eq!(
         err.to_string(),
-        "parameter --data_folder refers to datastore \"blob-dz\", which does not exist; create it, or use one of the known datastores: blob-ds, local-ds, other-ds"
+        "parameter --data_folder refers to datastore \"workspace-dz\", which does not exist; create it, or use one of the known datastores: local-ds, other-ds, workspace-ds"
     );
     assert_eq!(err.reason(), "UnknownDatastore");
 
     let none = plan(&example(), &BTreeMap::new(), CLUSTER).unwrap_err();
     assert_eq!(
         none.to_string(),
-        "parameter --data_folder refers to datastore \"blob-ds\", which does not exist; no datastores are known, so create a Datastore or ClusterDatastore named blob-ds"
+        "parameter --data_folder refers to datastore \"workspace-ds\", which does not exist; no datastores are known, so create a Datastore or ClusterDatastore named workspace-ds"
     );
 }
 
@@ -488,7 +488,7 @@ fn invalid_paths_on_compute_are_refused_with_the_problem() {
     let spec = spec(
         "image: i
 entryScript: t.py
-scriptParams: [{name: '--', dataReference: {datastore: blob-ds, mode: download}}]
+scriptParams: [{name: '--', dataReference: {datastore: workspace-ds, mode: download}}]
 ",
     );
     assert_eq!(
@@ -567,8 +567,8 @@ fn references_sharing_an_environment_variable_are_refused() {
         "image: i
 entryScript: t.py
 scriptParams:
-  - {name: --data-folder, dataReference: {datastore: blob-ds, mode: download}}
-  - {name: --data_folder, dataReference: {datastore: blob-ds, mode: download}}
+  - {name: --data-folder, dataReference: {datastore: workspace-ds, mode: download}}
+  - {name: --data_folder, dataReference: {datastore: workspace-ds, mode: download}}
 ",
     );
     let err = plan_err(&spec);
@@ -655,7 +655,7 @@ fn code_from_a_datastore_is_downloaded_first_and_becomes_the_working_directory()
     // Read access is added to what the references need, and nothing more.
     assert_eq!(planned.permissions["other-ds"], read_list());
     assert_eq!(
-        planned.permissions["blob-ds"],
+        planned.permissions["workspace-ds"],
         union(read_list(), create_write_list())
     );
     // The data references do not move.

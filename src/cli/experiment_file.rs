@@ -1,0 +1,81 @@
+//! An Experiment read from a YAML file, and its datastores resolved: what `plan`, `run` and
+//! `submit` start from.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kube::ResourceExt;
+
+use crate::api::{Experiment, ExperimentSpec};
+use crate::error::{Error, Result};
+use crate::store::StoreConfig;
+use crate::store::resolve::{self, Scope, Source};
+
+pub struct ExperimentFile {
+    pub exp: Experiment,
+    /// The file, as given.
+    pub path: PathBuf,
+    /// The folder holding the file: a relative `sourceDirectory` is resolved against it.
+    pub dir: PathBuf,
+}
+
+impl ExperimentFile {
+    /// Reads `path`; the namespace is `namespace` if given, else the file's, else `fallback`.
+    pub fn read(path: &Path, namespace: Option<&str>, fallback: &str) -> Result<ExperimentFile> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read the Experiment file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let mut exp: Experiment = serde_yaml::from_str(&text).map_err(|e| {
+            Error::Config(format!(
+                "{} is not a valid Experiment: {e}; see examples/experiment.yaml",
+                path.display()
+            ))
+        })?;
+        if exp.metadata.name.as_deref().unwrap_or("").is_empty() {
+            return Err(Error::Config(format!(
+                "{} has no metadata.name: name the Experiment",
+                path.display()
+            )));
+        }
+        let namespace = namespace
+            .map(str::to_string)
+            .or_else(|| exp.namespace())
+            .unwrap_or_else(|| fallback.to_string());
+        exp.metadata.namespace = Some(namespace);
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let dir = std::path::absolute(&dir).map_err(|e| Error::local("resolve", &dir, e))?;
+        Ok(ExperimentFile {
+            exp,
+            path: path.to_path_buf(),
+            dir,
+        })
+    }
+
+    pub fn namespace(&self) -> String {
+        self.exp.namespace().unwrap_or_default()
+    }
+
+    pub fn name(&self) -> String {
+        self.exp.name_any()
+    }
+}
+
+/// Every datastore `spec` uses, resolved from `source` (a datastores file or the cluster).
+pub async fn resolve_datastores(
+    spec: &ExperimentSpec,
+    source: &Source,
+    scope: &Scope,
+) -> Result<BTreeMap<String, StoreConfig>> {
+    let mut datastores = BTreeMap::new();
+    for (_, name) in spec.datastore_uses() {
+        let resolved = resolve::resolve(name, source, scope).await?;
+        datastores.insert(name.to_string(), resolved.config);
+    }
+    Ok(datastores)
+}

@@ -1,0 +1,99 @@
+//! `datastore run experiment.yaml`: run an Experiment on this machine (the local compute
+//! target), from the same plan the controller uses.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::experiment_file::{ExperimentFile, resolve_datastores};
+use crate::api::ComputeTarget;
+use crate::error::{Error, Result};
+use crate::local::{self, LocalRun};
+use crate::store::resolve::{Scope, Source};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The Experiment's YAML file. A relative sourceDirectory is resolved against its folder.
+    pub experiment: PathBuf,
+    /// A YAML file of Datastore/ClusterDatastore and Secret objects [default: $DATASTORE_CONFIG,
+    /// else the cluster of the current kubeconfig].
+    #[arg(long)]
+    pub datastores: Option<PathBuf>,
+    /// Run it here even though its computeTarget is cluster.
+    #[arg(long)]
+    pub local: bool,
+    /// Where the downloaded data and the outputs go; it must be new or empty [default: a new
+    /// temporary directory, removed once every output reached its datastore].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// The namespace of the Experiment's Datastores [default: the file's, else `default`].
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// Namespace holding ClusterDatastores' Secrets.
+    #[arg(
+        long,
+        env = "DATASTORE_OPERATOR_NAMESPACE",
+        default_value = "datastore-operator"
+    )]
+    pub operator_namespace: String,
+    /// Requests in flight at most, per transfer.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub concurrency: u16,
+    /// Show transfer progress (default: when stderr is a terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+    /// Never show transfer progress.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Runs `datastore run`; returns the script's exit code, or the error's when it did not run or
+/// an upload failed.
+pub async fn run(args: RunArgs) -> i32 {
+    let run = match setup(&args).await {
+        Ok(run) => run,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    };
+    let prepared = match local::prepare(&run) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.experiment.display());
+            return e.exit_code();
+        }
+    };
+    match local::execute(&run, prepared).await {
+        Ok(finished) => finished.exit_code(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn setup(args: &RunArgs) -> Result<LocalRun> {
+    let file = ExperimentFile::read(&args.experiment, args.namespace.as_deref(), "default")?;
+    if file.exp.spec.compute_target == ComputeTarget::Cluster && !args.local {
+        return Err(Error::Config(format!(
+            "{} runs on the cluster (computeTarget: cluster); submit it with `datastore submit {}`, or run it here with --local",
+            file.path.display(),
+            file.path.display()
+        )));
+    }
+    let scope = Scope {
+        namespace: file.namespace(),
+        operator_namespace: args.operator_namespace.clone(),
+    };
+    let source = Source::pick(args.datastores.clone());
+    let datastores = resolve_datastores(&file.exp.spec, &source, &scope).await?;
+    Ok(LocalRun {
+        exp: file.exp,
+        base_dir: file.dir,
+        datastores,
+        work_dir: args.work_dir.clone(),
+        concurrency: args.concurrency as usize,
+        show_progress: super::show_progress(args.progress, args.no_progress),
+    })
+}

@@ -1,0 +1,356 @@
+//! `datastore run`: the local compute target, end to end, against a local datastore and a real
+//! Azurite. The scripts are real Python scripts run by this machine's python3, the seed's own
+//! `examples/experiment_folder/training_script.py` among them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::*;
+
+/// The repository's example data, as uploaded by `make demo` (relative names, contents).
+fn example_data() -> Vec<(String, Vec<u8>)> {
+    read_tree(Path::new("examples/data"))
+}
+
+/// A datastores file defining `workspace-ds` (the example's datastore) as the local folder
+/// `store`.
+fn local_workspace(dir: &Path) -> PathBuf {
+    let path = dir.join("workspace.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: datastore.dev/v1alpha1\nkind: Datastore\nmetadata: {name: workspace-ds}\nspec:\n  local: {path: store}\n",
+    )
+    .unwrap();
+    path
+}
+
+fn run(args: &[&str]) -> Output {
+    let mut all = vec!["run"];
+    all.extend(args);
+    all.push("--no-progress");
+    datastore(&all)
+}
+
+/// The files the script printed under its `Data folder:` line, as the seed's script lists them.
+fn listed(out: &Output) -> Vec<String> {
+    let text = stdout(out);
+    let mut names: Vec<String> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Data folder:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("   "))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The value `datastore run` gave parameter `param` (from its `running ...` line).
+fn arg_of(out: &Output, param: &str) -> PathBuf {
+    let err = stderr(out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("datastore: running "))
+        .unwrap_or_else(|| panic!("no running line in {err}"));
+    let arg = line
+        .split_whitespace()
+        .skip_while(|w| *w != param)
+        .nth(1)
+        .unwrap();
+    PathBuf::from(arg)
+}
+
+#[test]
+fn the_seed_example_runs_locally_on_a_local_datastore() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    for (name, bytes) in example_data() {
+        write_tree(&store, &[(&format!("data/files/{name}"), bytes)]);
+    }
+    // A sibling folder with a shared name prefix must not reach the script.
+    write_tree(&store, &[("data/files2/not-mine.txt", b"x".to_vec())]);
+    let work = dir.path().join("work");
+
+    let out = run(&[
+        "examples/experiment.yaml",
+        "--local",
+        "--datastores",
+        local_workspace(dir.path()).to_str().unwrap(),
+        "--work-dir",
+        work.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 0);
+
+    // The script saw exactly the downloaded files, at the path it was given.
+    let expected: Vec<String> = example_data().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(listed(&out), expected, "{}", stdout(&out));
+    assert_eq!(arg_of(&out, "--data_folder"), work.join("datastore/training_data"));
+    let err = stderr(&out);
+    assert_eq!(
+        err.matches("does not apply on the local compute target")
+            .count(),
+        1,
+        "{err}"
+    );
+
+    // Its outputs arrived under the upload reference's path, with the rendered value.
+    let outputs = read_tree(&store.join("outputs/run1"));
+    let names: Vec<&str> = outputs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["metrics.json", "model.json"]);
+    let metrics: serde_json::Value = serde_json::from_slice(&outputs[0].1).unwrap();
+    assert_eq!(metrics["regularization"], 0.1);
+    assert_eq!(metrics["rows"], 150);
+    // The user's work directory is the user's: kept, with what the run saw.
+    assert_eq!(read_tree(&work.join("datastore/outputs")), outputs);
+}
+
+/// An Experiment in `dir` running `script` (Python) with a download of `data` and an upload to
+/// `outputs/<run>` on datastore `datastore`.
+fn experiment(dir: &Path, datastore: &str, run: &str, policy: &str, script: &str) -> PathBuf {
+    write_tree(dir, &[("code/train.py", script.as_bytes().to_vec())]);
+    let path = dir.join("experiment.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"apiVersion: datastore.dev/v1alpha1
+kind: Experiment
+metadata: {{name: {run}}}
+spec:
+  image: python:3.12-slim
+  sourceDirectory: code
+  entryScript: train.py
+  computeTarget: local
+  uploadPolicy: {policy}
+  scriptParams:
+    - name: --data
+      dataReference: {{datastore: {datastore}, path: data, mode: download}}
+    - name: --out
+      dataReference: {{datastore: {datastore}, path: outputs/{run}, mode: upload}}
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Copies its `--data` folder's files into `--out` as `<name>.seen`, then exits with the code in
+/// `EXIT` (0 when unset).
+const COPY_THEN_EXIT: &str = r#"
+import argparse, os, sys
+p = argparse.ArgumentParser()
+p.add_argument("--data"); p.add_argument("--out")
+a = p.parse_args()
+assert os.environ["AZUREML_DATAREFERENCE_DATA"] == a.data
+for root, _, files in os.walk(a.data):
+    for f in files:
+        rel = os.path.relpath(os.path.join(root, f), a.data)
+        os.makedirs(os.path.dirname(os.path.join(a.out, rel + ".seen")), exist_ok=True)
+        with open(os.path.join(root, f), "rb") as src, open(os.path.join(a.out, rel + ".seen"), "wb") as dst:
+            dst.write(src.read())
+print("copied", flush=True)
+sys.exit(int(os.environ.get("EXIT", "0")))
+"#;
+
+#[tokio::test]
+async fn against_azurite_the_script_sees_the_blobs_and_its_outputs_become_blobs() {
+    let fx = Fixture::new().await;
+    let files = [
+        ("data/a.txt", bytes(10, 1)),
+        ("data/sub/b.bin", bytes(3 * 1024 * 1024, 2)),
+        ("data2/outside.txt", bytes(5, 3)),
+    ];
+    let src = fx.path("src");
+    write_tree(&src, &files);
+    assert_exit(
+        &fx.cli(&[
+            "upload",
+            "--datastore",
+            "blob",
+            "--src-dir",
+            src.to_str().unwrap(),
+        ]),
+        0,
+    );
+
+    let exp = experiment(fx.dir.path(), "blob", "run-a", "OnSuccess", COPY_THEN_EXIT);
+    let out = fx.cli(&["run", exp.to_str().unwrap()]);
+    assert_exit(&out, 0);
+    assert!(stdout(&out).contains("copied"), "{}", stdout(&out));
+
+    let mut blobs: Vec<String> = fx
+        .client
+        .list("outputs/run-a/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    blobs.sort();
+    assert_eq!(
+        blobs,
+        ["outputs/run-a/a.txt.seen", "outputs/run-a/sub/b.bin.seen"]
+    );
+    let dest = fx.path("back");
+    assert_exit(
+        &fx.cli(&[
+            "download",
+            "--datastore",
+            "blob",
+            "--prefix",
+            "outputs/run-a",
+            "--target-path",
+            dest.to_str().unwrap(),
+        ]),
+        0,
+    );
+    assert_eq!(
+        std::fs::read(dest.join("outputs/run-a/sub/b.bin.seen")).unwrap(),
+        files[1].1
+    );
+    // A temporary work directory whose outputs all arrived is removed.
+    let root = arg_of(&out, "--data");
+    assert!(root.starts_with(std::env::temp_dir()), "{}", root.display());
+    assert!(!root.exists(), "{} was left behind", root.display());
+}
+
+#[tokio::test]
+async fn the_script_s_exit_code_is_passed_through_and_its_outputs_wait_under_on_success() {
+    let fx = Fixture::new().await;
+    write_tree(&fx.path("localstore"), &[("data/x.txt", b"x".to_vec())]);
+    let exp = experiment(fx.dir.path(), "local", "run-b", "OnSuccess", COPY_THEN_EXIT);
+    let out = datastore_env(&fx, &["run", exp.to_str().unwrap()], "3");
+    assert_exit(&out, 3);
+    let err = stderr(&out);
+    assert!(err.contains("the script failed with exit code 3"), "{err}");
+    assert!(
+        err.contains("not uploaded: uploadPolicy is OnSuccess"),
+        "{err}"
+    );
+    assert!(!fx.path("localstore/outputs").exists());
+    // Nothing is lost: the outputs stay in the work directory, which says where.
+    let work = arg_of(&out, "--data")
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(err.contains(&format!("kept {}", work.display())), "{err}");
+    assert_eq!(
+        std::fs::read(work.join("datastore/out/x.txt.seen")).unwrap(),
+        b"x"
+    );
+    std::fs::remove_dir_all(work).unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_script_under_always_still_uploads_its_outputs() {
+    let fx = Fixture::new().await;
+    let src = fx.path("src");
+    write_tree(&src, &[("data/log.txt", b"epoch 1".to_vec())]);
+    assert_exit(
+        &fx.cli(&[
+            "upload",
+            "--datastore",
+            "blob",
+            "--src-dir",
+            src.to_str().unwrap(),
+        ]),
+        0,
+    );
+    let exp = experiment(fx.dir.path(), "blob", "run-c", "Always", COPY_THEN_EXIT);
+    let out = datastore_env(&fx, &["run", exp.to_str().unwrap()], "5");
+    assert_exit(&out, 5);
+    let blobs = fx.client.list("outputs/run-c/").await.unwrap();
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    assert_eq!(blobs[0].name, "outputs/run-c/log.txt.seen");
+}
+
+/// `datastore <args> --datastores <fixture's> --no-progress` with `EXIT` set for the script.
+fn datastore_env(fx: &Fixture, args: &[&str], exit: &str) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args(args)
+        .args([
+            "--datastores",
+            fx.datastores().to_str().unwrap(),
+            "--no-progress",
+        ])
+        .env_remove("DATASTORE_CONFIG")
+        .env("EXIT", exit)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn mount_is_refused_before_anything_is_transferred() {
+    let dir = tempfile::tempdir().unwrap();
+    // The download's datastore is an endpoint nothing listens on: any transfer attempt would
+    // end in "unreachable" (exit 6) instead of the refusal.
+    let datastores = fake_datastores(dir.path(), free_port());
+    let exp = dir.path().join("experiment.yaml");
+    write_tree(dir.path(), &[("train.py", b"raise SystemExit(9)".to_vec())]);
+    std::fs::write(
+        &exp,
+        r#"apiVersion: datastore.dev/v1alpha1
+kind: Experiment
+metadata: {name: mounts}
+spec:
+  image: python:3.12-slim
+  entryScript: train.py
+  scriptParams:
+    - {name: --data, dataReference: {datastore: fake, path: data, mode: download}}
+    - {name: --big, dataReference: {datastore: fake, path: big, mode: mount}}
+"#,
+    )
+    .unwrap();
+    let work = dir.path().join("work");
+    let out = run(&[
+        exp.to_str().unwrap(),
+        "--local",
+        "--datastores",
+        datastores.to_str().unwrap(),
+        "--work-dir",
+        work.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 3);
+    let err = stderr(&out);
+    assert!(
+        err.contains("parameter --big: mount is only available on a remote compute target"),
+        "{err}"
+    );
+    assert!(!work.exists(), "the work directory was created");
+    assert!(!err.contains("downloaded"), "{err}");
+}
+
+#[test]
+fn a_cluster_experiment_needs_local_and_a_used_work_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = local_workspace(dir.path());
+    let out = run(&[
+        "examples/experiment.yaml",
+        "--datastores",
+        ds.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 3);
+    let err = stderr(&out);
+    assert!(err.contains("computeTarget: cluster"), "{err}");
+    assert!(err.contains("--local"), "{err}");
+
+    let work = dir.path().join("work");
+    write_tree(&work, &[("stale.csv", b"old".to_vec())]);
+    let out = run(&[
+        "examples/experiment.yaml",
+        "--local",
+        "--datastores",
+        ds.to_str().unwrap(),
+        "--work-dir",
+        work.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 3);
+    assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
+    assert_eq!(
+        read_tree(&work),
+        [("stale.csv".to_string(), b"old".to_vec())]
+    );
+}
