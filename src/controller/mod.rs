@@ -6,6 +6,7 @@ pub mod build;
 pub mod datastore;
 pub mod experiment;
 pub mod progress;
+pub mod rbac;
 
 use std::sync::Arc;
 use std::time::Duration;
