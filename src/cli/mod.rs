@@ -4,6 +4,7 @@ mod experiment_file;
 pub mod plan;
 pub(crate) mod progress;
 pub mod run;
+pub mod submit;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ pub enum Command {
     Crds,
     /// Run an Experiment on this machine (the local compute target): download, run the script, upload.
     Run(run::RunArgs),
+    /// Run an Experiment on the cluster with the code in its sourceDirectory (snapshotted to a datastore).
+    Submit(submit::SubmitArgs),
     /// Print, as YAML, the objects the controller would create for an Experiment.
     Plan(plan::PlanArgs),
     /// In-pod commands used by the containers the controller generates (JSON logs and summary).
@@ -165,6 +168,7 @@ pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Plan(args) => plan::run(args).await,
         Command::Run(args) => run::run(args).await,
+        Command::Submit(args) => submit::run(args).await,
         Command::Agent(args) => crate::agent::run(args).await,
         Command::Controller(args) => crate::controller::run(args).await,
         Command::Crds => {

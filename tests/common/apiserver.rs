@@ -25,6 +25,8 @@ enum Reply {
     Json(StatusCode, Value),
     /// 200 with the request's own body: what apply and create return, near enough.
     Echo,
+    /// A watch: these events, one JSON object per line, then the end of the stream.
+    Events(Vec<Value>),
 }
 
 /// `expect("GET /api/v1/namespaces/ml/pods")`: a request with this method and path (the query
@@ -74,6 +76,16 @@ impl Exchange {
     }
     pub fn reply(mut self, status: StatusCode, body: Value) -> Exchange {
         self.reply = Reply::Json(status, body);
+        self
+    }
+    /// Answers a watch with `(type, object)` events, e.g. `("MODIFIED", experiment)`.
+    pub fn events(mut self, events: Vec<(&str, Value)>) -> Exchange {
+        self.reply = Reply::Events(
+            events
+                .into_iter()
+                .map(|(kind, object)| json!({"type": kind, "object": object}))
+                .collect(),
+        );
         self
     }
     pub fn echo(mut self) -> Exchange {
@@ -163,14 +175,25 @@ async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Ex
             check(&body);
         }
         let (status, reply) = match want.reply {
-            Reply::Json(status, value) => (status, value),
-            Reply::Echo => (StatusCode::OK, body),
+            Reply::Json(status, value) => (status, serde_json::to_vec(&value).unwrap()),
+            Reply::Echo => (StatusCode::OK, serde_json::to_vec(&body).unwrap()),
+            Reply::Events(events) => (
+                StatusCode::OK,
+                events
+                    .iter()
+                    .flat_map(|e| {
+                        let mut line = serde_json::to_vec(e).unwrap();
+                        line.push(b'\n');
+                        line
+                    })
+                    .collect(),
+            ),
         };
         send.send_response(
             Response::builder()
                 .status(status)
                 .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .body(Body::from(reply))
                 .unwrap(),
         );
     }
