@@ -25,9 +25,20 @@ use crate::transfer::{self, Failed, Options, Summary};
     about = "Azure ML style datastores for Kubernetes: move data between datastores and folders, run the operator."
 )]
 pub struct Cli {
-    /// Log filter (error, warn, info, debug, trace, or a RUST_LOG style directive).
-    #[arg(long, global = true, env = "DATASTORE_LOG", default_value = "warn")]
-    pub log_level: String,
+    /// Log filter (error, warn, info, debug, trace, or a RUST_LOG style directive) [default:
+    /// info for `controller`, else warn].
+    #[arg(long, global = true, env = "DATASTORE_LOG")]
+    pub log_level: Option<String>,
+    /// Log lines as JSON or text; auto: JSON for `agent`, and for `controller` when stderr is
+    /// not a terminal (in a pod), else text.
+    #[arg(
+        long,
+        global = true,
+        env = "DATASTORE_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Auto
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -146,14 +157,33 @@ impl Common {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Text,
+}
+
 impl Cli {
     /// Logs as JSON lines (for the cluster) rather than for a human.
     pub fn json_logs(&self) -> bool {
-        match self.command {
-            Command::Agent(_) => true,
+        match (self.log_format, &self.command) {
+            (LogFormat::Json, _) => true,
+            (LogFormat::Text, _) => false,
+            (LogFormat::Auto, Command::Agent(_)) => true,
             // In a pod: JSON for the log pipeline; on a terminal: for the human watching.
-            Command::Controller(_) => !std::io::stderr().is_terminal(),
-            _ => false,
+            (LogFormat::Auto, Command::Controller(_)) => !std::io::stderr().is_terminal(),
+            (LogFormat::Auto, _) => false,
+        }
+    }
+
+    /// The log filter: `--log-level`, else what the command needs by default (the operator
+    /// says what it does; a user command only what goes wrong).
+    pub fn log_filter(&self) -> &str {
+        match (&self.log_level, &self.command) {
+            (Some(level), _) => level,
+            (None, Command::Controller(_)) => "info",
+            (None, _) => "warn",
         }
     }
 }

@@ -1,15 +1,25 @@
 //! The operator: `datastore controller` runs the Experiment controller and the datastore
 //! readiness controllers until SIGTERM. `build` holds the pure builders of the objects it
-//! creates, `progress` the pure reading of where a run is.
+//! creates, `progress` the pure reading of where a run is; `http` serves health and metrics,
+//! `leader` elects the one replica that reconciles.
+//!
+//! The process: serve `/healthz`, `/readyz`, `/metrics` at once; wait (never exit) until the
+//! apiserver answers and the CRDs are there, saying why on `/readyz` and in the log; take part
+//! in leader election; run the controllers while leader; on SIGTERM stop them, release the lease
+//! and exit 0.
 
 pub mod build;
 pub mod datastore;
 pub mod experiment;
+pub mod http;
+pub mod leader;
+pub mod metrics;
 pub mod progress;
 pub mod rbac;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use clap::Args;
@@ -31,6 +41,8 @@ use build::{
     BuildContext, DEFAULT_AGENT_IMAGE, DEFAULT_OUTPUTS_SIZE, EXPERIMENT_LABEL, MANAGED_BY_LABEL,
     MANAGER,
 };
+use http::{Health, Readiness};
+use metrics::Metrics;
 
 /// How long a failed reconcile waits before it is tried again.
 pub const ERROR_RETRY: Duration = Duration::from_secs(30);
@@ -57,6 +69,29 @@ pub struct ControllerArgs {
     /// The outputs volume's size when an Experiment gives none.
     #[arg(long, env = "DATASTORE_OUTPUTS_SIZE", default_value = DEFAULT_OUTPUTS_SIZE)]
     pub default_outputs_size: String,
+    /// The outputs volume's storage class when an Experiment gives none [default: the
+    /// cluster's default class].
+    #[arg(long, env = "DATASTORE_OUTPUTS_STORAGE_CLASS")]
+    pub default_outputs_storage_class: Option<String>,
+    /// The blobfuse2 sidecar image for `mount` references (accepted for the mount support to
+    /// come; unused yet).
+    #[arg(long, env = "DATASTORE_BLOBFUSE_IMAGE")]
+    pub blobfuse_image: Option<String>,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, env = "DATASTORE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Elect one replica through Lease `datastore-operator` in the operator namespace
+    /// (`--leader-election=false`: this process reconciles at once, for a single local run).
+    #[arg(
+        long,
+        env = "DATASTORE_LEADER_ELECTION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true
+    )]
+    pub leader_election: bool,
 }
 
 /// What every reconcile needs.
@@ -70,6 +105,8 @@ pub struct Context {
     pub check_tuning: Tuning,
     /// The clock (tests pin it).
     pub clock: fn() -> DateTime<Utc>,
+    /// What `/metrics` reports; reconciles add to it.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -90,6 +127,7 @@ impl Context {
                 ..Tuning::default()
             },
             clock: Utc::now,
+            metrics: Arc::default(),
         }
     }
 
@@ -136,6 +174,75 @@ pub enum ReconcileError {
     Resolve(crate::error::Error),
 }
 
+impl ReconcileError {
+    /// The kind of failure, for the `reason` label of
+    /// `datastore_reconcile_failures_total`: `Kube<apiserver reason>` (e.g. `KubeConflict`,
+    /// `KubeForbidden`), `KubeRequest` when no answer came, or the resolve error's reason
+    /// (e.g. `AuthFailed`). A bounded set: label values must not grow without limit.
+    pub fn reason(&self) -> String {
+        match self {
+            ReconcileError::Kube(kube::Error::Api(status)) => {
+                // The apiserver's reasons are CamelCase words; anything else is not a label.
+                let reason: String = status
+                    .reason
+                    .chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .take(40)
+                    .collect();
+                if reason.is_empty() {
+                    format!("KubeHttp{}", status.code)
+                } else {
+                    format!("Kube{reason}")
+                }
+            }
+            ReconcileError::Kube(kube::Error::SerdeError(_)) => "KubeDecode".to_string(),
+            ReconcileError::Kube(_) => "KubeRequest".to_string(),
+            ReconcileError::Resolve(e) => e.reason().to_string(),
+        }
+    }
+}
+
+/// Runs one reconcile and records it in the metrics.
+async fn timed(
+    controller: &'static str,
+    ctx: Arc<Context>,
+    reconcile: impl Future<Output = Result<Action, ReconcileError>>,
+) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile.await;
+    ctx.metrics
+        .reconciled(controller, started.elapsed(), result.as_ref().err());
+    result
+}
+
+/// A capped exponential backoff: 1 s, 2 s, 4 s ... 30 s.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const CAP: Duration = Duration::from_secs(30);
+
+    /// The wait before the next attempt.
+    pub fn wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        wait
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+}
+
 fn error_policy<K>(object: Arc<K>, error: &ReconcileError, _ctx: Arc<Context>) -> Action
 where
     K: kube::Resource,
@@ -144,67 +251,268 @@ where
     Action::requeue(ERROR_RETRY)
 }
 
-/// Runs `datastore controller`; returns the exit code.
+/// Runs `datastore controller`; returns the exit code: 0 after SIGTERM or SIGINT, 6 without a
+/// cluster configuration, 3 when `--http-addr` cannot be served, 1 when the leader lease was
+/// lost (Kubernetes restarts the replica as a standby).
 pub async fn run(args: ControllerArgs) -> i32 {
-    let client = match Client::try_default().await {
-        Ok(client) => client,
+    let no_cluster = |e: &dyn std::fmt::Display| {
+        eprintln!(
+            "error: no Kubernetes cluster is reachable ({e}): run the controller in a cluster, or point KUBECONFIG at one"
+        );
+        6
+    };
+    let config = match kube::Config::infer().await {
+        Ok(config) => config,
+        Err(e) => return no_cluster(&e),
+    };
+    // Watches must not time out (kube's default has no read timeout), but the start-up checks
+    // and the lease must: a hung request must neither hang readiness nor outlive the lease.
+    let mut quick = config.clone();
+    quick.connect_timeout = Some(Duration::from_secs(3));
+    quick.read_timeout = Some(Duration::from_secs(4));
+    quick.write_timeout = Some(Duration::from_secs(4));
+    let (client, quick) = match (Client::try_from(config), Client::try_from(quick)) {
+        (Ok(client), Ok(quick)) => (client, quick),
+        (Err(e), _) | (_, Err(e)) => return no_cluster(&e),
+    };
+
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new());
+    let listener = match tokio::net::TcpListener::bind(args.http_addr).await {
+        Ok(listener) => listener,
         Err(e) => {
             eprintln!(
-                "error: no Kubernetes cluster is reachable ({e}): run the controller in a cluster, or point KUBECONFIG at one"
+                "error: cannot serve /healthz, /readyz and /metrics on {} ({e}): choose another --http-addr",
+                args.http_addr
             );
-            return 6;
+            return 3;
         }
     };
-    if let Err(e) = crds_installed(&client).await {
-        eprintln!("error: {e}");
-        return e.exit_code();
-    }
-    let build = BuildContext {
-        agent_image: args.operator.agent_image,
-        default_outputs_size: Quantity(args.default_outputs_size),
-        ..BuildContext::default()
-    };
-    let ctx = Arc::new(Context::new(
-        client,
-        args.operator.operator_namespace,
-        build,
+    let addr = listener.local_addr().unwrap_or(args.http_addr);
+    tracing::info!("serving /healthz, /readyz and /metrics on http://{addr}");
+    let stop_server = CancellationToken::new();
+    let server = tokio::spawn(http::serve(
+        listener,
+        health.clone(),
+        metrics.clone(),
+        stop_server.clone(),
     ));
+
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
+    let (signal, on_signal) = (shutdown.clone(), health.clone());
     tokio::spawn(async move {
         let code = crate::cli::interrupted().await;
         tracing::info!(
             signal = code,
             "stopping: finishing the reconciles in flight"
         );
+        on_signal.set(Readiness::ShuttingDown);
         signal.cancel();
     });
-    tracing::info!("controller started");
-    tokio::join!(
-        run_experiments(ctx.clone(), shutdown.clone()),
-        run_datastores(ctx.clone(), shutdown.clone()),
-    );
+
+    let namespace = args.operator.operator_namespace;
+    let identity = leader::identity();
+    let timing = leader::Timing::default();
+    let election = args.leader_election;
+    let ready = wait_until_ready(&health, &shutdown, || {
+        let (client, namespace, identity) = (quick.clone(), namespace.clone(), identity.clone());
+        async move {
+            crds_installed(&client).await?;
+            if !election {
+                return Ok(None);
+            }
+            leader::manager(client, &namespace, &identity, timing)
+                .await
+                .map(Some)
+                .map_err(|e| {
+                    format!(
+                        "cannot get or create Lease {} in namespace {namespace} ({}): the namespace must exist and the controller's ServiceAccount needs get, create and patch on leases there",
+                        leader::LEASE_NAME,
+                        http::one_line(&e.to_string())
+                    )
+                })
+        }
+    })
+    .await;
+
+    let code = match ready {
+        None => 0,
+        Some(manager) => {
+            let build = BuildContext {
+                agent_image: args.operator.agent_image,
+                default_outputs_size: Quantity(args.default_outputs_size),
+                default_outputs_storage_class: args.default_outputs_storage_class,
+                blobfuse_image: args.blobfuse_image,
+                ..BuildContext::default()
+            };
+            let ctx = Arc::new(Context {
+                metrics: metrics.clone(),
+                ..Context::new(client, namespace, build)
+            });
+            let controllers = |stop| run_controllers(ctx, stop);
+            match manager {
+                None => {
+                    tracing::warn!(
+                        "leader election is off (--leader-election=false): run only one replica like this"
+                    );
+                    metrics.set_leader(true);
+                    controllers(shutdown.clone()).await;
+                    metrics.set_leader(false);
+                    0
+                }
+                Some(manager) => {
+                    tracing::info!(%identity, lease = leader::LEASE_NAME, "waiting to be the leader");
+                    match leader::lead(
+                        &manager,
+                        &identity,
+                        timing,
+                        &shutdown,
+                        &metrics,
+                        controllers,
+                    )
+                    .await
+                    {
+                        leader::Ended::Shutdown => 0,
+                        leader::Ended::Lost(why) => {
+                            tracing::error!(
+                                "lost the leader lease: {why}; the controllers stopped and the process exits so that Kubernetes restarts it as a standby"
+                            );
+                            1
+                        }
+                    }
+                }
+            }
+        }
+    };
+    stop_server.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     tracing::info!("controller stopped");
-    0
+    code
 }
 
-/// Fails with a message saying how to install the CRDs when they are missing.
-async fn crds_installed(client: &Client) -> Result<(), crate::error::Error> {
-    use crate::error::Error;
-    let experiments: Api<Experiment> = Api::all(client.clone());
-    match experiments.list(&ListParams::default().limit(1)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Err(Error::Config(
-            "the datastore.dev CRDs are not installed in this cluster: install them (datastore crds | kubectl apply -f -, or the Helm chart), then start the controller again".to_string(),
-        )),
-        Err(kube::Error::Api(e)) if e.code == 403 => Err(Error::Auth(format!(
-            "the cluster refused to list Experiments ({}): the controller's ServiceAccount needs the RBAC rules of the Helm chart",
-            e.message
-        ))),
-        Err(e) => Err(Error::Unreachable(format!(
-            "cannot reach the Kubernetes API ({e}): check the kubeconfig or the in-cluster service account"
-        ))),
+/// Retries `attempt` with a capped backoff until it succeeds (`Some`) or `shutdown` (`None`).
+/// Meanwhile `/readyz` says why not, and the log says it once per change of reason.
+pub async fn wait_until_ready<T, F, Fut>(
+    health: &Health,
+    shutdown: &CancellationToken,
+    mut attempt: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            result = attempt() => result,
+        };
+        match result {
+            Ok(value) => {
+                if health.set(Readiness::Ready) {
+                    tracing::info!(
+                        "ready: the Kubernetes API answers and the datastore.dev CRDs are installed"
+                    );
+                }
+                return Some(value);
+            }
+            Err(why) => {
+                let why = http::one_line(&why);
+                if health.set(Readiness::Waiting(why.clone())) {
+                    tracing::warn!("waiting: {why}");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff.wait()) => {}
+                }
+            }
+        }
     }
+}
+
+/// `Ok` when the apiserver lists Experiments, Datastores and ClusterDatastores; else why not, with
+/// what to do.
+async fn crds_installed(client: &Client) -> Result<(), String> {
+    let answers = vec![
+        (
+            "Experiment",
+            list_one(Api::<Experiment>::all(client.clone())).await,
+        ),
+        (
+            "Datastore",
+            list_one(Api::<Datastore>::all(client.clone())).await,
+        ),
+        (
+            "ClusterDatastore",
+            list_one(Api::<ClusterDatastore>::all(client.clone())).await,
+        ),
+    ];
+    not_ready_reason(answers)
+}
+
+async fn list_one<K>(api: Api<K>) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let params = ListParams::default().limit(1);
+    match tokio::time::timeout(Duration::from_secs(10), api.list_metadata(&params)).await {
+        Ok(answer) => answer.map(|_| ()),
+        Err(_) => Err(kube::Error::Service(
+            "no answer within 10 s".to_string().into(),
+        )),
+    }
+}
+
+/// Why the apiserver's answers to listing each kind mean the controller cannot start yet.
+pub fn not_ready_reason(answers: Vec<(&str, Result<(), kube::Error>)>) -> Result<(), String> {
+    let mut missing = Vec::new();
+    for (kind, answer) in answers {
+        match answer {
+            Ok(()) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => missing.push(kind),
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                return Err(format!(
+                    "the cluster refused to list {kind}s ({}): the controller's ServiceAccount needs the RBAC rules of the Helm chart; waiting for them",
+                    e.message
+                ));
+            }
+            Err(kube::Error::Api(e)) if e.code == 401 => {
+                return Err(format!(
+                    "the Kubernetes API did not accept the controller's credentials ({}): check the kubeconfig or the ServiceAccount token; retrying",
+                    e.message
+                ));
+            }
+            Err(kube::Error::Api(e)) => {
+                return Err(format!(
+                    "the Kubernetes API failed to list {kind}s ({} {}); retrying",
+                    e.code, e.message
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot reach the Kubernetes API ({e}): check the kubeconfig or the in-cluster service account; retrying"
+                ));
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the datastore.dev CRDs are not installed in this cluster (no {} resource): install them with `datastore crds | kubectl apply -f -` or the Helm chart; waiting for them",
+        missing.join(", ")
+    ))
+}
+
+/// The controllers, until `stop` is cancelled and their reconciles in flight are done.
+async fn run_controllers(ctx: Arc<Context>, stop: CancellationToken) {
+    tracing::info!("controllers started");
+    tokio::join!(
+        run_experiments(ctx.clone(), stop.clone()),
+        run_datastores(ctx.clone(), stop),
+    );
+    ctx.metrics.watch_experiments(None);
+    tracing::info!("controllers stopped");
 }
 
 async fn run_experiments(ctx: Arc<Context>, shutdown: CancellationToken) {
@@ -215,6 +523,7 @@ async fn run_experiments(ctx: Arc<Context>, shutdown: CancellationToken) {
         watcher::Config::default(),
     );
     let experiments = controller.store();
+    ctx.metrics.watch_experiments(Some(experiments.clone()));
     let for_datastore = experiments.clone();
     controller
         .owns(Api::<Job>::all(client.clone()), ours.clone())
@@ -232,7 +541,11 @@ async fn run_experiments(ctx: Arc<Context>, shutdown: CancellationToken) {
             move |cds| referencing(&experiments, &cds.name_any(), None),
         )
         .graceful_shutdown_on(shutdown.cancelled_owned())
-        .run(experiment::reconcile, error_policy, ctx)
+        .run(
+            |exp, ctx| timed("experiment", ctx.clone(), experiment::reconcile(exp, ctx)),
+            error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "experiment controller");
@@ -248,14 +561,34 @@ async fn run_datastores(ctx: Arc<Context>, shutdown: CancellationToken) {
         watcher::Config::default(),
     )
     .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(datastore::reconcile_datastore, error_policy, ctx.clone())
+    .run(
+        |ds, ctx| {
+            timed(
+                "datastore",
+                ctx.clone(),
+                datastore::reconcile_datastore(ds, ctx),
+            )
+        },
+        error_policy,
+        ctx.clone(),
+    )
     .for_each(|_| async {});
     let cluster = Controller::new(
         Api::<ClusterDatastore>::all(client),
         watcher::Config::default(),
     )
     .graceful_shutdown_on(shutdown.cancelled_owned())
-    .run(datastore::reconcile_cluster_datastore, error_policy, ctx)
+    .run(
+        |cds, ctx| {
+            timed(
+                "clusterdatastore",
+                ctx.clone(),
+                datastore::reconcile_cluster_datastore(cds, ctx),
+            )
+        },
+        error_policy,
+        ctx,
+    )
     .for_each(|_| async {});
     tokio::join!(namespaced, cluster);
 }
@@ -291,4 +624,149 @@ pub fn referencing(
         })
         .map(|e| ObjectRef::from(&*e))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
+        kube::Error::Api(Box::new(Status {
+            code,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            ..Status::default()
+        }))
+    }
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_thirty_and_resets() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<u64> = (0..7).map(|_| backoff.wait().as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        backoff.reset();
+        assert_eq!(backoff.wait(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn failure_reasons_are_a_bounded_set_of_words() {
+        let reason = |e| ReconcileError::Kube(e).reason();
+        assert_eq!(reason(api_error(409, "Conflict", "x")), "KubeConflict");
+        assert_eq!(reason(api_error(403, "Forbidden", "x")), "KubeForbidden");
+        assert_eq!(reason(api_error(500, "", "x")), "KubeHttp500");
+        assert_eq!(
+            reason(api_error(500, "we\"ird {label}\n", "x")),
+            "Kubeweirdlabel"
+        );
+        assert_eq!(
+            reason(kube::Error::Service("connection refused".into())),
+            "KubeRequest"
+        );
+        let resolve = ReconcileError::Resolve(crate::error::Error::Unreachable("x".into()));
+        assert_eq!(resolve.reason(), "Unreachable");
+    }
+
+    #[test]
+    fn missing_crds_forbidden_lists_and_an_unreachable_api_each_say_what_to_do() {
+        let all_ok = vec![("Experiment", Ok(())), ("Datastore", Ok(()))];
+        assert_eq!(not_ready_reason(all_ok), Ok(()));
+
+        let missing = not_ready_reason(vec![
+            ("Experiment", Err(api_error(404, "NotFound", "not found"))),
+            ("Datastore", Ok(())),
+            (
+                "ClusterDatastore",
+                Err(api_error(404, "NotFound", "not found")),
+            ),
+        ])
+        .unwrap_err();
+        assert!(
+            missing.contains("CRDs are not installed")
+                && missing.contains("no Experiment, ClusterDatastore resource")
+                && missing.contains("`datastore crds | kubectl apply -f -`"),
+            "{missing}"
+        );
+
+        let forbidden = not_ready_reason(vec![
+            ("Experiment", Err(api_error(404, "NotFound", "not found"))),
+            (
+                "Datastore",
+                Err(api_error(403, "Forbidden", "cannot list datastores")),
+            ),
+        ])
+        .unwrap_err();
+        assert!(
+            forbidden
+                .starts_with("the cluster refused to list Datastores (cannot list datastores)")
+                && forbidden.contains("RBAC"),
+            "{forbidden}"
+        );
+
+        let unreachable = not_ready_reason(vec![(
+            "Experiment",
+            Err(kube::Error::Service("connection refused".into())),
+        )])
+        .unwrap_err();
+        assert!(
+            unreachable.starts_with("cannot reach the Kubernetes API (")
+                && unreachable.contains("connection refused"),
+            "{unreachable}"
+        );
+        let unauthorized = not_ready_reason(vec![(
+            "Experiment",
+            Err(api_error(401, "Unauthorized", "Unauthorized")),
+        )])
+        .unwrap_err();
+        assert!(unauthorized.contains("credentials"), "{unauthorized}");
+    }
+
+    /// The start-up wait: each reason once in the log and on /readyz, capped backoff, ready at
+    /// the end; or nothing when shut down meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_retries_with_backoff_until_ready_and_tells_each_reason() {
+        let health = Health::default();
+        let shutdown = CancellationToken::new();
+        let answers = std::sync::Mutex::new(vec![
+            Err("the CRDs are missing".to_string()),
+            Err("the CRDs are missing".to_string()),
+            Err("the CRDs are\nmissing".to_string()),
+            Err("forbidden".to_string()),
+            Ok(7),
+        ]);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let started = tokio::time::Instant::now();
+        let got = wait_until_ready(&health, &shutdown, || {
+            seen.lock().unwrap().push(health.get());
+            let answer = answers.lock().unwrap().remove(0);
+            async move { answer }
+        })
+        .await;
+        assert_eq!(got, Some(7));
+        assert_eq!(health.get(), Readiness::Ready);
+        let waiting = |s: &str| Readiness::Waiting(s.to_string());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                Readiness::Starting,
+                waiting("the CRDs are missing"),
+                waiting("the CRDs are missing"),
+                waiting("the CRDs are missing"),
+                waiting("forbidden"),
+            ]
+        );
+        // 1 + 2 + 4 + 8 seconds of backoff, no more.
+        assert_eq!(started.elapsed().as_secs(), 15);
+
+        let fresh = Health::default();
+        let never = wait_until_ready(&fresh, &shutdown, || async {
+            Err::<(), _>("down".to_string())
+        });
+        let cancel = async {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            shutdown.cancel();
+        };
+        let (got, ()) = tokio::join!(never, cancel);
+        assert_eq!(got, None, "shutting down ends the wait");
+    }
 }
