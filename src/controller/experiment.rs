@@ -290,8 +290,9 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
             Ok(Action::requeue(ACTIVE_RECHECK))
         }
         Outcome::Succeeded => {
-            let skipped =
-                progress::skipped_outputs(&job_pods(&pods, &build::upload_job_name(exp)).await?);
+            let upload_pods = job_pods(&pods, &build::upload_job_name(exp)).await?;
+            let skipped = progress::skipped_outputs(&upload_pods);
+            let uploaded = super::metrics::uploaded_bytes(&upload_pods);
             if skipped > 0 {
                 // This run's versions of those files exist only on the volume: keep it.
                 let step = Step::new(
@@ -304,6 +305,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                 )
                 .warning();
                 update(exp, ctx, step, inputs, true).await?;
+                ctx.metrics.uploaded(uploaded);
                 return Ok(Action::await_change());
             }
             let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
@@ -328,6 +330,8 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                 ),
             };
             update(exp, ctx, step, inputs, true).await?;
+            // After the write that finishes the Experiment: a pass that failed before it counts once.
+            ctx.metrics.uploaded(uploaded);
             Ok(Action::await_change())
         }
         Outcome::Failed(why) => {
@@ -588,6 +592,7 @@ async fn update(
     let api: Api<Experiment> =
         Api::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
     super::apply_status(&api, &exp.name_any(), &next).await?;
+    ctx.metrics.status_written(&current, &next);
     if is_new_step(&current, &next) {
         let failed = step.warning || step.phase == Phase::Failed;
         let event = Event {
