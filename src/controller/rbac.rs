@@ -235,7 +235,8 @@ pub fn check(
         None => Ok(()),
         Some(a) if allows(&a, operator_namespace) => Ok(()),
         Some(a) => Err(format!(
-            "{method} {path}?{query} needs `{}` on {}{} (group \"{}\"), which RULES in src/controller/rbac.rs do not grant: add the rule there and to the chart's templates",
+            "{method} {path}{}{query} needs `{}` on {}{} (group \"{}\"), which RULES in src/controller/rbac.rs do not grant: add the rule there and to the chart's templates",
+            if query.is_empty() { "" } else { "?" },
             a.verb,
             a.resource,
             a.namespace
