@@ -37,7 +37,7 @@ pub struct Rule {
 }
 
 /// The name of the leader-election Lease, in the operator's namespace.
-pub const LEASE_NAME: &str = "datastore-operator";
+pub use super::leader::LEASE_NAME;
 
 const fn cluster(
     group: &'static str,
