@@ -827,6 +827,17 @@ fn notes_say_what_to_apply_next() {
         assert!(notes.contains(example), "NOTES.txt names {example}");
         assert!(repo().join(example).exists(), "{example} exists");
     }
+    let example: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("examples/experiment.yaml")).unwrap(),
+    )
+    .unwrap();
+    let name = example["metadata"]["name"]
+        .as_str()
+        .expect("the example is named");
+    assert!(
+        notes.contains(&format!("kubectl describe exp {name}")),
+        "NOTES.txt describes the example Experiment by its name, {name}"
+    );
     assert!(render(Some(EVERY_OPTION)).notes.contains("ServiceMonitor"));
 }
 
