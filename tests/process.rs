@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,7 +40,8 @@ enum Crds {
     Missing,
     /// Lists of datastore.dev resources are refused (403), as without the chart's RBAC.
     Forbidden,
-    /// Empty lists, watches that stay open, and one Lease kept in memory.
+    /// Lists (empty but for `Fake::datastores`), watches that stay open, status patches
+    /// accepted, and one Lease kept in memory.
     Installed,
 }
 
@@ -47,6 +49,8 @@ enum Crds {
 struct Fake {
     crds: Crds,
     lease: Option<Value>,
+    /// The Datastores (in namespace `ml`) that lists return.
+    datastores: Vec<Value>,
     /// `METHOD path?query`, in order.
     requests: Vec<String>,
     /// Requests the chart's RBAC rules (controller::rbac::RULES) would refuse.
@@ -62,6 +66,7 @@ async fn fake_apiserver(crds: Crds) -> (u16, Shared) {
     let fake = Arc::new(Mutex::new(Fake {
         crds,
         lease: None,
+        datastores: Vec::new(),
         requests: Vec::new(),
         refused: Vec::new(),
     }));
@@ -155,10 +160,28 @@ async fn answer(fake: &Shared, request: Request<Incoming>) -> Response<Body> {
             .unwrap();
     }
     if method == Method::GET {
+        let items = if path.ends_with("/datastores") {
+            fake.datastores.clone()
+        } else {
+            Vec::new()
+        };
         return json_reply(
             StatusCode::OK,
-            &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": []}),
+            &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
         );
+    }
+    if method == Method::PATCH
+        && let Some(name) = path
+            .strip_prefix("/apis/datastore.dev/v1alpha1/namespaces/ml/datastores/")
+            .and_then(|rest| rest.strip_suffix("/status"))
+        && let Some(ds) = fake
+            .datastores
+            .iter_mut()
+            .find(|d| d["metadata"]["name"] == name)
+    {
+        let sent: Value = serde_json::from_slice(&body).unwrap();
+        ds["status"] = sent["status"].clone();
+        return json_reply(StatusCode::OK, ds);
     }
     status(404, "NotFound", "not in the fake")
 }
@@ -542,6 +565,12 @@ async fn a_taken_http_address_is_a_clear_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_leader_election_the_controllers_start_at_once_and_stop_on_sigterm() {
     let (port, fake) = fake_apiserver(Crds::Installed).await;
+    // A local datastore: its check needs no storage (LocalOnly), and its status is written.
+    fake.lock().unwrap().datastores.push(json!({
+        "apiVersion": "datastore.dev/v1alpha1", "kind": "Datastore",
+        "metadata": {"name": "laptop", "namespace": "ml", "uid": "uid-laptop", "resourceVersion": "1", "generation": 1},
+        "spec": {"local": {"path": "/data"}},
+    }));
     let mut controller = Controller::start(port, "replica-a", &["--leader-election=false"]);
     let within = Duration::from_secs(15);
     let (_, ready) = controller
@@ -557,6 +586,21 @@ async fn without_leader_election_the_controllers_start_at_once_and_stop_on_sigte
         metrics.contains(r#"datastore_experiments{phase="Running"} 0"#),
         "{metrics}"
     );
+    // The datastore was reconciled (its Ready condition written) and counted.
+    let (_, metrics) = controller
+        .wait_for("/metrics", within, |_, body| {
+            has_line(
+                body,
+                r#"datastore_reconciles_total{controller="datastore"} 1"#,
+            )
+        })
+        .await;
+    assert!(
+        metrics.contains(r#"datastore_reconcile_duration_seconds_count{controller="datastore"} 1"#),
+        "{metrics}"
+    );
+    let written = fake.lock().unwrap().datastores[0]["status"].clone();
+    assert_eq!(written["conditions"][0]["reason"], "LocalOnly", "{written}");
     // The controllers' watches are open.
     let deadline = Instant::now() + within;
     loop {
@@ -704,13 +748,14 @@ fn take_the_lease(duration: i64) -> Vec<apiserver::Exchange> {
     ]
 }
 
-/// Runs `lead` as `replica-a`; the controllers record that they ran and stop when told.
-/// `shutdown_after`: cancels the shutdown token that long after the controllers started (or
-/// after the start when they never do).
+/// Runs `lead` as `replica-a`; the controllers record that they ran and, told to stop, take
+/// 200 ms to finish their reconciles in flight, then set `stopped`. `shutdown_after`: cancels
+/// the shutdown token that long after the start.
 async fn lead(
     script: Vec<apiserver::Exchange>,
     timing: Timing,
     shutdown_after: Option<Duration>,
+    stopped: Arc<AtomicBool>,
 ) -> (Ended, bool, String) {
     let (client, server) = apiserver::start(script);
     let metrics = Metrics::new();
@@ -723,6 +768,8 @@ async fn lead(
     let controllers = |stop: CancellationToken| async move {
         *ran_in.lock().unwrap() = true;
         stop.cancelled().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stopped.store(true, Ordering::SeqCst);
     };
     let cancel = async {
         if let Some(after) = shutdown_after {
@@ -751,19 +798,29 @@ async fn lead(
 
 #[tokio::test]
 async fn a_free_lease_is_taken_the_controllers_run_and_shutdown_releases_it() {
+    let stopped = Arc::new(AtomicBool::new(false));
+    let stopped_before = stopped.clone();
     let mut script = take_the_lease(15);
     script.extend([
-        // Released only after the controllers stopped.
         expect(&format!("PATCH {LEASE}"))
-            .body(|b| {
+            .body(move |b| {
                 assert!(b["spec"]["holderIdentity"].is_null(), "{b}");
                 assert!(b["spec"]["renewTime"].is_null(), "{b}");
+                assert!(
+                    stopped_before.load(Ordering::SeqCst),
+                    "released only after the controllers stopped: the terms never overlap"
+                );
             })
             .echo(),
         expect(&format!("GET {LEASE}")).ok(free_lease()),
     ]);
-    let (ended, ran, metrics) =
-        lead(script, Timing::default(), Some(Duration::from_millis(500))).await;
+    let (ended, ran, metrics) = lead(
+        script,
+        Timing::default(),
+        Some(Duration::from_millis(500)),
+        stopped,
+    )
+    .await;
     assert_eq!(ended, Ended::Shutdown);
     assert!(ran);
     assert!(has_line(&metrics, "datastore_leader 0"), "{metrics}");
@@ -775,8 +832,13 @@ async fn a_lease_held_by_another_replica_keeps_this_one_waiting_and_releases_not
         expect(&format!("GET {LEASE}")).ok(lease_held_by("replica-b", 15)),
         expect(&format!("GET {LEASE}")).ok(lease_held_by("replica-b", 15)),
     ];
-    let (ended, ran, metrics) =
-        lead(script, Timing::default(), Some(Duration::from_millis(500))).await;
+    let (ended, ran, metrics) = lead(
+        script,
+        Timing::default(),
+        Some(Duration::from_millis(500)),
+        Arc::default(),
+    )
+    .await;
     assert_eq!(ended, Ended::Shutdown);
     assert!(!ran, "a standby runs no controller");
     assert!(has_line(&metrics, "datastore_leader 0"), "{metrics}");
@@ -800,7 +862,7 @@ async fn a_leader_that_cannot_renew_stops_its_controllers_and_says_so() {
                        "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500}),
             ),
     );
-    let (ended, ran, metrics) = lead(script, timing, None).await;
+    let (ended, ran, metrics) = lead(script, timing, None, Arc::default()).await;
     let Ended::Lost(why) = ended else {
         panic!("{ended:?}")
     };
@@ -824,10 +886,130 @@ async fn a_leader_that_finds_another_holder_stops_its_controllers() {
         expect(&format!("PATCH {LEASE}")).echo(),
         expect(&format!("GET {LEASE}")).ok(lease_held_by("replica-b", 15)),
     ]);
-    let (ended, ran, _) = lead(script, timing, None).await;
+    let (ended, ran, _) = lead(script, timing, None, Arc::default()).await;
     assert_eq!(
         ended,
         Ended::Lost("another replica holds the lease now".to_string())
     );
     assert!(ran);
+}
+
+// -------------------------------------------------------------------------------------------
+// Metrics recorded by a reconcile (the scripted apiserver)
+
+const NS: &str = "ml";
+const UID: &str = "6a1f0e52-0000-4000-8000-000000000001";
+const RUN: &str = "/apis/batch/v1/namespaces/ml/jobs/train-run";
+const UPLOAD: &str = "/apis/batch/v1/namespaces/ml/jobs/train-upload";
+const PODS: &str = "/api/v1/namespaces/ml/pods";
+
+fn finished_job(name: &str) -> Value {
+    json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": NS, "resourceVersion": "20", "ownerReferences": [{
+            "apiVersion": "datastore.dev/v1alpha1", "kind": "Experiment", "name": "train", "uid": UID,
+            "controller": true, "blockOwnerDeletion": true,
+        }]},
+        "spec": {"template": {"spec": {"containers": [{"name": "main", "image": "x"}]}}},
+        "status": {"conditions": [{"type": "Complete", "status": "True", "reason": "Completed", "message": "done"}]},
+    })
+}
+
+/// The pods of `job`: one, whose containers ended with these termination messages.
+fn job_pods(job: &str, init: &[(&str, &str)], main: &[(&str, &str)]) -> apiserver::Exchange {
+    let containers = |list: &[(&str, &str)]| -> Vec<Value> {
+        list.iter()
+            .map(|(name, message)| json!({"name": name, "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message}}}))
+            .collect()
+    };
+    expect(&format!("GET {PODS}"))
+        .query(&format!("labelSelector=batch.kubernetes.io%2Fjob-name%3D{job}"))
+        .ok(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "30"}, "items": [{
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{job}-abcde"), "namespace": NS, "creationTimestamp": "2026-11-24T12:00:05Z"},
+            "status": {"phase": "Succeeded", "initContainerStatuses": containers(init), "containerStatuses": containers(main)},
+        }]}))
+}
+
+/// The run and the upload ended in one go: the inputs the run saw are recorded by the status
+/// write that finishes the Experiment, and both byte counters move.
+#[tokio::test]
+async fn a_finished_experiment_counts_the_bytes_its_agents_moved() {
+    use datastore_operator::api::{Experiment, ExperimentSpec, ExperimentStatus, Phase};
+    use datastore_operator::controller::build::BuildContext;
+    use datastore_operator::controller::{Context, experiment};
+    let spec: ExperimentSpec = serde_yaml::from_str(
+        r#"
+image: python:3.12-slim
+entryScript: training_script.py
+scriptParams:
+  - name: --data_folder
+    dataReference: {datastore: blob-ds, path: data/files, mode: download, pathOnCompute: training_data}
+  - name: --output_dir
+    dataReference: {datastore: blob-ds, path: outputs/run1, mode: upload, pathOnCompute: outputs}
+"#,
+    )
+    .unwrap();
+    let mut exp = Experiment::new("train", spec);
+    exp.metadata.namespace = Some(NS.into());
+    exp.metadata.uid = Some(UID.into());
+    exp.metadata.generation = Some(1);
+    exp.status = Some(ExperimentStatus {
+        phase: Some(Phase::Uploading),
+        start_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_790_000_000).unwrap(),
+        )),
+        ..Default::default()
+    });
+    let echo_exp = serde_json::to_value(&exp).unwrap();
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(finished_job("train-run")),
+        job_pods(
+            "train-run",
+            &[(
+                "download-0",
+                r#"{"files":3,"bytes":1234,"digest":"sha256:5b1c"}"#,
+            )],
+            &[("main", "")],
+        ),
+        expect("GET /apis/datastore.dev/v1alpha1/namespaces/ml/datastores/blob-ds").ok(json!({
+            "apiVersion": "datastore.dev/v1alpha1", "kind": "Datastore",
+            "metadata": {"name": "blob-ds", "namespace": NS, "uid": "uid-ds", "resourceVersion": "7", "generation": 1},
+            "spec": {"azureBlob": {"accountName": "mlstorage", "containerName": "training"}},
+        })),
+        expect(&format!("GET {UPLOAD}")).ok(finished_job("train-upload")),
+        job_pods(
+            "train-upload",
+            &[],
+            &[("upload-0", r#"{"uploaded":2,"skipped":0,"bytes":10}"#)],
+        ),
+        expect("DELETE /api/v1/namespaces/ml/persistentvolumeclaims/train-outputs")
+            .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
+        apiserver::apply("/apis/datastore.dev/v1alpha1/namespaces/ml/experiments/train/status")
+            .body(|b| {
+                assert_eq!(b["status"]["phase"], "Succeeded", "{b}");
+                assert_eq!(b["status"]["inputs"][0]["bytes"], 1234, "{b}");
+            })
+            .ok(echo_exp),
+        apiserver::event(NS),
+    ];
+    let (client, server) = apiserver::start(script);
+    let ctx = Arc::new(Context::new(
+        client,
+        OPERATOR_NS.into(),
+        BuildContext::default(),
+    ));
+    let metrics = ctx.metrics.clone();
+    experiment::reconcile(Arc::new(exp), ctx).await.unwrap();
+    server.done().await;
+    let text = metrics.encode();
+    assert!(
+        has_line(&text, "datastore_downloaded_bytes_total 1234"),
+        "{text}"
+    );
+    assert!(
+        has_line(&text, "datastore_uploaded_bytes_total 10"),
+        "{text}"
+    );
 }

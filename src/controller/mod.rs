@@ -769,4 +769,42 @@ mod tests {
         let (got, ()) = tokio::join!(never, cancel);
         assert_eq!(got, None, "shutting down ends the wait");
     }
+
+    #[test]
+    fn the_default_storage_class_applies_only_when_the_spec_names_none() {
+        use crate::api::ExperimentSpec;
+        use crate::store::{AzureBlobConfig, AzureCredential, StoreConfig};
+        let datastores = std::collections::BTreeMap::from([(
+            "blob-ds".to_string(),
+            StoreConfig::AzureBlob(AzureBlobConfig {
+                account: "devstoreaccount1".to_string(),
+                container: "data".to_string(),
+                endpoint: url::Url::parse("http://127.0.0.1:10000/devstoreaccount1").unwrap(),
+                credential: AzureCredential::Anonymous,
+                credential_source: "anonymous".to_string(),
+            }),
+        )]);
+        let ctx = BuildContext {
+            default_outputs_storage_class: Some("managed-csi-premium".to_string()),
+            ..BuildContext::default()
+        };
+        let class = |outputs: &str| {
+            let spec: ExperimentSpec = serde_yaml::from_str(&format!(
+                "image: python:3.12-slim\nentryScript: train.py\n{outputs}scriptParams:\n  - name: --out\n    dataReference: {{datastore: blob-ds, path: out, mode: upload}}\n"
+            ))
+            .unwrap();
+            let exp = Experiment::new("train", spec);
+            let plan = crate::plan::plan(&exp.spec, &datastores, crate::plan::CLUSTER).unwrap();
+            build::outputs_pvc(&exp, &plan, &ctx)
+                .unwrap()
+                .spec
+                .unwrap()
+                .storage_class_name
+        };
+        assert_eq!(class("").as_deref(), Some("managed-csi-premium"));
+        assert_eq!(
+            class("outputs: {storageClassName: azurefile}\n").as_deref(),
+            Some("azurefile")
+        );
+    }
 }
