@@ -11,21 +11,35 @@ K8S_VERSION  := 1.30.0
 BIN          := target/release/datastore
 DEMO         := target/demo
 DS_FILE      := examples/datastores-local.yaml
+AZ_FILE      := examples/datastores-azurite.yaml
 
-.PHONY: demo test test-deps crds bench build lint
+.PHONY: demo demo-azurite test test-deps crds bench build lint
 
 build:
 	cargo build --release
 
-# Upload the sample data to the embedded `local` datastore, then download it back, as
-# Datastore.upload(...) and Datastore.download(...) do. No cloud account, no cluster.
+# The seed's example end to end on the embedded `local` datastore (no cloud account, no
+# cluster): upload the sample data, run examples/experiment.yaml here (its script lists the
+# downloaded data folder), and show the outputs the run uploaded.
 demo: build
-	rm -rf $(DEMO)/downloads
+	rm -rf $(DEMO)
 	mkdir -p $(DEMO)/datastore
-	$(BIN) upload --datastores $(DS_FILE) --datastore local-ds --src-dir examples/data --target-path /data/files --progress
-	$(BIN) download --datastores $(DS_FILE) --datastore local-ds --target-path $(DEMO)/downloads --prefix /data --progress
-	@echo; echo "The datastore ($(DEMO)/datastore) and what was downloaded from it ($(DEMO)/downloads):"
-	@find $(DEMO) -type f | sort
+	$(BIN) upload --datastores $(DS_FILE) --datastore workspace-ds --src-dir examples/data --target-path data/files --progress
+	$(BIN) run examples/experiment.yaml --local --datastores $(DS_FILE) --progress
+	@echo; echo "The run's outputs, uploaded to the datastore ($(DEMO)/datastore/outputs/run1):"
+	@find $(DEMO)/datastore/outputs -type f | sort
+
+# The same on Azurite (the Azure Storage emulator): started on 127.0.0.1:10000, a container
+# `data` created, then upload, run and download of the outputs; Azurite is stopped at the end.
+demo-azurite: build $(AZURITE)
+	rm -rf $(DEMO)/azurite && mkdir -p $(DEMO)/azurite
+	$(AZURITE) --blobHost 127.0.0.1 --blobPort 10000 --disableTelemetry --inMemoryPersistence --silent & echo $$! > $(DEMO)/azurite/pid; \
+	trap 'kill $$(cat $(DEMO)/azurite/pid)' EXIT; \
+	python3 examples/azurite_container.py data && \
+	$(BIN) upload --datastores $(AZ_FILE) --datastore workspace-ds --src-dir examples/data --target-path data/files && \
+	$(BIN) run examples/experiment.yaml --local --datastores $(AZ_FILE) && \
+	$(BIN) download --datastores $(AZ_FILE) --datastore workspace-ds --prefix outputs --target-path $(DEMO)/azurite/downloads && \
+	find $(DEMO)/azurite/downloads -type f | sort
 
 $(AZURITE):
 	npm install --prefix $(TOOLS) --no-audit --no-fund --loglevel=error azurite@$(AZURITE_VER)
