@@ -86,7 +86,10 @@ fn the_seed_example_runs_locally_on_a_local_datastore() {
     // The script saw exactly the downloaded files, at the path it was given.
     let expected: Vec<String> = example_data().into_iter().map(|(n, _)| n).collect();
     assert_eq!(listed(&out), expected, "{}", stdout(&out));
-    assert_eq!(arg_of(&out, "--data_folder"), work.join("datastore/training_data"));
+    assert_eq!(
+        arg_of(&out, "--data_folder"),
+        work.join("datastore/training_data")
+    );
     let err = stderr(&out);
     assert_eq!(
         err.matches("does not apply on the local compute target")
@@ -352,5 +355,58 @@ fn a_cluster_experiment_needs_local_and_a_used_work_directory_is_refused() {
     assert_eq!(
         read_tree(&work),
         [("stale.csv".to_string(), b"old".to_vec())]
+    );
+}
+
+#[test]
+fn code_from_a_datastore_is_downloaded_and_run_in_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    write_tree(
+        &store,
+        &[
+            (
+                "snapshots/abc/src/train.py",
+                b"import os, sys\nprint('cwd', os.getcwd())\nprint('arg', sys.argv[1:])\n".to_vec(),
+            ),
+            ("data/x.txt", b"x".to_vec()),
+        ],
+    );
+    let exp = dir.path().join("experiment.yaml");
+    std::fs::write(
+        &exp,
+        r#"apiVersion: datastore.dev/v1alpha1
+kind: Experiment
+metadata: {name: from-snapshot}
+spec:
+  image: python:3.12-slim
+  code: {datastore: workspace-ds, path: snapshots/abc}
+  sourceDirectory: src
+  entryScript: train.py
+  computeTarget: local
+  scriptParams:
+    - {name: --lr, value: "0.5"}
+"#,
+    )
+    .unwrap();
+    let work = dir.path().join("work");
+    let out = run(&[
+        exp.to_str().unwrap(),
+        "--datastores",
+        local_workspace(dir.path()).to_str().unwrap(),
+        "--work-dir",
+        work.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 0);
+    let printed = stdout(&out);
+    assert!(
+        printed.contains(&format!("cwd {}", work.join("code/src").display())),
+        "{printed}"
+    );
+    assert!(printed.contains("arg ['--lr', '0.5']"), "{printed}");
+    assert!(
+        stderr(&out).contains("downloaded code: workspace-ds:snapshots/abc"),
+        "{}",
+        stderr(&out)
     );
 }
