@@ -8,12 +8,16 @@ VENV         := $(TOOLS)/venv
 KVALIDATE    := $(VENV)/bin/kubernetes-validate
 KVALIDATE_VER:= 1.35.0
 K8S_VERSION  := 1.30.0
+HELM_SDK_VER := 0.2.2
+HELM_SDK     := $(VENV)/.helm-python-sdk-$(HELM_SDK_VER)
+VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE        := ghcr.io/datastore-operator/datastore:$(VERSION)
 BIN          := target/release/datastore
 DEMO         := target/demo
 DS_FILE      := examples/datastores-local.yaml
 AZ_FILE      := examples/datastores-azurite.yaml
 
-.PHONY: demo demo-azurite test test-deps crds bench build lint
+.PHONY: demo demo-azurite test test-deps crds bench build lint image
 
 build:
 	cargo build --release
@@ -48,15 +52,25 @@ $(KVALIDATE):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet kubernetes-validate==$(KVALIDATE_VER)
 
-test-deps: $(AZURITE) $(KVALIDATE)
+# Helm v4 as a library (the chart tests lint and render with it; no helm binary needed).
+$(HELM_SDK): $(KVALIDATE)
+	$(VENV)/bin/pip install --quiet helm-python-sdk==$(HELM_SDK_VER)
+	touch $@
+
+test-deps: $(AZURITE) $(KVALIDATE) $(HELM_SDK)
 
 test: test-deps
 	cargo test --all-targets
 	$(KVALIDATE) --strict --kubernetes-version $(K8S_VERSION) crds/*.yaml
 
-# Regenerate crds/ from the code (a test fails while they differ).
+# Regenerate crds/ from the code, then the chart's copy and deploy/ (tests fail while they differ).
 crds:
 	UPDATE_CRDS=1 cargo test --test crds
+	UPDATE_CHART=1 cargo test --test chart
+
+# The container image (needs a Docker engine): controller, agent and CLI in one.
+image:
+	docker build -t $(IMAGE) .
 
 bench: build $(AZURITE)
 	python3 bench/run.py
