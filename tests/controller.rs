@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use chrono::{DateTime, TimeZone, Utc};
-use common::apiserver::{Exchange, apply, event, expect, start};
+use common::apiserver::{Exchange, apply, event, expect, start_as_controller};
 use datastore_operator::api::{
     ClusterDatastore, Datastore, Experiment, ExperimentSpec, ExperimentStatus, Phase,
 };
@@ -76,7 +76,7 @@ fn context(client: kube::Client) -> Arc<Context> {
 
 /// Runs one reconcile against the script; returns its action.
 async fn reconcile_once(exp: &Experiment, script: Vec<Exchange>) -> Action {
-    let (client, server) = start(script);
+    let (client, server) = start_as_controller(script, OPERATOR_NS);
     let result = reconcile(Arc::new(exp.clone()), context(client)).await;
     server.done().await;
     result.expect("the reconcile succeeds")
@@ -868,7 +868,7 @@ async fn check_datastore(ds: Datastore, key: &str) -> (Action, Option<Value>) {
                 .ok(blob_datastore(NS, "blob-ds")),
         );
     }
-    let (client, server) = start(script);
+    let (client, server) = start_as_controller(script, OPERATOR_NS);
     let action = tokio::time::timeout(
         std::time::Duration::from_secs(60),
         reconcile_datastore(Arc::new(ds), context(client)),
@@ -906,14 +906,17 @@ async fn a_reachable_datastore_is_ready_and_an_unchanged_one_is_not_rewritten() 
         }))
         .unwrap(),
     );
-    let (client, server) = start(vec![
-        expect("GET /api/v1/namespaces/ml/secrets/ds-key").ok(secret(
-            NS,
-            "ds-key",
-            "accountKey",
-            common::KEY,
-        )),
-    ]);
+    let (client, server) = start_as_controller(
+        vec![
+            expect("GET /api/v1/namespaces/ml/secrets/ds-key").ok(secret(
+                NS,
+                "ds-key",
+                "accountKey",
+                common::KEY,
+            )),
+        ],
+        OPERATOR_NS,
+    );
     let action = reconcile_datastore(Arc::new(checked), context(client))
         .await
         .unwrap();
@@ -969,12 +972,17 @@ async fn a_missing_secret_is_invalid_config_not_a_retry_loop() {
     let ds = azurite_datastore("data", "ds-key", "http://127.0.0.1:9/devstoreaccount1");
     let written: Arc<Mutex<Option<Value>>> = Arc::default();
     let into = written.clone();
-    let (client, server) = start(vec![
-        expect("GET /api/v1/namespaces/ml/secrets/ds-key").not_found(),
-        apply(DS_STATUS)
-            .body(move |body| *into.lock().unwrap() = Some(body["status"]["conditions"][0].clone()))
-            .ok(blob_datastore(NS, "blob-ds")),
-    ]);
+    let (client, server) = start_as_controller(
+        vec![
+            expect("GET /api/v1/namespaces/ml/secrets/ds-key").not_found(),
+            apply(DS_STATUS)
+                .body(move |body| {
+                    *into.lock().unwrap() = Some(body["status"]["conditions"][0].clone())
+                })
+                .ok(blob_datastore(NS, "blob-ds")),
+        ],
+        OPERATOR_NS,
+    );
     let action = reconcile_datastore(Arc::new(ds), context(client))
         .await
         .unwrap();
@@ -992,18 +1000,21 @@ async fn a_missing_secret_is_invalid_config_not_a_retry_loop() {
 #[tokio::test]
 async fn a_cluster_datastore_reads_its_secret_in_the_operator_namespace() {
     let cds: ClusterDatastore = serde_json::from_value(cluster_datastore(json!({}))).unwrap();
-    let (client, server) = start(vec![
-        expect(&format!(
-            "GET /api/v1/namespaces/{OPERATOR_NS}/secrets/shared-key"
-        ))
-        .not_found(),
-        apply("/apis/datastore.dev/v1alpha1/clusterdatastores/blob-ds/status")
-            .body(|body| {
-                assert_eq!(body["kind"], "ClusterDatastore");
-                assert_eq!(body["status"]["conditions"][0]["reason"], "InvalidConfig");
-            })
-            .ok(cluster_datastore(json!({}))),
-    ]);
+    let (client, server) = start_as_controller(
+        vec![
+            expect(&format!(
+                "GET /api/v1/namespaces/{OPERATOR_NS}/secrets/shared-key"
+            ))
+            .not_found(),
+            apply("/apis/datastore.dev/v1alpha1/clusterdatastores/blob-ds/status")
+                .body(|body| {
+                    assert_eq!(body["kind"], "ClusterDatastore");
+                    assert_eq!(body["status"]["conditions"][0]["reason"], "InvalidConfig");
+                })
+                .ok(cluster_datastore(json!({}))),
+        ],
+        OPERATOR_NS,
+    );
     reconcile_cluster_datastore(Arc::new(cds), context(client))
         .await
         .unwrap();

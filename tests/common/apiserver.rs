@@ -110,8 +110,21 @@ impl Exchange {
 /// A client talking to the script; the handle finishes once every request matched and the
 /// client is gone. Await [`Server::done`] after the code under test.
 pub fn start(script: Vec<Exchange>) -> (kube::Client, Server) {
+    serve_script(script, None)
+}
+
+/// [`start`] for the operator running in `operator_namespace`: every request must also be one
+/// the controller's RBAC rules (`src/controller/rbac.rs`, the chart's) grant.
+pub fn start_as_controller(
+    script: Vec<Exchange>,
+    operator_namespace: &'static str,
+) -> (kube::Client, Server) {
+    serve_script(script, Some(operator_namespace))
+}
+
+fn serve_script(script: Vec<Exchange>, rbac: Option<&'static str>) -> (kube::Client, Server) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let task = tokio::spawn(serve(handle, script));
+    let task = tokio::spawn(serve(handle, script, rbac));
     (kube::Client::new(service, "default"), Server(task))
 }
 
@@ -127,7 +140,11 @@ impl Server {
     }
 }
 
-async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Exchange>) {
+async fn serve(
+    mut handle: Handle<Request<Body>, Response<Body>>,
+    script: Vec<Exchange>,
+    rbac: Option<&'static str>,
+) {
     for (i, want) in script.into_iter().enumerate() {
         let n = i + 1;
         let (request, send) = handle.next_request().await.unwrap_or_else(|| {
@@ -146,6 +163,16 @@ async fn serve(mut handle: Handle<Request<Body>, Response<Body>>, script: Vec<Ex
             format!("{} {}", want.method, want.path),
             "request {n} differs from the script"
         );
+        if let Some(namespace) = rbac
+            && let Err(why) = datastore_operator::controller::rbac::check(
+                method.as_str(),
+                &path,
+                &query,
+                namespace,
+            )
+        {
+            panic!("request {n}: {why}");
+        }
         for part in &want.query {
             assert!(
                 query.contains(part.as_str()),
