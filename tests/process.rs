@@ -292,6 +292,10 @@ fn controller_command(home: &Path) -> Command {
 impl Controller {
     /// Starts the controller against the apiserver on `port`, serving on a free loopback port.
     fn start(port: u16, pod: &str, args: &[&str]) -> Controller {
+        Controller::start_with_env(port, pod, args, &[])
+    }
+
+    fn start_with_env(port: u16, pod: &str, args: &[&str], env: &[(&str, &str)]) -> Controller {
         let home = tempfile::tempdir().unwrap();
         let http = free_addr();
         let stderr = home.path().join("stderr");
@@ -300,6 +304,7 @@ impl Controller {
             .env("POD_NAME", pod)
             .arg(format!("--http-addr={http}"))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -499,7 +504,14 @@ async fn without_its_crds_the_controller_waits_serves_health_and_metrics_and_sto
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forbidden_list_is_waited_for_with_the_rbac_it_needs_in_text_logs() {
     let (port, _fake) = fake_apiserver(Crds::Forbidden).await;
-    let mut controller = Controller::start(port, "replica-a", &["--log-format=text"]);
+    // Empty settings, as a chart may render them, mean the defaults.
+    let empty = [
+        ("DATASTORE_LOG", ""),
+        ("DATASTORE_OUTPUTS_STORAGE_CLASS", ""),
+        ("DATASTORE_BLOBFUSE_IMAGE", ""),
+    ];
+    let mut controller =
+        Controller::start_with_env(port, "replica-a", &["--log-format=text"], &empty);
     let (code, why) = controller
         .wait_for("/readyz", Duration::from_secs(15), |_, body| {
             body.contains("refused")
@@ -519,6 +531,10 @@ async fn a_forbidden_list_is_waited_for_with_the_rbac_it_needs_in_text_logs() {
     assert!(
         logs.lines().all(|l| !l.starts_with('{')) && logs.contains(" WARN "),
         "--log-format=text: human lines\n{logs}"
+    );
+    assert!(
+        logs.contains(" INFO serving /healthz"),
+        "the controller logs at info by default:\n{logs}"
     );
 }
 

@@ -181,9 +181,9 @@ impl Cli {
     /// says what it does; a user command only what goes wrong).
     pub fn log_filter(&self) -> &str {
         match (&self.log_level, &self.command) {
-            (Some(level), _) => level,
-            (None, Command::Controller(_)) => "info",
-            (None, _) => "warn",
+            (Some(level), _) if !level.trim().is_empty() => level,
+            (_, Command::Controller(_)) => "info",
+            (_, _) => "warn",
         }
     }
 }

@@ -341,8 +341,11 @@ pub async fn run(args: ControllerArgs) -> i32 {
             let build = BuildContext {
                 agent_image: args.operator.agent_image,
                 default_outputs_size: Quantity(args.default_outputs_size),
-                default_outputs_storage_class: args.default_outputs_storage_class,
-                blobfuse_image: args.blobfuse_image,
+                // An empty value (a chart that renders `""`) means none.
+                default_outputs_storage_class: args
+                    .default_outputs_storage_class
+                    .filter(|class| !class.is_empty()),
+                blobfuse_image: args.blobfuse_image.filter(|image| !image.is_empty()),
                 ..BuildContext::default()
             };
             let ctx = Arc::new(Context {
