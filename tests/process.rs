@@ -766,7 +766,8 @@ fn take_the_lease(duration: i64) -> Vec<apiserver::Exchange> {
 
 /// Runs `lead` as `replica-a`; the controllers record that they ran and, told to stop, take
 /// 200 ms to finish their reconciles in flight, then set `stopped`. `shutdown_after`: cancels
-/// the shutdown token that long after the start.
+/// the shutdown token that long after the controllers started, or after the start when they
+/// have not started by then (a standby).
 async fn lead(
     script: Vec<apiserver::Exchange>,
     timing: Timing,
@@ -781,15 +782,24 @@ async fn lead(
         .await
         .unwrap();
     let ran_in = ran.clone();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let started_in = started.clone();
     let controllers = |stop: CancellationToken| async move {
         *ran_in.lock().unwrap() = true;
+        started_in.notify_one();
         stop.cancelled().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         stopped.store(true, Ordering::SeqCst);
     };
     let cancel = async {
         if let Some(after) = shutdown_after {
-            tokio::time::sleep(after).await;
+            // A slow machine may take a while to lead: count from when the controllers start.
+            if tokio::time::timeout(after, started.notified())
+                .await
+                .is_ok()
+            {
+                tokio::time::sleep(after).await;
+            }
             shutdown.cancel();
         }
     };
