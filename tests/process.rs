@@ -766,7 +766,7 @@ fn take_the_lease(duration: i64) -> Vec<apiserver::Exchange> {
 
 /// Runs `lead` as `replica-a`; the controllers record that they ran and, told to stop, take
 /// 200 ms to finish their reconciles in flight, then set `stopped`. `shutdown_after`: cancels
-/// the shutdown token that long after the controllers started, or after the start when they
+/// the shutdown token that long after the controllers started, or 3 s after the start when they
 /// have not started by then (a standby).
 async fn lead(
     script: Vec<apiserver::Exchange>,
@@ -794,7 +794,7 @@ async fn lead(
     let cancel = async {
         if let Some(after) = shutdown_after {
             // A slow machine may take a while to lead: count from when the controllers start.
-            if tokio::time::timeout(after, started.notified())
+            if tokio::time::timeout(Duration::from_secs(3), started.notified())
                 .await
                 .is_ok()
             {
