@@ -714,9 +714,21 @@ async fn a_missing_datastore_waits_and_the_experiment_starts_when_it_appears() {
         other.metadata.name = Some("unrelated".into());
         other
     }));
+    writer.apply_watcher_event(&watcher::Event::Apply({
+        let mut code_only = experiment(
+            "image: x\nentryScript: y.py\ncode: {datastore: code-ds, path: snapshots/a}\n",
+        );
+        code_only.metadata.name = Some("code-only".into());
+        code_only
+    }));
     assert_eq!(
         referencing(&reader, "blob-ds", Some(NS)),
         vec![ObjectRef::new("train").within(NS)]
+    );
+    // The datastore of the code counts as used too.
+    assert_eq!(
+        referencing(&reader, "code-ds", Some(NS)),
+        vec![ObjectRef::new("code-only").within(NS)]
     );
     assert_eq!(referencing(&reader, "blob-ds", Some("elsewhere")), vec![]);
     assert_eq!(

@@ -602,8 +602,8 @@ fn experiment_of(pod: &Pod) -> Option<ObjectRef<Experiment>> {
     Some(ObjectRef::new(name).within(&pod.namespace()?))
 }
 
-/// The experiments that reference datastore `name`: in `namespace` for a Datastore, anywhere for
-/// a ClusterDatastore. Only unfinished ones care.
+/// The experiments that use datastore `name` (a data reference, or `spec.code`): in `namespace`
+/// for a Datastore, anywhere for a ClusterDatastore. Only unfinished ones care.
 pub fn referencing(
     experiments: &Store<Experiment>,
     name: &str,
@@ -619,11 +619,10 @@ pub fn referencing(
                 .is_none_or(|s| s.completion_time.is_none())
         })
         .filter(|e| {
-            e.spec.script_params.iter().any(|p| {
-                p.data_reference
-                    .as_ref()
-                    .is_some_and(|r| r.datastore == name)
-            })
+            e.spec
+                .datastore_uses()
+                .iter()
+                .any(|(_, used)| *used == name)
         })
         .map(|e| ObjectRef::from(&*e))
         .collect()
