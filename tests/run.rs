@@ -6,6 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::Duration;
 
 use common::*;
 
@@ -406,6 +407,45 @@ spec:
     assert!(printed.contains("arg ['--lr', '0.5']"), "{printed}");
     assert!(
         stderr(&out).contains("downloaded code: workspace-ds:snapshots/abc"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_the_download_stops_the_run_before_the_script() {
+    let listing = listing_xml(&[("in/slow.bin", 5, false)]);
+    let server = FakeServer::listing(listing, b"slow!".to_vec(), Duration::from_secs(3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    write_tree(dir.path(), &[("train.py", b"print('ran')".to_vec())]);
+    let exp = dir.path().join("experiment.yaml");
+    std::fs::write(
+        &exp,
+        "apiVersion: datastore.dev/v1alpha1\nkind: Experiment\nmetadata: {name: slow}\nspec:\n  image: x\n  entryScript: train.py\n  computeTarget: local\n  scriptParams:\n    - {name: --data, dataReference: {datastore: fake, path: in, mode: download}}\n",
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args(["run", exp.to_str().unwrap(), "--no-progress"])
+        .args(["--datastores", ds.to_str().unwrap()])
+        .env_remove("DATASTORE_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !server.requests().iter().any(|r| !r.contains("comp=list")) {
+        assert!(std::time::Instant::now() < deadline, "the blob is fetched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_exit(&out, 143);
+    assert!(!stdout(&out).contains("ran"), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("interrupted while downloading"),
         "{}",
         stderr(&out)
     );

@@ -35,7 +35,7 @@ pub struct LocalRun {
 /// How a run ended.
 #[derive(Debug)]
 pub struct Finished {
-    /// The script's exit code (128 + signal when a signal ended it).
+    /// The script's exit code (128 + signal when a signal ended it or the run).
     pub script: i32,
     /// The first upload that failed, if any.
     pub upload_error: Option<Error>,
@@ -51,6 +51,27 @@ impl Finished {
         } else {
             self.upload_error.as_ref().map_or(0, Error::exit_code)
         }
+    }
+}
+
+impl Finished {
+    /// Stopped by `signal` before the run's end (exit 128 + signal, as a shell reports it).
+    fn interrupted(signal: i32, kept: Option<(PathBuf, String)>) -> Finished {
+        Finished {
+            script: 128 + signal,
+            upload_error: None,
+            kept,
+        }
+    }
+}
+
+/// Runs a transfer until it ends or Ctrl-C / SIGTERM (`Err(signal)`); dropping it removes its
+/// temporary files. Needed because once a handler is installed, signals no longer end the
+/// process by themselves.
+async fn interruptible<T>(work: impl Future<Output = T>) -> std::result::Result<T, i32> {
+    tokio::select! {
+        result = work => Ok(result),
+        signal = crate::cli::interrupted() => Err(signal),
     }
 }
 
@@ -143,15 +164,20 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
 
     for download in plan.code.iter().chain(&plan.downloads) {
         let bar = Arc::new(Bar::new(run.show_progress));
-        let result = transfer::download_folder(
+        let result = interruptible(transfer::download_folder(
             &stores[&download.datastore],
             &download.remote_path,
             Path::new(&download.local_path),
             options(false),
             bar.clone(),
-        )
+        ))
         .await;
         bar.finish();
+        let Ok(result) = result else {
+            say("interrupted while downloading: the script did not run");
+            work.discard();
+            return Ok(Finished::interrupted(result.unwrap_err(), None));
+        };
         match result {
             Ok((summary, listing)) => say(format_args!(
                 "downloaded {}: {} into {} ({} files, {})",
@@ -196,15 +222,22 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
     if upload_now {
         for upload in &plan.uploads {
             let bar = Arc::new(Bar::new(run.show_progress));
-            let result = transfer::upload(
+            let result = interruptible(transfer::upload(
                 &stores[&upload.datastore],
                 Path::new(&upload.local_path),
                 &upload.remote_path,
                 options(upload.overwrite),
                 bar.clone(),
-            )
+            ))
             .await;
             bar.finish();
+            let Ok(result) = result else {
+                let why = "it holds outputs whose upload was interrupted".to_string();
+                return Ok(Finished::interrupted(
+                    result.unwrap_err(),
+                    work.finish(Some(why)),
+                ));
+            };
             match result {
                 Ok(summary) => {
                     report_upload(upload, &summary);
