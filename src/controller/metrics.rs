@@ -187,20 +187,9 @@ impl Metrics {
     }
 }
 
-/// The bytes the upload agents of these pods reported (the newest pod: a retried pod reports
-/// the whole upload again).
+/// The bytes the upload agents of these pods reported (the newest pod's).
 pub fn uploaded_bytes(pods: &[Pod]) -> u64 {
-    let Some(status) = super::progress::newest(pods).and_then(|p| p.status.as_ref()) else {
-        return 0;
-    };
-    status
-        .container_statuses
-        .iter()
-        .flatten()
-        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
-        .filter_map(crate::agent::UploadReport::parse)
-        .map(|r| r.bytes)
-        .sum()
+    super::progress::upload_totals(pods).bytes
 }
 
 /// `datastore_experiments{phase}`, read from the Experiment controller's cache when scraped.

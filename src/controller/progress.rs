@@ -5,7 +5,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::agent::Report;
+use crate::agent::{Report, UploadReport};
 use crate::api::{ExperimentStatus, InputRecord, Phase};
 use crate::controller::build::CODE_CONTAINER;
 use crate::plan::Transfer;
@@ -231,20 +231,34 @@ pub fn failures(pods: &[Pod]) -> Vec<String> {
         .collect()
 }
 
-/// How many outputs the upload left as they were because their blob existed (from the upload
-/// containers' reports in the newest pod).
-pub fn skipped_outputs(pods: &[Pod]) -> u64 {
-    let Some(status) = newest(pods).and_then(|p| p.status.as_ref()) else {
-        return 0;
+/// What the upload containers of the newest pod reported, summed (a retried pod reports the
+/// whole upload again, so older pods do not count).
+pub fn upload_totals(pods: &[Pod]) -> UploadReport {
+    let mut total = UploadReport {
+        uploaded: 0,
+        skipped: 0,
+        bytes: 0,
     };
-    status
+    let Some(status) = newest(pods).and_then(|p| p.status.as_ref()) else {
+        return total;
+    };
+    for report in status
         .container_statuses
         .iter()
         .flatten()
         .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
-        .filter_map(crate::agent::UploadReport::parse)
-        .map(|r| r.skipped)
-        .sum()
+        .filter_map(UploadReport::parse)
+    {
+        total.uploaded += report.uploaded;
+        total.skipped += report.skipped;
+        total.bytes += report.bytes;
+    }
+    total
+}
+
+/// How many outputs the upload left as they were because their blob existed.
+pub fn skipped_outputs(pods: &[Pod]) -> u64 {
+    upload_totals(pods).skipped
 }
 
 /// One step of an experiment, as its status reports it.
