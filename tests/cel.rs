@@ -6,7 +6,8 @@ use datastore_operator::api::{ClusterDatastoreSpec, Credentials, DatastoreSpec, 
 use kube::core::cel::{ErrorKind, ValidationErrors, Validator};
 use serde_json::{Value, json};
 
-const ONE_KIND: &str = "set exactly one kind of storage: azureBlob or local";
+const ONE_KIND: &str = "set exactly one kind of storage: azureBlob, azureFile or local";
+const SHARE: &str = "a share name has 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit";
 const ACCOUNT: &str = "a storage account name has 3 to 24 lowercase letters and digits";
 const CONTAINER: &str = "a container name has 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit (or is $root, $web or $logs)";
 const NOT_BOTH: &str = "set either secretRef or workloadIdentity, not both";
@@ -69,6 +70,31 @@ fn both_kinds_of_storage_are_refused_with_the_message() {
 #[test]
 fn no_kind_of_storage_is_refused_with_the_message() {
     assert_eq!(spec_errors(json!({})), vec![ONE_KIND]);
+}
+
+fn share(name: &str) -> Value {
+    json!({"accountName": "mlstorage", "shareName": name, "credentials": {"secretRef": {"name": "share-creds"}}})
+}
+
+#[test]
+fn an_azure_files_share_is_a_kind_of_storage_of_its_own() {
+    assert_eq!(
+        spec_errors(json!({"azureFile": share("datasets"), "readOnly": true})),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        spec_errors(
+            json!({"azureFile": share("datasets"), "azureBlob": blob("mlstorage", "data")})
+        ),
+        vec![ONE_KIND]
+    );
+    for bad in ["ab", "Datasets", "a--b", "-abc", "$root"] {
+        assert_eq!(
+            spec_errors(json!({"azureFile": share(bad)})),
+            vec![SHARE],
+            "{bad}"
+        );
+    }
 }
 
 // --- AzureBlobSpec: accountName and containerName (evaluated within the spec: AzureBlobSpec
@@ -240,7 +266,8 @@ fn the_rules_are_in_the_generated_crds() {
                 path.join(".")
             );
         };
-        check(&["spec"], ONE_KIND, "has(self.azureBlob)");
+        check(&["spec"], ONE_KIND, "has(self.azureFile)");
+        check(&["spec", "azureFile", "shareName"], SHARE, "self.matches(");
         check(
             &["spec", "azureBlob", "accountName"],
             ACCOUNT,

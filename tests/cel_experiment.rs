@@ -377,7 +377,7 @@ fn every_rule_compiles_and_stays_within_the_cost_budget() {
         .collect();
     assert_eq!(
         found.len(),
-        10,
+        12,
         "the rules written in src/api/experiment.rs: {listed:?}"
     );
     for (path, rule, node) in found {
@@ -449,4 +449,41 @@ fn overwrite_applies_to_upload_references_only() {
         spec_errors(&spec),
         vec!["overwrite applies to upload references only"]
     );
+}
+
+// --- DataReference: readOnly and mountDriver are for mounts ---
+
+#[test]
+fn mount_options_apply_to_mount_references_only() {
+    let reference = |mode: &str, option: &str, value: Value| {
+        let mut r = json!({"datastore": "blob-ds", "path": "images", "mode": mode});
+        r[option] = value;
+        r
+    };
+    let errors =
+        |r: Value| DataReference::validate_cel(&r, None).map_or_else(messages, |()| Vec::new());
+    for (option, value) in [
+        ("readOnly", json!(false)),
+        ("mountDriver", json!("sidecar")),
+    ] {
+        assert_eq!(
+            errors(reference("mount", option, value.clone())),
+            none(),
+            "{option}"
+        );
+        for mode in ["download", "upload"] {
+            let found = errors(reference(mode, option, value.clone()));
+            assert_eq!(found.len(), 1, "{option} on {mode}: {found:?}");
+            assert!(
+                found[0].starts_with(&format!("{option} applies to mount references only")),
+                "{found:?}"
+            );
+        }
+    }
+    // The drivers are an enum of the schema (the apiserver refuses any other value).
+    let schema = crd_schema();
+    let reference = &schema["properties"]["spec"]["properties"]["scriptParams"]["items"]["properties"]
+        ["dataReference"]["properties"];
+    assert_eq!(reference["mountDriver"]["enum"], json!(["csi", "sidecar"]));
+    assert_eq!(reference["readOnly"]["type"], json!("boolean"));
 }

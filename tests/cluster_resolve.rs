@@ -153,6 +153,7 @@ async fn a_datastore_in_the_namespace_and_its_secret() {
                 endpoint: url::Url::parse("https://mlstorage.blob.core.windows.net").unwrap(),
                 credential: AzureCredential::AccountKey(Secret::new(ACCOUNT_KEY)),
                 credential_source: "Secret default/blob-creds".into(),
+                read_only: false,
             }),
         }
     );
@@ -189,6 +190,7 @@ async fn a_cluster_datastore_reads_its_secret_from_the_operator_namespace() {
                     .unwrap(),
                 credential: AzureCredential::SasToken(Secret::new(SAS)),
                 credential_source: format!("Secret {OPERATOR_NS}/shared-creds"),
+                read_only: false,
             }),
         }
     );
@@ -208,7 +210,13 @@ async fn a_datastore_wins_over_a_cluster_datastore_of_the_same_name() {
     .await
     .expect("the datastore resolves");
     assert_eq!(resolved.label, "Datastore default/data");
-    assert_eq!(resolved.config, StoreConfig::Local("/srv/data".into()));
+    assert_eq!(
+        resolved.config,
+        StoreConfig::Local {
+            path: "/srv/data".into(),
+            read_only: false
+        }
+    );
 }
 
 #[tokio::test]

@@ -110,8 +110,15 @@ fn render(
     datastores: &BTreeMap<String, StoreConfig>,
 ) -> (ExecutionPlan, Children) {
     let plan = plan::plan(&exp.spec, datastores, CLUSTER).unwrap();
-    let children =
-        build::build(exp, &plan, datastores, &BuildContext::default(), Utc::now()).unwrap();
+    let children = build::build(
+        exp,
+        &plan,
+        datastores,
+        &BuildContext::default(),
+        &[],
+        Utc::now(),
+    )
+    .unwrap();
     (plan, children)
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
     shortname = "ds",
     category = "datastore",
     status = "DatastoreStatus",
-    doc = "A named storage location (an Azure Blob container, or a local directory for the CLI) that experiments read data from and write outputs to.",
+    doc = "A named storage location (an Azure Blob container, an Azure Files share, or a local directory for the CLI) that experiments read data from and write outputs to.",
     printcolumn(
         name = "Account",
         type_ = "string",
@@ -26,6 +26,12 @@ use serde::{Deserialize, Serialize};
         type_ = "string",
         json_path = ".spec.azureBlob.containerName",
         description = "Azure Blob container"
+    ),
+    printcolumn(
+        name = "Share",
+        type_ = "string",
+        json_path = ".spec.azureFile.shareName",
+        description = "Azure Files share"
     ),
     printcolumn(
         name = "Path",
@@ -44,15 +50,23 @@ use serde::{Deserialize, Serialize};
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(cel, validation = Rule::new("[has(self.azureBlob), has(self.local)].filter(x, x).size() == 1").message("set exactly one kind of storage: azureBlob or local"))]
+#[x_kube(cel, validation = Rule::new("[has(self.azureBlob), has(self.azureFile), has(self.local)].filter(x, x).size() == 1").message("set exactly one kind of storage: azureBlob, azureFile or local"))]
 #[serde(rename_all = "camelCase")]
 pub struct DatastoreSpec {
     /// An Azure Blob Storage container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure_blob: Option<AzureBlobSpec>,
+    /// An Azure Files share (SMB), reached in the cluster through the `file.csi.azure.com`
+    /// driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_file: Option<AzureFileSpec>,
     /// A directory on the machine running the CLI (demos, tests, laptops). Not usable in a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalSpec>,
+    /// Experiments may only read this datastore: `upload` references and read-write mounts of
+    /// it are refused, and so are uploads by the CLI.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 /// A cluster-wide datastore, defined once by a platform team. Its credentials Secret lives in
@@ -79,6 +93,12 @@ pub struct DatastoreSpec {
         description = "Azure Blob container"
     ),
     printcolumn(
+        name = "Share",
+        type_ = "string",
+        json_path = ".spec.azureFile.shareName",
+        description = "Azure Files share"
+    ),
+    printcolumn(
         name = "Path",
         type_ = "string",
         json_path = ".spec.local.path",
@@ -95,15 +115,23 @@ pub struct DatastoreSpec {
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(cel, validation = Rule::new("[has(self.azureBlob), has(self.local)].filter(x, x).size() == 1").message("set exactly one kind of storage: azureBlob or local"))]
+#[x_kube(cel, validation = Rule::new("[has(self.azureBlob), has(self.azureFile), has(self.local)].filter(x, x).size() == 1").message("set exactly one kind of storage: azureBlob, azureFile or local"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterDatastoreSpec {
     /// An Azure Blob Storage container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure_blob: Option<AzureBlobSpec>,
+    /// An Azure Files share (SMB), reached in the cluster through the `file.csi.azure.com`
+    /// driver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_file: Option<AzureFileSpec>,
     /// A directory on the machine running the CLI (demos, tests, laptops). Not usable in a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalSpec>,
+    /// Experiments may only read this datastore: `upload` references and read-write mounts of
+    /// it are refused, and so are uploads by the CLI.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
     /// Which namespaces' experiments may use this datastore: a label selector on namespaces,
     /// e.g. `{matchLabels: {team: vision}}`. Absent means every namespace; `{}` also selects
     /// every namespace.
@@ -162,6 +190,22 @@ pub struct WorkloadIdentity {
     pub client_id: String,
 }
 
+/// An Azure Files share.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureFileSpec {
+    /// The storage account name, e.g. `mlstorage`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]{3,24}$')").message("a storage account name has 3 to 24 lowercase letters and digits"))]
+    pub account_name: String,
+    /// The file share name, e.g. `datasets`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([a-z0-9-]{1,61})[a-z0-9]$') && !self.contains('--')").message("a share name has 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit"))]
+    pub share_name: String,
+    /// How to authenticate. An SMB mount needs the account key itself (a Secret with
+    /// `accountKey` or `connectionString`); workload identity avoids handing the key to the
+    /// node.
+    pub credentials: Credentials,
+}
+
 /// A local directory used as a datastore (CLI only).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -187,29 +231,36 @@ pub struct DatastoreStatus {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Storage<'a> {
     AzureBlob(&'a AzureBlobSpec),
+    AzureFile(&'a AzureFileSpec),
     Local(&'a LocalSpec),
 }
 
 fn storage<'a>(
     azure_blob: &'a Option<AzureBlobSpec>,
+    azure_file: &'a Option<AzureFileSpec>,
     local: &'a Option<LocalSpec>,
 ) -> Result<Storage<'a>, &'static str> {
-    match (azure_blob, local) {
-        (Some(a), None) => Ok(Storage::AzureBlob(a)),
-        (None, Some(l)) => Ok(Storage::Local(l)),
-        (None, None) => Err("no kind of storage is set: add `azureBlob` or `local` to its spec"),
-        (Some(_), Some(_)) => Err("both `azureBlob` and `local` are set: keep exactly one"),
+    match (azure_blob, azure_file, local) {
+        (Some(a), None, None) => Ok(Storage::AzureBlob(a)),
+        (None, Some(f), None) => Ok(Storage::AzureFile(f)),
+        (None, None, Some(l)) => Ok(Storage::Local(l)),
+        (None, None, None) => {
+            Err("no kind of storage is set: add `azureBlob`, `azureFile` or `local` to its spec")
+        }
+        _ => Err(
+            "several kinds of storage are set (`azureBlob`, `azureFile`, `local`): keep exactly one",
+        ),
     }
 }
 
 impl DatastoreSpec {
     pub fn storage(&self) -> Result<Storage<'_>, &'static str> {
-        storage(&self.azure_blob, &self.local)
+        storage(&self.azure_blob, &self.azure_file, &self.local)
     }
 }
 
 impl ClusterDatastoreSpec {
     pub fn storage(&self) -> Result<Storage<'_>, &'static str> {
-        storage(&self.azure_blob, &self.local)
+        storage(&self.azure_blob, &self.azure_file, &self.local)
     }
 }

@@ -207,7 +207,9 @@ pub struct ScriptParam {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
     cel,
-    validation = Rule::new("!has(self.overwrite) || !self.overwrite || self.mode == 'upload'").message("overwrite applies to upload references only")
+    validation = Rule::new("!has(self.overwrite) || !self.overwrite || self.mode == 'upload'").message("overwrite applies to upload references only"),
+    validation = Rule::new("!has(self.readOnly) || self.mode == 'mount'").message("readOnly applies to mount references only; download references are always read-only for the script"),
+    validation = Rule::new("!has(self.mountDriver) || self.mode == 'mount'").message("mountDriver applies to mount references only")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DataReference {
@@ -221,7 +223,8 @@ pub struct DataReference {
     pub path: String,
     /// How the data reaches the script: `download` (copied to compute before the script
     /// starts), `upload` (copied from compute to the datastore after the run) or `mount` (a
-    /// read-only folder backed by the datastore while the script runs; cluster only).
+    /// folder backed by the datastore while the script runs, read-only by default; cluster
+    /// only).
     pub mode: Mode,
     /// Where the data is on compute, relative to the data root (`/mnt/datastore` in the
     /// cluster), e.g. `training_data`. Defaults to the parameter name without leading dashes.
@@ -235,6 +238,49 @@ pub struct DataReference {
     /// run's files.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub overwrite: bool,
+    /// For `mount`: whether the script may only read the mounted folder (the default, `true`).
+    /// `false` lets it write there too: what it writes goes to the datastore as it writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// For `mount`: how the folder is mounted, overriding the operator's default. `csi` (an
+    /// inline volume of the Azure Blob or Azure Files CSI driver) or `sidecar` (a blobfuse2
+    /// container next to the script, which must run privileged; Azure Blob only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_driver: Option<MountDriver>,
+}
+
+impl DataReference {
+    /// Whether the script may only read the data: always for `download`, by default for `mount`.
+    pub fn read_only(&self) -> bool {
+        match self.mode {
+            Mode::Download => true,
+            Mode::Upload => false,
+            Mode::Mount => self.read_only.unwrap_or(true),
+        }
+    }
+}
+
+/// How a `mount` reference is mounted.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum MountDriver {
+    /// An inline CSI volume: `blob.csi.azure.com` (blobfuse2 run by the driver on the node) or
+    /// `file.csi.azure.com` (SMB). Needs the driver installed (AKS: the storage add-ons).
+    Csi,
+    /// A blobfuse2 native sidecar in the pod, mounting into a shared volume. Needs a privileged
+    /// container, so the namespace must allow privileged pods. Azure Blob only.
+    Sidecar,
+}
+
+impl MountDriver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MountDriver::Csi => "csi",
+            MountDriver::Sidecar => "sidecar",
+        }
+    }
 }
 
 /// The message of the `pathOnCompute` rule (the planner checks the same rule and names the
@@ -251,7 +297,8 @@ pub enum Mode {
     Download,
     /// Copied from compute to the datastore after the run.
     Upload,
-    /// A read-only folder backed by the datastore while the script runs (cluster only).
+    /// A folder backed by the datastore while the script runs, read-only unless `readOnly:
+    /// false` (cluster only).
     Mount,
 }
 
@@ -292,6 +339,27 @@ pub struct ExperimentStatus {
     /// The data the run saw: one record per `download` reference, as its download reported it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<InputRecord>,
+    /// How each `mount` reference is mounted, and why that way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<MountRecord>,
+}
+
+/// How one `mount` reference is mounted.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MountRecord {
+    /// The parameter name, e.g. `--data_folder`.
+    pub name: String,
+    /// The datastore mounted.
+    pub datastore: String,
+    /// The path in the datastore.
+    pub path: String,
+    /// `csi` or `sidecar`.
+    pub driver: MountDriver,
+    /// Whether the script may only read the folder.
+    pub read_only: bool,
+    /// Why this driver, e.g. `the operator's default` or `requested by the reference`.
+    pub reason: String,
 }
 
 /// Where the run is: Pending, Downloading, Running, Uploading, Succeeded or Failed.

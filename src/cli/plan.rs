@@ -8,7 +8,7 @@ use clap::Args;
 use kube::ResourceExt;
 
 use super::experiment_file::{ExperimentFile, resolve_datastores};
-use crate::controller::build::{self, BuildContext, to_yaml};
+use crate::controller::build::{self, BuildContext, MountEnvironment, to_yaml};
 use crate::error::{Error, Result};
 use crate::plan::{self, CLUSTER};
 use crate::store::resolve::{Scope, Source};
@@ -66,10 +66,18 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
         agent_image: args.operator.agent_image.clone(),
         ..Default::default()
     };
-    let children = build::build(&exp, &plan, &datastores, &ctx, Utc::now())?;
+    // Offline, nothing is known about the cluster's CSI drivers or Pod Security labels.
+    let env = MountEnvironment {
+        namespace: scope.namespace.clone(),
+        ..Default::default()
+    };
+    let mounts = build::choose_drivers(&plan, &datastores, &ctx, &env)
+        .map_err(|refusal| Error::Config(refusal.to_string()))?;
+    let children = build::build(&exp, &plan, &datastores, &ctx, &mounts, Utc::now())?;
 
     let mut docs = Vec::new();
     docs.extend(children.credentials.as_ref().map(to_yaml));
+    docs.extend(children.volume_secrets.iter().map(to_yaml));
     docs.extend(children.outputs.as_ref().map(to_yaml));
     docs.push(to_yaml(&children.run));
     docs.extend(children.upload.as_ref().map(to_yaml));

@@ -71,11 +71,23 @@ async fn check(found: &Found, namespace: &str, ctx: &Context) -> Result<Check, R
         Err(Error::Config(message)) => return Ok(Check::not_ready("InvalidConfig", message)),
         Err(e) => return Err(ReconcileError::Resolve(e)),
     };
-    if let StoreConfig::Local(_) = config {
-        return Ok(Check::not_ready(
-            "LocalOnly",
-            "a local directory is only usable by the datastore CLI, not by experiments in the cluster",
-        ));
+    match config {
+        StoreConfig::Local { .. } => {
+            return Ok(Check::not_ready(
+                "LocalOnly",
+                "a local directory is only usable by the datastore CLI, not by experiments in the cluster",
+            ));
+        }
+        // The operator speaks neither SMB nor the Files REST API; the CSI driver on the node
+        // mounts the share, so a wrong key shows when a pod mounts it.
+        StoreConfig::AzureFile(_) => {
+            return Ok(Check {
+                ready: true,
+                reason: "CredentialsResolved".to_string(),
+                message: "the share's credentials resolved; the share itself is reached by the file.csi.azure.com driver when a pod mounts it".to_string(),
+            });
+        }
+        StoreConfig::AzureBlob(_) => {}
     }
     let store = match Store::new(&config, &ctx.check_tuning) {
         Ok(store) => store,

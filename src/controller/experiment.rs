@@ -140,7 +140,7 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
         update(exp, ctx, refusal, Vec::new(), false).await?;
         return Ok(Action::await_change());
     }
-    let children = match build::build(exp, &plan, &datastores, &ctx.build, ctx.now()) {
+    let children = match build::build(exp, &plan, &datastores, &ctx.build, &[], ctx.now()) {
         Ok(children) => children,
         Err(e) => {
             // E.g. an account key that is not base64: the datastore's to fix, not the spec's.
@@ -373,7 +373,7 @@ async fn start_upload(
 ) -> Result<Action, ReconcileError> {
     let ns = exp.namespace().unwrap_or_default();
     let built = match plan_with_datastores(exp, ctx).await? {
-        Ok((plan, datastores)) => build::build(exp, &plan, &datastores, &ctx.build, ctx.now())
+        Ok((plan, datastores)) => build::build(exp, &plan, &datastores, &ctx.build, &[], ctx.now())
             .map_err(|e| Step::refused(Phase::Uploading, "Unsupported", e.to_string())),
         Err(refusal) => Err(refusal),
     };

@@ -784,6 +784,7 @@ mod tests {
                 endpoint: url::Url::parse("http://127.0.0.1:10000/devstoreaccount1").unwrap(),
                 credential: AzureCredential::Anonymous,
                 credential_source: "anonymous".to_string(),
+                read_only: false,
             }),
         )]);
         let ctx = BuildContext {

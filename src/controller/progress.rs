@@ -373,6 +373,8 @@ pub fn next_status(
         } else {
             inputs
         },
+        // Decided when the run started (the driver of each mount), never by progress.
+        mounts: current.mounts.clone(),
     }
 }
 

@@ -7,7 +7,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::api::{CodeReference, ComputeTarget, DataReference, ExperimentSpec, Mode, ScriptParam};
+use crate::api::{
+    CodeReference, ComputeTarget, DataReference, ExperimentSpec, Mode, MountDriver, ScriptParam,
+};
 use crate::paths::normalize;
 use crate::store::StoreConfig;
 use crate::store::sas::Permissions;
@@ -53,8 +55,50 @@ pub struct ExecutionPlan {
     pub downloads: Vec<Transfer>,
     /// What to copy from compute to datastores after the script ends.
     pub uploads: Vec<Transfer>,
-    /// Per datastore name, the least the run's credentials must allow.
+    /// What to mount while the script runs.
+    pub mounts: Vec<Mount>,
+    /// Per datastore name, the least the agent containers' credentials must allow for the
+    /// transfers (code, downloads, uploads). Mounts carry their own ([`Mount::permissions`]).
     pub permissions: BTreeMap<String, Permissions>,
+}
+
+/// One datastore folder mounted while the script runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    /// The parameter whose reference this is, e.g. `--data_folder`.
+    pub param: String,
+    /// The datastore's name.
+    pub datastore: String,
+    /// The path in the datastore, normalized (`""` is the whole container or share).
+    pub remote_path: String,
+    /// The absolute path on compute where the folder appears.
+    pub local_path: String,
+    /// Whether the script may only read it.
+    pub read_only: bool,
+    /// The driver the reference asks for; `None` leaves the choice to the operator.
+    pub driver: Option<MountDriver>,
+}
+
+/// Read and write, as a read-write mount needs: blobfuse2 and SMB replace, rename and delete
+/// files.
+const READ_WRITE: Permissions = Permissions {
+    read: true,
+    add: true,
+    create: true,
+    write: true,
+    delete: true,
+    list: true,
+};
+
+impl Mount {
+    /// The least its credentials must allow.
+    pub fn permissions(&self) -> Permissions {
+        if self.read_only {
+            READ_LIST
+        } else {
+            READ_WRITE
+        }
+    }
 }
 
 /// An environment variable of the script's process.
@@ -132,10 +176,35 @@ pub enum PlanError {
     EnvShadowsReference { name: String, param: String },
     #[error("parameter {param}: overwrite applies to upload references only; remove it")]
     OverwriteNotUpload { param: String },
+    #[error("parameter {param}: {option} applies to mount references only; remove it")]
+    MountOptionNotMount {
+        param: String,
+        /// `readOnly` or `mountDriver`.
+        option: &'static str,
+    },
     #[error(
         "{user} refers to datastore {datastore:?}, a local directory that only the CLI can reach; use computeTarget local, or a datastore in Azure Blob Storage"
     )]
     LocalDatastoreOnCluster { user: String, datastore: String },
+    #[error(
+        "{user} refers to datastore {datastore:?}, an Azure Files share that only the cluster can mount; use computeTarget cluster, or mount the share on this machine and use a local datastore"
+    )]
+    AzureFileOnLocalCompute { user: String, datastore: String },
+    #[error(
+        "parameter {param} would write to datastore {datastore:?} ({what}), which is read-only (spec.readOnly); use another datastore{hint}"
+    )]
+    WriteToReadOnlyDatastore {
+        param: String,
+        datastore: String,
+        /// `an upload reference` or `a read-write mount`.
+        what: &'static str,
+        /// How else to fix it, e.g. `, or mount it with readOnly: true`.
+        hint: &'static str,
+    },
+    #[error(
+        "parameter {param}: datastore {datastore:?} is an Azure Files share, which the blobfuse2 sidecar cannot mount; use mountDriver csi (file.csi.azure.com), or remove mountDriver"
+    )]
+    SidecarOnAzureFile { param: String, datastore: String },
     #[error(
         "sourceDirectory {path:?} is absolute, but the code is downloaded from a datastore (code); make it a folder relative to the code, or remove it"
     )]
@@ -180,8 +249,12 @@ impl PlanError {
             PlanError::UnknownDatastore { .. } => "UnknownDatastore",
             PlanError::MountOnLocalCompute { .. } => "MountOnLocalCompute",
             PlanError::OverwriteNotUpload { .. } => "OverwriteNotUpload",
+            PlanError::MountOptionNotMount { .. } => "MountOptionNotMount",
             PlanError::EnvShadowsReference { .. } => "EnvShadowsReference",
             PlanError::LocalDatastoreOnCluster { .. } => "LocalDatastoreOnCluster",
+            PlanError::AzureFileOnLocalCompute { .. } => "AzureFileOnLocalCompute",
+            PlanError::WriteToReadOnlyDatastore { .. } => "WriteToReadOnlyDatastore",
+            PlanError::SidecarOnAzureFile { .. } => "SidecarOnAzureFile",
             PlanError::SourceDirectoryOutsideCode { .. } => "SourceDirectoryOutsideCode",
             PlanError::InvalidPathOnCompute { .. } => "InvalidPathOnCompute",
             PlanError::PathOnComputeClash { .. } => "PathOnComputeClash",
@@ -230,6 +303,7 @@ pub fn plan(
         references: Vec::new(),
         downloads: Vec::new(),
         uploads: Vec::new(),
+        mounts: Vec::new(),
         permissions: BTreeMap::new(),
     };
     // Relative paths on compute, to find overlaps.
@@ -279,25 +353,37 @@ pub fn plan(
         let needed = match planned.mode {
             Mode::Download => {
                 plan.downloads.push(transfer);
-                READ_LIST
+                Some(READ_LIST)
             }
             Mode::Upload => {
                 plan.uploads.push(transfer);
-                Permissions {
+                Some(Permissions {
                     create: true,
                     write: true,
                     list: true,
                     ..Default::default()
-                }
+                })
             }
-            // Read-only, while the script runs; nothing to copy.
-            Mode::Mount => READ_LIST,
+            // Nothing to copy: the mount has credentials of its own.
+            Mode::Mount => {
+                plan.mounts.push(Mount {
+                    param: transfer.param,
+                    datastore: transfer.datastore,
+                    remote_path: transfer.remote_path,
+                    local_path: transfer.local_path,
+                    read_only: reference.read_only(),
+                    driver: reference.mount_driver,
+                });
+                None
+            }
         };
-        let granted = plan
-            .permissions
-            .entry(planned.datastore.clone())
-            .or_default();
-        *granted = union(*granted, needed);
+        if let Some(needed) = needed {
+            let granted = plan
+                .permissions
+                .entry(planned.datastore.clone())
+                .or_default();
+            *granted = union(*granted, needed);
+        }
 
         plan.args
             .extend([param.name.clone(), planned.path_on_compute.clone()]);
@@ -367,12 +453,7 @@ fn plan_code(
             known: datastores.keys().cloned().collect(),
         });
     };
-    if exp.compute_target == ComputeTarget::Cluster && matches!(store, StoreConfig::Local(_)) {
-        return Err(PlanError::LocalDatastoreOnCluster {
-            user,
-            datastore: code.datastore.clone(),
-        });
-    }
+    check_reachable(exp.compute_target, &user, &code.datastore, store)?;
     plan.working_dir = Some(match exp.source_directory.as_deref() {
         None | Some("" | ".") => code_root.to_string(),
         Some(dir) if dir.starts_with('/') => {
@@ -422,14 +503,55 @@ fn plan_reference(
             param: param.to_string(),
         });
     }
+    if reference.mode != Mode::Mount {
+        let option = if reference.read_only.is_some() {
+            Some("readOnly")
+        } else if reference.mount_driver.is_some() {
+            Some("mountDriver")
+        } else {
+            None
+        };
+        if let Some(option) = option {
+            return Err(PlanError::MountOptionNotMount {
+                param: param.to_string(),
+                option,
+            });
+        }
+    }
     if target == ComputeTarget::Local && reference.mode == Mode::Mount {
         return Err(PlanError::MountOnLocalCompute {
             param: param.to_string(),
         });
     }
-    if target == ComputeTarget::Cluster && matches!(store, StoreConfig::Local(_)) {
-        return Err(PlanError::LocalDatastoreOnCluster {
-            user: format!("parameter {param}"),
+    check_reachable(
+        target,
+        &format!("parameter {param}"),
+        &reference.datastore,
+        store,
+    )?;
+    let writes = match reference.mode {
+        Mode::Upload => Some(("an upload reference", "")),
+        Mode::Mount if !reference.read_only() => Some((
+            "a read-write mount",
+            ", or mount it read-only (remove readOnly: false)",
+        )),
+        _ => None,
+    };
+    if let Some((what, hint)) = writes
+        && store.read_only()
+    {
+        return Err(PlanError::WriteToReadOnlyDatastore {
+            param: param.to_string(),
+            datastore: reference.datastore.clone(),
+            what,
+            hint,
+        });
+    }
+    if reference.mount_driver == Some(MountDriver::Sidecar)
+        && matches!(store, StoreConfig::AzureFile(_))
+    {
+        return Err(PlanError::SidecarOnAzureFile {
+            param: param.to_string(),
             datastore: reference.datastore.clone(),
         });
     }
@@ -449,6 +571,26 @@ fn plan_reference(
         path_on_compute: join(root, relative),
         env: env_name(param),
     })
+}
+
+/// Whether `target` can reach the datastore at all: a local directory only from the CLI, an
+/// Azure Files share only from the cluster.
+fn check_reachable(
+    target: ComputeTarget,
+    user: &str,
+    datastore: &str,
+    store: &StoreConfig,
+) -> Result<(), PlanError> {
+    let (user, datastore) = (user.to_string(), datastore.to_string());
+    match (target, store) {
+        (ComputeTarget::Cluster, StoreConfig::Local { .. }) => {
+            Err(PlanError::LocalDatastoreOnCluster { user, datastore })
+        }
+        (ComputeTarget::Local, StoreConfig::AzureFile(_)) => {
+            Err(PlanError::AzureFileOnLocalCompute { user, datastore })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `pathOnCompute`, or the parameter name without its leading dashes (as the SDK does).

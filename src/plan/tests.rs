@@ -11,6 +11,7 @@ fn blob(container: &str) -> StoreConfig {
         endpoint: url::Url::parse("https://mlstorage.blob.core.windows.net").unwrap(),
         credential: AzureCredential::Anonymous,
         credential_source: "test".into(),
+        read_only: false,
     })
 }
 
@@ -20,7 +21,10 @@ fn datastores() -> BTreeMap<String, StoreConfig> {
         ("other-ds".to_string(), blob("other")),
         (
             "local-ds".to_string(),
-            StoreConfig::Local(PathBuf::from("/srv/ds")),
+            StoreConfig::Local {
+                path: PathBuf::from("/srv/ds"),
+                read_only: false,
+            },
         ),
     ])
 }
@@ -316,14 +320,174 @@ scriptParams:
     assert!(plan.downloads.is_empty());
     assert_eq!(plan.uploads.len(), 1);
     assert_eq!(
-        plan.permissions,
-        BTreeMap::from([
-            ("workspace-ds".to_string(), read_list()),
-            ("other-ds".to_string(), create_write_list()),
-        ])
+        plan.mounts,
+        vec![Mount {
+            param: "--data".into(),
+            datastore: "workspace-ds".into(),
+            remote_path: "big".into(),
+            local_path: "/mnt/datastore/big".into(),
+            read_only: true,
+            driver: None,
+        }]
     );
-    assert_eq!(plan.permissions["workspace-ds"].as_str(), "rl");
+    assert_eq!(plan.mounts[0].permissions().as_str(), "rl");
+    // The agent containers' credentials cover the transfers only: the mount has its own.
+    assert_eq!(
+        plan.permissions,
+        BTreeMap::from([("other-ds".to_string(), create_write_list())])
+    );
     assert_eq!(plan.permissions["other-ds"].as_str(), "cwl");
+}
+
+fn share(read_only: bool) -> StoreConfig {
+    StoreConfig::AzureFile(crate::store::AzureFileConfig {
+        account: "mlstorage".into(),
+        share: "datasets".into(),
+        credential: AzureCredential::AccountKey(crate::store::Secret::new("a2V5")),
+        credential_source: "test".into(),
+        read_only,
+    })
+}
+
+fn read_only_blob() -> StoreConfig {
+    match blob("frozen") {
+        StoreConfig::AzureBlob(config) => StoreConfig::AzureBlob(AzureBlobConfig {
+            read_only: true,
+            ..config
+        }),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn a_read_write_mount_asks_for_a_driver_and_gets_write_permissions() {
+    let spec = spec(
+        "image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - {name: --scratch, dataReference: {datastore: workspace-ds, path: scratch/, mode: mount, readOnly: false, mountDriver: sidecar}}
+",
+    );
+    let plan = plan(&spec, &datastores(), CLUSTER).unwrap();
+    let mount = &plan.mounts[0];
+    assert_eq!(
+        (mount.read_only, mount.driver, mount.remote_path.as_str()),
+        (false, Some(MountDriver::Sidecar), "scratch")
+    );
+    assert_eq!(mount.permissions().as_str(), "racwdl");
+    assert_eq!(plan.args, strings(&["--scratch", "/mnt/datastore/scratch"]));
+    assert!(plan.permissions.is_empty());
+}
+
+#[test]
+fn mount_options_on_other_modes_are_refused() {
+    for (extra, option) in [
+        ("readOnly: true", "readOnly"),
+        ("mountDriver: csi", "mountDriver"),
+    ] {
+        let spec = spec(&format!(
+            "image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - {{name: --data, dataReference: {{datastore: workspace-ds, mode: download, {extra}}}}}
+"
+        ));
+        let err = plan(&spec, &datastores(), CLUSTER).unwrap_err();
+        assert_eq!(
+            err,
+            PlanError::MountOptionNotMount {
+                param: "--data".into(),
+                option
+            }
+        );
+        assert!(err.to_string().contains("applies to mount references only"));
+    }
+}
+
+#[test]
+fn a_read_only_datastore_refuses_uploads_and_read_write_mounts_but_not_reads() {
+    let mut stores = datastores();
+    stores.insert("frozen-ds".into(), read_only_blob());
+    let with = |reference: &str| {
+        spec(&format!(
+            "image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - {{name: --data, dataReference: {{datastore: frozen-ds, {reference}}}}}
+"
+        ))
+    };
+    for ok in [
+        "mode: download",
+        "mode: mount",
+        "mode: mount, readOnly: true",
+    ] {
+        plan(&with(ok), &stores, CLUSTER).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    let err = plan(&with("mode: upload"), &stores, CLUSTER).unwrap_err();
+    assert_eq!(err.reason(), "WriteToReadOnlyDatastore");
+    assert!(
+        err.to_string()
+            .contains("(an upload reference), which is read-only"),
+        "{err}"
+    );
+    let err = plan(&with("mode: mount, readOnly: false"), &stores, CLUSTER).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("(a read-write mount), which is read-only (spec.readOnly); use another datastore, or mount it read-only"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_azure_files_share_is_for_the_cluster_and_csi_only() {
+    let mut stores = datastores();
+    stores.insert("share-ds".into(), share(false));
+    let with = |target: &str, reference: &str| {
+        spec(&format!(
+            "image: python:3.12-slim
+entryScript: train.py
+computeTarget: {target}
+scriptParams:
+  - {{name: --data, dataReference: {{datastore: share-ds, path: images, {reference}}}}}
+"
+        ))
+    };
+    let plan_of = |s: &ExperimentSpec| plan(s, &stores, CLUSTER);
+    // Downloads and uploads go through the agent; mounts through file.csi.azure.com.
+    assert_eq!(
+        plan_of(&with("cluster", "mode: download"))
+            .unwrap()
+            .downloads
+            .len(),
+        1
+    );
+    assert_eq!(
+        plan_of(&with("cluster", "mode: upload"))
+            .unwrap()
+            .uploads
+            .len(),
+        1
+    );
+    let mounted = plan_of(&with("cluster", "mode: mount, mountDriver: csi")).unwrap();
+    assert_eq!(mounted.mounts[0].driver, Some(MountDriver::Csi));
+
+    let err = plan_of(&with("cluster", "mode: mount, mountDriver: sidecar")).unwrap_err();
+    assert_eq!(err.reason(), "SidecarOnAzureFile");
+    assert!(err.to_string().contains("use mountDriver csi"), "{err}");
+
+    let err = plan(&with("local", "mode: download"), &stores, local("/work")).unwrap_err();
+    assert_eq!(
+        err,
+        PlanError::AzureFileOnLocalCompute {
+            user: "parameter --data".into(),
+            datastore: "share-ds".into()
+        }
+    );
+    assert!(
+        err.to_string().contains("use computeTarget cluster"),
+        "{err}"
+    );
 }
 
 // --- errors ---

@@ -66,13 +66,45 @@ pub struct AzureBlobConfig {
     pub credential: AzureCredential,
     /// Where the credential came from (`Secret default/blob-creds`), for error messages.
     pub credential_source: String,
+    /// The datastore's `readOnly`: nothing may be written to it.
+    pub read_only: bool,
+}
+
+/// Everything needed to mount one Azure Files share.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AzureFileConfig {
+    pub account: String,
+    pub share: String,
+    /// An account key or workload identity: an SMB mount cannot use a SAS token.
+    pub credential: AzureCredential,
+    /// Where the credential came from (`Secret default/share-creds`), for error messages.
+    pub credential_source: String,
+    /// The datastore's `readOnly`: nothing may be written to it.
+    pub read_only: bool,
 }
 
 /// A datastore resolved to the storage it names.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreConfig {
     AzureBlob(AzureBlobConfig),
-    Local(PathBuf),
+    /// Reachable only through the `file.csi.azure.com` driver in the cluster: no client here
+    /// speaks SMB or the Azure Files REST API.
+    AzureFile(AzureFileConfig),
+    Local {
+        path: PathBuf,
+        read_only: bool,
+    },
+}
+
+impl StoreConfig {
+    /// Whether the datastore is marked `readOnly`.
+    pub fn read_only(&self) -> bool {
+        match self {
+            StoreConfig::AzureBlob(c) => c.read_only,
+            StoreConfig::AzureFile(c) => c.read_only,
+            StoreConfig::Local { read_only, .. } => *read_only,
+        }
+    }
 }
 
 /// A client for a datastore's storage.
@@ -104,7 +136,13 @@ impl Store {
             StoreConfig::AzureBlob(cfg) => {
                 Store::Azure(BlobClient::new(cfg.clone(), tuning.clone())?)
             }
-            StoreConfig::Local(path) => Store::Local(LocalDir::new(path.clone())),
+            StoreConfig::AzureFile(cfg) => {
+                return Err(crate::error::Error::Config(format!(
+                    "the Azure Files share {}/{} can only be reached from the cluster, where the file.csi.azure.com driver mounts it: use the datastore in an Experiment, or mount the share on this machine and use a local datastore",
+                    cfg.account, cfg.share
+                )));
+            }
+            StoreConfig::Local { path, .. } => Store::Local(LocalDir::new(path.clone())),
         })
     }
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::Secret as K8sSecret;
 use kube::ResourceExt;
 
-use super::{AzureBlobConfig, AzureCredential, Secret, StoreConfig};
-use crate::api::{AzureBlobSpec, ClusterDatastore, Datastore, Storage};
+use super::{AzureBlobConfig, AzureCredential, AzureFileConfig, Secret, StoreConfig};
+use crate::api::{AzureBlobSpec, ClusterDatastore, Credentials, Datastore, Storage};
 use crate::error::{Error, Result};
 
 /// The variable that names a datastores file when `--datastores` is not given.
@@ -159,7 +159,7 @@ impl Catalog {
                 .spec
                 .storage()
                 .map_err(|why| Error::Config(format!("{label} in {}: {why}", self.origin)))?;
-            return self.config(&label, storage, &scope.namespace);
+            return self.config(&label, storage, ds.spec.read_only, &scope.namespace);
         }
         if let Some(cds) = self
             .cluster_datastores
@@ -171,7 +171,12 @@ impl Catalog {
                 .spec
                 .storage()
                 .map_err(|why| Error::Config(format!("{label} in {}: {why}", self.origin)))?;
-            return self.config(&label, storage, &scope.operator_namespace);
+            return self.config(
+                &label,
+                storage,
+                cds.spec.read_only,
+                &scope.operator_namespace,
+            );
         }
         let mut known: Vec<String> = self
             .datastores
@@ -200,6 +205,7 @@ impl Catalog {
         &self,
         label: &str,
         storage: Storage<'_>,
+        read_only: bool,
         secret_namespace: &str,
     ) -> Result<Resolved> {
         let secret = match secret_name(&storage) {
@@ -218,19 +224,25 @@ impl Catalog {
         };
         Ok(Resolved {
             label: label.to_string(),
-            config: store_config(label, storage, secret_namespace, secret, &self.base_dir)?,
+            config: store_config(
+                label,
+                storage,
+                read_only,
+                secret_namespace,
+                secret,
+                &self.base_dir,
+            )?,
         })
     }
 }
 
 fn secret_name<'a>(storage: &Storage<'a>) -> Option<&'a str> {
-    match storage {
-        Storage::AzureBlob(AzureBlobSpec {
-            credentials: Some(c),
-            ..
-        }) => c.secret_ref.as_ref().map(|r| r.name.as_str()),
-        _ => None,
-    }
+    let credentials = match storage {
+        Storage::AzureBlob(spec) => spec.credentials.as_ref(),
+        Storage::AzureFile(spec) => Some(&spec.credentials),
+        Storage::Local(_) => None,
+    };
+    credentials?.secret_ref.as_ref().map(|r| r.name.as_str())
 }
 
 async fn resolve_in_cluster(name: &str, scope: &Scope) -> Result<Resolved> {
@@ -279,6 +291,14 @@ impl Found {
         match self {
             Found::Namespaced(d) => d.spec.storage(),
             Found::Cluster(d) => d.spec.storage(),
+        }
+    }
+
+    /// Its `spec.readOnly`.
+    pub fn read_only(&self) -> bool {
+        match self {
+            Found::Namespaced(d) => d.spec.read_only,
+            Found::Cluster(d) => d.spec.read_only,
         }
     }
 
@@ -352,7 +372,14 @@ pub async fn resolve_found(client: kube::Client, found: &Found, scope: &Scope) -
         }
         None => None,
     };
-    let config = store_config(&label, storage, secret_ns, secret.as_ref(), Path::new("."))?;
+    let config = store_config(
+        &label,
+        storage,
+        found.read_only(),
+        secret_ns,
+        secret.as_ref(),
+        Path::new("."),
+    )?;
     Ok(Resolved { label, config })
 }
 
@@ -378,17 +405,62 @@ fn kube_error(e: kube::Error) -> Error {
 }
 
 /// Spec + Secret -> StoreConfig. Pure: the one place credentials are interpreted.
+/// `read_only` is the datastore's `spec.readOnly`.
 pub fn store_config(
     label: &str,
     storage: Storage<'_>,
+    read_only: bool,
     secret_namespace: &str,
     secret: Option<&K8sSecret>,
     base_dir: &Path,
 ) -> Result<StoreConfig> {
     match storage {
-        Storage::Local(local) => Ok(StoreConfig::Local(base_dir.join(&local.path))),
+        Storage::Local(local) => Ok(StoreConfig::Local {
+            path: base_dir.join(&local.path),
+            read_only,
+        }),
         Storage::AzureBlob(spec) => {
-            azure_config(label, spec, secret_namespace, secret).map(StoreConfig::AzureBlob)
+            azure_config(label, spec, secret_namespace, secret).map(|config| {
+                StoreConfig::AzureBlob(AzureBlobConfig {
+                    read_only,
+                    ..config
+                })
+            })
+        }
+        Storage::AzureFile(spec) => {
+            let (credential, credential_source, _) = credential(
+                label,
+                &spec.account_name,
+                Some(&spec.credentials),
+                secret_namespace,
+                secret,
+            )?;
+            match credential {
+                AzureCredential::AccountKey(_) | AzureCredential::WorkloadIdentity { .. } => {}
+                AzureCredential::SasToken(_) => {
+                    return Err(Error::Config(format!(
+                        "{label} is an Azure Files share with a SAS token in {credential_source}, but an SMB mount needs the account key: put accountKey (or a connectionString with AccountKey) in the Secret, or use workloadIdentity"
+                    )));
+                }
+                AzureCredential::Anonymous => {
+                    return Err(Error::Config(format!(
+                        "{label} is an Azure Files share without credentials, and a share cannot be mounted anonymously: set credentials.secretRef (a Secret with accountKey) or credentials.workloadIdentity"
+                    )));
+                }
+            }
+            if !container_name_is_valid(&spec.share_name) || spec.share_name.starts_with('$') {
+                return Err(Error::Config(format!(
+                    "{label} has shareName '{}', which is not a share name: 3 to 63 lowercase letters, digits and single hyphens",
+                    spec.share_name
+                )));
+            }
+            Ok(StoreConfig::AzureFile(AzureFileConfig {
+                account: spec.account_name.clone(),
+                share: spec.share_name.clone(),
+                credential,
+                credential_source,
+                read_only,
+            }))
         }
     }
 }
@@ -399,8 +471,47 @@ fn azure_config(
     secret_namespace: &str,
     secret: Option<&K8sSecret>,
 ) -> Result<AzureBlobConfig> {
-    let mut endpoint = spec.endpoint.clone();
-    let (credential, credential_source) = match (&spec.credentials, secret) {
+    let (credential, credential_source, blob_endpoint) = credential(
+        label,
+        &spec.account_name,
+        spec.credentials.as_ref(),
+        secret_namespace,
+        secret,
+    )?;
+    let endpoint = spec
+        .endpoint
+        .clone()
+        .or(blob_endpoint)
+        .unwrap_or_else(|| format!("https://{}.blob.core.windows.net", spec.account_name));
+    let endpoint = parse_endpoint(label, &endpoint, &spec.account_name)?;
+    if !container_name_is_valid(&spec.container_name) {
+        // The CRD's CEL rule says the same, but a datastores file meets no apiserver.
+        return Err(Error::Config(format!(
+            "{label} has containerName '{}', which is not a container name: 3 to 63 lowercase letters, digits and single hyphens (or $root, $web, $logs)",
+            spec.container_name
+        )));
+    }
+    Ok(AzureBlobConfig {
+        account: spec.account_name.clone(),
+        container: spec.container_name.clone(),
+        endpoint,
+        credential,
+        credential_source,
+        read_only: false,
+    })
+}
+
+/// The credential a datastore's `credentials` and Secret give, where it came from, and the
+/// blob endpoint a connection string names.
+fn credential(
+    label: &str,
+    account_name: &str,
+    credentials: Option<&Credentials>,
+    secret_namespace: &str,
+    secret: Option<&K8sSecret>,
+) -> Result<(AzureCredential, String, Option<String>)> {
+    let mut endpoint = None;
+    let (credential, credential_source) = match (credentials, secret) {
         (Some(c), _) if c.workload_identity.is_some() => {
             let wi = c.workload_identity.as_ref().expect("checked");
             (
@@ -425,16 +536,13 @@ fn azure_config(
                 ["connectionString"] => {
                     let cs = ConnectionString::parse(&values["connectionString"]);
                     if let Some(account) = cs.get("AccountName")
-                        && account != spec.account_name
+                        && account != account_name
                     {
                         return Err(Error::Config(format!(
-                            "the connectionString in {source} is for account '{account}' but {label} names account '{}': make them agree",
-                            spec.account_name
+                            "the connectionString in {source} is for account '{account}' but {label} names account '{account_name}': make them agree"
                         )));
                     }
-                    if endpoint.is_none() {
-                        endpoint = cs.blob_endpoint();
-                    }
+                    endpoint = cs.blob_endpoint();
                     match (cs.get("AccountKey"), cs.get("SharedAccessSignature")) {
                         (Some(key), _) => AzureCredential::AccountKey(Secret::new(key)),
                         (None, Some(sas)) => AzureCredential::SasToken(Secret::new(sas)),
@@ -465,23 +573,7 @@ fn azure_config(
             format!("{label} (no credentials)"),
         ),
     };
-    let endpoint =
-        endpoint.unwrap_or_else(|| format!("https://{}.blob.core.windows.net", spec.account_name));
-    let endpoint = parse_endpoint(label, &endpoint, &spec.account_name)?;
-    if !container_name_is_valid(&spec.container_name) {
-        // The CRD's CEL rule says the same, but a datastores file meets no apiserver.
-        return Err(Error::Config(format!(
-            "{label} has containerName '{}', which is not a container name: 3 to 63 lowercase letters, digits and single hyphens (or $root, $web, $logs)",
-            spec.container_name
-        )));
-    }
-    Ok(AzureBlobConfig {
-        account: spec.account_name.clone(),
-        container: spec.container_name.clone(),
-        endpoint,
-        credential,
-        credential_source,
-    })
+    Ok((credential, credential_source, endpoint))
 }
 
 /// The blob service endpoint. The value is never echoed whole: a pasted "Blob SAS URL" holds
@@ -664,7 +756,10 @@ metadata: {name: ignored}
         let catalog = Catalog::parse(FILE, "test.yaml", PathBuf::from("/cfg")).unwrap();
         assert_eq!(
             catalog.resolve("shared", &scope()).unwrap().config,
-            StoreConfig::Local(PathBuf::from("/cfg/store"))
+            StoreConfig::Local {
+                path: PathBuf::from("/cfg/store"),
+                read_only: false
+            }
         );
     }
 
@@ -716,5 +811,67 @@ metadata: {name: ignored}
             "{err}"
         );
         assert!(err.contains("\"password\""), "{err}");
+    }
+    const SHARE: &str = r#"
+apiVersion: datastore.dev/v1alpha1
+kind: Datastore
+metadata: {name: share-ds}
+spec:
+  readOnly: true
+  azureFile:
+    accountName: acct
+    shareName: datasets
+    credentials: {secretRef: {name: share-creds}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: share-creds}
+stringData:
+  connectionString: "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5"
+"#;
+
+    #[test]
+    fn a_share_resolves_to_its_account_key_and_keeps_read_only() {
+        let catalog = Catalog::parse(SHARE, "test.yaml", PathBuf::new()).unwrap();
+        let config = catalog.resolve("share-ds", &scope()).unwrap().config;
+        assert!(config.read_only());
+        let StoreConfig::AzureFile(share) = config else {
+            panic!("a share expected: {config:?}")
+        };
+        assert_eq!(
+            (share.account.as_str(), share.share.as_str()),
+            ("acct", "datasets")
+        );
+        assert_eq!(
+            share.credential,
+            AzureCredential::AccountKey(Secret::new("a2V5"))
+        );
+        assert_eq!(share.credential_source, "Secret default/share-creds");
+    }
+
+    #[test]
+    fn a_share_refuses_a_sas_token_and_cannot_be_opened_by_the_cli() {
+        let text = SHARE.replace(
+            r#"connectionString: "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5""#,
+            "sasToken: sv=2022&sig=TOPSECRET",
+        );
+        let err = Catalog::parse(&text, "test.yaml", PathBuf::new())
+            .unwrap()
+            .resolve("share-ds", &scope())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("an SMB mount needs the account key"), "{err}");
+        assert!(!err.contains("TOPSECRET"), "{err}");
+
+        let catalog = Catalog::parse(SHARE, "test.yaml", PathBuf::new()).unwrap();
+        let config = catalog.resolve("share-ds", &scope()).unwrap().config;
+        let err = crate::store::Store::new(&config, &Default::default())
+            .err()
+            .expect("no client for a share")
+            .to_string();
+        assert!(
+            err.contains("can only be reached from the cluster"),
+            "{err}"
+        );
     }
 }

@@ -108,6 +108,7 @@ pub fn client_with(container: &str, credential: AzureCredential) -> BlobClient {
         endpoint: endpoint().parse().unwrap(),
         credential,
         credential_source: "test".into(),
+        read_only: false,
     };
     BlobClient::new(cfg, Tuning::default()).unwrap()
 }

@@ -36,6 +36,12 @@ use crate::plan::{ExecutionPlan, Transfer};
 use crate::store::sas;
 use crate::store::{AzureCredential, StoreConfig};
 
+mod mount;
+pub use mount::{
+    BLOB_CSI_DRIVER, DefaultMountDriver, FILE_CSI_DRIVER, MountChoice, MountEnvironment,
+    MountRefusal, POD_SECURITY_ENFORCE_LABEL, choose_drivers, mount_records,
+};
+
 /// The run Job's init container (and volume) downloading `spec.code`.
 pub const CODE_CONTAINER: &str = "code";
 
@@ -76,10 +82,16 @@ pub struct BuildContext {
     /// The outputs volume's storage class when the spec gives none (`None`: the cluster's
     /// default class).
     pub default_outputs_storage_class: Option<String>,
-    /// The blobfuse2 sidecar image for `mount` references. Accepted and stored for the mount
-    /// support to come (issue 6); nothing uses it yet.
+    /// The blobfuse2 sidecar image for `mount` references mounted by the sidecar driver.
     pub blobfuse_image: Option<String>,
+    /// How mounts whose reference names no driver are mounted.
+    pub default_mount_driver: DefaultMountDriver,
+    /// The blobfuse2 sidecar's memory limit; its block cache is sized under it.
+    pub sidecar_memory: Quantity,
 }
+
+/// The blobfuse2 sidecar's memory limit when the operator is not told otherwise.
+pub const DEFAULT_SIDECAR_MEMORY: &str = "1Gi";
 
 impl Default for BuildContext {
     fn default() -> Self {
@@ -89,6 +101,8 @@ impl Default for BuildContext {
             default_deadline_seconds: DEFAULT_DEADLINE_SECONDS,
             default_outputs_storage_class: None,
             blobfuse_image: None,
+            default_mount_driver: DefaultMountDriver::default(),
+            sidecar_memory: Quantity(DEFAULT_SIDECAR_MEMORY.to_string()),
         }
     }
 }
@@ -97,6 +111,9 @@ impl Default for BuildContext {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Children {
     pub credentials: Option<Secret>,
+    /// The Secrets CSI volumes and blobfuse2 sidecars read (one per volume), created before
+    /// the Jobs.
+    pub volume_secrets: Vec<Secret>,
     pub outputs: Option<PersistentVolumeClaim>,
     pub run: Job,
     pub upload: Option<Job>,
@@ -118,14 +135,17 @@ pub fn check_name(exp: &Experiment) -> Result<()> {
     Ok(())
 }
 
-/// Builds every child of `exp`. `now` is when minted credentials start to count down.
+/// Builds every child of `exp`. `mounts` are the drivers of the plan's mounts
+/// ([`choose_drivers`]); `now` is when minted credentials start to count down.
 pub fn build(
     exp: &Experiment,
     plan: &ExecutionPlan,
     datastores: &BTreeMap<String, StoreConfig>,
     ctx: &BuildContext,
+    mounts: &[MountChoice],
     now: DateTime<Utc>,
 ) -> Result<Children> {
+    assert_eq!(mounts.len(), plan.mounts.len(), "one driver per mount");
     check_name(exp)?;
     if let Some(r) = plan.references.iter().find(|r| r.mode == Mode::Mount) {
         return Err(Error::Config(format!(
@@ -141,6 +161,7 @@ pub fn build(
     let has_credentials = datastores_file.is_some();
     Ok(Children {
         credentials: datastores_file.map(|file| credentials_secret(exp, file)),
+        volume_secrets: Vec::new(),
         outputs: outputs_pvc(exp, plan, ctx),
         run: run_job(exp, plan, ctx, has_credentials),
         upload: upload_job(exp, plan, ctx, has_credentials),
@@ -218,7 +239,12 @@ pub fn render_credentials(
     for (name, permissions) in &plan.permissions {
         let config = match datastores.get(name) {
             Some(StoreConfig::AzureBlob(config)) => config,
-            Some(StoreConfig::Local(_)) => {
+            Some(StoreConfig::AzureFile(_)) => {
+                return Err(Error::Config(format!(
+                    "datastore {name} is an Azure Files share; download and upload references on shares are not supported yet: use mode mount"
+                )));
+            }
+            Some(StoreConfig::Local { .. }) => {
                 return Err(Error::Config(format!(
                     "datastore {name} is a local directory, which only the CLI can reach; use a datastore in Azure Blob Storage"
                 )));
@@ -271,7 +297,9 @@ pub fn render_credentials(
                     endpoint: Some(config.endpoint.as_str().trim_end_matches('/').to_string()),
                     credentials,
                 }),
+                azure_file: None,
                 local: None,
+                read_only: config.read_only,
             },
         );
         docs.push(to_yaml(&datastore));

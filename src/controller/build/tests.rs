@@ -49,6 +49,7 @@ fn azure(name: &str, credential: AzureCredential) -> (String, StoreConfig) {
             endpoint: url::Url::parse("http://127.0.0.1:10000/devstoreaccount1").unwrap(),
             credential,
             credential_source: format!("Secret ml/{name}-credentials"),
+            read_only: false,
         }),
     )
 }
@@ -73,7 +74,7 @@ fn children(yaml: &str) -> (Experiment, ExecutionPlan, Children) {
     let exp = experiment(yaml);
     let stores = datastores();
     let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
-    let children = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap();
+    let children = build(&exp, &plan, &stores, &BuildContext::default(), &[], now()).unwrap();
     (exp, plan, children)
 }
 
@@ -448,7 +449,9 @@ fn mount_references_are_refused_until_supported() {
     );
     let stores = datastores();
     let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
-    let err = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap_err();
+    let ctx = BuildContext::default();
+    let mounts = choose_drivers(&plan, &stores, &ctx, &MountEnvironment::default()).unwrap();
+    let err = build(&exp, &plan, &stores, &ctx, &mounts, now()).unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err}");
 }
 
@@ -683,10 +686,10 @@ fn a_name_too_long_for_the_job_labels_is_refused() {
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN));
     let stores = datastores();
     let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
-    let children = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap();
+    let children = build(&exp, &plan, &stores, &BuildContext::default(), &[], now()).unwrap();
     assert_eq!(children.upload.unwrap().metadata.name.unwrap().len(), 63);
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
-    let err = build(&exp, &plan, &stores, &BuildContext::default(), now()).unwrap_err();
+    let err = build(&exp, &plan, &stores, &BuildContext::default(), &[], now()).unwrap_err();
     assert!(err.to_string().contains("choose a shorter name"), "{err}");
 }
 
