@@ -142,6 +142,11 @@ struct Inner {
 }
 
 impl BlobClient {
+    /// What the client was made from.
+    pub fn config(&self) -> &AzureBlobConfig {
+        &self.inner.cfg
+    }
+
     pub fn new(cfg: AzureBlobConfig, tuning: Tuning) -> Result<Self> {
         let (key, sas, token) = match &cfg.credential {
             AzureCredential::AccountKey(k) => {

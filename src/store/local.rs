@@ -10,11 +10,24 @@ use crate::paths;
 #[derive(Clone, Debug)]
 pub struct LocalDir {
     root: PathBuf,
+    read_only: bool,
 }
 
 impl LocalDir {
     pub fn new(root: PathBuf) -> Self {
-        LocalDir { root }
+        LocalDir {
+            root,
+            read_only: false,
+        }
+    }
+
+    /// Marks the datastore read-only (`spec.readOnly`): uploads to it are refused.
+    pub fn with_read_only(self, read_only: bool) -> Self {
+        LocalDir { read_only, ..self }
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn root(&self) -> &Path {

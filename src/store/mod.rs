@@ -142,7 +142,9 @@ impl Store {
                     cfg.account, cfg.share
                 )));
             }
-            StoreConfig::Local { path, .. } => Store::Local(LocalDir::new(path.clone())),
+            StoreConfig::Local { path, read_only } => {
+                Store::Local(LocalDir::new(path.clone()).with_read_only(*read_only))
+            }
         })
     }
 
@@ -156,6 +158,14 @@ impl Store {
                     .await
                     .expect("listing does not panic")
             }
+        }
+    }
+
+    /// Whether the datastore is marked `readOnly`: nothing may be uploaded to it.
+    pub fn read_only(&self) -> bool {
+        match self {
+            Store::Azure(c) => c.config().read_only,
+            Store::Local(l) => l.is_read_only(),
         }
     }
 

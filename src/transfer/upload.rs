@@ -29,6 +29,12 @@ pub async fn upload(
     options: Options,
     progress: Arc<dyn Progress>,
 ) -> Result<Summary> {
+    if store.read_only() {
+        return Err(Error::Config(
+            "the datastore is read-only (its spec.readOnly is true), so nothing was uploaded: upload to another datastore, or ask its owner to remove readOnly".to_string(),
+        )
+        .into());
+    }
     let run = Run::new(options, progress);
     let target = paths::datastore_path(target_path).map_err(Error::Config)?;
     let files = source_files(
