@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use datastore_operator::controller::build::{
-    DEFAULT_AGENT_IMAGE, DEFAULT_OUTPUTS_SIZE, RUN_AS_USER,
+    BLOB_CSI_DRIVER, DEFAULT_AGENT_IMAGE, DEFAULT_OUTPUTS_SIZE, DEFAULT_SIDECAR_MEMORY,
+    FILE_CSI_DRIVER, RUN_AS_USER,
 };
 use datastore_operator::controller::rbac::{LEASE_NAME, RULES, Scope};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -37,6 +38,7 @@ image: {repository: registry.example.com/ml/datastore, tag: 0.1.0-rc.1, pullPoli
 imagePullSecrets: [registry-credentials]
 agentImage: registry.example.com/ml/datastore-agent:0.1.0
 blobfuseImage: registry.example.com/ml/blobfuse2:2.5.1
+mount: {defaultDriver: csi, sidecarMemory: 2Gi}
 outputs: {size: 50Gi, storageClassName: managed-csi-premium}
 logLevel: debug
 logFormat: text
@@ -325,6 +327,22 @@ fn values_schema_refuses_mistyped_values_at_install_time() {
             "additional properties 'request'",
         ),
         ("agentImage: \"has spaces:1\"", "/agentImage"),
+        ("blobfuseImage: \"has spaces:1\"", "/blobfuseImage"),
+        (
+            "mount: {defaultDriver: fuse}",
+            "at '/mount/defaultDriver': value must be one of",
+        ),
+        (
+            "mount: {defaultDriver: CSI}",
+            "at '/mount/defaultDriver': value must be one of",
+        ),
+        ("mount: {driver: csi}", "additional properties 'driver'"),
+        ("mount: {sidecarMemory: 1.5Gi}", "/mount/sidecarMemory"),
+        ("mount: {sidecarMemory: 1GB}", "/mount/sidecarMemory"),
+        (
+            "mount: {sidecarMemory: 1024}",
+            "at '/mount/sidecarMemory': got number, want string",
+        ),
         ("nodeSelector: {disk: 1}", "/nodeSelector/disk"),
         // Two replicas that would both reconcile.
         (
@@ -353,6 +371,16 @@ fn values_schema_refuses_mistyped_values_at_install_time() {
         "replicas: 3\nlogLevel: \"info,kube=warn,datastore_operator::controller=debug\"\nlogFormat: auto\noutputs: {size: 1.5Ti}",
     ));
     render(Some("replicas: 1\nleaderElection: {enabled: false}"));
+    let no_sidecar = render(Some(
+        "blobfuseImage: \"\"\nmount: {defaultDriver: sidecar, sidecarMemory: 512Mi}",
+    ));
+    let env = env(&controller(&no_sidecar.deployment()));
+    assert_eq!(
+        env["DATASTORE_BLOBFUSE_IMAGE"], "",
+        "empty: the controller has none"
+    );
+    assert_eq!(env["DATASTORE_DEFAULT_MOUNT_DRIVER"], "sidecar");
+    assert_eq!(env["DATASTORE_SIDECAR_MEMORY"], "512Mi");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,6 +467,8 @@ fn the_controller_pod_is_restricted_and_follows_the_process_contract() {
             "DATASTORE_BLOBFUSE_IMAGE",
             "ghcr.io/datastore-operator/blobfuse2:2.5.1",
         ),
+        ("DATASTORE_DEFAULT_MOUNT_DRIVER", "auto"),
+        ("DATASTORE_SIDECAR_MEMORY", DEFAULT_SIDECAR_MEMORY),
         ("DATASTORE_OUTPUTS_SIZE", DEFAULT_OUTPUTS_SIZE),
         ("DATASTORE_LOG", "info"),
         ("DATASTORE_LOG_FORMAT", "json"),
@@ -451,6 +481,32 @@ fn the_controller_pod_is_restricted_and_follows_the_process_contract() {
         env, expected,
         "the controller's environment is the process's (DATASTORE_OUTPUTS_STORAGE_CLASS only when set)"
     );
+    // Each variable is one `datastore controller` reads (POD_NAME names the events' reporter),
+    // with the binary's own default.
+    let flags = controller_flags();
+    for (name, value) in &env {
+        if name == "POD_NAME" || value.starts_with("fieldRef:") {
+            continue;
+        }
+        let default = flags.get(name).unwrap_or_else(|| {
+            panic!("the chart sets {name}, which `datastore controller` does not read")
+        });
+        // The chart deliberately logs JSON, names a blobfuse2 image, and leaves the level to
+        // the binary's per-command default.
+        if ![
+            "DATASTORE_LOG",
+            "DATASTORE_LOG_FORMAT",
+            "DATASTORE_BLOBFUSE_IMAGE",
+        ]
+        .contains(&name.as_str())
+        {
+            assert_eq!(
+                default.as_deref(),
+                Some(value.as_str()),
+                "the chart's default of {name} is the binary's"
+            );
+        }
+    }
 
     // One port, `http` 8080: probes and the metrics Service use it.
     let ports = c.ports.clone().unwrap_or_default();
@@ -505,6 +561,77 @@ fn the_controller_pod_is_restricted_and_follows_the_process_contract() {
     // Off by default: the ServiceMonitor, and the PodDisruptionBudget of several replicas.
     assert!(rendered.of_kind("ServiceMonitor").is_empty());
     assert!(rendered.of_kind("PodDisruptionBudget").is_empty());
+}
+
+/// The environment variables `datastore controller` reads, with their defaults.
+fn controller_flags() -> BTreeMap<String, Option<String>> {
+    use clap::CommandFactory;
+    let mut cli = datastore_operator::cli::Cli::command();
+    cli.build();
+    let controller = cli
+        .find_subcommand("controller")
+        .expect("a controller subcommand");
+    controller
+        .get_arguments()
+        .filter_map(|arg| {
+            let env = arg.get_env()?.to_string_lossy().into_owned();
+            let default = arg
+                .get_default_values()
+                .first()
+                .map(|v| v.to_string_lossy().into_owned());
+            Some((env, default))
+        })
+        .collect()
+}
+
+/// values.yaml's comments, as one line of text.
+fn values_comments() -> String {
+    std::fs::read_to_string(chart_dir().join("values.yaml"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix('#'))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn the_values_warn_that_the_sidecar_is_privileged_and_never_the_default_where_csi_exists() {
+    let comments = values_comments();
+    for wanted in [
+        "The sidecar runs PRIVILEGED",
+        "it is never the default where the CSI driver exists",
+        "Pod Security level is baseline or restricted refuse it",
+        "status.mounts says which driver and why",
+    ] {
+        assert!(
+            comments.contains(wanted),
+            "values.yaml says `{wanted}`:\n{comments}"
+        );
+    }
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(values["mount"]["defaultDriver"].as_str(), Some("auto"));
+    for (notes, says) in [
+        (render(None).notes, "where the cluster has it"),
+        (
+            render(Some("mount: {defaultDriver: sidecar}")).notes,
+            "runs PRIVILEGED (mount.defaultDriver: sidecar)",
+        ),
+        (
+            render(Some("mount: {defaultDriver: csi}")).notes,
+            "a cluster without it refuses",
+        ),
+    ] {
+        let notes = notes.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(notes.contains(says), "NOTES.txt says `{says}`:\n{notes}");
+        assert!(notes.contains(FILE_CSI_DRIVER), "{notes}");
+        assert!(
+            notes.contains(BLOB_CSI_DRIVER) || says.contains("sidecar"),
+            "{notes}"
+        );
+    }
 }
 
 #[test]
@@ -573,6 +700,8 @@ fn every_option_reaches_the_objects() {
             "DATASTORE_BLOBFUSE_IMAGE",
             "registry.example.com/ml/blobfuse2:2.5.1",
         ),
+        ("DATASTORE_DEFAULT_MOUNT_DRIVER", "csi"),
+        ("DATASTORE_SIDECAR_MEMORY", "2Gi"),
         ("DATASTORE_OUTPUTS_SIZE", "50Gi"),
         ("DATASTORE_OUTPUTS_STORAGE_CLASS", "managed-csi-premium"),
         ("DATASTORE_LOG", "debug"),

@@ -68,16 +68,21 @@ fn the_clock() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap()
 }
 
-fn context(client: kube::Client) -> Arc<Context> {
-    let mut ctx = Context::new(client, OPERATOR_NS.into(), BuildContext::default());
+fn context(client: kube::Client, build: BuildContext) -> Arc<Context> {
+    let mut ctx = Context::new(client, OPERATOR_NS.into(), build);
     ctx.clock = the_clock;
     Arc::new(ctx)
 }
 
 /// Runs one reconcile against the script; returns its action.
 async fn reconcile_once(exp: &Experiment, script: Vec<Exchange>) -> Action {
+    reconcile_with(exp, script, BuildContext::default()).await
+}
+
+/// [`reconcile_once`] with these operator settings.
+async fn reconcile_with(exp: &Experiment, script: Vec<Exchange>, build: BuildContext) -> Action {
     let (client, server) = start_as_controller(script, OPERATOR_NS);
-    let result = reconcile(Arc::new(exp.clone()), context(client)).await;
+    let result = reconcile(Arc::new(exp.clone()), context(client, build)).await;
     server.done().await;
     result.expect("the reconcile succeeds")
 }
@@ -883,7 +888,7 @@ async fn check_datastore(ds: Datastore, key: &str) -> (Action, Option<Value>) {
     let (client, server) = start_as_controller(script, OPERATOR_NS);
     let action = tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        reconcile_datastore(Arc::new(ds), context(client)),
+        reconcile_datastore(Arc::new(ds), context(client, BuildContext::default())),
     )
     .await
     .expect("a check is bounded")
@@ -929,7 +934,7 @@ async fn a_reachable_datastore_is_ready_and_an_unchanged_one_is_not_rewritten() 
         ],
         OPERATOR_NS,
     );
-    let action = reconcile_datastore(Arc::new(checked), context(client))
+    let action = reconcile_datastore(Arc::new(checked), context(client, BuildContext::default()))
         .await
         .unwrap();
     server.done().await;
@@ -995,7 +1000,7 @@ async fn a_missing_secret_is_invalid_config_not_a_retry_loop() {
         ],
         OPERATOR_NS,
     );
-    let action = reconcile_datastore(Arc::new(ds), context(client))
+    let action = reconcile_datastore(Arc::new(ds), context(client, BuildContext::default()))
         .await
         .unwrap();
     server.done().await;
@@ -1027,7 +1032,7 @@ async fn a_cluster_datastore_reads_its_secret_in_the_operator_namespace() {
         ],
         OPERATOR_NS,
     );
-    reconcile_cluster_datastore(Arc::new(cds), context(client))
+    reconcile_cluster_datastore(Arc::new(cds), context(client, BuildContext::default()))
         .await
         .unwrap();
     server.done().await;
@@ -1134,4 +1139,180 @@ async fn objects_the_cluster_refuses_are_reported_not_retried_in_a_loop() {
     ]);
     // No Job is applied after the refusal.
     assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
+}
+
+// -------------------------------------------------------------------------------------------
+// Mounts: the driver is chosen from what the cluster has, recorded in the status, or refused
+
+const BLOB_CSI: &str = "/apis/storage.k8s.io/v1/csidrivers/blob.csi.azure.com";
+const FILE_CSI: &str = "/apis/storage.k8s.io/v1/csidrivers/file.csi.azure.com";
+const NAMESPACE: &str = "/api/v1/namespaces/ml";
+
+/// A mount of `blob-ds` (read-only unless the reference says otherwise) and a plain value.
+fn mount_spec(reference: &str) -> String {
+    format!(
+        r#"
+image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - name: --images
+    dataReference: {{datastore: blob-ds, path: datasets/images, mode: mount, pathOnCompute: images{reference}}}
+  - name: --epochs
+    value: "3"
+"#
+    )
+}
+
+/// The operator with a blobfuse2 image (the chart's default gives it one).
+fn with_blobfuse() -> BuildContext {
+    BuildContext {
+        blobfuse_image: Some("registry.example.com/ml/blobfuse2:2.5.1".into()),
+        ..BuildContext::default()
+    }
+}
+
+fn csi_driver(name: &str) -> Value {
+    json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver",
+        "metadata": {"name": name, "resourceVersion": "3"},
+        "spec": {"attachRequired": false, "podInfoOnMount": true, "volumeLifecycleModes": ["Persistent", "Ephemeral"]},
+    })
+}
+
+/// The refusal a status patch carries: Pending, Accepted False with this reason, no start, no
+/// mounts recorded.
+fn refused_with(
+    status: &Arc<Mutex<Option<ExperimentStatus>>>,
+    reason: &'static str,
+    says: &'static [&'static str],
+) -> Exchange {
+    status_patch(status, move |s| {
+        assert_eq!(s.phase, Some(Phase::Pending));
+        assert_eq!(s.start_time, None, "nothing started");
+        assert!(
+            s.mounts.is_empty(),
+            "no driver is recorded for a refused run"
+        );
+        let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+        assert_eq!(
+            (accepted.status.as_str(), accepted.reason.as_str()),
+            ("False", reason)
+        );
+        for said in says {
+            assert!(accepted.message.contains(said), "{}", accepted.message);
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_sidecar_in_a_restricted_namespace_is_refused_and_nothing_is_created() {
+    let exp = experiment(&mount_spec(", mountDriver: sidecar"));
+    let status = Arc::default();
+    let mut script = vec![expect(&format!("GET {RUN}")).not_found()];
+    script.extend(resolution());
+    script.extend([
+        expect(&format!("GET {BLOB_CSI}")).ok(csi_driver("blob.csi.azure.com")),
+        expect(&format!("GET {NAMESPACE}")).ok(namespace(json!({
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "team": "vision",
+        }))),
+        refused_with(
+            &status,
+            "PrivilegedForbidden",
+            &[
+                "parameter --images: the blobfuse2 sidecar must run privileged, which namespace ml forbids (pod-security.kubernetes.io/enforce: restricted)",
+                "use mountDriver: csi",
+            ],
+        ),
+        event_about("Warning", "PrivilegedForbidden", "must run privileged"),
+    ]);
+    // No Secret, no Job: the namespace's admission would refuse the pod anyway, later and
+    // less clearly (the Job would just never get one).
+    let action = reconcile_with(&exp, script, with_blobfuse()).await;
+    assert_eq!(
+        action,
+        Action::requeue(BLOCKED_RECHECK),
+        "an admin may relabel the namespace: it waits and looks again"
+    );
+}
+
+#[tokio::test]
+async fn csi_requested_without_the_driver_waits_for_it() {
+    let exp = experiment(&mount_spec(", mountDriver: csi"));
+    let status = Arc::default();
+    let mut script = vec![expect(&format!("GET {RUN}")).not_found()];
+    script.extend(resolution());
+    script.extend([
+        expect(&format!("GET {BLOB_CSI}")).not_found(),
+        expect(&format!("GET {NAMESPACE}")).ok(namespace(json!({}))),
+        refused_with(
+            &status,
+            "CsiDriverMissing",
+            &[
+                "needs the CSIDriver blob.csi.azure.com, which this cluster does not have",
+                "az aks update --enable-blob-driver",
+            ],
+        ),
+        event_about("Warning", "CsiDriverMissing", "blob.csi.azure.com"),
+    ]);
+    let action = reconcile_with(&exp, script, with_blobfuse()).await;
+    assert_eq!(action, Action::requeue(BLOCKED_RECHECK));
+}
+
+fn share_datastore() -> Value {
+    json!({
+        "apiVersion": "datastore.dev/v1alpha1",
+        "kind": "Datastore",
+        "metadata": {"name": "share-ds", "namespace": NS, "uid": "uid-share", "resourceVersion": "7", "generation": 1},
+        "spec": {"azureFile": {
+            "accountName": "mlstorage",
+            "shareName": "datasets",
+            "credentials": {"secretRef": {"name": "mlstorage-key"}},
+        }},
+    })
+}
+
+/// The requests that resolve `share-ds` (an Azure Files share with an account key).
+fn share_resolution() -> Vec<Exchange> {
+    vec![
+        expect(&format!("GET {GROUP}/namespaces/ml/datastores/share-ds")).ok(share_datastore()),
+        expect("GET /api/v1/namespaces/ml/secrets/mlstorage-key").ok(secret(
+            NS,
+            "mlstorage-key",
+            "accountKey",
+            ACCOUNT_KEY,
+        )),
+    ]
+}
+
+#[tokio::test]
+async fn a_download_from_a_share_waits_for_the_file_driver() {
+    let exp = experiment(
+        r#"
+image: python:3.12-slim
+entryScript: train.py
+scriptParams:
+  - name: --data
+    dataReference: {datastore: share-ds, path: tables, mode: download}
+"#,
+    );
+    let status = Arc::default();
+    let mut script = vec![expect(&format!("GET {RUN}")).not_found()];
+    script.extend(share_resolution());
+    script.extend([
+        // No mount: neither the blob driver nor the namespace is asked about.
+        expect(&format!("GET {FILE_CSI}")).not_found(),
+        refused_with(
+            &status,
+            "CsiDriverMissing",
+            &[
+                "parameter --data: datastore share-ds is an Azure Files share",
+                "file.csi.azure.com",
+                "--enable-file-driver",
+            ],
+        ),
+        event_about("Warning", "CsiDriverMissing", "file.csi.azure.com"),
+    ]);
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::requeue(BLOCKED_RECHECK));
 }

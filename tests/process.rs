@@ -509,6 +509,8 @@ async fn a_forbidden_list_is_waited_for_with_the_rbac_it_needs_in_text_logs() {
         ("DATASTORE_LOG", ""),
         ("DATASTORE_OUTPUTS_STORAGE_CLASS", ""),
         ("DATASTORE_BLOBFUSE_IMAGE", ""),
+        ("DATASTORE_DEFAULT_MOUNT_DRIVER", ""),
+        ("DATASTORE_SIDECAR_MEMORY", ""),
     ];
     let mut controller =
         Controller::start_with_env(port, "replica-a", &["--log-format=text"], &empty);

@@ -2,9 +2,12 @@
 //! Jobs to the end and report every step in its status and events.
 //!
 //! One pass reads the world and moves one step:
-//! - no run Job: resolve the datastores, plan and build; on success apply the credentials
-//!   Secret, the outputs PVC and the run Job; on a bad spec or an unusable datastore, create
-//!   nothing and say why (condition `Accepted` False, a Warning event);
+//! - no run Job: resolve the datastores, plan, choose each mount's driver from what the cluster
+//!   has (its Azure CSIDrivers, the namespace's Pod Security level) and build; on success apply
+//!   the credentials Secret, the volumes' Secrets, the outputs PVC and the run Job, and record
+//!   the drivers and why in `status.mounts`; on a bad spec, an unusable datastore or a mount
+//!   the cluster cannot mount, create nothing and say why (condition `Accepted` False, a
+//!   Warning event);
 //! - run Job active: Pending, Downloading or Running, from its newest pod; the download reports
 //!   become `status.inputs`;
 //! - run Job ended: with upload references (and the run succeeded, or `uploadPolicy: Always`),
@@ -14,12 +17,13 @@
 //!
 //! Status is written only when it changes, so an unchanged experiment costs reads only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::storage::v1::CSIDriver;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
@@ -27,11 +31,12 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
-use super::build::{self, MANAGER};
+use super::build::{self, MANAGER, MountChoice, MountEnvironment};
 use super::progress::{self, Outcome, RunStep, Step};
 use super::{Context, ReconcileError};
 use crate::api::{
-    ComputeTarget, Experiment, ExperimentStatus, InputRecord, Mode, Phase, UploadPolicy,
+    ComputeTarget, Experiment, ExperimentStatus, InputRecord, Mode, MountRecord, Phase,
+    UploadPolicy,
 };
 use crate::error::Error;
 use crate::plan::{self, CLUSTER, ExecutionPlan};
@@ -111,7 +116,8 @@ fn owned_by(object: &impl Resource, exp: &Experiment) -> bool {
 
 /// Resolves, plans, builds and applies the run; or says why it cannot.
 async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError> {
-    let (plan, datastores) = match plan_with_datastores(exp, ctx).await? {
+    let mut namespace_labels = None;
+    let (plan, datastores) = match plan_with_datastores(exp, ctx, &mut namespace_labels).await? {
         Ok(planned) => planned,
         Err(refusal) => {
             let recheck = refusal.phase == Phase::Pending;
@@ -128,19 +134,27 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
         update(exp, ctx, refusal, Vec::new(), false).await?;
         return Ok(Action::await_change());
     }
-    if let Some(mount) = plan.references.iter().find(|r| r.mode == Mode::Mount) {
-        let refusal = Step::refused(
-            Phase::Failed,
-            "Unsupported",
-            format!(
-                "parameter {}: mode mount is not supported in the cluster yet; use mode download",
-                mount.param
-            ),
-        );
+    let env = mount_environment(exp, ctx, &plan, &datastores, namespace_labels).await?;
+    if let Some(refusal) = missing_file_driver(&plan, &datastores, &env) {
         update(exp, ctx, refusal, Vec::new(), false).await?;
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(BLOCKED_RECHECK));
     }
-    let children = match build::build(exp, &plan, &datastores, &ctx.build, &[], ctx.now()) {
+    let mounts = match build::choose_drivers(&plan, &datastores, &ctx.build, &env) {
+        Ok(mounts) => mounts,
+        Err(refusal) => {
+            // Every refusal here is about the cluster, the operator or the datastore, never the
+            // spec alone (the planner refused those): a missing CSIDriver, a namespace whose Pod
+            // Security level forbids the privileged sidecar, an operator without a blobfuse2
+            // image, a datastore without credentials. An admin can fix each without touching
+            // the Experiment, so it waits (Pending) and looks again; nothing was created, so a
+            // later start is as good as the first. A spec change (e.g. `mountDriver: csi`)
+            // wakes it at once.
+            let refusal = Step::refused(Phase::Pending, refusal.reason, refusal.message);
+            update(exp, ctx, refusal, Vec::new(), false).await?;
+            return Ok(Action::requeue(BLOCKED_RECHECK));
+        }
+    };
+    let children = match build::build(exp, &plan, &datastores, &ctx.build, &mounts, ctx.now()) {
         Ok(children) => children,
         Err(e) => {
             // E.g. an account key that is not base64: the datastore's to fix, not the spec's.
@@ -157,14 +171,139 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
         Phase::Pending,
         "Created",
         format!(
-            "created Job {} ({} download(s), {} upload(s)); waiting for its pod to start",
+            "created Job {} ({} download(s), {} mount(s), {} upload(s)); waiting for its pod to start",
             build::run_job_name(exp),
             plan.downloads.len(),
+            plan.mounts.len(),
             plan.uploads.len()
         ),
     );
-    update(exp, ctx, step, Vec::new(), true).await?;
+    // How each mount is mounted, and why, is decided here once: the status keeps it.
+    let records = build::mount_records(&plan, &mounts);
+    write_status(exp, ctx, step, Vec::new(), true, Some(records)).await?;
     Ok(Action::requeue(ACTIVE_RECHECK))
+}
+
+/// What decides how the plan's mounts are mounted: whether the CSIDrivers their datastores need
+/// exist, and the namespace's Pod Security level. Nothing is asked without mounts (nor for the
+/// file driver, without Azure Files datastores). A CSIDriver the controller may not read is "not
+/// known" (with a warning): the choice then says it was not checked. `labels` are the namespace's
+/// labels when resolving already read them.
+async fn mount_environment(
+    exp: &Experiment,
+    ctx: &Context,
+    plan: &ExecutionPlan,
+    datastores: &BTreeMap<String, StoreConfig>,
+    labels: Option<BTreeMap<String, String>>,
+) -> Result<MountEnvironment, ReconcileError> {
+    let namespace = exp.namespace().unwrap_or_default();
+    let mut env = MountEnvironment {
+        namespace: namespace.clone(),
+        ..MountEnvironment::default()
+    };
+    let (blob, file) = drivers_needed(plan, datastores);
+    if blob {
+        env.blob_csi = csi_driver_exists(exp, ctx, build::BLOB_CSI_DRIVER).await?;
+    }
+    if file {
+        env.file_csi = csi_driver_exists(exp, ctx, build::FILE_CSI_DRIVER).await?;
+    }
+    if plan.mounts.is_empty() {
+        return Ok(env);
+    }
+    let labels = match labels {
+        Some(labels) => labels,
+        None => {
+            let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+            namespaces.get(&namespace).await?.labels().clone()
+        }
+    };
+    env.pod_security_enforce = labels.get(build::POD_SECURITY_ENFORCE_LABEL).cloned();
+    Ok(env)
+}
+
+/// Which CSIDrivers the plan needs to know about: `blob.csi.azure.com` for mounts of Azure Blob
+/// containers, `file.csi.azure.com` for any use of an Azure Files share (mounts, and the agent
+/// containers of downloads and uploads, which reach a share through the same inline volume).
+fn drivers_needed(
+    plan: &ExecutionPlan,
+    datastores: &BTreeMap<String, StoreConfig>,
+) -> (bool, bool) {
+    let kind = |name: &str| datastores.get(name);
+    let blob = plan
+        .mounts
+        .iter()
+        .any(|m| matches!(kind(&m.datastore), Some(StoreConfig::AzureBlob(_))));
+    let file = plan
+        .mounts
+        .iter()
+        .map(|m| &m.datastore)
+        .chain(plan.code.iter().map(|t| &t.datastore))
+        .chain(plan.downloads.iter().map(|t| &t.datastore))
+        .chain(plan.uploads.iter().map(|t| &t.datastore))
+        .any(|name| matches!(kind(name), Some(StoreConfig::AzureFile(_))));
+    (blob, file)
+}
+
+/// Whether the cluster has the CSIDriver `name`: `None` when the controller may not read it (its
+/// RBAC was trimmed), with a warning in the log. Other failures are retried: the choice made from the
+/// answer is final, so it is not made on a guess a retry would have avoided.
+async fn csi_driver_exists(
+    exp: &Experiment,
+    ctx: &Context,
+    name: &str,
+) -> Result<Option<bool>, ReconcileError> {
+    let drivers: Api<CSIDriver> = Api::all(ctx.client.clone());
+    match drivers.get_opt(name).await {
+        Ok(found) => Ok(Some(found.is_some())),
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            tracing::warn!(
+                experiment = %exp.name_any(),
+                "cannot read CSIDriver {name} ({}): the controller's ClusterRole needs get on csidrivers (storage.k8s.io); the mount driver is chosen without knowing whether the cluster has it",
+                status.message
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The refusal of a plan whose downloads or uploads use an Azure Files share in a cluster known
+/// to lack `file.csi.azure.com` (the agent containers mount the share through it; mounts are
+/// [`build::choose_drivers`]'s). It waits, like a missing CSIDriver for a mount.
+fn missing_file_driver(
+    plan: &ExecutionPlan,
+    datastores: &BTreeMap<String, StoreConfig>,
+    env: &MountEnvironment,
+) -> Option<Step> {
+    if env.file_csi != Some(false) {
+        return None;
+    }
+    let transfer = plan
+        .code
+        .iter()
+        .chain(&plan.downloads)
+        .chain(&plan.uploads)
+        .find(|t| {
+            matches!(
+                datastores.get(&t.datastore),
+                Some(StoreConfig::AzureFile(_))
+            )
+        })?;
+    Some(Step::refused(
+        Phase::Pending,
+        "CsiDriverMissing",
+        format!(
+            "{}: datastore {} is an Azure Files share, which the agent containers reach through the CSIDriver {}, and this cluster does not have it; install it (AKS: az aks update --enable-file-driver)",
+            if transfer.param == build::CODE_CONTAINER {
+                "spec.code".to_string()
+            } else {
+                format!("parameter {}", transfer.param)
+            },
+            transfer.datastore,
+            build::FILE_CSI_DRIVER
+        ),
+    ))
 }
 
 /// Applies the run's objects. The apiserver refusing one (invalid, or over a quota) is a
@@ -190,6 +329,11 @@ async fn apply_run(
         && let Err(e) = apply(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), secret).await
     {
         return refused(e).map(Err);
+    }
+    for secret in &children.volume_secrets {
+        if let Err(e) = apply(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), secret).await {
+            return refused(e).map(Err);
+        }
     }
     if let Some(pvc) = &children.outputs
         && let Err(e) = apply(
@@ -372,9 +516,13 @@ async fn start_upload(
     inputs: Vec<InputRecord>,
 ) -> Result<Action, ReconcileError> {
     let ns = exp.namespace().unwrap_or_default();
-    let built = match plan_with_datastores(exp, ctx).await? {
-        Ok((plan, datastores)) => build::build(exp, &plan, &datastores, &ctx.build, &[], ctx.now())
-            .map_err(|e| Step::refused(Phase::Uploading, "Unsupported", e.to_string())),
+    let built = match plan_with_datastores(exp, ctx, &mut None).await? {
+        Ok((plan, datastores)) => {
+            upload_mounts(exp, &ctx.build, &plan, &datastores).and_then(|mounts| {
+                build::build(exp, &plan, &datastores, &ctx.build, &mounts, ctx.now())
+                    .map_err(|e| Step::refused(Phase::Uploading, "DatastoreInvalid", e.to_string()))
+            })
+        }
         Err(refusal) => Err(refusal),
     };
     let children = match built {
@@ -394,13 +542,24 @@ async fn start_upload(
             return Ok(Action::requeue(BLOCKED_RECHECK));
         }
     };
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
     if let Some(secret) = &children.credentials {
-        apply(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), secret).await?;
+        apply(&secrets, secret).await?;
     }
     let upload = children
         .upload
         .as_ref()
         .expect("a plan with uploads builds an upload Job");
+    // Only the volumes' Secrets the upload Job reads (an Azure Files share's, for one): the run's
+    // mounts are over.
+    let needed = referenced_secrets(upload);
+    for secret in children
+        .volume_secrets
+        .iter()
+        .filter(|s| s.metadata.name.as_ref().is_some_and(|n| needed.contains(n)))
+    {
+        apply(&secrets, secret).await?;
+    }
     apply(&Api::<Job>::namespaced(ctx.client.clone(), &ns), upload).await?;
     let step = Step::new(
         Phase::Uploading,
@@ -412,6 +571,85 @@ async fn start_upload(
     );
     update(exp, ctx, step, inputs, true).await?;
     Ok(Action::requeue(ACTIVE_RECHECK))
+}
+
+/// The drivers of the plan's mounts when the children are built again for the upload Job: those
+/// the status recorded at the start (the run's pod was built with them), else, for a status
+/// without them, the choice in an unknown cluster (the upload Job mounts no `mount` reference,
+/// so which driver hardly matters, but the builder needs one each).
+fn upload_mounts(
+    exp: &Experiment,
+    ctx: &build::BuildContext,
+    plan: &ExecutionPlan,
+    datastores: &BTreeMap<String, StoreConfig>,
+) -> Result<Vec<MountChoice>, Step> {
+    let recorded = exp
+        .status
+        .as_ref()
+        .map(|s| s.mounts.as_slice())
+        .unwrap_or_default();
+    let from_status: Option<Vec<MountChoice>> = plan
+        .mounts
+        .iter()
+        .map(|m| {
+            recorded
+                .iter()
+                .find(|r| r.name == m.param && r.datastore == m.datastore)
+                .map(|r| MountChoice {
+                    driver: r.driver,
+                    reason: r.reason.clone(),
+                })
+        })
+        .collect();
+    if let Some(mounts) = from_status {
+        return Ok(mounts);
+    }
+    let unknown = MountEnvironment {
+        namespace: exp.namespace().unwrap_or_default(),
+        ..MountEnvironment::default()
+    };
+    build::choose_drivers(plan, datastores, ctx, &unknown)
+        .map_err(|refusal| Step::refused(Phase::Uploading, refusal.reason, refusal.message))
+}
+
+/// The names of the Secrets a Job's pods read: volumes (secret, CSI `nodePublishSecretRef`,
+/// projected) and environment.
+fn referenced_secrets(job: &Job) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let Some(pod) = job.spec.as_ref().and_then(|s| s.template.spec.as_ref()) else {
+        return names;
+    };
+    for volume in pod.volumes.iter().flatten() {
+        names.extend(volume.secret.as_ref().and_then(|s| s.secret_name.clone()));
+        names.extend(
+            volume
+                .csi
+                .as_ref()
+                .and_then(|c| c.node_publish_secret_ref.as_ref())
+                .map(|r| r.name.clone()),
+        );
+        for source in volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten())
+        {
+            names.extend(source.secret.as_ref().map(|s| s.name.clone()));
+        }
+    }
+    for container in pod.init_containers.iter().flatten().chain(&pod.containers) {
+        for var in container.env.iter().flatten() {
+            names.extend(
+                var.value_from
+                    .as_ref()
+                    .and_then(|v| v.secret_key_ref.as_ref())
+                    .map(|r| r.name.clone()),
+            );
+        }
+        for from in container.env_from.iter().flatten() {
+            names.extend(from.secret_ref.as_ref().map(|r| r.name.clone()));
+        }
+    }
+    names
 }
 
 fn count(exp: &Experiment, mode: Mode) -> usize {
@@ -455,7 +693,7 @@ async fn record_inputs(
     if recorded.len() >= downloads || reported <= recorded.len() {
         return Ok(recorded);
     }
-    match plan_with_datastores(exp, ctx).await? {
+    match plan_with_datastores(exp, ctx, &mut None).await? {
         Ok((plan, _)) => Ok(progress::inputs(run_pods, &plan.downloads)),
         Err(refusal) => {
             tracing::warn!(experiment = %exp.name_any(), reason = %refusal.reason, "cannot record the inputs: {}", refusal.message);
@@ -465,11 +703,13 @@ async fn record_inputs(
 }
 
 /// The experiment's datastores resolved and its plan; or the refusal saying why there is none.
+/// `namespace_labels` keeps the namespace's labels if resolving read them.
 async fn plan_with_datastores(
     exp: &Experiment,
     ctx: &Context,
+    namespace_labels: &mut Option<BTreeMap<String, String>>,
 ) -> Result<Result<(ExecutionPlan, BTreeMap<String, StoreConfig>), Step>, ReconcileError> {
-    let datastores = match resolve_datastores(exp, ctx).await? {
+    let datastores = match resolve_datastores(exp, ctx, namespace_labels).await? {
         Ok(datastores) => datastores,
         Err(refusal) => return Ok(Err(refusal)),
     };
@@ -485,6 +725,7 @@ async fn plan_with_datastores(
 async fn resolve_datastores(
     exp: &Experiment,
     ctx: &Context,
+    namespace_labels: &mut Option<BTreeMap<String, String>>,
 ) -> Result<Result<BTreeMap<String, StoreConfig>, Step>, ReconcileError> {
     let ns = exp.namespace().unwrap_or_default();
     let scope = Scope {
@@ -492,7 +733,6 @@ async fn resolve_datastores(
         operator_namespace: ctx.operator_namespace.clone(),
     };
     let mut resolved = BTreeMap::new();
-    let mut namespace_labels = None;
     for (user, name) in exp.spec.datastore_uses() {
         let Some(found) = resolve::find(ctx.client.clone(), name, &ns)
             .await
@@ -511,7 +751,7 @@ async fn resolve_datastores(
         {
             if namespace_labels.is_none() {
                 let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
-                namespace_labels = Some(namespaces.get(&ns).await?.labels().clone());
+                *namespace_labels = Some(namespaces.get(&ns).await?.labels().clone());
             }
             let labels = namespace_labels.as_ref().expect("just read");
             let allowed = match Selector::try_from(selector.clone()) {
@@ -576,9 +816,21 @@ async fn update(
     inputs: Vec<InputRecord>,
     started: bool,
 ) -> Result<(), ReconcileError> {
+    write_status(exp, ctx, step, inputs, started, None).await
+}
+
+/// [`update`], also recording how the mounts are mounted (`Some` only when the run starts).
+async fn write_status(
+    exp: &Experiment,
+    ctx: &Context,
+    step: Step,
+    inputs: Vec<InputRecord>,
+    started: bool,
+    mounts: Option<Vec<MountRecord>>,
+) -> Result<(), ReconcileError> {
     let current = exp.status.clone().unwrap_or_default();
     let now = Time(ctx.now_k8s());
-    let next = progress::next_status(
+    let mut next = progress::next_status(
         &current,
         exp.metadata.generation,
         &step,
@@ -586,6 +838,9 @@ async fn update(
         started,
         &now,
     );
+    if let Some(mounts) = mounts {
+        next.mounts = mounts;
+    }
     if next == current {
         return Ok(());
     }
@@ -634,4 +889,184 @@ fn is_new_step(current: &ExperimentStatus, next: &ExperimentStatus) -> bool {
         )
     };
     key(current) != key(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ExperimentSpec, MountDriver};
+    use crate::store::{AzureBlobConfig, AzureCredential, AzureFileConfig, Secret as Key};
+
+    fn datastores() -> BTreeMap<String, StoreConfig> {
+        let key = || AzureCredential::AccountKey(Key::new("a2V5"));
+        BTreeMap::from([
+            (
+                "blob-ds".to_string(),
+                StoreConfig::AzureBlob(AzureBlobConfig {
+                    account: "mlstorage".into(),
+                    container: "data".into(),
+                    endpoint: url::Url::parse("https://mlstorage.blob.core.windows.net").unwrap(),
+                    credential: key(),
+                    credential_source: "test".into(),
+                    read_only: false,
+                }),
+            ),
+            (
+                "share-ds".to_string(),
+                StoreConfig::AzureFile(AzureFileConfig {
+                    account: "mlstorage".into(),
+                    share: "datasets".into(),
+                    credential: key(),
+                    credential_source: "test".into(),
+                    read_only: false,
+                }),
+            ),
+        ])
+    }
+
+    fn plan_of(params: &str) -> ExecutionPlan {
+        let spec: ExperimentSpec = serde_yaml::from_str(&format!(
+            "image: python:3.12-slim\nentryScript: train.py\nscriptParams:\n{params}"
+        ))
+        .unwrap();
+        plan::plan(&spec, &datastores(), CLUSTER).unwrap()
+    }
+
+    fn reference(name: &str, datastore: &str, mode: &str) -> String {
+        format!(
+            "  - name: {name}\n    dataReference: {{datastore: {datastore}, path: p, mode: {mode}}}\n"
+        )
+    }
+
+    #[test]
+    fn only_the_drivers_the_plan_needs_are_looked_up() {
+        let stores = datastores();
+        let needed = |params: &str| drivers_needed(&plan_of(params), &stores);
+        assert_eq!(
+            needed(&reference("--in", "blob-ds", "download")),
+            (false, false),
+            "downloads of a container need no CSI driver"
+        );
+        assert_eq!(
+            needed(&reference("--in", "blob-ds", "mount")),
+            (true, false)
+        );
+        assert_eq!(
+            needed(&reference("--in", "share-ds", "mount")),
+            (false, true)
+        );
+        // The agent containers reach a share through file.csi.azure.com too.
+        assert_eq!(
+            needed(&reference("--out", "share-ds", "upload")),
+            (false, true)
+        );
+        assert_eq!(
+            needed(
+                &(reference("--in", "blob-ds", "mount")
+                    + &reference("--d", "share-ds", "download"))
+            ),
+            (true, true)
+        );
+    }
+
+    #[test]
+    fn transfers_of_a_share_wait_for_the_file_driver() {
+        let stores = datastores();
+        let env = |file_csi| MountEnvironment {
+            file_csi,
+            namespace: "ml".into(),
+            ..MountEnvironment::default()
+        };
+        let plan = plan_of(
+            &(reference("--in", "blob-ds", "download") + &reference("--out", "share-ds", "upload")),
+        );
+        let refusal = missing_file_driver(&plan, &stores, &env(Some(false))).unwrap();
+        assert_eq!(refusal.phase, Phase::Pending);
+        assert_eq!(refusal.reason, "CsiDriverMissing");
+        assert!(
+            refusal.message.starts_with(
+                "parameter --out: datastore share-ds is an Azure Files share, which the agent containers reach through the CSIDriver file.csi.azure.com"
+            ) && refusal.message.contains("az aks update --enable-file-driver"),
+            "{}",
+            refusal.message
+        );
+        // Present, or not known (the ClusterRole was trimmed): tried.
+        assert_eq!(missing_file_driver(&plan, &stores, &env(Some(true))), None);
+        assert_eq!(missing_file_driver(&plan, &stores, &env(None)), None);
+        // Without a share, a missing file driver does not matter.
+        let blob_only = plan_of(&reference("--in", "blob-ds", "download"));
+        assert_eq!(
+            missing_file_driver(&blob_only, &stores, &env(Some(false))),
+            None
+        );
+    }
+
+    #[test]
+    fn the_upload_rebuild_uses_the_drivers_the_status_recorded() {
+        let stores = datastores();
+        let params =
+            reference("--in", "blob-ds", "mount") + &reference("--out", "blob-ds", "upload");
+        let plan = plan_of(&params);
+        let spec: ExperimentSpec = serde_yaml::from_str(&format!(
+            "image: python:3.12-slim\nentryScript: train.py\nscriptParams:\n{params}"
+        ))
+        .unwrap();
+        let mut exp = Experiment::new("train", spec);
+        exp.metadata.namespace = Some("ml".into());
+        let ctx = build::BuildContext::default();
+
+        // Recorded at the start: the sidecar, even though the operator now has no blobfuse2
+        // image and would refuse it today.
+        let sidecar = MountChoice {
+            driver: MountDriver::Sidecar,
+            reason: "the cluster has no CSIDriver blob.csi.azure.com, so a privileged blobfuse2 sidecar mounts it".into(),
+        };
+        exp.status = Some(ExperimentStatus {
+            mounts: build::mount_records(&plan, std::slice::from_ref(&sidecar)),
+            ..ExperimentStatus::default()
+        });
+        assert_eq!(
+            upload_mounts(&exp, &ctx, &plan, &stores).unwrap(),
+            vec![sidecar]
+        );
+
+        // No record (a status written before mounts were recorded): the choice in an unknown
+        // cluster, one per mount.
+        exp.status = None;
+        let chosen = upload_mounts(&exp, &ctx, &plan, &stores).unwrap();
+        assert_eq!(chosen.len(), 1);
+        assert_eq!(chosen[0].driver, MountDriver::Csi);
+    }
+
+    #[test]
+    fn the_secrets_a_job_reads_are_found_in_volumes_and_environment() {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "train-upload"},
+            "spec": {"template": {"spec": {
+                "restartPolicy": "Never",
+                "volumes": [
+                    {"name": "credentials", "secret": {"secretName": "train-credentials"}},
+                    {"name": "share", "csi": {
+                        "driver": "file.csi.azure.com",
+                        "nodePublishSecretRef": {"name": "train-share-ds"},
+                        "volumeAttributes": {"shareName": "datasets"},
+                    }},
+                    {"name": "projected", "projected": {"sources": [{"secret": {"name": "p"}}]}},
+                    {"name": "scratch", "emptyDir": {}},
+                ],
+                "initContainers": [{"name": "i", "envFrom": [{"secretRef": {"name": "from"}}]}],
+                "containers": [{"name": "c", "env": [
+                    {"name": "A", "valueFrom": {"secretKeyRef": {"name": "env", "key": "k"}}},
+                    {"name": "B", "value": "plain"},
+                ]}],
+            }}},
+        }))
+        .unwrap();
+        assert_eq!(
+            referenced_secrets(&job),
+            ["env", "from", "p", "train-credentials", "train-share-ds"]
+                .map(String::from)
+                .into()
+        );
+    }
 }

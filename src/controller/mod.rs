@@ -38,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{ClusterDatastore, Datastore, Experiment};
 use crate::store::azure::Tuning;
 use build::{
-    BuildContext, DEFAULT_AGENT_IMAGE, DEFAULT_OUTPUTS_SIZE, EXPERIMENT_LABEL, MANAGED_BY_LABEL,
-    MANAGER,
+    BuildContext, DEFAULT_AGENT_IMAGE, DEFAULT_OUTPUTS_SIZE, DEFAULT_SIDECAR_MEMORY,
+    DefaultMountDriver, EXPERIMENT_LABEL, MANAGED_BY_LABEL, MANAGER,
 };
 use http::{Health, Readiness};
 use metrics::Metrics;
@@ -60,6 +60,95 @@ pub struct OperatorArgs {
     /// The image of the agent containers (download and upload).
     #[arg(long, env = "DATASTORE_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
     pub agent_image: String,
+    /// The blobfuse2 sidecar image of `mount` references mounted by the sidecar driver [default:
+    /// none, and the sidecar driver is refused].
+    #[arg(long, env = "DATASTORE_BLOBFUSE_IMAGE")]
+    pub blobfuse_image: Option<String>,
+    /// The driver of `mount` references that name none: `auto` (csi, unless the cluster has no
+    /// CSIDriver for the datastore; then the privileged blobfuse2 sidecar), `csi` or `sidecar`.
+    /// Azure Files shares always mount through file.csi.azure.com.
+    #[arg(
+        long,
+        env = "DATASTORE_DEFAULT_MOUNT_DRIVER",
+        default_value = "auto",
+        value_parser = mount_driver
+    )]
+    pub default_mount_driver: DefaultMountDriver,
+    /// The blobfuse2 sidecar's memory limit (a Kubernetes quantity); its block cache is sized
+    /// under it.
+    #[arg(
+        long,
+        env = "DATASTORE_SIDECAR_MEMORY",
+        default_value = DEFAULT_SIDECAR_MEMORY,
+        value_parser = memory_quantity
+    )]
+    pub sidecar_memory: Quantity,
+}
+
+impl OperatorArgs {
+    /// The builders' settings these flags give (the outputs volume's are the controller's own).
+    /// An empty value, as a chart may render one, means the default.
+    pub fn build_context(&self) -> BuildContext {
+        BuildContext {
+            agent_image: self.agent_image.clone(),
+            blobfuse_image: self
+                .blobfuse_image
+                .clone()
+                .filter(|image| !image.is_empty()),
+            default_mount_driver: self.default_mount_driver,
+            sidecar_memory: self.sidecar_memory.clone(),
+            ..BuildContext::default()
+        }
+    }
+}
+
+/// `--default-mount-driver`: `auto`, `csi` or `sidecar`; empty (a chart rendering `""`) is
+/// `auto`.
+fn mount_driver(value: &str) -> Result<DefaultMountDriver, String> {
+    use clap::ValueEnum;
+    if value.is_empty() {
+        return Ok(DefaultMountDriver::default());
+    }
+    DefaultMountDriver::from_str(value, false)
+        .map_err(|_| format!("`{value}` is not a mount driver: choose auto, csi or sidecar"))
+}
+
+/// `--sidecar-memory`: a Kubernetes quantity of memory such as `1Gi` or `1500M`, at least 64 MiB
+/// (blobfuse2 itself needs some); empty is the default.
+fn memory_quantity(value: &str) -> Result<Quantity, String> {
+    if value.is_empty() {
+        return Ok(Quantity(DEFAULT_SIDECAR_MEMORY.to_string()));
+    }
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, suffix) = value.split_at(digits);
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "k" => 1000,
+        "M" => 1000_u64.pow(2),
+        "G" => 1000_u64.pow(3),
+        "T" => 1000_u64.pow(4),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => u64::MAX,
+    };
+    let bytes = number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| multiplier != u64::MAX)
+        .and_then(|n| n.checked_mul(multiplier));
+    match bytes {
+        Some(bytes) if bytes >= 64 << 20 => Ok(Quantity(value.to_string())),
+        Some(_) => Err(format!(
+            "`{value}` is too little memory for the blobfuse2 sidecar: give at least 64Mi"
+        )),
+        None => Err(format!(
+            "`{value}` is not a quantity of memory: write a whole number with a suffix such as 512Mi or 2Gi"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -73,10 +162,6 @@ pub struct ControllerArgs {
     /// cluster's default class].
     #[arg(long, env = "DATASTORE_OUTPUTS_STORAGE_CLASS")]
     pub default_outputs_storage_class: Option<String>,
-    /// The blobfuse2 sidecar image for `mount` references (accepted for the mount support to
-    /// come; unused yet).
-    #[arg(long, env = "DATASTORE_BLOBFUSE_IMAGE")]
-    pub blobfuse_image: Option<String>,
     /// Where /healthz, /readyz and /metrics are served.
     #[arg(long, env = "DATASTORE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
@@ -310,7 +395,7 @@ pub async fn run(args: ControllerArgs) -> i32 {
         signal.cancel();
     });
 
-    let namespace = args.operator.operator_namespace;
+    let namespace = args.operator.operator_namespace.clone();
     let identity = leader::identity();
     let timing = leader::Timing::default();
     let election = args.leader_election;
@@ -339,14 +424,12 @@ pub async fn run(args: ControllerArgs) -> i32 {
         None => 0,
         Some(manager) => {
             let build = BuildContext {
-                agent_image: args.operator.agent_image,
                 default_outputs_size: Quantity(args.default_outputs_size),
                 // An empty value (a chart that renders `""`) means none.
                 default_outputs_storage_class: args
                     .default_outputs_storage_class
                     .filter(|class| !class.is_empty()),
-                blobfuse_image: args.blobfuse_image.filter(|image| !image.is_empty()),
-                ..BuildContext::default()
+                ..args.operator.build_context()
             };
             let ctx = Arc::new(Context {
                 metrics: metrics.clone(),
@@ -770,6 +853,72 @@ mod tests {
         };
         let (got, ()) = tokio::join!(never, cancel);
         assert_eq!(got, None, "shutting down ends the wait");
+    }
+
+    #[test]
+    fn mount_flags_parse_like_the_chart_renders_them() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            operator: OperatorArgs,
+        }
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("datastore").chain(args.iter().copied()))
+                .map(|f| f.operator.build_context())
+                .map_err(|e| e.to_string())
+        };
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.default_mount_driver, DefaultMountDriver::Auto);
+        assert_eq!(defaults.sidecar_memory.0, DEFAULT_SIDECAR_MEMORY);
+        assert_eq!(defaults.blobfuse_image, None);
+        // Empty values, as a chart renders an empty string, are the defaults.
+        let empty = parse(&[
+            "--default-mount-driver=",
+            "--sidecar-memory=",
+            "--blobfuse-image=",
+        ])
+        .unwrap();
+        assert_eq!(empty, defaults);
+        let set = parse(&[
+            "--default-mount-driver=sidecar",
+            "--sidecar-memory=2Gi",
+            "--blobfuse-image=registry.example.com/blobfuse2:2.5.1",
+        ])
+        .unwrap();
+        assert_eq!(set.default_mount_driver, DefaultMountDriver::Sidecar);
+        assert_eq!(set.sidecar_memory.0, "2Gi");
+        assert_eq!(
+            set.blobfuse_image.as_deref(),
+            Some("registry.example.com/blobfuse2:2.5.1")
+        );
+        assert_eq!(
+            parse(&["--default-mount-driver=csi"])
+                .unwrap()
+                .default_mount_driver,
+            DefaultMountDriver::Csi
+        );
+        for (args, says) in [
+            (
+                "--default-mount-driver=fuse",
+                "`fuse` is not a mount driver: choose auto, csi or sidecar",
+            ),
+            ("--sidecar-memory=1.5Gi", "not a quantity of memory"),
+            ("--sidecar-memory=1GB", "not a quantity of memory"),
+            ("--sidecar-memory=Gi", "not a quantity of memory"),
+            (
+                "--sidecar-memory=32Mi",
+                "too little memory for the blobfuse2 sidecar",
+            ),
+            ("--sidecar-memory=99999999999Ti", "not a quantity of memory"),
+        ] {
+            let error = parse(&[args]).unwrap_err();
+            assert!(error.contains(says), "{args}: {error}");
+        }
+        assert_eq!(
+            parse(&["--sidecar-memory=1500M"]).unwrap().sidecar_memory.0,
+            "1500M"
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - server-side apply (`Patch::Apply`) is `patch`, which also creates the object: no `create`;
 //! - `patch_status` is `patch` on the `<resource>/status` subresource;
 //! - kube's event `Recorder` creates `events.k8s.io` events and patches a repeated one;
-//! - leader election (`kube-lease-manager`) gets, creates and patches one Lease.
+//! - leader election (`kube-lease-manager`) gets, creates and patches one Lease;
+//! - a `get` of a cluster-scoped object by a fixed name is limited to that name.
 //!
 //! A change that calls the API in a new way adds its rule here and in the chart's templates
 //! (`charts/datastore-operator/templates/clusterrole.yaml`, `role.yaml`).
@@ -38,6 +39,8 @@ pub struct Rule {
 
 /// The name of the leader-election Lease, in the operator's namespace.
 pub use super::leader::LEASE_NAME;
+
+use super::build::{BLOB_CSI_DRIVER, FILE_CSI_DRIVER};
 
 const fn cluster(
     group: &'static str,
@@ -121,8 +124,16 @@ pub const RULES: &[Rule] = &[
         "",
         "namespaces",
         &["get"],
-        "a ClusterDatastore's allowedNamespaces is matched against the Experiment namespace's labels",
+        "the Experiment namespace's labels: a ClusterDatastore's allowedNamespaces is matched against them; its Pod Security level (pod-security.kubernetes.io/enforce) decides whether a mount may use the privileged blobfuse2 sidecar",
     ),
+    Rule {
+        scope: Scope::Cluster,
+        group: "storage.k8s.io",
+        resource: "csidrivers",
+        verbs: &["get"],
+        names: &[BLOB_CSI_DRIVER, FILE_CSI_DRIVER],
+        why: "whether the cluster has the Azure Blob and Azure Files CSI drivers decides (and records) how a mount reference is mounted; read by name when an Experiment with mounts or an Azure Files datastore starts",
+    },
     cluster(
         "events.k8s.io",
         "events",
@@ -361,6 +372,16 @@ mod tests {
                 "",
             ),
             ("GET", "/api/v1/namespaces/ml", ""),
+            (
+                "GET",
+                "/apis/storage.k8s.io/v1/csidrivers/blob.csi.azure.com",
+                "",
+            ),
+            (
+                "GET",
+                "/apis/storage.k8s.io/v1/csidrivers/file.csi.azure.com",
+                "",
+            ),
             ("POST", "/apis/events.k8s.io/v1/namespaces/ml/events", ""),
             (
                 "PATCH",
@@ -408,6 +429,19 @@ mod tests {
                 "/apis/datastore.dev/v1alpha1/namespaces/ml/experiments/e",
             ),
             ("POST", "/api/v1/namespaces/ml/events"),
+            // CSIDrivers: only the two Azure ones, only read.
+            ("GET", "/apis/storage.k8s.io/v1/csidrivers"),
+            (
+                "GET",
+                "/apis/storage.k8s.io/v1/csidrivers/disk.csi.azure.com",
+            ),
+            (
+                "PATCH",
+                "/apis/storage.k8s.io/v1/csidrivers/blob.csi.azure.com",
+            ),
+            // Namespaces: read one, never list or change.
+            ("GET", "/api/v1/namespaces"),
+            ("PATCH", "/api/v1/namespaces/ml"),
             // Leases only in the operator's namespace, and only its own by name.
             (
                 "GET",
