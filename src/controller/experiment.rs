@@ -612,8 +612,8 @@ fn upload_mounts(
         .map_err(|refusal| Step::refused(Phase::Uploading, refusal.reason, refusal.message))
 }
 
-/// The names of the Secrets a Job's pods read: volumes (secret, CSI `nodePublishSecretRef`,
-/// projected) and environment.
+/// The names of the Secrets a Job's pods read: volumes (secret, projected, and CSI: the Azure
+/// drivers' `secretName` volume attribute or a `nodePublishSecretRef`) and environment.
 fn referenced_secrets(job: &Job) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let Some(pod) = job.spec.as_ref().and_then(|s| s.template.spec.as_ref()) else {
@@ -621,13 +621,15 @@ fn referenced_secrets(job: &Job) -> BTreeSet<String> {
     };
     for volume in pod.volumes.iter().flatten() {
         names.extend(volume.secret.as_ref().and_then(|s| s.secret_name.clone()));
-        names.extend(
-            volume
-                .csi
-                .as_ref()
-                .and_then(|c| c.node_publish_secret_ref.as_ref())
-                .map(|r| r.name.clone()),
-        );
+        if let Some(csi) = &volume.csi {
+            names.extend(csi.node_publish_secret_ref.as_ref().map(|r| r.name.clone()));
+            names.extend(
+                csi.volume_attributes
+                    .as_ref()
+                    .and_then(|a| a.get("secretName"))
+                    .cloned(),
+            );
+        }
         for source in volume
             .projected
             .iter()
@@ -1048,8 +1050,11 @@ mod tests {
                     {"name": "credentials", "secret": {"secretName": "train-credentials"}},
                     {"name": "share", "csi": {
                         "driver": "file.csi.azure.com",
-                        "nodePublishSecretRef": {"name": "train-share-ds"},
-                        "volumeAttributes": {"shareName": "datasets"},
+                        "volumeAttributes": {"shareName": "datasets", "secretName": "train-share-0"},
+                    }},
+                    {"name": "other", "csi": {
+                        "driver": "example.csi.k8s.io",
+                        "nodePublishSecretRef": {"name": "node-publish"},
                     }},
                     {"name": "projected", "projected": {"sources": [{"secret": {"name": "p"}}]}},
                     {"name": "scratch", "emptyDir": {}},
@@ -1064,9 +1069,16 @@ mod tests {
         .unwrap();
         assert_eq!(
             referenced_secrets(&job),
-            ["env", "from", "p", "train-credentials", "train-share-ds"]
-                .map(String::from)
-                .into()
+            [
+                "env",
+                "from",
+                "node-publish",
+                "p",
+                "train-credentials",
+                "train-share-0"
+            ]
+            .map(String::from)
+            .into()
         );
     }
 }
