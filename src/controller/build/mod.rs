@@ -8,10 +8,13 @@
 //!   the user's container `main`;
 //! - PVC `<exp>-outputs` when there are upload references, mounted (one subPath per reference)
 //!   at each upload reference's path in the run Job and in the upload Job;
-//! - Job `<exp>-upload`: one container `upload-<n>` per upload reference.
+//! - Job `<exp>-upload`: one container `upload-<n>` per upload reference;
+//! - for `mount` references and Azure Files datastores, the volumes and Secrets of [`volumes`]:
+//!   inline CSI volumes (`blob.csi.azure.com`, `file.csi.azure.com`) or a blobfuse2 native
+//!   sidecar per mount, and a share volume for agent containers copying from or to a share.
 //!
-//! Every pod meets the Pod Security Standard "restricted"; the user's container never sees a
-//! credential.
+//! Every pod meets the Pod Security Standard "restricted", except that a blobfuse2 sidecar runs
+//! privileged; the user's container never sees a credential.
 
 use std::collections::BTreeMap;
 
@@ -28,19 +31,22 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 
 use crate::api::{
-    AzureBlobSpec, Credentials, Datastore, DatastoreSpec, Experiment, Mode, SecretRef,
+    AzureBlobSpec, Credentials, Datastore, DatastoreSpec, Experiment, LocalSpec, SecretRef,
     WorkloadIdentity,
 };
 use crate::error::{Error, Result};
 use crate::plan::{ExecutionPlan, Transfer};
-use crate::store::sas;
 use crate::store::{AzureCredential, StoreConfig};
 
+pub mod blobfuse;
+pub mod csi;
 mod mount;
+pub mod volumes;
 pub use mount::{
     BLOB_CSI_DRIVER, DefaultMountDriver, FILE_CSI_DRIVER, MountChoice, MountEnvironment,
     MountRefusal, POD_SECURITY_ENFORCE_LABEL, choose_drivers, mount_records,
 };
+pub use volumes::StorageVolumes;
 
 /// The run Job's init container (and volume) downloading `spec.code`.
 pub const CODE_CONTAINER: &str = "code";
@@ -147,24 +153,26 @@ pub fn build(
 ) -> Result<Children> {
     assert_eq!(mounts.len(), plan.mounts.len(), "one driver per mount");
     check_name(exp)?;
-    if let Some(r) = plan.references.iter().find(|r| r.mode == Mode::Mount) {
-        return Err(Error::Config(format!(
-            "parameter {}: mode mount is not supported in the cluster yet; use mode download",
-            r.param
-        )));
-    }
     let deadline = exp
         .spec
         .active_deadline_seconds
         .unwrap_or(ctx.default_deadline_seconds);
+    let storage = volumes::storage_volumes(
+        exp,
+        plan,
+        datastores,
+        ctx,
+        mounts,
+        sas_expiry(now, Some(deadline)),
+    )?;
     let datastores_file = render_credentials(plan, datastores, now, Some(deadline))?;
     let has_credentials = datastores_file.is_some();
     Ok(Children {
         credentials: datastores_file.map(|file| credentials_secret(exp, file)),
-        volume_secrets: Vec::new(),
         outputs: outputs_pvc(exp, plan, ctx),
-        run: run_job(exp, plan, ctx, has_credentials),
-        upload: upload_job(exp, plan, ctx, has_credentials),
+        run: run_job(exp, plan, datastores, ctx, &storage, has_credentials),
+        upload: upload_job(exp, plan, datastores, ctx, &storage, has_credentials),
+        volume_secrets: storage.secrets,
     })
 }
 
@@ -205,7 +213,7 @@ pub fn owner_reference(exp: &Experiment) -> OwnerReference {
     }
 }
 
-fn child_meta(exp: &Experiment, name: String) -> ObjectMeta {
+pub(crate) fn child_meta(exp: &Experiment, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: exp.metadata.namespace.clone(),
@@ -223,7 +231,8 @@ fn child_meta(exp: &Experiment, name: String) -> ObjectMeta {
 /// never leaves the controller: a SAS for the container with exactly the plan's permissions,
 /// expiring at `now` + the deadline (`deadline_seconds`, else 24 h) + 1 h, stands in for it. A
 /// SAS token is passed through as is; anonymous access and workload identity need no Secret.
-/// `None` when the plan references no datastore.
+/// An Azure Files share is the local directory where the agent containers mount it
+/// (`/mnt/shares/<k>`, [`volumes`]). `None` when the plan references no datastore.
 pub fn render_credentials(
     plan: &ExecutionPlan,
     datastores: &BTreeMap<String, StoreConfig>,
@@ -233,16 +242,30 @@ pub fn render_credentials(
     if plan.permissions.is_empty() {
         return Ok(None);
     }
-    let deadline = deadline_seconds.unwrap_or(DEFAULT_DEADLINE_SECONDS).max(0);
-    let expiry = now + Duration::seconds(deadline + SAS_MARGIN_SECONDS);
+    let expiry = sas_expiry(now, deadline_seconds);
+    let shares = volumes::shares(plan, datastores);
     let mut docs = Vec::new();
     for (name, permissions) in &plan.permissions {
         let config = match datastores.get(name) {
             Some(StoreConfig::AzureBlob(config)) => config,
-            Some(StoreConfig::AzureFile(_)) => {
-                return Err(Error::Config(format!(
-                    "datastore {name} is an Azure Files share; download and upload references on shares are not supported yet: use mode mount"
-                )));
+            Some(StoreConfig::AzureFile(config)) => {
+                let k = shares
+                    .iter()
+                    .position(|(share, _)| share == name)
+                    .expect("every share the plan uses has an index");
+                let datastore = Datastore::new(
+                    name,
+                    DatastoreSpec {
+                        azure_blob: None,
+                        azure_file: None,
+                        local: Some(LocalSpec {
+                            path: volumes::share_dir(k),
+                        }),
+                        read_only: config.read_only,
+                    },
+                );
+                docs.push(to_yaml(&datastore));
+                continue;
             }
             Some(StoreConfig::Local { .. }) => {
                 return Err(Error::Config(format!(
@@ -257,20 +280,8 @@ pub fn render_credentials(
         };
         let secret_name = format!("{name}-sas");
         let (credentials, token) = match &config.credential {
-            AzureCredential::AccountKey(key) => {
-                let token = sas::container_sas(
-                    &config.account,
-                    key.expose(),
-                    &config.container,
-                    *permissions,
-                    expiry,
-                )
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "the account key in {} (used by datastore {name}) is not valid base64: copy it again from the portal",
-                        config.credential_source
-                    ))
-                })?;
+            AzureCredential::AccountKey(_) => {
+                let token = volumes::mint_sas(name, config, *permissions, expiry)?;
                 (Some(secret_credentials(&secret_name)), Some(token))
             }
             AzureCredential::SasToken(token) => (
@@ -316,6 +327,12 @@ pub fn render_credentials(
         }
     }
     Ok(Some(docs.join("---\n")))
+}
+
+/// When minted credentials end: `now` + the deadline (`deadline_seconds`, else 24 h) + 1 h.
+pub fn sas_expiry(now: DateTime<Utc>, deadline_seconds: Option<i64>) -> DateTime<Utc> {
+    let deadline = deadline_seconds.unwrap_or(DEFAULT_DEADLINE_SECONDS).max(0);
+    now + Duration::seconds(deadline + SAS_MARGIN_SECONDS)
 }
 
 fn secret_credentials(secret_name: &str) -> Credentials {
@@ -463,17 +480,22 @@ fn agent_container(
 // The run Job
 
 /// Job `<exp>-run`: an init container `code` when the code comes from a datastore, one
-/// `download-<n>` per download reference, then `main`.
+/// `download-<n>` per download reference, a blobfuse2 sidecar `mount-<n>` per mount it mounts,
+/// then `main` with every folder in place. An agent container copying from a share mounts it
+/// read-only.
 pub fn run_job(
     exp: &Experiment,
     plan: &ExecutionPlan,
+    datastores: &BTreeMap<String, StoreConfig>,
     ctx: &BuildContext,
+    storage: &StorageVolumes,
     has_credentials: bool,
 ) -> Job {
     let spec = &exp.spec;
     let mut volumes = Vec::new();
     let mut init_containers = Vec::new();
     let mut main_mounts = Vec::new();
+    let mut share_volumes: Vec<Volume> = Vec::new();
 
     // The code first (`spec.code`), so the working directory is complete before the script
     // starts; the script may write next to its code, as it may on a laptop. Data references
@@ -499,6 +521,18 @@ pub fn run_job(
             read_only: read_only.then_some(true),
             ..Default::default()
         };
+        let mut agent_mounts = vec![mount(false)];
+        if let Some(share) = storage.share_mount(&download.datastore, true) {
+            if !share_volumes.iter().any(|v| v.name == share.name) {
+                share_volumes.extend(storage.share_volume(
+                    &download.datastore,
+                    datastores,
+                    exp,
+                    true,
+                ));
+            }
+            agent_mounts.push(share);
+        }
         init_containers.push(agent_container(
             volume.clone(),
             ctx,
@@ -516,11 +550,16 @@ pub fn run_job(
                 "--report".into(),
                 "/dev/termination-log".into(),
             ],
-            vec![mount(false)],
+            agent_mounts,
             has_credentials,
         ));
         main_mounts.push(mount(read_only_for_main));
     }
+    volumes.extend(share_volumes);
+    // The sidecars last: their mounts are up when `main` starts, not during the downloads.
+    init_containers.extend(storage.sidecars.iter().cloned());
+    volumes.extend(storage.mount_volumes.iter().cloned());
+    main_mounts.extend(storage.main_mounts.iter().cloned());
     if !plan.uploads.is_empty() {
         volumes.push(outputs_volume(exp));
         main_mounts.extend(
@@ -662,16 +701,20 @@ pub fn outputs_pvc(
 }
 
 /// Job `<exp>-upload`: a container `upload-<n>` per upload reference, reading the outputs
-/// volume at the same paths the script wrote to. `None` without uploads.
+/// volume at the same paths the script wrote to (and writing to its share, read-write, when the
+/// datastore is one). `None` without uploads.
 pub fn upload_job(
     exp: &Experiment,
     plan: &ExecutionPlan,
+    datastores: &BTreeMap<String, StoreConfig>,
     ctx: &BuildContext,
+    storage: &StorageVolumes,
     has_credentials: bool,
 ) -> Option<Job> {
     if plan.uploads.is_empty() {
         return None;
     }
+    let mut volumes = vec![outputs_volume(exp)];
     let containers = plan
         .uploads
         .iter()
@@ -694,16 +737,16 @@ pub fn upload_job(
             if upload.overwrite {
                 args.push("--overwrite".into());
             }
-            agent_container(
-                format!("upload-{n}"),
-                ctx,
-                args,
-                vec![outputs_mount(n, upload, true)],
-                has_credentials,
-            )
+            let mut mounts = vec![outputs_mount(n, upload, true)];
+            if let Some(share) = storage.share_mount(&upload.datastore, false) {
+                if !volumes.iter().any(|v: &Volume| v.name == share.name) {
+                    volumes.extend(storage.share_volume(&upload.datastore, datastores, exp, false));
+                }
+                mounts.push(share);
+            }
+            agent_container(format!("upload-{n}"), ctx, args, mounts, has_credentials)
         })
         .collect();
-    let mut volumes = vec![outputs_volume(exp)];
     if has_credentials {
         volumes.push(credentials_volume(exp));
     }

@@ -4,6 +4,7 @@ use super::*;
 use crate::api::ExperimentSpec;
 use crate::plan::{CLUSTER, plan};
 use crate::store::resolve::{Catalog, Scope};
+use crate::store::sas;
 use crate::store::{AzureBlobConfig, Secret as Hidden};
 
 const KEY: &str =
@@ -442,19 +443,6 @@ fn without_references_there_is_only_the_run_job() {
     check_restricted(pod);
 }
 
-#[test]
-fn mount_references_are_refused_until_supported() {
-    let exp = experiment(
-        "image: x\nentryScript: t.py\nscriptParams: [{name: --d, dataReference: {datastore: blob-ds, mode: mount}}]\n",
-    );
-    let stores = datastores();
-    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
-    let ctx = BuildContext::default();
-    let mounts = choose_drivers(&plan, &stores, &ctx, &MountEnvironment::default()).unwrap();
-    let err = build(&exp, &plan, &stores, &ctx, &mounts, now()).unwrap_err();
-    assert!(matches!(err, Error::Config(_)), "{err}");
-}
-
 // ---------------------------------------------------------------------------------------------
 // Credentials
 
@@ -640,7 +628,14 @@ scriptParams:
 "#,
     );
     let plan = plan(&exp.spec, &BTreeMap::new(), CLUSTER).unwrap();
-    let job = run_job(&exp, &plan, &BuildContext::default(), false);
+    let job = run_job(
+        &exp,
+        &plan,
+        &BTreeMap::new(),
+        &BuildContext::default(),
+        &StorageVolumes::default(),
+        false,
+    );
     let main = &pod(&job).containers[0];
     assert_eq!(
         main.working_dir, None,
@@ -753,3 +748,5 @@ fn code_from_a_datastore_is_fetched_by_the_first_init_container_into_the_working
     // The code's datastore can be read with the run's credentials.
     assert_eq!(plan.permissions["public-ds"].as_str(), "rl");
 }
+
+mod mounts;
