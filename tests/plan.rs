@@ -256,3 +256,180 @@ spec:
         String::from_utf8_lossy(&v.stderr)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Mounts and Azure Files
+
+/// The kinds and names of a multi-document YAML stream's objects.
+fn objects(printed: &str) -> Vec<(String, String)> {
+    serde_yaml::Deserializer::from_str(printed)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap().to_string(),
+                d["metadata"]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Validates `printed` and checks that every object passed by name.
+fn assert_valid(dir: &Path, printed: &str) {
+    let rendered = dir.join("objects.yaml");
+    std::fs::write(&rendered, printed).unwrap();
+    let v = validate(&rendered);
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(
+        v.status.success(),
+        "kubernetes-validate refused:\n{report}\n{printed}"
+    );
+    for (kind, name) in objects(printed) {
+        let resource = format!("{}/{name}", kind.to_lowercase());
+        assert!(
+            report.contains(&format!("passed for resource {resource}")),
+            "{resource} not validated:\n{report}"
+        );
+    }
+}
+
+/// `datastore plan` with CSI mounts of a Blob container (read-only and read-write) and of an
+/// Azure Files share, and a download from and an upload to the share: Secrets, CSI inline
+/// volumes and share volumes pass the schemas.
+#[test]
+fn csi_mounts_and_share_transfers_render_valid_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("mount.yaml");
+    std::fs::write(
+        &exp,
+        r#"apiVersion: datastore.dev/v1alpha1
+kind: Experiment
+metadata: {name: mounts, namespace: ml}
+spec:
+  image: python:3.12-slim
+  entryScript: train.py
+  scriptParams:
+    - {name: --data, dataReference: {datastore: workspace-ds, path: data/files, mode: mount}}
+    - {name: --scratch, dataReference: {datastore: workspace-ds, path: scratch, mode: mount, readOnly: false, mountDriver: csi}}
+    - {name: --labels, dataReference: {datastore: shared-ds, path: labels, mode: mount}}
+    - {name: --pretrained, dataReference: {datastore: shared-ds, path: models, mode: download}}
+    - {name: --out, dataReference: {datastore: shared-ds, path: outputs, mode: upload}}
+"#,
+    )
+    .unwrap();
+    let out = plan(
+        &[exp.to_str().unwrap()],
+        &repo().join("examples/datastores-azure.yaml"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let names: Vec<(String, String)> = objects(&printed);
+    let expect = |k: &str, n: &str| (k.to_string(), n.to_string());
+    assert_eq!(
+        names,
+        [
+            expect("Secret", "mounts-credentials"),
+            expect("Secret", "mounts-share-0"),
+            expect("Secret", "mounts-mount-0"),
+            expect("Secret", "mounts-mount-1"),
+            expect("PersistentVolumeClaim", "mounts-outputs"),
+            expect("Job", "mounts-run"),
+            expect("Job", "mounts-upload"),
+        ]
+    );
+    assert!(printed.contains("driver: blob.csi.azure.com"), "{printed}");
+    assert!(printed.contains("driver: file.csi.azure.com"), "{printed}");
+    assert_valid(dir.path(), &printed);
+}
+
+/// The README's mount example (examples/experiment-mount.yaml on examples/datastores-azure.yaml)
+/// with a blobfuse2 image: a CSI Blob mount, a blobfuse2 native sidecar, an Azure Files mount, a
+/// download from and an upload to the share. Rendered by the planner and builders `datastore
+/// plan` runs, here in-process: `datastore plan` builds its context from the agent image alone,
+/// so it cannot render a sidecar until it passes the operator's blobfuse2 image on.
+#[test]
+fn the_mount_example_renders_valid_objects() {
+    use datastore_operator::api::Experiment;
+    use datastore_operator::controller::build::{self, BuildContext, MountEnvironment, to_yaml};
+    use datastore_operator::plan::{self, CLUSTER};
+    use datastore_operator::store::resolve::{Catalog, Scope};
+    use std::collections::BTreeMap;
+
+    let text = std::fs::read_to_string(repo().join("examples/experiment-mount.yaml")).unwrap();
+    let mut exp: Experiment = serde_yaml::from_str(&text).unwrap();
+    exp.metadata.namespace = Some("default".into());
+    exp.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+    let datastores_file =
+        std::fs::read_to_string(repo().join("examples/datastores-azure.yaml")).unwrap();
+    let catalog = Catalog::parse(&datastores_file, "datastores-azure.yaml", repo()).unwrap();
+    let scope = Scope {
+        namespace: "default".into(),
+        operator_namespace: "datastore-operator".into(),
+    };
+    let datastores: BTreeMap<_, _> = ["workspace-ds", "shared-ds"]
+        .into_iter()
+        .map(|name| {
+            (
+                name.to_string(),
+                catalog.resolve(name, &scope).unwrap().config,
+            )
+        })
+        .collect();
+    let plan = plan::plan(&exp.spec, &datastores, CLUSTER).unwrap();
+    let ctx = BuildContext {
+        blobfuse_image: Some("example.io/blobfuse2:2.4.0".into()),
+        ..Default::default()
+    };
+    let env = MountEnvironment {
+        namespace: "default".into(),
+        ..Default::default()
+    };
+    let choices = build::choose_drivers(&plan, &datastores, &ctx, &env).unwrap();
+    let children =
+        build::build(&exp, &plan, &datastores, &ctx, &choices, chrono::Utc::now()).unwrap();
+    // The same order as `datastore plan` prints them.
+    let mut docs = Vec::new();
+    docs.extend(children.credentials.as_ref().map(to_yaml));
+    docs.extend(children.volume_secrets.iter().map(to_yaml));
+    docs.extend(children.outputs.as_ref().map(to_yaml));
+    docs.push(to_yaml(&children.run));
+    docs.extend(children.upload.as_ref().map(to_yaml));
+    let printed = docs.join("---\n");
+
+    let expect = |k: &str, n: &str| (k.to_string(), n.to_string());
+    assert_eq!(
+        objects(&printed),
+        [
+            expect("Secret", "train-iris-mount-credentials"),
+            expect("Secret", "train-iris-mount-share-0"),
+            expect("Secret", "train-iris-mount-mount-0"),
+            expect("Secret", "train-iris-mount-mount-1"),
+            expect("PersistentVolumeClaim", "train-iris-mount-outputs"),
+            expect("Job", "train-iris-mount-run"),
+            expect("Job", "train-iris-mount-upload"),
+        ]
+    );
+    // The account key is in the share's Secret (SMB needs it) and nowhere else.
+    let key = "ZHVtbXktYWNjb3VudC1rZXktcmVwbGFjZS1tZS13aXRoLXlvdXJzLWZyb20tdGhlLXBvcnRhbA==";
+    for doc in &docs {
+        assert_eq!(
+            doc.contains(key),
+            doc.contains("name: train-iris-mount-share-0\n")
+                && doc.starts_with("apiVersion: v1\nkind: Secret"),
+            "{doc}"
+        );
+    }
+    let run = &docs[docs.len() - 2];
+    assert!(run.contains("restartPolicy: Always"), "{run}");
+    assert!(run.contains("mountPropagation: Bidirectional"), "{run}");
+    assert!(run.contains("mountPropagation: HostToContainer"), "{run}");
+    let dir = tempfile::tempdir().unwrap();
+    assert_valid(dir.path(), &printed);
+}
