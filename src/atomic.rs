@@ -99,9 +99,11 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
             .map_err(|_| io::Error::other("a path holds a NUL byte"))
     };
     let (cfrom, cto) = (c(from)?, c(to)?);
+    // The raw system call rather than libc's wrapper, which musl (the static image's libc) lacks.
     // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
     let rc = unsafe {
-        libc::renameat2(
+        libc::syscall(
+            libc::SYS_renameat2,
             libc::AT_FDCWD,
             cfrom.as_ptr(),
             libc::AT_FDCWD,

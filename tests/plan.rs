@@ -356,52 +356,22 @@ spec:
 /// so it cannot render a sidecar until it passes the operator's blobfuse2 image on.
 #[test]
 fn the_mount_example_renders_valid_objects() {
-    use datastore_operator::api::Experiment;
-    use datastore_operator::controller::build::{self, BuildContext, MountEnvironment, to_yaml};
-    use datastore_operator::plan::{self, CLUSTER};
-    use datastore_operator::store::resolve::{Catalog, Scope};
-    use std::collections::BTreeMap;
-
-    let text = std::fs::read_to_string(repo().join("examples/experiment-mount.yaml")).unwrap();
-    let mut exp: Experiment = serde_yaml::from_str(&text).unwrap();
-    exp.metadata.namespace = Some("default".into());
-    exp.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
-    let datastores_file =
-        std::fs::read_to_string(repo().join("examples/datastores-azure.yaml")).unwrap();
-    let catalog = Catalog::parse(&datastores_file, "datastores-azure.yaml", repo()).unwrap();
-    let scope = Scope {
-        namespace: "default".into(),
-        operator_namespace: "datastore-operator".into(),
-    };
-    let datastores: BTreeMap<_, _> = ["workspace-ds", "shared-ds"]
-        .into_iter()
-        .map(|name| {
-            (
-                name.to_string(),
-                catalog.resolve(name, &scope).unwrap().config,
-            )
-        })
-        .collect();
-    let plan = plan::plan(&exp.spec, &datastores, CLUSTER).unwrap();
-    let ctx = BuildContext {
-        blobfuse_image: Some("example.io/blobfuse2:2.4.0".into()),
-        ..Default::default()
-    };
-    let env = MountEnvironment {
-        namespace: "default".into(),
-        ..Default::default()
-    };
-    let choices = build::choose_drivers(&plan, &datastores, &ctx, &env).unwrap();
-    let children =
-        build::build(&exp, &plan, &datastores, &ctx, &choices, chrono::Utc::now()).unwrap();
-    // The same order as `datastore plan` prints them.
-    let mut docs = Vec::new();
-    docs.extend(children.credentials.as_ref().map(to_yaml));
-    docs.extend(children.volume_secrets.iter().map(to_yaml));
-    docs.extend(children.outputs.as_ref().map(to_yaml));
-    docs.push(to_yaml(&children.run));
-    docs.extend(children.upload.as_ref().map(to_yaml));
-    let printed = docs.join("---\n");
+    // The README's command, with a blobfuse2 image for the sidecar mount.
+    let out = plan(
+        &[
+            "examples/experiment-mount.yaml",
+            "--blobfuse-image",
+            "example.io/blobfuse2:2.5.1",
+        ],
+        &repo().join("examples/datastores-azure.yaml"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<String> = printed.split("---\n").map(String::from).collect();
 
     let expect = |k: &str, n: &str| (k.to_string(), n.to_string());
     assert_eq!(

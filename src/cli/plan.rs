@@ -8,7 +8,7 @@ use clap::Args;
 use kube::ResourceExt;
 
 use super::experiment_file::{ExperimentFile, resolve_datastores};
-use crate::controller::build::{self, BuildContext, MountEnvironment, to_yaml};
+use crate::controller::build::{self, MountEnvironment, to_yaml};
 use crate::error::{Error, Result};
 use crate::plan::{self, CLUSTER};
 use crate::store::resolve::{Scope, Source};
@@ -62,10 +62,7 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
 
     let plan = plan::plan(&exp.spec, &datastores, CLUSTER)
         .map_err(|e| Error::Config(format!("{}: {e}", args.experiment.display())))?;
-    let ctx = BuildContext {
-        agent_image: args.operator.agent_image.clone(),
-        ..Default::default()
-    };
+    let ctx = args.operator.build_context();
     // Offline, nothing is known about the cluster's CSI drivers or Pod Security labels.
     let env = MountEnvironment {
         namespace: scope.namespace.clone(),
