@@ -12,12 +12,15 @@ HELM_SDK_VER := 0.2.2
 HELM_SDK     := $(VENV)/.helm-python-sdk-$(HELM_SDK_VER)
 VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE        := ghcr.io/datastore-operator/datastore:$(VERSION)
+# The blobfuse2 sidecar image the chart's blobfuseImage names (images/blobfuse2).
+BLOBFUSE2_VERSION := 2.5.1
+BLOBFUSE_IMAGE    := ghcr.io/datastore-operator/blobfuse2:$(BLOBFUSE2_VERSION)
 BIN          := target/release/datastore
 DEMO         := target/demo
 DS_FILE      := examples/datastores-local.yaml
 AZ_FILE      := examples/datastores-azurite.yaml
 
-.PHONY: demo demo-azurite test test-deps crds bench build lint image
+.PHONY: demo demo-azurite test test-deps crds bench build lint image image-blobfuse2
 
 build:
 	cargo build --release
@@ -71,6 +74,9 @@ crds:
 # The container image (needs a Docker engine): controller, agent and CLI in one.
 image:
 	docker build -t $(IMAGE) .
+
+image-blobfuse2:
+	docker build -t $(BLOBFUSE_IMAGE) --build-arg BLOBFUSE2_VERSION=$(BLOBFUSE2_VERSION) images/blobfuse2
 
 bench: build $(AZURITE)
 	python3 bench/run.py
