@@ -2,17 +2,14 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::api::Experiment;
-use crate::store::{AzureBlobConfig, AzureCredential};
+use crate::store::{AzureBlobConfig, AzureCredential, fixtures};
 
 fn blob(container: &str) -> StoreConfig {
-    StoreConfig::AzureBlob(AzureBlobConfig {
-        account: "mlstorage".into(),
-        container: container.into(),
-        endpoint: url::Url::parse("https://mlstorage.blob.core.windows.net").unwrap(),
-        credential: AzureCredential::Anonymous,
-        credential_source: "test".into(),
-        read_only: false,
-    })
+    StoreConfig::AzureBlob(fixtures::blob(
+        container,
+        "https://mlstorage.blob.core.windows.net",
+        AzureCredential::Anonymous,
+    ))
 }
 
 fn datastores() -> BTreeMap<String, StoreConfig> {
@@ -340,13 +337,7 @@ scriptParams:
 }
 
 fn share(read_only: bool) -> StoreConfig {
-    StoreConfig::AzureFile(crate::store::AzureFileConfig {
-        account: "mlstorage".into(),
-        share: "datasets".into(),
-        credential: AzureCredential::AccountKey(crate::store::Secret::new("a2V5")),
-        credential_source: "test".into(),
-        read_only,
-    })
+    StoreConfig::AzureFile(fixtures::share(fixtures::key(), read_only))
 }
 
 fn read_only_blob() -> StoreConfig {

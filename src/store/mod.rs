@@ -83,6 +83,39 @@ pub struct AzureFileConfig {
     pub read_only: bool,
 }
 
+/// Resolved datastores for unit tests: account `mlstorage`, never read-only, the credential and
+/// endpoint as given.
+#[cfg(test)]
+pub mod fixtures {
+    use super::*;
+
+    pub fn blob(container: &str, endpoint: &str, credential: AzureCredential) -> AzureBlobConfig {
+        AzureBlobConfig {
+            account: "mlstorage".into(),
+            container: container.into(),
+            endpoint: url::Url::parse(endpoint).unwrap(),
+            credential,
+            credential_source: "Secret ml/mlstorage-key".into(),
+            read_only: false,
+        }
+    }
+
+    pub fn share(credential: AzureCredential, read_only: bool) -> AzureFileConfig {
+        AzureFileConfig {
+            account: "mlstorage".into(),
+            share: "datasets".into(),
+            credential,
+            credential_source: "Secret ml/mlstorage-key".into(),
+            read_only,
+        }
+    }
+
+    /// An account key (base64 of `key`).
+    pub fn key() -> AzureCredential {
+        AzureCredential::AccountKey(Secret::new("a2V5"))
+    }
+}
+
 /// A datastore resolved to the storage it names.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreConfig {

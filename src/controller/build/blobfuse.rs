@@ -271,19 +271,11 @@ pub fn sidecar(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{AzureCredential, Secret};
 
     const MI: u64 = 1 << 20;
 
     fn store(endpoint: &str) -> AzureBlobConfig {
-        AzureBlobConfig {
-            account: "mlstorage".into(),
-            container: "data".into(),
-            endpoint: url::Url::parse(endpoint).unwrap(),
-            credential: AzureCredential::AccountKey(Secret::new("a2V5")),
-            credential_source: "test".into(),
-            read_only: false,
-        }
+        crate::store::fixtures::blob("data", endpoint, crate::store::fixtures::key())
     }
 
     #[test]

@@ -212,17 +212,9 @@ fn csi_volume(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{AzureCredential, Secret};
 
     fn blob(endpoint: &str) -> AzureBlobConfig {
-        AzureBlobConfig {
-            account: "mlstorage".into(),
-            container: "data".into(),
-            endpoint: url::Url::parse(endpoint).unwrap(),
-            credential: AzureCredential::AccountKey(Secret::new("a2V5")),
-            credential_source: "test".into(),
-            read_only: false,
-        }
+        crate::store::fixtures::blob("data", endpoint, crate::store::fixtures::key())
     }
 
     fn attributes(volume: &Volume) -> BTreeMap<String, String> {

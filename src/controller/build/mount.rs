@@ -199,27 +199,18 @@ pub fn mount_records(plan: &ExecutionPlan, choices: &[MountChoice]) -> Vec<Mount
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{AzureBlobConfig, AzureFileConfig, Secret};
+    use crate::store::fixtures::{self, key};
 
     fn blob(credential: AzureCredential) -> StoreConfig {
-        StoreConfig::AzureBlob(AzureBlobConfig {
-            account: "mlstorage".into(),
-            container: "data".into(),
-            endpoint: url::Url::parse("https://mlstorage.blob.core.windows.net").unwrap(),
+        StoreConfig::AzureBlob(fixtures::blob(
+            "data",
+            "https://mlstorage.blob.core.windows.net",
             credential,
-            credential_source: "test".into(),
-            read_only: false,
-        })
+        ))
     }
 
     fn share() -> StoreConfig {
-        StoreConfig::AzureFile(AzureFileConfig {
-            account: "mlstorage".into(),
-            share: "datasets".into(),
-            credential: AzureCredential::AccountKey(Secret::new("a2V5")),
-            credential_source: "test".into(),
-            read_only: false,
-        })
+        StoreConfig::AzureFile(fixtures::share(key(), false))
     }
 
     fn choose(
@@ -242,10 +233,6 @@ mod tests {
             ..Default::default()
         };
         choose_driver(&mount, Some(&store), &ctx, &env)
-    }
-
-    fn key() -> AzureCredential {
-        AzureCredential::AccountKey(Secret::new("a2V5"))
     }
 
     fn env(blob_csi: Option<bool>, enforce: Option<&str>) -> MountEnvironment {

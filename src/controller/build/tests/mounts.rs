@@ -10,30 +10,17 @@ use crate::controller::build::blobfuse;
 use crate::controller::build::csi::{
     BLOB_CSI_ATTRIBUTES, BLOB_CSI_SECRET_KEYS, FILE_CSI_ATTRIBUTES, FILE_CSI_SECRET_KEYS,
 };
-use crate::store::AzureFileConfig;
+use crate::store::fixtures;
 
 const SHARE_KEY: &str = "c2hhcmUta2V5LW9mLXRoZS1hY2NvdW50LWZvci1zbWI=";
 const GIVEN_SAS: &str = "sv=2024-08-04&sr=c&sp=rl&sig=given";
 
 fn blob_store(credential: AzureCredential, endpoint: &str) -> StoreConfig {
-    StoreConfig::AzureBlob(AzureBlobConfig {
-        account: "mlstorage".to_string(),
-        container: "training-data".to_string(),
-        endpoint: url::Url::parse(endpoint).unwrap(),
-        credential,
-        credential_source: "Secret ml/mlstorage-key".to_string(),
-        read_only: false,
-    })
+    StoreConfig::AzureBlob(fixtures::blob("training-data", endpoint, credential))
 }
 
 fn share_store(credential: AzureCredential, read_only: bool) -> StoreConfig {
-    StoreConfig::AzureFile(AzureFileConfig {
-        account: "mlstorage".to_string(),
-        share: "datasets".to_string(),
-        credential,
-        credential_source: "Secret ml/mlstorage-key".to_string(),
-        read_only,
-    })
+    StoreConfig::AzureFile(fixtures::share(credential, read_only))
 }
 
 fn key() -> AzureCredential {
