@@ -386,15 +386,18 @@ fn the_mount_example_renders_valid_objects() {
             expect("Job", "train-iris-mount-upload"),
         ]
     );
-    // The account key is in the share's Secret (SMB needs it) and nowhere else.
-    let key = "ZHVtbXktYWNjb3VudC1rZXktcmVwbGFjZS1tZS13aXRoLXlvdXJzLWZyb20tdGhlLXBvcnRhbA==";
+    // The share's account key is in the share's Secret (SMB needs it) and nowhere else; the
+    // Blob datastore's key is nowhere (SAS tokens stand in for it).
+    let share_key = "ZHVtbXktc2hhcmUtYWNjb3VudC1rZXktcmVwbGFjZS1tZS13aXRoLXlvdXJz";
+    let blob_key = "ZHVtbXktYWNjb3VudC1rZXktcmVwbGFjZS1tZS13aXRoLXlvdXJzLWZyb20tdGhlLXBvcnRhbA==";
     for doc in &docs {
         assert_eq!(
-            doc.contains(key),
+            doc.contains(share_key),
             doc.contains("name: train-iris-mount-share-0\n")
                 && doc.starts_with("apiVersion: v1\nkind: Secret"),
             "{doc}"
         );
+        assert!(!doc.contains(blob_key), "{doc}");
     }
     let run = &docs[docs.len() - 2];
     assert!(run.contains("restartPolicy: Always"), "{run}");

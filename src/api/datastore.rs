@@ -200,9 +200,9 @@ pub struct AzureFileSpec {
     /// The file share name, e.g. `datasets`.
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([a-z0-9-]{1,61})[a-z0-9]$') && !self.contains('--')").message("a share name has 3 to 63 lowercase letters, digits and single hyphens, starting and ending with a letter or digit"))]
     pub share_name: String,
-    /// How to authenticate. An SMB mount needs the account key itself (a Secret with
-    /// `accountKey` or `connectionString`); workload identity avoids handing the key to the
-    /// node.
+    /// How to authenticate: a Secret with `accountKey` or `connectionString`. An SMB mount needs
+    /// the account key itself, which the operator copies into a Secret of each Experiment using
+    /// the share; workload identity is not supported for shares yet.
     pub credentials: Credentials,
 }
 

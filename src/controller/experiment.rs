@@ -31,7 +31,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
-use super::build::{self, MANAGER, MountChoice, MountEnvironment};
+use super::build::{self, MANAGER, MountEnvironment};
 use super::progress::{self, Outcome, RunStep, Step};
 use super::{Context, ReconcileError};
 use crate::api::{
@@ -517,12 +517,8 @@ async fn start_upload(
 ) -> Result<Action, ReconcileError> {
     let ns = exp.namespace().unwrap_or_default();
     let built = match plan_with_datastores(exp, ctx, &mut None).await? {
-        Ok((plan, datastores)) => {
-            upload_mounts(exp, &ctx.build, &plan, &datastores).and_then(|mounts| {
-                build::build(exp, &plan, &datastores, &ctx.build, &mounts, ctx.now())
-                    .map_err(|e| Step::refused(Phase::Uploading, "DatastoreInvalid", e.to_string()))
-            })
-        }
+        Ok((plan, datastores)) => upload_children(exp, plan, &datastores, &ctx.build, ctx.now())
+            .map_err(|e| Step::refused(Phase::Uploading, "DatastoreInvalid", e.to_string())),
         Err(refusal) => Err(refusal),
     };
     let children = match built {
@@ -573,43 +569,18 @@ async fn start_upload(
     Ok(Action::requeue(ACTIVE_RECHECK))
 }
 
-/// The drivers of the plan's mounts when the children are built again for the upload Job: those
-/// the status recorded at the start (the run's pod was built with them), else, for a status
-/// without them, the choice in an unknown cluster (the upload Job mounts no `mount` reference,
-/// so which driver hardly matters, but the builder needs one each).
-fn upload_mounts(
+/// The children built again for the upload Job, without the run's mounts: the upload Job
+/// mounts none of them, and rendering them again could only fail (an operator restarted without
+/// its blobfuse2 image) or mint Secrets nobody reads.
+fn upload_children(
     exp: &Experiment,
-    ctx: &build::BuildContext,
-    plan: &ExecutionPlan,
+    mut plan: ExecutionPlan,
     datastores: &BTreeMap<String, StoreConfig>,
-) -> Result<Vec<MountChoice>, Step> {
-    let recorded = exp
-        .status
-        .as_ref()
-        .map(|s| s.mounts.as_slice())
-        .unwrap_or_default();
-    let from_status: Option<Vec<MountChoice>> = plan
-        .mounts
-        .iter()
-        .map(|m| {
-            recorded
-                .iter()
-                .find(|r| r.name == m.param && r.datastore == m.datastore)
-                .map(|r| MountChoice {
-                    driver: r.driver,
-                    reason: r.reason.clone(),
-                })
-        })
-        .collect();
-    if let Some(mounts) = from_status {
-        return Ok(mounts);
-    }
-    let unknown = MountEnvironment {
-        namespace: exp.namespace().unwrap_or_default(),
-        ..MountEnvironment::default()
-    };
-    build::choose_drivers(plan, datastores, ctx, &unknown)
-        .map_err(|refusal| Step::refused(Phase::Uploading, refusal.reason, refusal.message))
+    ctx: &build::BuildContext,
+    now: chrono::DateTime<chrono::Utc>,
+) -> crate::error::Result<build::Children> {
+    plan.mounts.clear();
+    build::build(exp, &plan, datastores, ctx, &[], now)
 }
 
 /// The names of the Secrets a Job's pods read: volumes (secret, projected, and CSI: the Azure
@@ -896,6 +867,7 @@ fn is_new_step(current: &ExperimentStatus, next: &ExperimentStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::build::MountChoice;
     use crate::api::{ExperimentSpec, MountDriver};
     use crate::store::{AzureBlobConfig, AzureCredential, AzureFileConfig, Secret as Key};
 
@@ -1004,7 +976,7 @@ mod tests {
     }
 
     #[test]
-    fn the_upload_rebuild_uses_the_drivers_the_status_recorded() {
+    fn the_upload_rebuild_leaves_the_mounts_out() {
         let stores = datastores();
         let params =
             reference("--in", "blob-ds", "mount") + &reference("--out", "blob-ds", "upload");
@@ -1015,29 +987,20 @@ mod tests {
         .unwrap();
         let mut exp = Experiment::new("train", spec);
         exp.metadata.namespace = Some("ml".into());
+        exp.metadata.uid = Some("uid-1".into());
+        // The run used the sidecar; the operator has since lost its blobfuse2 image, so building
+        // the mount again fails...
         let ctx = build::BuildContext::default();
-
-        // Recorded at the start: the sidecar, even though the operator now has no blobfuse2
-        // image and would refuse it today.
         let sidecar = MountChoice {
             driver: MountDriver::Sidecar,
-            reason: "the cluster has no CSIDriver blob.csi.azure.com, so a privileged blobfuse2 sidecar mounts it".into(),
+            reason: "requested by the reference (mountDriver: sidecar)".into(),
         };
-        exp.status = Some(ExperimentStatus {
-            mounts: build::mount_records(&plan, std::slice::from_ref(&sidecar)),
-            ..ExperimentStatus::default()
-        });
-        assert_eq!(
-            upload_mounts(&exp, &ctx, &plan, &stores).unwrap(),
-            vec![sidecar]
-        );
-
-        // No record (a status written before mounts were recorded): the choice in an unknown
-        // cluster, one per mount.
-        exp.status = None;
-        let chosen = upload_mounts(&exp, &ctx, &plan, &stores).unwrap();
-        assert_eq!(chosen.len(), 1);
-        assert_eq!(chosen[0].driver, MountDriver::Csi);
+        let now = chrono::Utc::now();
+        assert!(build::build(&exp, &plan, &stores, &ctx, &[sidecar], now).is_err());
+        // ...but the upload needs none of it.
+        let children = upload_children(&exp, plan, &stores, &ctx, now).unwrap();
+        assert!(children.upload.is_some());
+        assert!(children.volume_secrets.is_empty());
     }
 
     #[test]

@@ -75,7 +75,8 @@ pub struct AzureBlobConfig {
 pub struct AzureFileConfig {
     pub account: String,
     pub share: String,
-    /// An account key or workload identity: an SMB mount cannot use a SAS token.
+    /// An account key: an SMB mount cannot use a SAS token, and workload identity is not
+    /// rendered for shares yet.
     pub credential: AzureCredential,
     /// Where the credential came from (`Secret default/share-creds`), for error messages.
     pub credential_source: String,

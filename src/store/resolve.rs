@@ -436,15 +436,22 @@ pub fn store_config(
                 secret,
             )?;
             match credential {
-                AzureCredential::AccountKey(_) | AzureCredential::WorkloadIdentity { .. } => {}
+                AzureCredential::AccountKey(_) => {}
                 AzureCredential::SasToken(_) => {
                     return Err(Error::Config(format!(
-                        "{label} is an Azure Files share with a SAS token in {credential_source}, but an SMB mount needs the account key: put accountKey (or a connectionString with AccountKey) in the Secret, or use workloadIdentity"
+                        "{label} is an Azure Files share with a SAS token in {credential_source}, but an SMB mount needs the account key: put accountKey (or a connectionString with AccountKey) in the Secret"
+                    )));
+                }
+                // The driver documents workload identity for inline volumes only from v1.35
+                // with SMB OAuth on the account; the operator does not render it yet.
+                AzureCredential::WorkloadIdentity { .. } => {
+                    return Err(Error::Config(format!(
+                        "{label} is an Azure Files share with workload identity, which the operator cannot mount yet: use credentials.secretRef (a Secret with accountKey)"
                     )));
                 }
                 AzureCredential::Anonymous => {
                     return Err(Error::Config(format!(
-                        "{label} is an Azure Files share without credentials, and a share cannot be mounted anonymously: set credentials.secretRef (a Secret with accountKey) or credentials.workloadIdentity"
+                        "{label} is an Azure Files share without credentials, and a share cannot be mounted anonymously: set credentials.secretRef (a Secret with accountKey)"
                     )));
                 }
             }
@@ -862,6 +869,20 @@ stringData:
             .to_string();
         assert!(err.contains("an SMB mount needs the account key"), "{err}");
         assert!(!err.contains("TOPSECRET"), "{err}");
+
+        let text = SHARE.replace(
+            "credentials: {secretRef: {name: share-creds}}",
+            "credentials: {workloadIdentity: {clientId: 00000000-0000-0000-0000-000000000001}}",
+        );
+        let err = Catalog::parse(&text, "test.yaml", PathBuf::new())
+            .unwrap()
+            .resolve("share-ds", &scope())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("which the operator cannot mount yet: use credentials.secretRef"),
+            "{err}"
+        );
 
         let catalog = Catalog::parse(SHARE, "test.yaml", PathBuf::new()).unwrap();
         let config = catalog.resolve("share-ds", &scope()).unwrap().config;

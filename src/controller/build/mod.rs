@@ -617,8 +617,17 @@ pub fn run_job(
         run_job_name(exp),
         pod,
         spec.backoff_limit,
-        spec.active_deadline_seconds,
+        run_deadline(exp, plan, ctx),
     )
+}
+
+/// The run Job's `activeDeadlineSeconds`: the spec's. A run with mounts gets the operator's
+/// default when the spec sets none, because the mounts' SAS tokens expire an hour after it: the
+/// run is stopped with a clear reason rather than left to fail on expired credentials.
+pub fn run_deadline(exp: &Experiment, plan: &ExecutionPlan, ctx: &BuildContext) -> Option<i64> {
+    exp.spec
+        .active_deadline_seconds
+        .or((!plan.mounts.is_empty()).then_some(ctx.default_deadline_seconds))
 }
 
 /// The script's working directory, command and args. An absolute `sourceDirectory` is the

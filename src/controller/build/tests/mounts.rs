@@ -718,3 +718,32 @@ fn mounts_the_drivers_cannot_make_are_refused_clearly() {
     let err = build(&exp, &plan, &stores, &sidecar_ctx(), &sidecar, now()).unwrap_err();
     assert!(err.to_string().contains("Azure Files share"), "{err}");
 }
+
+#[test]
+fn a_run_with_mounts_never_outlives_its_mounts_credentials() {
+    let stores = stores();
+    let ctx = BuildContext::default();
+    let deadline_of = |yaml: &str| {
+        let exp = experiment(yaml);
+        let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
+        let choices = choose_drivers(&plan, &stores, &ctx, &MountEnvironment::default()).unwrap();
+        let children = build(&exp, &plan, &stores, &ctx, &choices, now()).unwrap();
+        children.run.spec.unwrap().active_deadline_seconds
+    };
+    let head = "image: python:3.12-slim\nentryScript: train.py\n";
+    let mount =
+        "scriptParams:\n  - {name: --in, dataReference: {datastore: blob-ds, mode: mount}}\n";
+    let download =
+        "scriptParams:\n  - {name: --in, dataReference: {datastore: blob-ds, mode: download}}\n";
+    // The SAS lives the default deadline and an hour: the Job is stopped at the deadline.
+    assert_eq!(
+        deadline_of(&format!("{head}{mount}")),
+        Some(ctx.default_deadline_seconds)
+    );
+    assert_eq!(
+        deadline_of(&format!("{head}activeDeadlineSeconds: 600\n{mount}")),
+        Some(600)
+    );
+    // Without mounts, no credential outlives the agents' containers: no deadline is imposed.
+    assert_eq!(deadline_of(&format!("{head}{download}")), None);
+}
