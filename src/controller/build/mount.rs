@@ -62,6 +62,17 @@ pub struct MountRefusal {
     pub message: String,
 }
 
+/// Why the sidecar cannot mount without an image. The builder says the same when it is handed a
+/// sidecar choice the operator can no longer make.
+pub(super) const NO_BLOBFUSE_IMAGE: &str = "mounting with the sidecar needs a blobfuse2 image, and the operator has none; set --blobfuse-image (Helm value blobfuseImage), or use mountDriver: csi";
+
+/// Why a datastore without credentials cannot be mounted (by either driver).
+pub(super) fn no_credentials(datastore: &str) -> String {
+    format!(
+        "datastore {datastore} has no credentials, and neither driver mounts a container anonymously; give the datastore credentials, or use mode download"
+    )
+}
+
 /// The driver of each of the plan's mounts, in order.
 pub fn choose_drivers(
     plan: &ExecutionPlan,
@@ -102,10 +113,7 @@ fn choose_driver(
     if *credential == AzureCredential::Anonymous {
         return Err(refuse(
             "MountNeedsCredentials",
-            format!(
-                "datastore {} has no credentials, and neither driver mounts a container anonymously; give the datastore credentials, or use mode download",
-                mount.datastore
-            ),
+            no_credentials(&mount.datastore),
         ));
     }
     let is_share = matches!(store, Some(StoreConfig::AzureFile(_)));
@@ -154,7 +162,11 @@ fn choose_driver(
             format!(
                 "mounting with csi needs the CSIDriver {csi_driver}, which this cluster does not have; install it (AKS: az aks update --enable-{}-driver){}",
                 if is_share { "file" } else { "blob" },
-                if is_share { "" } else { ", or use mountDriver: sidecar" }
+                if is_share {
+                    ""
+                } else {
+                    ", or use mountDriver: sidecar"
+                }
             ),
         )),
         MountDriver::Sidecar
@@ -172,10 +184,9 @@ fn choose_driver(
                 ),
             ))
         }
-        MountDriver::Sidecar if ctx.blobfuse_image.is_none() => Err(refuse(
-            "NoBlobfuseImage",
-            "mounting with the sidecar needs a blobfuse2 image, and the operator has none; set --blobfuse-image (Helm value blobfuseImage), or use mountDriver: csi".to_string(),
-        )),
+        MountDriver::Sidecar if ctx.blobfuse_image.is_none() => {
+            Err(refuse("NoBlobfuseImage", NO_BLOBFUSE_IMAGE.to_string()))
+        }
         _ => Ok(choice),
     }
 }

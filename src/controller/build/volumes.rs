@@ -185,9 +185,7 @@ pub fn storage_volumes(
             }
             (Some(StoreConfig::AzureBlob(config)), MountDriver::Sidecar) => {
                 let Some(image) = ctx.blobfuse_image.as_deref() else {
-                    return Err(refuse(
-                        "mounting with the sidecar needs a blobfuse2 image, and the operator has none; set --blobfuse-image (Helm value blobfuseImage), or use mountDriver: csi".to_string(),
-                    ));
+                    return Err(refuse(super::mount::NO_BLOBFUSE_IMAGE.to_string()));
                 };
                 if let AzureCredential::WorkloadIdentity { .. } = config.credential {
                     return Err(refuse(format!(
@@ -276,9 +274,7 @@ fn mount_sas(
         AzureCredential::WorkloadIdentity { .. } => {
             unreachable!("workload identity mounts carry no SAS")
         }
-        AzureCredential::Anonymous => Err(format!(
-            "datastore {name} has no credentials, and neither driver mounts a container anonymously; give the datastore credentials, or use mode download"
-        )),
+        AzureCredential::Anonymous => Err(super::mount::no_credentials(name)),
     }
 }
 
