@@ -19,6 +19,8 @@ RUN cargo build --release --locked --bin datastore \
 
 # distroless cc: glibc, libgcc, CA certificates, /etc/passwd with nonroot (65532); no shell.
 FROM gcr.io/distroless/cc-debian12:nonroot
+# Agent containers run `/datastore` by this path (build::IMAGE_BINARY; tests/image.rs checks
+# the two agree): distroless has no PATH entry for `/`.
 COPY --from=build /datastore /datastore
 # The user every pod of the chart and of the controller's Jobs runs as (runAsUser 65532).
 USER 65532:65532

@@ -240,7 +240,7 @@ async fn created() -> Experiment {
     script.extend(resolution());
     script.extend([
         apply(CREDENTIALS).body(|secret| {
-            let file = secret["stringData"]["datastores.yaml"].as_str().unwrap();
+            let file = &common::secret_values(secret)["datastores.yaml"];
             assert!(
                 !file.contains(ACCOUNT_KEY),
                 "the account key never leaves the controller"
@@ -383,7 +383,7 @@ async fn uploading(exp: Experiment) -> Experiment {
     script.extend(resolution());
     script.extend([
         apply(CREDENTIALS).body(|secret| {
-            let file = secret["stringData"]["datastores.yaml"].as_str().unwrap();
+            let file = &common::secret_values(secret)["datastores.yaml"];
             assert!(!file.contains(ACCOUNT_KEY));
             assert!(file.contains("sasToken"));
         }),
@@ -829,7 +829,7 @@ async fn a_cluster_datastore_serves_the_namespaces_it_allows_without_copying_its
             .ok(secret(OPERATOR_NS, "shared-key", "accountKey", ACCOUNT_KEY)),
         apply(CREDENTIALS).body(|secret| {
             assert_eq!(secret["metadata"]["namespace"], NS);
-            let file = secret["stringData"]["datastores.yaml"].as_str().unwrap();
+            let file = &common::secret_values(secret)["datastores.yaml"];
             assert!(!file.contains(ACCOUNT_KEY), "{file}");
             assert!(file.contains("containerName: datasets"), "{file}");
         }),
@@ -1374,11 +1374,11 @@ async fn a_csi_mount_checks_the_cluster_applies_its_secret_and_records_the_drive
         // The volume's Secret, before the Job: a SAS for reading and listing, never the key.
         apply(MOUNT_SECRET).body(|secret| {
             assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], UID);
-            let data = secret["stringData"].as_object().expect("stringData");
+            let data = common::secret_values(secret);
             assert_eq!(data["azurestorageaccountname"], "mlstorage");
-            let sas = data["azurestorageaccountsastoken"].as_str().unwrap();
+            let sas = data["azurestorageaccountsastoken"].as_str();
             assert!(sas.contains("sp=rl"), "read and list only: {sas}");
-            assert!(!secret.to_string().contains(ACCOUNT_KEY), "{secret}");
+            assert!(!data.values().any(|v| v.contains(ACCOUNT_KEY)), "{data:?}");
         }),
         apply(RUN).body(|job| {
             let pod = pod_spec(job);
@@ -1453,7 +1453,8 @@ async fn without_the_blob_driver_auto_chooses_the_sidecar_and_says_why() {
         // The blobfuse2 config, with its SAS, in the sidecar's Secret.
         apply(MOUNT_SECRET).body(|secret| {
             assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], UID);
-            assert!(!secret.to_string().contains(ACCOUNT_KEY), "{secret}");
+            let data = common::secret_values(secret);
+            assert!(!data.values().any(|v| v.contains(ACCOUNT_KEY)), "{data:?}");
         }),
         apply(RUN).body(|job| {
             let pod = pod_spec(job);
@@ -1581,7 +1582,7 @@ scriptParams:
         expect(&format!("GET {FILE_CSI}")).ok(csi_driver("file.csi.azure.com")),
         apply(CREDENTIALS),
         apply(SHARE_SECRET).body(|secret| {
-            let data = secret["stringData"].as_object().expect("stringData");
+            let data = common::secret_values(secret);
             assert_eq!(data["azurestorageaccountname"], "mlstorage");
         }),
         apply(PVC),

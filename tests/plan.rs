@@ -86,6 +86,25 @@ fn the_example_renders_valid_objects_with_a_minted_sas() {
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&printed)
         .map(|d| serde_yaml::Value::deserialize(d).unwrap())
         .collect();
+    // Secrets hold their values base64-encoded in data: look inside too.
+    for doc in docs.iter().filter(|d| d["kind"] == "Secret") {
+        for value in doc["data"]
+            .as_mapping()
+            .into_iter()
+            .flatten()
+            .map(|(_, v)| v)
+        {
+            let decoded = base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                value.as_str().unwrap(),
+            )
+            .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&decoded).contains(KEY),
+                "the account key leaked"
+            );
+        }
+    }
     let objects: Vec<(&str, &str)> = docs
         .iter()
         .map(|d| {
@@ -117,7 +136,11 @@ fn the_example_renders_valid_objects_with_a_minted_sas() {
     }
 
     // The credentials: a SAS for download + upload on workspace-ds (read, create, write, list).
-    let file = docs[0]["stringData"]["datastores.yaml"].as_str().unwrap();
+    let encoded = docs[0]["data"]["datastores.yaml"].as_str().unwrap();
+    let file = &String::from_utf8(
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).unwrap(),
+    )
+    .unwrap();
     assert!(
         !file.contains(KEY) && !file.contains("accountKey"),
         "{file}"
@@ -391,6 +414,7 @@ fn the_mount_example_renders_valid_objects() {
     let share_key = "ZHVtbXktc2hhcmUtYWNjb3VudC1rZXktcmVwbGFjZS1tZS13aXRoLXlvdXJz";
     let blob_key = "ZHVtbXktYWNjb3VudC1rZXktcmVwbGFjZS1tZS13aXRoLXlvdXJzLWZyb20tdGhlLXBvcnRhbA==";
     for doc in &docs {
+        let doc = &with_secret_values(doc);
         assert_eq!(
             doc.contains(share_key),
             doc.contains("name: train-iris-mount-share-0\n")
@@ -405,4 +429,25 @@ fn the_mount_example_renders_valid_objects() {
     assert!(run.contains("mountPropagation: HostToContainer"), "{run}");
     let dir = tempfile::tempdir().unwrap();
     assert_valid(dir.path(), &printed);
+}
+
+/// A printed object, followed by its Secret values decoded (a Secret holds them base64-encoded
+/// in `data`), so a search of the text sees what the Secret really holds.
+fn with_secret_values(doc: &str) -> String {
+    let value: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+    let mut text = doc.to_string();
+    for encoded in value["data"]
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .map(|(_, v)| v)
+    {
+        let bytes = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            encoded.as_str().unwrap(),
+        )
+        .unwrap();
+        text.push_str(&String::from_utf8(bytes).unwrap());
+    }
+    text
 }

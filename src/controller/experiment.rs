@@ -867,8 +867,8 @@ fn is_new_step(current: &ExperimentStatus, next: &ExperimentStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::build::MountChoice;
     use crate::api::{ExperimentSpec, MountDriver};
+    use crate::controller::build::MountChoice;
     use crate::store::{AzureBlobConfig, AzureCredential, AzureFileConfig, Secret as Key};
 
     fn datastores() -> BTreeMap<String, StoreConfig> {

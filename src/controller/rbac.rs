@@ -5,7 +5,13 @@
 //! Derived from the code, not from habit:
 //! - a kube `Controller` (its main resource, `owns`, `watches`) lists and watches;
 //! - `Api::get_opt`/`get` is `get`; `Api::list` is `list`;
-//! - server-side apply (`Patch::Apply`) is `patch`, which also creates the object: no `create`;
+//! - server-side apply (`Patch::Apply`) is `patch`, and when it creates the object also
+//!   `create`: the apiserver authorizes the request as `patch`, then the creation as `create`
+//!   (apiserver `endpoints/handlers/patch.go`, `createAuthorizerAttributes`) — see
+//!   [`apply_creates`];
+//! - an owner reference with `blockOwnerDeletion: true` needs `update` on the owner's
+//!   `finalizers` subresource where the OwnerReferencesPermissionEnforcement admission plugin is
+//!   on (kubernetes/kubernetes#49133);
 //! - `patch_status` is `patch` on the `<resource>/status` subresource;
 //! - kube's event `Recorder` creates `events.k8s.io` events and patches a repeated one;
 //! - leader election (`kube-lease-manager`) gets, creates and patches one Lease;
@@ -68,6 +74,12 @@ pub const RULES: &[Rule] = &[
     ),
     cluster(
         "datastore.dev",
+        "experiments/finalizers",
+        &["update"],
+        "every child names its Experiment as owner with blockOwnerDeletion, which the OwnerReferencesPermissionEnforcement admission plugin allows only to who may update the owner's finalizers",
+    ),
+    cluster(
+        "datastore.dev",
         "experiments/status",
         &["patch"],
         "an Experiment's status, written by server-side apply (apply_status)",
@@ -99,26 +111,26 @@ pub const RULES: &[Rule] = &[
     cluster(
         "batch",
         "jobs",
-        &["get", "list", "watch", "patch"],
-        "the run and upload Jobs: applied, read by name, watched (ours only, by label)",
+        &["get", "list", "watch", "create", "patch"],
+        "the run and upload Jobs: applied (an apply that creates needs create too), read by name, watched (ours only, by label)",
     ),
     cluster(
         "",
         "pods",
-        &["list", "watch"],
-        "the pods of those Jobs (by label): progress, download reports, failures",
+        &["list", "watch", "delete"],
+        "the pods of those Jobs (by label): progress, download reports, failures; deleted once the outputs are uploaded, so that the outputs claim they name can go",
     ),
     cluster(
         "",
         "secrets",
-        &["get", "patch"],
-        "get: a datastore's credentials Secret; patch: the per-Experiment credentials Secret, applied",
+        &["get", "create", "patch", "delete"],
+        "get: a datastore's credentials Secret; create/patch: the per-Experiment Secrets, applied; delete: those of a start the cluster refused",
     ),
     cluster(
         "",
         "persistentvolumeclaims",
-        &["patch", "delete"],
-        "the outputs volume: applied with the run, deleted once its outputs are uploaded",
+        &["create", "patch", "delete"],
+        "the outputs volume: applied with the run, deleted once its outputs are uploaded (or when the cluster refused the start)",
     ),
     cluster(
         "",
@@ -215,6 +227,21 @@ pub fn access(method: &str, path: &str, query: &str) -> Option<Access> {
     })
 }
 
+/// The second access an apply (a PATCH with `application/apply-patch+yaml`) of `path` needs when
+/// the object does not exist yet and the apply creates it: `create` on the same resource and
+/// name (apiserver `endpoints/handlers/patch.go`: `createAuthorizerAttributes`). `None` for a
+/// subresource (applying `status` never creates) or a path that is not an object.
+pub fn apply_creates(path: &str) -> Option<Access> {
+    let access = access("PATCH", path, "")?;
+    if access.resource.contains('/') || access.name.is_none() {
+        return None;
+    }
+    Some(Access {
+        verb: "create",
+        ..access
+    })
+}
+
 /// Whether [`RULES`] grant `access` to the controller running in `operator_namespace`.
 pub fn allows(access: &Access, operator_namespace: &str) -> bool {
     RULES.iter().any(|rule| {
@@ -244,19 +271,40 @@ pub fn check(
 ) -> Result<(), String> {
     match access(method, path, query) {
         None => Ok(()),
-        Some(a) if allows(&a, operator_namespace) => Ok(()),
-        Some(a) => Err(format!(
-            "{method} {path}{}{query} needs `{}` on {}{} (group \"{}\"), which RULES in src/controller/rbac.rs do not grant: add the rule there and to the chart's templates",
-            if query.is_empty() { "" } else { "?" },
-            a.verb,
-            a.resource,
-            a.namespace
-                .as_ref()
-                .map(|ns| format!(" in namespace {ns}"))
-                .unwrap_or_default(),
-            a.group
-        )),
+        Some(a) => refused(&a, operator_namespace, &format!("{method} {path}"), query),
     }
+}
+
+/// [`check`] for a server-side apply of `path` that creates the object: it needs `patch` (the
+/// request) and `create` (the creation).
+pub fn check_apply_create(path: &str, query: &str, operator_namespace: &str) -> Result<(), String> {
+    check("PATCH", path, query, operator_namespace)?;
+    match apply_creates(path) {
+        None => Ok(()),
+        Some(a) => refused(
+            &a,
+            operator_namespace,
+            &format!("an apply creating {path}"),
+            query,
+        ),
+    }
+}
+
+fn refused(a: &Access, operator_namespace: &str, request: &str, query: &str) -> Result<(), String> {
+    if allows(a, operator_namespace) {
+        return Ok(());
+    }
+    Err(format!(
+        "{request}{}{query} needs `{}` on {}{} (group \"{}\"), which RULES in src/controller/rbac.rs do not grant: add the rule there and to the chart's templates",
+        if query.is_empty() { "" } else { "?" },
+        a.verb,
+        a.resource,
+        a.namespace
+            .as_ref()
+            .map(|ns| format!(" in namespace {ns}"))
+            .unwrap_or_default(),
+        a.group
+    ))
 }
 
 #[cfg(test)]
@@ -415,8 +463,8 @@ mod tests {
     #[test]
     fn what_it_never_does_is_refused() {
         for (method, path) in [
-            // Creating outside apply, deleting Jobs, reading pods one by one, listing secrets.
-            ("POST", "/apis/batch/v1/namespaces/ml/jobs"),
+            // Replacing Jobs, deleting Jobs, reading pods one by one, listing secrets.
+            ("PUT", "/apis/batch/v1/namespaces/ml/jobs/e-run"),
             ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/e-run"),
             ("GET", "/api/v1/namespaces/ml/pods/p"),
             ("GET", "/api/v1/namespaces/ml/secrets"),
@@ -465,6 +513,46 @@ mod tests {
             message.contains("`delete` on jobs in namespace ml"),
             "{message}"
         );
+    }
+
+    /// What the first reconcile of an Experiment does on a real apiserver: each apply creates
+    /// its object, which is authorized as `patch` and then as `create`.
+    #[test]
+    fn applies_that_create_are_allowed() {
+        for path in [
+            "/api/v1/namespaces/ml/secrets/e-credentials",
+            "/api/v1/namespaces/ml/secrets/e-mount-0",
+            "/api/v1/namespaces/ml/persistentvolumeclaims/e-outputs",
+            "/apis/batch/v1/namespaces/ml/jobs/e-run",
+            "/apis/batch/v1/namespaces/ml/jobs/e-upload",
+        ] {
+            let q = "fieldManager=datastore-operator&force=true";
+            assert_eq!(check_apply_create(path, q, OPS), Ok(()), "{path}");
+        }
+        let create = apply_creates("/apis/batch/v1/namespaces/ml/jobs/e-run").unwrap();
+        assert_eq!(
+            (
+                create.verb,
+                create.resource.as_str(),
+                create.name.as_deref()
+            ),
+            ("create", "jobs", Some("e-run"))
+        );
+        // A status is applied to an object that exists: never a create.
+        assert_eq!(
+            apply_creates("/apis/datastore.dev/v1alpha1/namespaces/ml/experiments/e/status"),
+            None
+        );
+    }
+
+    /// blockOwnerDeletion on every child's owner reference (OwnerReferencesPermissionEnforcement).
+    #[test]
+    fn owner_references_that_block_deletion_are_allowed() {
+        assert!(allowed(
+            "PUT",
+            "/apis/datastore.dev/v1alpha1/namespaces/ml/experiments/e/finalizers",
+            ""
+        ));
     }
 
     #[test]

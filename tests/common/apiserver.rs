@@ -19,6 +19,8 @@ pub struct Exchange {
     query: Vec<String>,
     check: Option<BodyCheck>,
     reply: Reply,
+    /// For a server-side apply: the object exists already, so the apply does not create it.
+    exists: bool,
 }
 
 enum Reply {
@@ -39,11 +41,13 @@ pub fn expect(request: &str) -> Exchange {
         query: Vec::new(),
         check: None,
         reply: Reply::Json(StatusCode::OK, json!({})),
+        exists: false,
     }
 }
 
 /// A server-side apply (PATCH) of `path` as the operator, forcing conflicts, answered with the
-/// applied object.
+/// applied object. The object does not exist yet, so the apply creates it and RBAC must grant
+/// `create` too, as a real apiserver requires; [`Exchange::exists`] says otherwise.
 pub fn apply(path: &str) -> Exchange {
     expect(&format!("PATCH {path}"))
         .query("fieldManager=datastore-operator")
@@ -86,6 +90,11 @@ impl Exchange {
                 .map(|(kind, object)| json!({"type": kind, "object": object}))
                 .collect(),
         );
+        self
+    }
+    /// The applied object exists already: the apply only patches it.
+    pub fn exists(mut self) -> Exchange {
+        self.exists = true;
         self
     }
     pub fn echo(mut self) -> Exchange {
@@ -163,15 +172,21 @@ async fn serve(
             format!("{} {}", want.method, want.path),
             "request {n} differs from the script"
         );
-        if let Some(namespace) = rbac
-            && let Err(why) = datastore_operator::controller::rbac::check(
-                method.as_str(),
-                &path,
-                &query,
-                namespace,
-            )
-        {
-            panic!("request {n}: {why}");
+        let is_apply = request
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes() == b"application/apply-patch+yaml");
+        if let Some(namespace) = rbac {
+            use datastore_operator::controller::rbac;
+            // An apply that creates is authorized as `patch`, then as `create`.
+            let checked = if is_apply && !want.exists {
+                rbac::check_apply_create(&path, &query, namespace)
+            } else {
+                rbac::check(method.as_str(), &path, &query, namespace)
+            };
+            if let Err(why) = checked {
+                panic!("request {n}: {why}");
+            }
         }
         for part in &want.query {
             assert!(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod image;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -443,4 +444,20 @@ pub fn expected_digest(files: &[(&str, &[u8])]) -> String {
         "sha256:{}",
         hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
     )
+}
+
+/// The values of a Secret as JSON (`data`, base64, decoded to text): what its readers see.
+pub fn secret_values(secret: &serde_json::Value) -> std::collections::BTreeMap<String, String> {
+    use base64::Engine;
+    let data = secret["data"]
+        .as_object()
+        .unwrap_or_else(|| panic!("the Secret holds its values in data: {secret}"));
+    data.iter()
+        .map(|(k, v)| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().expect("base64 text"))
+                .expect("base64");
+            (k.clone(), String::from_utf8(bytes).expect("text"))
+        })
+        .collect()
 }

@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim,
@@ -53,6 +54,10 @@ pub const CODE_CONTAINER: &str = "code";
 
 /// The agent image when the operator is not told otherwise.
 pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/datastore-operator/datastore:0.1.0";
+/// Where the operator's image holds the `datastore` binary: the command of every agent
+/// container. Distroless images have no `/` on their `PATH`, so the path is absolute; the
+/// Dockerfile copies the binary here (tests/image.rs checks that they agree).
+pub const IMAGE_BINARY: &str = "/datastore";
 /// The outputs volume's size when the spec does not give one.
 pub const DEFAULT_OUTPUTS_SIZE: &str = "10Gi";
 /// How long minted credentials live when the spec sets no `activeDeadlineSeconds`.
@@ -351,13 +356,47 @@ pub fn to_yaml<T: serde::Serialize>(object: &T) -> String {
 
 /// Secret `<exp>-credentials` holding the datastores file under `datastores.yaml`.
 pub fn credentials_secret(exp: &Experiment, datastores_file: String) -> Secret {
+    opaque_secret(
+        exp,
+        credentials_name(exp),
+        [(DATASTORES_KEY, datastores_file)],
+    )
+}
+
+/// A Secret's values as text (its `data`, decoded as UTF-8; `stringData` as is): what a pod
+/// reading it sees.
+pub fn secret_values(secret: &Secret) -> BTreeMap<String, String> {
+    let data = secret.data.iter().flatten().map(|(k, v)| {
+        (
+            k.clone(),
+            String::from_utf8(v.0.clone()).expect("the controller's Secrets hold text"),
+        )
+    });
+    let string_data = secret
+        .string_data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()));
+    data.chain(string_data).collect()
+}
+
+/// An Opaque Secret owned by `exp`, its values in `data`: never `stringData`, which is
+/// write-only and merges under server-side apply, so a key the controller stops applying would
+/// linger.
+pub(crate) fn opaque_secret<const N: usize>(
+    exp: &Experiment,
+    name: String,
+    entries: [(&str, String); N],
+) -> Secret {
     Secret {
-        metadata: child_meta(exp, credentials_name(exp)),
+        metadata: child_meta(exp, name),
         type_: Some("Opaque".to_string()),
-        string_data: Some(BTreeMap::from([(
-            DATASTORES_KEY.to_string(),
-            datastores_file,
-        )])),
+        data: Some(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+                .collect(),
+        ),
         ..Default::default()
     }
 }
@@ -467,7 +506,7 @@ fn agent_container(
     Container {
         name,
         image: Some(ctx.agent_image.clone()),
-        command: Some(vec!["datastore".to_string()]),
+        command: Some(vec![IMAGE_BINARY.to_string()]),
         args: Some(args),
         volume_mounts: Some(mounts),
         security_context: Some(container_security(true)),

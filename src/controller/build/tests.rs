@@ -184,7 +184,7 @@ fn run_job_downloads_each_reference_in_its_own_init_container() {
     assert_eq!(inits.len(), 2);
     assert_eq!(inits[0].name, "download-0");
     assert_eq!(inits[0].image.as_deref(), Some(DEFAULT_AGENT_IMAGE));
-    assert_eq!(inits[0].command, Some(vec!["datastore".to_string()]));
+    assert_eq!(inits[0].command, Some(vec!["/datastore".to_string()]));
     assert_eq!(
         inits[0].args.as_ref().unwrap(),
         &[
@@ -464,7 +464,7 @@ fn sas_of(file: &str, name: &str) -> String {
 #[test]
 fn an_account_key_becomes_a_sas_with_exactly_the_plans_permissions() {
     let (exp, plan, c) = children(EXAMPLE);
-    let file = &c.credentials.unwrap().string_data.unwrap()[DATASTORES_KEY];
+    let file = &secret_values(&c.credentials.unwrap())[DATASTORES_KEY];
     assert!(!file.contains(KEY), "{file}");
     assert!(!file.contains("accountKey"), "{file}");
     // The agent reads it back through the same resolver as the CLI.

@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{
 use kube::ResourceExt;
 
 use super::csi::{self, BlobAuth};
-use super::{BuildContext, MountChoice, blobfuse, child_meta};
+use super::{BuildContext, MountChoice, blobfuse, opaque_secret};
 use crate::api::{Experiment, MountDriver};
 use crate::error::{Error, Result};
 use crate::plan::{ExecutionPlan, Mount};
@@ -328,18 +328,5 @@ fn share_secret(
             "datastore {name} is an Azure Files share with {}; an SMB mount needs the account key (secretRef with accountKey)",
             other.kind()
         ))),
-    }
-}
-
-fn opaque_secret<const N: usize>(
-    exp: &Experiment,
-    name: String,
-    data: [(&str, String); N],
-) -> Secret {
-    Secret {
-        metadata: child_meta(exp, name),
-        type_: Some("Opaque".to_string()),
-        string_data: Some(data.into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
-        ..Default::default()
     }
 }

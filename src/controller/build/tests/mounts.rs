@@ -102,14 +102,13 @@ fn attributes(volume: &Volume) -> BTreeMap<String, String> {
         .unwrap()
 }
 
-fn secret<'a>(c: &'a Children, name: &str) -> &'a BTreeMap<String, String> {
-    c.volume_secrets
-        .iter()
-        .find(|s| s.metadata.name.as_deref() == Some(name))
-        .unwrap_or_else(|| panic!("no Secret {name}"))
-        .string_data
-        .as_ref()
-        .unwrap()
+fn secret(c: &Children, name: &str) -> BTreeMap<String, String> {
+    secret_values(
+        c.volume_secrets
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no Secret {name}")),
+    )
 }
 
 /// The value of `field` in a SAS token's query.
@@ -452,13 +451,7 @@ fn azure_files_downloads_and_uploads_copy_through_the_share() {
     assert!(!attributes(share)["mountOptions"].contains("ro"));
 
     // The agents' datastores file: each share is the local directory where it is mounted.
-    let file = &c
-        .credentials
-        .as_ref()
-        .unwrap()
-        .string_data
-        .as_ref()
-        .unwrap()[DATASTORES_KEY];
+    let file = &secret_values(c.credentials.as_ref().unwrap())[DATASTORES_KEY];
     assert!(!file.contains(SHARE_KEY), "{file}");
     let catalog = Catalog::parse(file, "datastores.yaml", PathBuf::new()).unwrap();
     let scope = Scope {
@@ -565,7 +558,14 @@ fn nothing_secret_reaches_main() {
         GIVEN_SAS.to_string(),
     ];
     for s in c.volume_secrets.iter().chain(c.credentials.iter()) {
-        secrets.extend(s.string_data.iter().flatten().map(|(_, v)| v.clone()));
+        // Applied with `data`: `stringData` is write-only and merges under apply, so a key no
+        // longer applied would linger.
+        assert!(
+            s.string_data.is_none() && s.data.as_ref().is_some_and(|d| !d.is_empty()),
+            "Secret {:?} holds its values in data",
+            s.metadata.name
+        );
+        secrets.extend(secret_values(s).into_values());
     }
     let rendered = to_yaml(main);
     for value in &secrets {
@@ -628,7 +628,7 @@ fn every_rendered_csi_attribute_and_secret_key_is_documented() {
         assert!(seen.contains(*documented), "{documented} never rendered");
     }
     for s in &c.volume_secrets {
-        for key in s.string_data.iter().flatten().map(|(k, _)| k.as_str()) {
+        for key in secret_values(s).keys().map(String::as_str) {
             assert!(
                 BLOB_CSI_SECRET_KEYS.contains(&key) || FILE_CSI_SECRET_KEYS.contains(&key),
                 "Secret key {key}"
