@@ -78,6 +78,12 @@ pub const EXPERIMENT_LABEL: &str = "datastore.dev/experiment";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "datastore-operator";
 
+/// The label the Azure workload identity webhook selects the pods it mutates by (it injects the
+/// federated token and `AZURE_*` variables into their containers).
+pub const WORKLOAD_IDENTITY_LABEL: &str = "azure.workload.identity/use";
+/// The webhook's pod annotation naming the containers it must leave alone (`;`-separated).
+pub const WORKLOAD_IDENTITY_SKIP_ANNOTATION: &str = "azure.workload.identity/skip-containers";
+
 const CREDENTIALS_VOLUME: &str = "credentials";
 const OUTPUTS_VOLUME: &str = "outputs";
 
@@ -640,6 +646,14 @@ pub fn run_job(
         ..Default::default()
     };
 
+    // The agents that read a datastore with workload identity need the webhook's token; the
+    // script's container and the sidecars get none of it.
+    let identity = uses_workload_identity(plan.code.iter().chain(&plan.downloads), datastores)
+        .then(|| {
+            std::iter::once(main.name.clone())
+                .chain(storage.sidecars.iter().map(|c| c.name.clone()))
+                .collect()
+        });
     let pod = PodSpec {
         restart_policy: Some("Never".to_string()),
         init_containers: (!init_containers.is_empty()).then_some(init_containers),
@@ -655,9 +669,25 @@ pub fn run_job(
         exp,
         run_job_name(exp),
         pod,
+        identity,
         spec.backoff_limit,
         run_deadline(exp, plan, ctx),
     )
+}
+
+/// Whether any of `transfers` reads or writes a datastore that authenticates with workload
+/// identity.
+fn uses_workload_identity<'a>(
+    transfers: impl IntoIterator<Item = &'a Transfer>,
+    datastores: &BTreeMap<String, StoreConfig>,
+) -> bool {
+    transfers.into_iter().any(|t| {
+        matches!(
+            datastores.get(&t.datastore),
+            Some(StoreConfig::AzureBlob(config))
+                if matches!(config.credential, AzureCredential::WorkloadIdentity { .. })
+        )
+    })
 }
 
 /// The run Job's `activeDeadlineSeconds`: the spec's. A run with mounts gets the operator's
@@ -690,13 +720,27 @@ pub fn main_command(plan: &ExecutionPlan) -> (Option<String>, Vec<String>, Vec<S
     }
 }
 
+/// A Job of `pod`. `workload_identity`: the pod is labelled for the Azure workload identity
+/// webhook, which skips the containers named.
 fn job(
     exp: &Experiment,
     name: String,
     pod: PodSpec,
+    workload_identity: Option<Vec<String>>,
     backoff_limit: Option<i32>,
     active_deadline_seconds: Option<i64>,
 ) -> Job {
+    let mut pod_labels = labels(exp);
+    let mut annotations = BTreeMap::new();
+    if let Some(skip) = workload_identity {
+        pod_labels.insert(WORKLOAD_IDENTITY_LABEL.to_string(), "true".to_string());
+        if !skip.is_empty() {
+            annotations.insert(
+                WORKLOAD_IDENTITY_SKIP_ANNOTATION.to_string(),
+                skip.join(";"),
+            );
+        }
+    }
     Job {
         metadata: child_meta(exp, name),
         spec: Some(JobSpec {
@@ -704,7 +748,8 @@ fn job(
             active_deadline_seconds,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(exp)),
+                    labels: Some(pod_labels),
+                    annotations: (!annotations.is_empty()).then_some(annotations),
                     ..Default::default()
                 }),
                 spec: Some(pod),
@@ -798,14 +843,21 @@ pub fn upload_job(
     if has_credentials {
         volumes.push(credentials_volume(exp));
     }
+    // The run's service account (workload identity federates it) and placement: the outputs
+    // claim may be bound to a zonal disk that only the run's node pools reach.
+    let spec = &exp.spec;
     let pod = PodSpec {
         restart_policy: Some("Never".to_string()),
         containers,
         volumes: Some(volumes),
+        node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
+        tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+        service_account_name: spec.service_account_name.clone(),
         security_context: Some(pod_security()),
         ..Default::default()
     };
-    Some(job(exp, upload_job_name(exp), pod, None, None))
+    let identity = uses_workload_identity(&plan.uploads, datastores).then(Vec::new);
+    Some(job(exp, upload_job_name(exp), pod, identity, None, None))
 }
 
 #[cfg(test)]

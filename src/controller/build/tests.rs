@@ -390,6 +390,84 @@ fn outputs_pvc_and_upload_job() {
             ("credentials".into(), "/etc/datastore".into(), None, true),
         ]
     );
+    // The run's placement (the claim may be bound to a zonal disk only those nodes reach) and
+    // service account.
+    let run = c.run;
+    let run_pod = self::pod(&run);
+    assert_eq!(pod.node_selector, run_pod.node_selector);
+    assert!(pod.node_selector.is_some());
+    assert_eq!(pod.tolerations, run_pod.tolerations);
+    assert_eq!(pod.service_account_name.as_deref(), Some("trainer"));
+}
+
+/// The Azure workload identity webhook mutates only pods labelled for it, and only the
+/// containers it is not told to skip: the agents that use an identity get it, the script never.
+#[test]
+fn pods_whose_agents_use_workload_identity_are_labelled_for_the_webhook() {
+    let exp = experiment(EXAMPLE);
+    let identity = AzureCredential::WorkloadIdentity {
+        client_id: "00000000-0000-0000-0000-000000000001".to_string(),
+    };
+    let template = |job: &Job| {
+        job.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .clone()
+            .unwrap()
+    };
+    let build_with = |stores: &BTreeMap<String, StoreConfig>| {
+        let plan = plan(&exp.spec, stores, CLUSTER).unwrap();
+        build(&exp, &plan, stores, &BuildContext::default(), &[], now()).unwrap()
+    };
+    // blob-ds (download and upload) with an identity: both pods.
+    let mut stores = datastores();
+    stores.extend([azure("blob-ds", identity.clone())]);
+    let c = build_with(&stores);
+    let run = template(&c.run);
+    assert_eq!(
+        run.labels.as_ref().unwrap()[WORKLOAD_IDENTITY_LABEL],
+        "true"
+    );
+    assert_eq!(
+        run.annotations.as_ref().unwrap()[WORKLOAD_IDENTITY_SKIP_ANNOTATION],
+        "main"
+    );
+    let upload = template(c.upload.as_ref().unwrap());
+    assert_eq!(
+        upload.labels.as_ref().unwrap()[WORKLOAD_IDENTITY_LABEL],
+        "true"
+    );
+    assert_eq!(
+        upload.annotations, None,
+        "every upload container is an agent"
+    );
+    // Only the public datastore with an identity: the run pod (it downloads from it), not the
+    // upload pod.
+    let mut stores = datastores();
+    stores.extend([azure("public-ds", identity)]);
+    let c = build_with(&stores);
+    assert!(
+        template(&c.run)
+            .labels
+            .unwrap()
+            .contains_key(WORKLOAD_IDENTITY_LABEL)
+    );
+    assert!(
+        !template(c.upload.as_ref().unwrap())
+            .labels
+            .unwrap()
+            .contains_key(WORKLOAD_IDENTITY_LABEL)
+    );
+    // Keys and anonymous access: no label.
+    let (_, _, c) = children(EXAMPLE);
+    assert!(
+        !template(&c.run)
+            .labels
+            .unwrap()
+            .contains_key(WORKLOAD_IDENTITY_LABEL)
+    );
 }
 
 #[test]
