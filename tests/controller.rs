@@ -189,6 +189,35 @@ fn pvc_deleted() -> Exchange {
         .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}))
 }
 
+/// A finished pod deleted (after a complete upload: its claim can only go after it).
+fn pod_deleted(name: &str) -> Exchange {
+    expect(&format!("DELETE {PODS}/{name}"))
+        .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}))
+}
+
+/// After a complete upload with nothing skipped: the decision recorded (`OutputsUploaded`),
+/// then the finished pods of both Jobs deleted, then the outputs claim, which the
+/// pvc-protection controller would keep while any of them existed.
+fn cleanup(after_run: &'static str) -> Vec<Exchange> {
+    let decided = Arc::default();
+    vec![
+        status_patch(&decided, move |s| {
+            assert_eq!(s.phase, Some(Phase::Uploading));
+            let message = s.message.as_deref().unwrap();
+            assert!(message.starts_with(after_run), "{message}");
+            assert!(
+                message
+                    .contains("removing the finished pods and PersistentVolumeClaim train-outputs"),
+                "{message}"
+            );
+        }),
+        event_about("Normal", "OutputsUploaded", "outputs were uploaded"),
+        pod_deleted("train-run-abcde"),
+        pod_deleted("train-upload-fghij"),
+        pvc_deleted(),
+    ]
+}
+
 fn condition(type_: &str, reason: &str) -> Value {
     json!([{"type": type_, "status": "True", "reason": reason, "message": format!("{reason} happened")}])
 }
@@ -210,9 +239,13 @@ fn pods(items: Vec<Value>) -> Value {
 }
 
 fn pod(init: Vec<Value>, main: Vec<Value>) -> Value {
+    named_pod("train-run-abcde", init, main)
+}
+
+fn named_pod(name: &str, init: Vec<Value>, main: Vec<Value>) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "train-run-abcde", "namespace": NS, "creationTimestamp": "2026-11-24T12:00:05Z"},
+        "metadata": {"name": name, "namespace": NS, "creationTimestamp": "2026-11-24T12:00:05Z"},
         "status": {"phase": "Running", "initContainerStatuses": init, "containerStatuses": main},
     })
 }
@@ -427,13 +460,15 @@ async fn a_succeeded_run_job_leads_to_the_upload_job() {
 async fn a_finished_upload_deletes_the_pvc_and_the_experiment_succeeds() {
     let exp = uploading(running_exp().await).await;
     let status = Arc::default();
-    let script = vec![
+    let mut script = vec![
         run_completed(),
         run_pods(terminated(0, "")),
         expect(&format!("GET {UPLOAD}"))
             .ok(job("train-upload", condition("Complete", "Completed"))),
         upload_pods(0),
-        pvc_deleted(),
+    ];
+    script.extend(cleanup("the script succeeded"));
+    script.extend([
         status_patch(&status, |s| {
             assert_eq!(s.phase, Some(Phase::Succeeded));
             assert!(s.completion_time.is_some());
@@ -445,7 +480,7 @@ async fn a_finished_upload_deletes_the_pvc_and_the_experiment_succeeds() {
             assert_eq!(succeeded.status, "True");
         }),
         event_about("Normal", "Succeeded", "outputs were uploaded"),
-    ];
+    ]);
     let action = reconcile_once(&exp, script).await;
     assert_eq!(action, Action::await_change());
 
@@ -455,12 +490,71 @@ async fn a_finished_upload_deletes_the_pvc_and_the_experiment_succeeds() {
     assert_eq!(action, Action::await_change());
 }
 
+/// The pass that cleans up is cut short (here a delete fails; a controller dying there is the
+/// same) after the decision was written: the next pass, which finds the pods gone, trusts the
+/// decision the status records (the reports went with the pods), deletes the claim and
+/// finishes. Nothing runs again.
+#[tokio::test]
+async fn a_cleanup_cut_short_by_a_restart_finishes_from_the_recorded_decision() {
+    let exp = uploading(running_exp().await).await;
+    let decided = Arc::default();
+    let mut script = vec![
+        run_completed(),
+        run_pods(terminated(0, "")),
+        expect(&format!("GET {UPLOAD}"))
+            .ok(job("train-upload", condition("Complete", "Completed"))),
+        upload_pods(0),
+    ];
+    script.extend([
+        status_patch(&decided, |s| assert_eq!(s.phase, Some(Phase::Uploading))),
+        event_about("Normal", "OutputsUploaded", "outputs were uploaded"),
+        expect(&format!("DELETE {PODS}/train-run-abcde")).reply(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "etcd is down", "reason": "ServiceUnavailable", "metadata": {}}),
+        ),
+    ]);
+    let (client, server) = common::apiserver::start_as_controller(script, OPERATOR_NS);
+    let result = reconcile(
+        Arc::new(exp.clone()),
+        context(client, BuildContext::default()),
+    )
+    .await;
+    server.done().await;
+    assert!(result.is_err(), "the pass ends at the failed delete");
+    let exp = with_status(exp, written(&decided));
+
+    let status = Arc::default();
+    let script = vec![
+        run_completed(),
+        expect(&format!("GET {PODS}"))
+            .query("labelSelector=batch.kubernetes.io%2Fjob-name%3Dtrain-run")
+            .ok(pods(vec![])),
+        expect(&format!("GET {UPLOAD}"))
+            .ok(job("train-upload", condition("Complete", "Completed"))),
+        expect(&format!("GET {PODS}"))
+            .query("labelSelector=batch.kubernetes.io%2Fjob-name%3Dtrain-upload")
+            .ok(pods(vec![])),
+        pvc_deleted(),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Succeeded));
+            assert_eq!(
+                s.inputs.len(),
+                1,
+                "the inputs recorded before the pods went"
+            );
+        }),
+        event_about("Normal", "Succeeded", "outputs were uploaded"),
+    ];
+    assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
+}
+
 /// The upload Job's pod, its container having reported `skipped` outputs kept as they were.
 fn upload_pods(skipped: u64) -> Exchange {
     let report = format!(r#"{{"uploaded":2,"skipped":{skipped},"bytes":10}}"#);
     expect(&format!("GET {PODS}"))
         .query("labelSelector=batch.kubernetes.io%2Fjob-name%3Dtrain-upload")
-        .ok(pods(vec![pod(
+        .ok(pods(vec![named_pod(
+            "train-upload-fghij",
             vec![],
             vec![container("upload-0", terminated(0, &report))],
         )]))
@@ -568,7 +662,7 @@ async fn a_failed_run_still_uploads_under_upload_policy_always() {
     // The upload finishes: the PVC goes, and the experiment is Failed (the run failed), with
     // its outputs uploaded.
     let status = Arc::default();
-    let script = vec![
+    let mut script = vec![
         expect(&format!("GET {RUN}")).ok(job(
             "train-run",
             condition("Failed", "BackoffLimitExceeded"),
@@ -577,7 +671,9 @@ async fn a_failed_run_still_uploads_under_upload_policy_always() {
         expect(&format!("GET {UPLOAD}"))
             .ok(job("train-upload", condition("Complete", "Completed"))),
         upload_pods(0),
-        pvc_deleted(),
+    ];
+    script.extend(cleanup("the run failed (the script exited with code 2"));
+    script.extend([
         status_patch(&status, |s| {
             assert_eq!(s.phase, Some(Phase::Failed));
             let message = s.message.as_deref().unwrap();
@@ -587,7 +683,7 @@ async fn a_failed_run_still_uploads_under_upload_policy_always() {
             );
         }),
         event_about("Warning", "RunFailed", "outputs were uploaded"),
-    ];
+    ]);
     let action = reconcile_once(&exp, script).await;
     assert_eq!(action, Action::await_change());
 }

@@ -48,6 +48,10 @@ pub const ACTIVE_RECHECK: Duration = Duration::from_secs(300);
 /// How often an experiment waiting for a datastore (or its Secret) looks again.
 pub const BLOCKED_RECHECK: Duration = Duration::from_secs(60);
 
+/// The step between a successful upload and the end: the outputs are uploaded and nothing was
+/// skipped, so the finished pods and the outputs volume are being removed.
+const OUTPUTS_UPLOADED: &str = "OutputsUploaded";
+
 /// The label the Job controller puts on a Job's pods.
 const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
 
@@ -435,9 +439,12 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
         }
         Outcome::Succeeded => {
             let upload_pods = job_pods(&pods, &build::upload_job_name(exp)).await?;
+            // Decided once, from the upload pods' reports, before those pods are deleted
+            // (below): a pass after a restart half-way trusts the decision in the status.
+            let decided = progress::succeeded_reason(exp) == Some(OUTPUTS_UPLOADED);
             let skipped = progress::skipped_outputs(&upload_pods);
             let uploaded = super::metrics::uploaded_bytes(&upload_pods);
-            if skipped > 0 {
+            if skipped > 0 && !decided {
                 // This run's versions of those files exist only on the volume: keep it.
                 let step = Step::new(
                     if run_ok.is_ok() { Phase::Succeeded } else { Phase::Failed },
@@ -452,15 +459,26 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                 ctx.metrics.uploaded(uploaded);
                 return Ok(Action::await_change());
             }
-            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-            match pvcs
-                .delete(&build::outputs_name(exp), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
+            let mut exp = exp.clone();
+            if !decided {
+                let step = Step::new(
+                    Phase::Uploading,
+                    OUTPUTS_UPLOADED,
+                    format!(
+                        "{after_run}; its outputs were uploaded: removing the finished pods and PersistentVolumeClaim {}",
+                        build::outputs_name(&exp)
+                    ),
+                );
+                exp.status = Some(update(&exp, ctx, step, inputs.clone(), true).await?);
             }
+            // A claim stays (Terminating, its disk billed) while any pod that names it exists,
+            // whatever its phase (the pvc-protection controller): the finished pods go first.
+            // A finished Job creates no new pods, and the Jobs stay as the run's record.
+            for pod in run_pods.iter().chain(&upload_pods) {
+                delete_if_present(&pods, &pod.name_any()).await?;
+            }
+            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+            delete_if_present(&pvcs, &build::outputs_name(&exp)).await?;
             let step = match run_ok {
                 Ok(()) => Step::new(
                     Phase::Succeeded,
@@ -473,7 +491,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                     format!("{after_run}; its outputs were uploaded (uploadPolicy Always)"),
                 ),
             };
-            update(exp, ctx, step, inputs, true).await?;
+            update(&exp, ctx, step, inputs, true).await?;
             // After the write that finishes the Experiment: a pass that failed before it counts once.
             ctx.metrics.uploaded(uploaded);
             Ok(Action::await_change())
@@ -496,6 +514,18 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
             update(exp, ctx, step, inputs, true).await?;
             Ok(Action::await_change())
         }
+    }
+}
+
+/// Deletes `name`; one already gone is fine.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -788,7 +818,7 @@ async fn update(
     step: Step,
     inputs: Vec<InputRecord>,
     started: bool,
-) -> Result<(), ReconcileError> {
+) -> Result<ExperimentStatus, ReconcileError> {
     write_status(exp, ctx, step, inputs, started, None).await
 }
 
@@ -800,7 +830,7 @@ async fn write_status(
     inputs: Vec<InputRecord>,
     started: bool,
     mounts: Option<Vec<MountRecord>>,
-) -> Result<(), ReconcileError> {
+) -> Result<ExperimentStatus, ReconcileError> {
     let current = exp.status.clone().unwrap_or_default();
     let now = Time(ctx.now_k8s());
     let mut next = progress::next_status(
@@ -815,7 +845,7 @@ async fn write_status(
         next.mounts = mounts;
     }
     if next == current {
-        return Ok(());
+        return Ok(next);
     }
     let api: Api<Experiment> =
         Api::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
@@ -844,7 +874,7 @@ async fn write_status(
             tracing::warn!(experiment = %exp.name_any(), error = %e, "cannot publish an event");
         }
     }
-    Ok(())
+    Ok(next)
 }
 
 /// A new phase, a new reason, or a refusal with a new message (progress within a phase, like

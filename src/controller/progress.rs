@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::agent::{Report, UploadReport};
-use crate::api::{ExperimentStatus, InputRecord, Phase};
+use crate::api::{Experiment, ExperimentStatus, InputRecord, Phase};
 use crate::controller::build::CODE_CONTAINER;
 use crate::plan::Transfer;
 
@@ -259,6 +259,16 @@ pub fn upload_totals(pods: &[Pod]) -> UploadReport {
 /// How many outputs the upload left as they were because their blob existed.
 pub fn skipped_outputs(pods: &[Pod]) -> u64 {
     upload_totals(pods).skipped
+}
+
+/// The reason of the experiment's `Succeeded` condition, as last written.
+pub fn succeeded_reason(exp: &Experiment) -> Option<&str> {
+    exp.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == SUCCEEDED)
+        .map(|c| c.reason.as_str())
 }
 
 /// One step of an experiment, as its status reports it.
