@@ -1210,32 +1210,140 @@ async fn a_local_experiment_is_left_to_datastore_run() {
     assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
 }
 
+fn refused(code: u16, reason: &str, message: &str) -> (http::StatusCode, Value) {
+    (
+        http::StatusCode::from_u16(code).unwrap(),
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": code,
+            "reason": reason, "message": message,
+        }),
+    )
+}
+
+fn deleted(path: &str) -> Exchange {
+    expect(&format!("DELETE {path}"))
+        .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}))
+}
+
+/// A quota (or the operator's RBAC) refusing an object is the cluster's to fix, not the spec's:
+/// what the start applied is deleted again, and the experiment waits, tried again with
+/// backoff, the reason in its status.
 #[tokio::test]
-async fn objects_the_cluster_refuses_are_reported_not_retried_in_a_loop() {
+async fn a_quota_refusing_the_run_waits_and_retries_from_nothing() {
     let exp = experiment(EXAMPLE);
     let status = Arc::default();
     let mut script = vec![expect(&format!("GET {RUN}")).not_found()];
     script.extend(resolution());
+    let (code, body) = refused(
+        403,
+        "Forbidden",
+        "persistentvolumeclaims \"train-outputs\" is forbidden: exceeded quota: storage, requested: requests.storage=10Gi",
+    );
     script.extend([
         apply(CREDENTIALS),
-        apply(PVC).reply(
-            http::StatusCode::FORBIDDEN,
-            json!({
-                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 403,
-                "reason": "Forbidden",
-                "message": "persistentvolumeclaims \"train-outputs\" is forbidden: exceeded quota: storage, requested: requests.storage=10Gi",
-            }),
-        ),
+        apply(PVC).reply(code, body),
+        // The Secret this start applied goes again; no Job is applied.
+        deleted(CREDENTIALS),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Pending));
+            assert!(s.completion_time.is_none());
+            let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+            assert_eq!(
+                (accepted.status.as_str(), accepted.reason.as_str()),
+                ("False", "QuotaExceeded")
+            );
+            assert!(
+                accepted.message.contains("exceeded quota"),
+                "{}",
+                accepted.message
+            );
+            assert!(
+                accepted.message.contains("tried again"),
+                "{}",
+                accepted.message
+            );
+        }),
+        event_about("Warning", "QuotaExceeded", "exceeded quota"),
+    ]);
+    assert_eq!(
+        reconcile_once(&exp, script).await,
+        Action::requeue(datastore_operator::controller::experiment::REFUSED_RETRY_MIN)
+    );
+}
+
+/// An object the apiserver finds invalid is the spec's to fix: Failed (InvalidJob) until the
+/// spec changes, and what the start applied is deleted so that the next start can apply a
+/// claim of another size or class (an unbound claim is immutable).
+#[tokio::test]
+async fn an_invalid_run_job_is_reported_and_what_was_applied_goes() {
+    let exp = experiment(EXAMPLE);
+    let status = Arc::default();
+    let mut script = vec![expect(&format!("GET {RUN}")).not_found()];
+    script.extend(resolution());
+    let (code, body) = refused(
+        422,
+        "Invalid",
+        "Job.batch \"train-run\" is invalid: spec.template.spec.tolerations[0].operator: Invalid value",
+    );
+    script.extend([
+        apply(CREDENTIALS),
+        apply(PVC),
+        apply(RUN).reply(code, body),
+        deleted(CREDENTIALS),
+        deleted(PVC),
         status_patch(&status, |s| {
             assert_eq!(s.phase, Some(Phase::Failed));
             let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
-            assert_eq!((accepted.status.as_str(), accepted.reason.as_str()), ("False", "InvalidJob"));
-            assert!(accepted.message.contains("exceeded quota"), "{}", accepted.message);
+            assert_eq!(
+                (accepted.status.as_str(), accepted.reason.as_str()),
+                ("False", "InvalidJob")
+            );
+            assert!(
+                accepted.message.contains("tolerations"),
+                "{}",
+                accepted.message
+            );
         }),
-        event_about("Warning", "InvalidJob", "exceeded quota"),
+        event_about("Warning", "InvalidJob", "is invalid"),
     ]);
-    // No Job is applied after the refusal.
     assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
+}
+
+/// The upload Job refused by a quota: the outputs wait on their claim, tried again.
+#[tokio::test]
+async fn a_quota_refusing_the_upload_job_keeps_the_outputs_waiting() {
+    let exp = running_exp().await;
+    let status = Arc::default();
+    let mut script = vec![
+        run_completed(),
+        run_pods(terminated(0, "")),
+        expect(&format!("GET {UPLOAD}")).not_found(),
+    ];
+    script.extend(resolution());
+    let (code, body) = refused(
+        403,
+        "Forbidden",
+        "pods \"train-upload\" is forbidden: exceeded quota: compute, requested: count/jobs.batch=1",
+    );
+    script.extend([
+        apply(CREDENTIALS).exists(),
+        apply(UPLOAD).reply(code, body),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Uploading));
+            assert!(s.completion_time.is_none());
+            let message = s.message.as_deref().unwrap();
+            assert!(message.contains("exceeded quota"), "{message}");
+            assert!(
+                message.contains("the outputs wait on PersistentVolumeClaim train-outputs"),
+                "{message}"
+            );
+        }),
+        event_about("Warning", "QuotaExceeded", "exceeded quota"),
+    ]);
+    assert_eq!(
+        reconcile_once(&exp, script).await,
+        Action::requeue(datastore_operator::controller::experiment::REFUSED_RETRY_MIN)
+    );
 }
 
 // -------------------------------------------------------------------------------------------

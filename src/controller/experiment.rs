@@ -168,8 +168,13 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
         }
     };
     if let Err(refusal) = apply_run(exp, ctx, &children).await? {
+        let retry = refusal.phase != Phase::Failed;
         update(exp, ctx, refusal, Vec::new(), false).await?;
-        return Ok(Action::await_change());
+        return Ok(if retry {
+            Action::requeue(retry_after(exp, ctx.now()))
+        } else {
+            Action::await_change()
+        });
     }
     let step = Step::new(
         Phase::Pending,
@@ -310,54 +315,104 @@ fn missing_file_driver(
     ))
 }
 
-/// Applies the run's objects. The apiserver refusing one (invalid, or over a quota) is a
-/// refusal the user sees, not a retry loop.
+/// Applies the run's objects, Secrets first and the Job last. When the apiserver refuses one,
+/// what this start applied before it is deleted again, so that the next start begins from
+/// nothing (an unbound claim is immutable: a later apply with another size or class would get
+/// 422), and the refusal is returned ([`refusal`]); other failures are errors (retried).
 async fn apply_run(
     exp: &Experiment,
     ctx: &Context,
     children: &build::Children,
 ) -> Result<Result<(), Step>, ReconcileError> {
     let ns = exp.namespace().unwrap_or_default();
-    let refused = |e: kube::Error| match e {
-        kube::Error::Api(status) if matches!(status.code, 400 | 403 | 422) => Ok(Step::refused(
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
+    let pvcs = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns);
+    let mut applied_secrets = Vec::new();
+    let mut applied_pvc = None;
+    let failed = 'apply: {
+        for secret in children.credentials.iter().chain(&children.volume_secrets) {
+            if let Err(e) = apply(&secrets, secret).await {
+                break 'apply e;
+            }
+            applied_secrets.push(secret.name_any());
+        }
+        if let Some(pvc) = &children.outputs {
+            if let Err(e) = apply(&pvcs, pvc).await {
+                break 'apply e;
+            }
+            applied_pvc = Some(pvc.name_any());
+        }
+        match apply(
+            &Api::<Job>::namespaced(ctx.client.clone(), &ns),
+            &children.run,
+        )
+        .await
+        {
+            Ok(_) => return Ok(Ok(())),
+            Err(e) => e,
+        }
+    };
+    let step = refusal(failed, "the run's objects", Phase::Pending)?;
+    for name in &applied_secrets {
+        delete_if_present(&secrets, name).await?;
+    }
+    if let Some(name) = &applied_pvc {
+        delete_if_present(&pvcs, name).await?;
+    }
+    Ok(Err(step))
+}
+
+/// What the apiserver refusing to apply `what` means. 403 is the cluster's to fix (a
+/// ResourceQuota or LimitRange, the operator's RBAC), never the spec's alone: the experiment
+/// waits in `waiting` (reason `QuotaExceeded` or `Forbidden`) and is tried again with backoff
+/// ([`retry_after`]). 400 and 422 (the object is invalid) are the spec's: `InvalidJob`, tried
+/// again when the spec changes. Other failures are errors, retried.
+fn refusal(e: kube::Error, what: &str, waiting: Phase) -> Result<Step, ReconcileError> {
+    match e {
+        kube::Error::Api(status) if status.code == 403 => {
+            let reason = if status.message.contains("exceeded quota") {
+                "QuotaExceeded"
+            } else {
+                "Forbidden"
+            };
+            Ok(Step::refused(
+                waiting,
+                reason,
+                format!(
+                    "the cluster refused {what}: {}; tried again with backoff until an admin raises the quota or grants the permission",
+                    status.message
+                ),
+            ))
+        }
+        kube::Error::Api(status) if matches!(status.code, 400 | 422) => Ok(Step::refused(
             Phase::Failed,
             "InvalidJob",
             format!(
-                "the cluster refused the run's objects: {}; fix the spec and it is tried again",
+                "the cluster refused {what}: {}; fix the spec and it is tried again",
                 status.message
             ),
         )),
         other => Err(ReconcileError::Kube(other)),
-    };
-    if let Some(secret) = &children.credentials
-        && let Err(e) = apply(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), secret).await
-    {
-        return refused(e).map(Err);
     }
-    for secret in &children.volume_secrets {
-        if let Err(e) = apply(&Api::<Secret>::namespaced(ctx.client.clone(), &ns), secret).await {
-            return refused(e).map(Err);
-        }
-    }
-    if let Some(pvc) = &children.outputs
-        && let Err(e) = apply(
-            &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns),
-            pvc,
-        )
-        .await
-    {
-        return refused(e).map(Err);
-    }
-    if let Err(e) = apply(
-        &Api::<Job>::namespaced(ctx.client.clone(), &ns),
-        &children.run,
-    )
-    .await
-    {
-        return refused(e).map(Err);
-    }
-    Ok(Ok(()))
 }
+
+/// How long an experiment the cluster refuses waits before it is tried again: as long as it has
+/// been refused already (backoff without a counter), at least 10 s and at most 5 minutes.
+pub fn retry_after(exp: &Experiment, now: chrono::DateTime<chrono::Utc>) -> Duration {
+    let since = exp
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == progress::ACCEPTED))
+        .filter(|c| c.status == "False")
+        .map(|c| now.timestamp() - c.last_transition_time.0.as_second())
+        .map(|seconds| Duration::from_secs(seconds.max(0) as u64))
+        .unwrap_or_default();
+    since.clamp(REFUSED_RETRY_MIN, REFUSED_RETRY_MAX)
+}
+
+/// The bounds of [`retry_after`].
+pub const REFUSED_RETRY_MIN: Duration = Duration::from_secs(10);
+pub const REFUSED_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Moves an experiment whose run Job exists one step on.
 async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, ReconcileError> {
@@ -569,9 +624,6 @@ async fn start_upload(
         }
     };
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
-    if let Some(secret) = &children.credentials {
-        apply(&secrets, secret).await?;
-    }
     let upload = children
         .upload
         .as_ref()
@@ -579,14 +631,31 @@ async fn start_upload(
     // Only the volumes' Secrets the upload Job reads (an Azure Files share's, for one): the run's
     // mounts are over.
     let needed = referenced_secrets(upload);
-    for secret in children
+    let volume_secrets = children
         .volume_secrets
         .iter()
-        .filter(|s| s.metadata.name.as_ref().is_some_and(|n| needed.contains(n)))
-    {
-        apply(&secrets, secret).await?;
+        .filter(|s| s.metadata.name.as_ref().is_some_and(|n| needed.contains(n)));
+    let applied = 'apply: {
+        for secret in children.credentials.iter().chain(volume_secrets) {
+            if let Err(e) = apply(&secrets, secret).await {
+                break 'apply Err(e);
+            }
+        }
+        apply(&Api::<Job>::namespaced(ctx.client.clone(), &ns), upload).await
+    };
+    if let Err(e) = applied {
+        // The spec was accepted when the run started: whatever the cluster refuses now, the
+        // outputs wait on their volume and the upload is tried again.
+        let mut step = refusal(e, "the upload Job", Phase::Uploading)?;
+        step.phase = Phase::Uploading;
+        step.message = format!(
+            "{}; the outputs wait on PersistentVolumeClaim {}",
+            step.message,
+            build::outputs_name(exp)
+        );
+        update(exp, ctx, step, inputs, true).await?;
+        return Ok(Action::requeue(retry_after(exp, ctx.now())));
     }
-    apply(&Api::<Job>::namespaced(ctx.client.clone(), &ns), upload).await?;
     let step = Step::new(
         Phase::Uploading,
         "Uploading",
@@ -940,6 +1009,39 @@ mod tests {
         format!(
             "  - name: {name}\n    dataReference: {{datastore: {datastore}, path: p, mode: {mode}}}\n"
         )
+    }
+
+    #[test]
+    fn a_refusal_is_retried_later_the_longer_it_lasts() {
+        let now = chrono::Utc::now();
+        let refused_since = |seconds_ago: i64| {
+            let spec: ExperimentSpec =
+                serde_yaml::from_str("image: i\nentryScript: train.py\n").unwrap();
+            let mut exp = Experiment::new("train", spec);
+            let step = Step::refused(Phase::Pending, "QuotaExceeded", "exceeded quota");
+            let then = Time(
+                k8s_openapi::jiff::Timestamp::from_second(now.timestamp() - seconds_ago).unwrap(),
+            );
+            exp.status = Some(progress::next_status(
+                &ExperimentStatus::default(),
+                Some(1),
+                &step,
+                Vec::new(),
+                false,
+                &then,
+            ));
+            retry_after(&exp, now)
+        };
+        assert_eq!(refused_since(0), REFUSED_RETRY_MIN);
+        assert_eq!(refused_since(90), Duration::from_secs(90));
+        assert_eq!(refused_since(3600), REFUSED_RETRY_MAX);
+        // Not refused before (Accepted True, or no status): the shortest wait.
+        let spec: ExperimentSpec =
+            serde_yaml::from_str("image: i\nentryScript: train.py\n").unwrap();
+        assert_eq!(
+            retry_after(&Experiment::new("train", spec), now),
+            REFUSED_RETRY_MIN
+        );
     }
 
     #[test]
