@@ -461,12 +461,19 @@ async fn upload_reports_what_it_kept_and_refuses_a_symlink_out_of_the_outputs_fo
         (report(&report_path).uploaded, report(&report_path).skipped),
         (2, 0)
     );
-    // Again: both exist, both are kept, and the report says so (the controller keeps the
-    // outputs volume then).
+    // Again, as a retried upload Job does: both exist with the same bytes, so nothing is
+    // uploaded and nothing counts as kept (the controller would keep the outputs volume for
+    // outputs only it holds).
     assert_exit(&upload(src.clone(), report_path.clone()).await, 0);
+    let again = report(&report_path);
+    assert_eq!((again.uploaded, again.skipped, again.identical), (0, 0, 2));
+    // Other contents: both exist, both are kept, and the report says so.
+    std::fs::write(src.join("model.bin"), b"retrained").unwrap();
+    assert_exit(&upload(src.clone(), report_path.clone()).await, 0);
+    let changed = report(&report_path);
     assert_eq!(
-        (report(&report_path).uploaded, report(&report_path).skipped),
-        (0, 2)
+        (changed.uploaded, changed.skipped, changed.identical),
+        (0, 2, 0)
     );
 
     // Outside: refused before anything is sent.

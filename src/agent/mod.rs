@@ -151,12 +151,16 @@ impl Report {
 }
 
 /// What a successful upload did, as the termination message:
-/// `{"uploaded":N,"skipped":N,"bytes":N}`. `skipped` counts outputs whose blob existed and was
-/// kept (no `--overwrite`): the controller keeps the outputs volume then, so nothing is lost.
+/// `{"uploaded":N,"skipped":N,"identical":N,"bytes":N}`. `skipped` counts outputs whose blob
+/// existed with other contents and was kept (no `--overwrite`): the controller keeps the
+/// outputs volume then, so nothing is lost. `identical` counts those whose blob already held
+/// the same bytes (an upload retried after a partial attempt): nothing to keep for them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadReport {
     pub uploaded: u64,
     pub skipped: u64,
+    #[serde(default)]
+    pub identical: u64,
     pub bytes: u64,
 }
 
@@ -283,7 +287,8 @@ async fn upload(args: UploadArgs) -> i32 {
                 let text = match &result {
                     Ok(summary) => serde_json::to_string(&UploadReport {
                         uploaded: summary.transferred,
-                        skipped: summary.skipped,
+                        skipped: summary.kept_differing(),
+                        identical: summary.identical,
                         bytes: summary.bytes,
                     })
                     .expect("a report serializes"),

@@ -112,7 +112,9 @@ pub struct ExperimentSpec {
     #[x_kube(validation = Rule::new("self > 0").message("activeDeadlineSeconds must be positive"))]
     pub active_deadline_seconds: Option<i64>,
     /// How many times a failed run is retried before the experiment is Failed (the Job's
-    /// `backoffLimit`).
+    /// `backoffLimit`). Default 0: a script that fails is not run again, as in the SDK (a retry
+    /// downloads again and writes into the same outputs). A pod lost to a disruption
+    /// (preemption, eviction, a drained node) is replaced without counting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0").message("backoffLimit must not be negative"))]
     pub backoff_limit: Option<i32>,

@@ -237,6 +237,7 @@ pub fn upload_totals(pods: &[Pod]) -> UploadReport {
     let mut total = UploadReport {
         uploaded: 0,
         skipped: 0,
+        identical: 0,
         bytes: 0,
     };
     let Some(status) = newest(pods).and_then(|p| p.status.as_ref()) else {
@@ -251,6 +252,7 @@ pub fn upload_totals(pods: &[Pod]) -> UploadReport {
     {
         total.uploaded += report.uploaded;
         total.skipped += report.skipped;
+        total.identical += report.identical;
         total.bytes += report.bytes;
     }
     total

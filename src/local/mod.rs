@@ -241,7 +241,7 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
             match result {
                 Ok(summary) => {
                     report_upload(upload, &summary);
-                    if summary.skipped > 0 {
+                    if summary.kept_differing() > 0 {
                         kept_outputs.push(upload.param.clone());
                     }
                 }
@@ -287,10 +287,16 @@ fn report_upload(upload: &Transfer, summary: &Summary) {
         indicatif::HumanBytes(summary.bytes),
         remote(upload)
     );
-    if summary.skipped > 0 {
+    if summary.identical > 0 {
+        line.push_str(&format!(
+            "; {} already there with the same contents",
+            summary.identical
+        ));
+    }
+    if summary.kept_differing() > 0 {
         line.push_str(&format!(
             "; {} kept as they were because their blobs existed (set overwrite: true on the reference to replace them)",
-            summary.skipped
+            summary.kept_differing()
         ));
     }
     say(line);

@@ -69,10 +69,21 @@ impl Options {
 pub struct Summary {
     pub transferred: u64,
     pub skipped: u64,
+    /// Of the skipped uploads, those whose blob already held the same bytes (same size and
+    /// Content-MD5): nothing of them is lost by skipping, e.g. when an upload is retried.
+    pub identical: u64,
     pub failed: u64,
     pub bytes: u64,
     pub seconds: f64,
     pub mib_per_s: f64,
+}
+
+impl Summary {
+    /// Skipped files whose blob differs (or could not be compared): the local copy is the only
+    /// one of these bytes.
+    pub fn kept_differing(&self) -> u64 {
+        self.skipped - self.identical
+    }
 }
 
 impl std::fmt::Display for Summary {

@@ -1,6 +1,6 @@
 //! `Datastore.upload(src_dir, target_path, overwrite)`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use crate::atomic::Commit;
 use crate::error::Error;
 use crate::paths;
 use crate::store::azure::{BlockIds, Body, PutOutcome};
-use crate::store::{BlobClient, LocalDir, Store, local::walk_files};
+use crate::store::{BlobClient, LocalDir, ObjectMeta, Store, local::walk_files};
 
 /// A local file to upload and the blob name it becomes.
 struct Item {
@@ -45,9 +45,9 @@ pub async fn upload(
     .await?;
 
     // Skip decisions come from one listing of the target, not a request per file.
-    let existing: HashSet<String> = if run.options.overwrite {
+    let existing: HashMap<String, ObjectMeta> = if run.options.overwrite {
         store.check().await?;
-        HashSet::new()
+        HashMap::new()
     } else {
         let prefix = if target.is_empty() {
             String::new()
@@ -58,19 +58,49 @@ pub async fn upload(
             .list(&prefix)
             .await?
             .into_iter()
-            .map(|m| m.name)
+            .map(|m| (m.name.clone(), m))
             .collect()
     };
-    let (todo, skipped): (Vec<Item>, Vec<Item>) =
-        files.into_iter().partition(|f| !existing.contains(&f.name));
+    let (todo, skipped): (Vec<Item>, Vec<Item>) = files
+        .into_iter()
+        .partition(|f| !existing.contains_key(&f.name));
+    let identical = count_identical(&skipped, &existing).await?;
 
     run.progress
         .start(todo.len() as u64, todo.iter().map(|f| f.size).sum());
     let run = &run;
-    run.each(todo, skipped.len() as u64, |item| {
-        upload_one(run, store, item)
-    })
-    .await
+    let mut summary = run
+        .each(todo, skipped.len() as u64, |item| {
+            upload_one(run, store, item)
+        })
+        .await?;
+    summary.identical = identical;
+    Ok(summary)
+}
+
+/// How many of the `skipped` files their blob already holds byte for byte: the same size and a
+/// Content-MD5 equal to the file's (a blob without one counts as different). Only files whose
+/// name exists are hashed, so a first upload pays nothing.
+async fn count_identical(
+    skipped: &[Item],
+    existing: &HashMap<String, ObjectMeta>,
+) -> Result<u64, Error> {
+    let candidates = skipped.iter().filter_map(|item| {
+        let blob = existing.get(&item.name)?;
+        let md5 = blob.md5.filter(|_| blob.size == item.size)?;
+        Some((item, md5))
+    });
+    let same: Vec<bool> = stream::iter(candidates)
+        .map(|(item, md5)| async move {
+            hash_file(item.path.clone(), item.size)
+                .await
+                .map(|local| local == md5)
+                .map_err(|e| Error::local("read", &item.path, e))
+        })
+        .buffer_unordered(4)
+        .try_collect()
+        .await?;
+    Ok(same.into_iter().filter(|same| *same).count() as u64)
 }
 
 async fn source_files(

@@ -20,7 +20,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
@@ -665,14 +667,35 @@ pub fn run_job(
         security_context: Some(pod_security()),
         ..Default::default()
     };
-    job(
+    let mut run = job(
         exp,
         run_job_name(exp),
         pod,
         identity,
-        spec.backoff_limit,
+        // The SDK runs a script once: a retry would download again and write into the same
+        // outputs, mixing attempts. Retrying is the spec's opt-in.
+        Some(spec.backoff_limit.unwrap_or(0)),
         run_deadline(exp, plan, ctx),
-    )
+    );
+    if let Some(job) = run.spec.as_mut() {
+        job.pod_failure_policy = Some(retry_disruptions());
+    }
+    run
+}
+
+/// A pod lost to a disruption (preemption, eviction, a node drained: the `DisruptionTarget`
+/// condition) is replaced without counting towards `backoffLimit`: not the script's failure.
+fn retry_disruptions() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![PodFailurePolicyRule {
+            action: "Ignore".to_string(),
+            on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                type_: "DisruptionTarget".to_string(),
+                status: Some("True".to_string()),
+            }]),
+            on_exit_codes: None,
+        }],
+    }
 }
 
 /// Whether any of `transfers` reads or writes a datastore that authenticates with workload

@@ -470,6 +470,29 @@ fn pods_whose_agents_use_workload_identity_are_labelled_for_the_webhook() {
     );
 }
 
+/// The SDK runs a script once: without `backoffLimit` a failing script is not run again (a
+/// retry would download again and mix its outputs with the first attempt's); a pod lost to a
+/// disruption is replaced without counting.
+#[test]
+fn a_failing_script_runs_once_unless_the_spec_asks_for_retries() {
+    let without = EXAMPLE.replace("backoffLimit: 2\n", "");
+    let (_, _, c) = children(&without);
+    let spec = c.run.spec.unwrap();
+    assert_eq!(spec.backoff_limit, Some(0));
+    let policy = spec.pod_failure_policy.expect("a pod failure policy");
+    assert_eq!(policy.rules.len(), 1);
+    let rule = &policy.rules[0];
+    assert_eq!(rule.action, "Ignore");
+    let conditions = rule.on_pod_conditions.as_ref().unwrap();
+    assert_eq!(conditions[0].type_, "DisruptionTarget");
+    assert_eq!(conditions[0].status.as_deref(), Some("True"));
+    // Opted in: the spec's count, disruptions still not counted.
+    let (_, _, c) = children(EXAMPLE);
+    let spec = c.run.spec.unwrap();
+    assert_eq!(spec.backoff_limit, Some(2));
+    assert!(spec.pod_failure_policy.is_some());
+}
+
 #[test]
 fn an_upload_reference_with_overwrite_replaces_existing_blobs() {
     let yaml = EXAMPLE.replace(
