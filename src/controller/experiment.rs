@@ -145,14 +145,20 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
     }
     let mounts = match build::choose_drivers(&plan, &datastores, &ctx.build, &env) {
         Ok(mounts) => mounts,
+        Err(refusal) if refusal.spec => {
+            // The reference asks for what cannot be done (`mountDriver: csi` on a folder the
+            // driver refuses): only a spec change helps, and it wakes the experiment.
+            let refusal = Step::refused(Phase::Failed, refusal.reason, refusal.message);
+            update(exp, ctx, refusal, Vec::new(), false).await?;
+            return Ok(Action::await_change());
+        }
         Err(refusal) => {
-            // Every refusal here is about the cluster, the operator or the datastore, never the
-            // spec alone (the planner refused those): a missing CSIDriver, a namespace whose Pod
-            // Security level forbids the privileged sidecar, an operator without a blobfuse2
-            // image, a datastore without credentials. An admin can fix each without touching
-            // the Experiment, so it waits (Pending) and looks again; nothing was created, so a
-            // later start is as good as the first. A spec change (e.g. `mountDriver: csi`)
-            // wakes it at once.
+            // The others are about the cluster, the operator or the datastore: a missing
+            // CSIDriver, a namespace whose Pod Security level forbids the privileged sidecar, an
+            // operator without a blobfuse2 image, a datastore without credentials. An admin can
+            // fix each without touching the Experiment, so it waits (Pending) and looks again;
+            // nothing was created, so a later start is as good as the first. A spec change
+            // (e.g. `mountDriver: csi`) wakes it at once.
             let refusal = Step::refused(Phase::Pending, refusal.reason, refusal.message);
             update(exp, ctx, refusal, Vec::new(), false).await?;
             return Ok(Action::requeue(BLOCKED_RECHECK));

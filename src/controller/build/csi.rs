@@ -76,7 +76,10 @@ pub fn blob_volume(
         ("containerName", config.container.clone()),
         ("protocol", "fuse2".to_string()),
     ]);
-    attributes.extend(blob_endpoint_attributes(config)?);
+    attributes.extend(
+        blob_endpoint_attributes(config)
+            .map_err(|why| format!("{why}; use mountDriver: sidecar"))?,
+    );
     match auth {
         BlobAuth::Secret(secret) => {
             attributes.insert("secretName", secret.clone());
@@ -94,12 +97,8 @@ pub fn blob_volume(
         options.push("--read-only".to_string());
     }
     if !subdirectory.is_empty() {
-        // The driver splits the options at commas and passes them to blobfuse2 split at spaces.
-        if subdirectory.contains(|c: char| c == ',' || c.is_whitespace()) {
-            return Err(format!(
-                "the path {subdirectory:?} holds a comma or a space, which the {} driver cannot pass to blobfuse2; mount a folder without them, or use mountDriver: sidecar",
-                super::BLOB_CSI_DRIVER
-            ));
+        if let Some(why) = unmountable_subdirectory(subdirectory) {
+            return Err(format!("{why}; use mountDriver: sidecar"));
         }
         options.push(format!("--subdirectory={subdirectory}"));
     }
@@ -110,6 +109,29 @@ pub fn blob_volume(
         read_only,
         attributes,
     ))
+}
+
+/// Why `blob.csi.azure.com` cannot mount `config`'s folder `subdirectory`, if it cannot: an
+/// endpoint it cannot reach ([`blob_endpoint_attributes`]) or a folder it refuses
+/// ([`unmountable_subdirectory`]). Without a suggestion: the caller knows the way out.
+pub fn blob_csi_cannot_mount(config: &AzureBlobConfig, subdirectory: &str) -> Option<String> {
+    if let Err(why) = blob_endpoint_attributes(config) {
+        return Some(why);
+    }
+    unmountable_subdirectory(subdirectory)
+}
+
+/// Why the driver refuses `subdirectory` as blobfuse2's `--subdirectory`: it sanitizes mount
+/// option values of inline volumes against `^[a-zA-Z0-9._/-]+$` (kubernetes-sigs/blob-csi-driver
+/// `pkg/blob/blob.go`, `SanitizeMountOptions`), and splits options at commas and spaces anyway.
+fn unmountable_subdirectory(subdirectory: &str) -> Option<String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-');
+    (!subdirectory.is_empty() && !subdirectory.chars().all(allowed)).then(|| {
+        format!(
+            "the path {subdirectory:?} holds characters the {} driver refuses in a folder to mount (it takes only letters, digits and . _ / -)",
+            super::BLOB_CSI_DRIVER
+        )
+    })
 }
 
 /// Where `blob.csi.azure.com` finds the blob service: nothing for the public cloud's
@@ -123,7 +145,7 @@ fn blob_endpoint_attributes(
     let url = &config.endpoint;
     let unreachable = |why: &str| {
         Err(format!(
-            "datastore endpoint {url} {why}, and the {} driver reaches storage only as https://<host>; use mountDriver: sidecar",
+            "datastore endpoint {url} {why}, and the {} driver reaches storage only as https://<host>",
             super::BLOB_CSI_DRIVER
         ))
     };
@@ -287,7 +309,9 @@ mod tests {
         assert_eq!(attributes(&rw)["mountOptions"], "-o allow_other");
         assert_eq!(rw.csi.as_ref().unwrap().read_only, None);
         let err = blob_volume("m", &config, "a b", true, &auth).unwrap_err();
-        assert!(err.contains("comma or a space"), "{err}");
+        assert!(err.contains("holds characters"), "{err}");
+        assert!(blob_volume("m", &config, "a,b", true, &auth).is_err());
+        assert!(blob_volume("m", &config, "x_1/y-2.z", true, &auth).is_ok());
         assert_eq!(
             file_mount_options(false),
             "uid=65532,gid=65532,dir_mode=0755,file_mode=0644"

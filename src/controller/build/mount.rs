@@ -13,7 +13,7 @@ use crate::api::{MountDriver, MountRecord};
 use crate::plan::{ExecutionPlan, Mount};
 use crate::store::{AzureCredential, StoreConfig};
 
-use super::BuildContext;
+use super::{BuildContext, csi};
 
 /// The CSI driver of Azure Blob containers (AKS: `az aks update --enable-blob-driver`).
 pub const BLOB_CSI_DRIVER: &str = "blob.csi.azure.com";
@@ -60,6 +60,9 @@ pub struct MountChoice {
 pub struct MountRefusal {
     pub reason: &'static str,
     pub message: String,
+    /// Only a change of the spec can lift it (the reference asks for what cannot be done);
+    /// otherwise the cluster, the operator or the datastore can.
+    pub spec: bool,
 }
 
 /// Why the sidecar cannot mount without an image. The builder says the same when it is handed a
@@ -95,6 +98,7 @@ fn choose_driver(
     let refuse = |reason, message: String| MountRefusal {
         reason,
         message: format!("parameter {}: {message}", mount.param),
+        spec: false,
     };
     let (credential, csi_driver, csi_installed) = match store {
         Some(StoreConfig::AzureBlob(c)) => (&c.credential, BLOB_CSI_DRIVER, env.blob_csi),
@@ -117,7 +121,25 @@ fn choose_driver(
         ));
     }
     let is_share = matches!(store, Some(StoreConfig::AzureFile(_)));
+    // What the CSI driver cannot mount (a folder name it refuses, an endpoint it cannot reach)
+    // the sidecar can.
+    let csi_cannot = match store {
+        Some(StoreConfig::AzureBlob(c)) => csi::blob_csi_cannot_mount(c, &mount.remote_path),
+        _ => None,
+    };
     let choice = match (mount.driver, is_share) {
+        (Some(MountDriver::Csi), false) if csi_cannot.is_some() => {
+            return Err(MountRefusal {
+                spec: true,
+                ..refuse(
+                    "CsiCannotMount",
+                    format!(
+                        "{}; use mountDriver: sidecar (a privileged blobfuse2 sidecar mounts it)",
+                        csi_cannot.unwrap_or_default()
+                    ),
+                )
+            });
+        }
         (Some(driver), _) => MountChoice {
             driver,
             reason: format!(
@@ -129,6 +151,26 @@ fn choose_driver(
             driver: MountDriver::Csi,
             reason: format!("an Azure Files share mounts only through {FILE_CSI_DRIVER}"),
         },
+        (None, false)
+            if ctx.default_mount_driver == DefaultMountDriver::Auto
+                && let Some(why) = &csi_cannot =>
+        {
+            MountChoice {
+                driver: MountDriver::Sidecar,
+                reason: format!("{why}, so a privileged blobfuse2 sidecar mounts it"),
+            }
+        }
+        (None, false)
+            if ctx.default_mount_driver == DefaultMountDriver::Csi
+                && let Some(why) = &csi_cannot =>
+        {
+            return Err(refuse(
+                "CsiCannotMount",
+                format!(
+                    "{why}; the operator's default driver is csi (--default-mount-driver): set mountDriver: sidecar on the reference"
+                ),
+            ));
+        }
         (None, false) => match (ctx.default_mount_driver, csi_installed) {
             (DefaultMountDriver::Csi, _) => MountChoice {
                 driver: MountDriver::Csi,
@@ -230,10 +272,20 @@ mod tests {
         default: DefaultMountDriver,
         env: MountEnvironment,
     ) -> Result<MountChoice, MountRefusal> {
+        choose_path("images", store, requested, default, env)
+    }
+
+    fn choose_path(
+        path: &str,
+        store: StoreConfig,
+        requested: Option<MountDriver>,
+        default: DefaultMountDriver,
+        env: MountEnvironment,
+    ) -> Result<MountChoice, MountRefusal> {
         let mount = Mount {
             param: "--data".into(),
             datastore: "ds".into(),
-            remote_path: "images".into(),
+            remote_path: path.into(),
             local_path: "/mnt/datastore/data".into(),
             read_only: true,
             driver: requested,
@@ -284,6 +336,77 @@ mod tests {
             "{}",
             without.reason
         );
+    }
+
+    /// blob.csi.azure.com takes a folder only of `[a-zA-Z0-9._/-]`: `csi` asked for on another
+    /// is the spec's to change, `auto` takes the sidecar for it.
+    #[test]
+    fn a_folder_the_csi_driver_refuses_takes_the_sidecar_or_is_refused() {
+        let installed = || env(Some(true), None);
+        for path in ["images/train set", "cats+dogs", "données", "a,b", "x@y"] {
+            let auto = choose_path(
+                path,
+                blob(key()),
+                None,
+                DefaultMountDriver::Auto,
+                installed(),
+            )
+            .unwrap();
+            assert_eq!(auto.driver, MountDriver::Sidecar, "{path}");
+            assert!(
+                auto.reason
+                    .contains("holds characters the blob.csi.azure.com driver refuses"),
+                "{}",
+                auto.reason
+            );
+            let asked = choose_path(
+                path,
+                blob(key()),
+                Some(MountDriver::Csi),
+                DefaultMountDriver::Auto,
+                installed(),
+            )
+            .unwrap_err();
+            assert_eq!(asked.reason, "CsiCannotMount");
+            assert!(
+                asked.spec,
+                "only the spec can change the folder or the driver"
+            );
+            assert!(
+                asked.message.contains("use mountDriver: sidecar"),
+                "{}",
+                asked.message
+            );
+            let default_csi = choose_path(
+                path,
+                blob(key()),
+                None,
+                DefaultMountDriver::Csi,
+                installed(),
+            )
+            .unwrap_err();
+            assert_eq!(default_csi.reason, "CsiCannotMount");
+        }
+        for path in ["images/train-2024_v1.0", "A/b/C"] {
+            let auto = choose_path(
+                path,
+                blob(key()),
+                None,
+                DefaultMountDriver::Auto,
+                installed(),
+            )
+            .unwrap();
+            assert_eq!(auto.driver, MountDriver::Csi, "{path}");
+        }
+        // An endpoint the driver cannot reach (Azurite, plain HTTP): the sidecar too.
+        let azurite = StoreConfig::AzureBlob(fixtures::blob(
+            "data",
+            "http://127.0.0.1:10000/devstoreaccount1",
+            key(),
+        ));
+        let auto = choose(azurite, None, DefaultMountDriver::Auto, installed()).unwrap();
+        assert_eq!(auto.driver, MountDriver::Sidecar);
+        assert!(auto.reason.contains("is not HTTPS"), "{}", auto.reason);
     }
 
     #[test]

@@ -679,7 +679,7 @@ fn mounts_the_drivers_cannot_make_are_refused_clearly() {
         blob_store(key(), "http://127.0.0.1:10000/devstoreaccount1"),
     );
     let message = refused(
-        "  - {name: --a, dataReference: {datastore: blob-ds, mode: mount}}\n",
+        "  - {name: --a, dataReference: {datastore: blob-ds, mode: mount, mountDriver: csi}}\n",
         &azurite,
         &BuildContext::default(),
     );
