@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use datastore_operator::controller::build::{
-    BLOB_CSI_DRIVER, DEFAULT_AGENT_IMAGE, DEFAULT_OUTPUTS_SIZE, DEFAULT_SIDECAR_MEMORY,
-    FILE_CSI_DRIVER, RUN_AS_USER,
+    BLOB_CSI_DRIVER, DEFAULT_AGENT_CPU_LIMIT, DEFAULT_AGENT_CPU_REQUEST, DEFAULT_AGENT_IMAGE,
+    DEFAULT_AGENT_MEMORY_LIMIT, DEFAULT_AGENT_MEMORY_REQUEST, DEFAULT_OUTPUTS_SIZE,
+    DEFAULT_SIDECAR_CPU, DEFAULT_SIDECAR_MEMORY, FILE_CSI_DRIVER, RUN_AS_USER,
 };
 use datastore_operator::controller::rbac::{LEASE_NAME, RULES, Scope};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -38,7 +39,8 @@ image: {repository: registry.example.com/ml/datastore, tag: 0.1.0-rc.1, pullPoli
 imagePullSecrets: [registry-credentials]
 agentImage: registry.example.com/ml/datastore-agent:0.1.0
 blobfuseImage: registry.example.com/ml/blobfuse2:2.5.1
-mount: {defaultDriver: csi, sidecarMemory: 2Gi}
+mount: {defaultDriver: csi, sidecarMemory: 2Gi, sidecarCpu: 1500m}
+agent: {resources: {requests: {cpu: 250m, memory: 256Mi}, limits: {cpu: "4", memory: 1Gi}}}
 outputs: {size: 50Gi, storageClassName: managed-csi-premium}
 logLevel: debug
 logFormat: text
@@ -339,6 +341,15 @@ fn values_schema_refuses_mistyped_values_at_install_time() {
         ("mount: {driver: csi}", "additional properties 'driver'"),
         ("mount: {sidecarMemory: 1.5Gi}", "/mount/sidecarMemory"),
         ("mount: {sidecarMemory: 1GB}", "/mount/sidecarMemory"),
+        ("mount: {sidecarCpu: two}", "/mount/sidecarCpu"),
+        (
+            "agent: {resources: {limits: {memory: 1.5Gi}}}",
+            "/agent/resources/limits/memory",
+        ),
+        (
+            "agent: {resources: {limits: {gpu: \"1\"}}}",
+            "/agent/resources/limits",
+        ),
         (
             "mount: {sidecarMemory: 1024}",
             "at '/mount/sidecarMemory': got number, want string",
@@ -469,6 +480,14 @@ fn the_controller_pod_is_restricted_and_follows_the_process_contract() {
         ),
         ("DATASTORE_DEFAULT_MOUNT_DRIVER", "auto"),
         ("DATASTORE_SIDECAR_MEMORY", DEFAULT_SIDECAR_MEMORY),
+        ("DATASTORE_SIDECAR_CPU", DEFAULT_SIDECAR_CPU),
+        ("DATASTORE_AGENT_CPU_REQUEST", DEFAULT_AGENT_CPU_REQUEST),
+        (
+            "DATASTORE_AGENT_MEMORY_REQUEST",
+            DEFAULT_AGENT_MEMORY_REQUEST,
+        ),
+        ("DATASTORE_AGENT_CPU_LIMIT", DEFAULT_AGENT_CPU_LIMIT),
+        ("DATASTORE_AGENT_MEMORY_LIMIT", DEFAULT_AGENT_MEMORY_LIMIT),
         ("DATASTORE_OUTPUTS_SIZE", DEFAULT_OUTPUTS_SIZE),
         ("DATASTORE_LOG", "info"),
         ("DATASTORE_LOG_FORMAT", "json"),
@@ -702,6 +721,11 @@ fn every_option_reaches_the_objects() {
         ),
         ("DATASTORE_DEFAULT_MOUNT_DRIVER", "csi"),
         ("DATASTORE_SIDECAR_MEMORY", "2Gi"),
+        ("DATASTORE_SIDECAR_CPU", "1500m"),
+        ("DATASTORE_AGENT_CPU_REQUEST", "250m"),
+        ("DATASTORE_AGENT_MEMORY_REQUEST", "256Mi"),
+        ("DATASTORE_AGENT_CPU_LIMIT", "4"),
+        ("DATASTORE_AGENT_MEMORY_LIMIT", "1Gi"),
         ("DATASTORE_OUTPUTS_SIZE", "50Gi"),
         ("DATASTORE_OUTPUTS_STORAGE_CLASS", "managed-csi-premium"),
         ("DATASTORE_LOG", "debug"),

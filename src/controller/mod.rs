@@ -38,8 +38,10 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{ClusterDatastore, Datastore, Experiment};
 use crate::store::azure::Tuning;
 use build::{
-    BuildContext, DEFAULT_AGENT_IMAGE, DEFAULT_OUTPUTS_SIZE, DEFAULT_SIDECAR_MEMORY,
-    DefaultMountDriver, EXPERIMENT_LABEL, MANAGED_BY_LABEL, MANAGER,
+    BuildContext, DEFAULT_AGENT_CPU_LIMIT, DEFAULT_AGENT_CPU_REQUEST, DEFAULT_AGENT_IMAGE,
+    DEFAULT_AGENT_MEMORY_LIMIT, DEFAULT_AGENT_MEMORY_REQUEST, DEFAULT_OUTPUTS_SIZE,
+    DEFAULT_SIDECAR_CPU, DEFAULT_SIDECAR_MEMORY, DefaultMountDriver, EXPERIMENT_LABEL,
+    MANAGED_BY_LABEL, MANAGER,
 };
 use http::{Health, Readiness};
 use metrics::Metrics;
@@ -83,6 +85,22 @@ pub struct OperatorArgs {
         value_parser = memory_quantity
     )]
     pub sidecar_memory: Quantity,
+    /// The blobfuse2 sidecar's CPU limit (a Kubernetes quantity, at least 100m, which it
+    /// requests).
+    #[arg(long, env = "DATASTORE_SIDECAR_CPU", default_value = DEFAULT_SIDECAR_CPU, value_parser = sidecar_cpu)]
+    pub sidecar_cpu: Quantity,
+    /// The CPU each agent container (code, download, upload) requests.
+    #[arg(long, env = "DATASTORE_AGENT_CPU_REQUEST", default_value = DEFAULT_AGENT_CPU_REQUEST, value_parser = cpu)]
+    pub agent_cpu_request: String,
+    /// The memory each agent container requests.
+    #[arg(long, env = "DATASTORE_AGENT_MEMORY_REQUEST", default_value = DEFAULT_AGENT_MEMORY_REQUEST, value_parser = memory)]
+    pub agent_memory_request: String,
+    /// The CPU each agent container is limited to.
+    #[arg(long, env = "DATASTORE_AGENT_CPU_LIMIT", default_value = DEFAULT_AGENT_CPU_LIMIT, value_parser = cpu)]
+    pub agent_cpu_limit: String,
+    /// The memory each agent container is limited to.
+    #[arg(long, env = "DATASTORE_AGENT_MEMORY_LIMIT", default_value = DEFAULT_AGENT_MEMORY_LIMIT, value_parser = memory)]
+    pub agent_memory_limit: String,
 }
 
 impl OperatorArgs {
@@ -97,9 +115,71 @@ impl OperatorArgs {
                 .filter(|image| !image.is_empty()),
             default_mount_driver: self.default_mount_driver,
             sidecar_memory: self.sidecar_memory.clone(),
+            sidecar_cpu: self.sidecar_cpu.clone(),
+            agent_resources: build::compute_resources(
+                or_default(&self.agent_cpu_request, DEFAULT_AGENT_CPU_REQUEST),
+                or_default(&self.agent_memory_request, DEFAULT_AGENT_MEMORY_REQUEST),
+                or_default(&self.agent_cpu_limit, DEFAULT_AGENT_CPU_LIMIT),
+                or_default(&self.agent_memory_limit, DEFAULT_AGENT_MEMORY_LIMIT),
+            ),
             ..BuildContext::default()
         }
     }
+}
+
+/// An empty flag (a chart rendering "") is the default.
+fn or_default<'a>(value: &'a str, default: &'a str) -> &'a str {
+    if value.is_empty() { default } else { value }
+}
+
+/// Millicores of a Kubernetes CPU quantity (`250m`, `1`, `1.5`); `None` if it is not one.
+fn cpu_millis(value: &str) -> Option<u64> {
+    let (number, scale) = match value.strip_suffix('m') {
+        Some(millis) => (millis, 1.0),
+        None => (value, 1000.0),
+    };
+    let ok = !number.is_empty()
+        && number.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && number.matches('.').count() <= 1;
+    let n: f64 = number.parse().ok().filter(|_| ok)?;
+    let millis = n * scale;
+    (millis >= 1.0 && millis.fract() == 0.0 && millis < 1e9).then_some(millis as u64)
+}
+
+/// An agent container's CPU request or limit: a Kubernetes quantity of CPU; empty is the
+/// default.
+fn cpu(value: &str) -> Result<String, String> {
+    if value.is_empty() || cpu_millis(value).is_some() {
+        return Ok(value.to_string());
+    }
+    Err(format!(
+        "`{value}` is not a quantity of CPU: write cores (1, 0.5) or millicores (250m)"
+    ))
+}
+
+/// `--sidecar-cpu`: at least what the sidecar requests; empty is the default.
+fn sidecar_cpu(value: &str) -> Result<Quantity, String> {
+    if value.is_empty() {
+        return Ok(Quantity(DEFAULT_SIDECAR_CPU.to_string()));
+    }
+    let floor = cpu_millis(build::SIDECAR_CPU_REQUEST).expect("a quantity");
+    match cpu_millis(value) {
+        Some(millis) if millis >= floor => Ok(Quantity(value.to_string())),
+        Some(_) => Err(format!(
+            "`{value}` is less CPU than the blobfuse2 sidecar requests ({}): give at least that",
+            build::SIDECAR_CPU_REQUEST
+        )),
+        None => cpu(value).map(Quantity),
+    }
+}
+
+/// An agent container's memory request or limit: a whole number with a suffix; empty is the
+/// default.
+fn memory(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Ok(String::new());
+    }
+    memory_bytes(value).map(|_| value.to_string())
 }
 
 /// `--default-mount-driver`: `auto`, `csi` or `sidecar`; empty (a chart rendering `""`) is
@@ -119,6 +199,16 @@ fn memory_quantity(value: &str) -> Result<Quantity, String> {
     if value.is_empty() {
         return Ok(Quantity(DEFAULT_SIDECAR_MEMORY.to_string()));
     }
+    if memory_bytes(value)? < 64 << 20 {
+        return Err(format!(
+            "`{value}` is too little memory for the blobfuse2 sidecar: give at least 64Mi"
+        ));
+    }
+    Ok(Quantity(value.to_string()))
+}
+
+/// Bytes of a whole number of memory with an optional suffix (`512Mi`, `2G`).
+fn memory_bytes(value: &str) -> Result<u64, String> {
     let digits = value
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(value.len());
@@ -135,20 +225,16 @@ fn memory_quantity(value: &str) -> Result<Quantity, String> {
         "Ti" => 1 << 40,
         _ => u64::MAX,
     };
-    let bytes = number
+    number
         .parse::<u64>()
         .ok()
         .filter(|_| multiplier != u64::MAX)
-        .and_then(|n| n.checked_mul(multiplier));
-    match bytes {
-        Some(bytes) if bytes >= 64 << 20 => Ok(Quantity(value.to_string())),
-        Some(_) => Err(format!(
-            "`{value}` is too little memory for the blobfuse2 sidecar: give at least 64Mi"
-        )),
-        None => Err(format!(
-            "`{value}` is not a quantity of memory: write a whole number with a suffix such as 512Mi or 2Gi"
-        )),
-    }
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| {
+            format!(
+                "`{value}` is not a quantity of memory: write a whole number with a suffix such as 512Mi or 2Gi"
+            )
+        })
 }
 
 #[derive(Args, Debug)]
@@ -919,6 +1005,72 @@ mod tests {
             parse(&["--sidecar-memory=1500M"]).unwrap().sidecar_memory.0,
             "1500M"
         );
+    }
+
+    #[test]
+    fn agent_and_sidecar_resources_come_from_the_flags() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            operator: OperatorArgs,
+        }
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("datastore").chain(args.iter().copied()))
+                .map(|f| f.operator.build_context())
+                .map_err(|e| e.to_string())
+        };
+        let defaults = parse(&[]).unwrap();
+        let get = |ctx: &BuildContext, which: &str, resource: &str| {
+            let r = &ctx.agent_resources;
+            let map = if which == "requests" {
+                &r.requests
+            } else {
+                &r.limits
+            };
+            map.as_ref().unwrap()[resource].0.clone()
+        };
+        assert_eq!(get(&defaults, "requests", "cpu"), DEFAULT_AGENT_CPU_REQUEST);
+        assert_eq!(
+            get(&defaults, "limits", "memory"),
+            DEFAULT_AGENT_MEMORY_LIMIT
+        );
+        assert_eq!(defaults.sidecar_cpu.0, DEFAULT_SIDECAR_CPU);
+        let empty = parse(&[
+            "--agent-cpu-request=",
+            "--agent-memory-request=",
+            "--agent-cpu-limit=",
+            "--agent-memory-limit=",
+            "--sidecar-cpu=",
+        ])
+        .unwrap();
+        assert_eq!(empty, defaults);
+        let set = parse(&[
+            "--agent-cpu-request=0.5",
+            "--agent-memory-request=256Mi",
+            "--agent-cpu-limit=1500m",
+            "--agent-memory-limit=1Gi",
+            "--sidecar-cpu=4",
+        ])
+        .unwrap();
+        assert_eq!(get(&set, "requests", "cpu"), "0.5");
+        assert_eq!(get(&set, "requests", "memory"), "256Mi");
+        assert_eq!(get(&set, "limits", "cpu"), "1500m");
+        assert_eq!(get(&set, "limits", "memory"), "1Gi");
+        assert_eq!(set.sidecar_cpu.0, "4");
+        for (args, says) in [
+            ("--agent-cpu-limit=two", "not a quantity of CPU"),
+            ("--agent-cpu-request=1.2.3", "not a quantity of CPU"),
+            ("--agent-cpu-request=0.5m", "not a quantity of CPU"),
+            ("--agent-memory-limit=1.5Gi", "not a quantity of memory"),
+            (
+                "--sidecar-cpu=50m",
+                "less CPU than the blobfuse2 sidecar requests",
+            ),
+        ] {
+            let error = parse(&[args]).unwrap_err();
+            assert!(error.contains(says), "{args}: {error}");
+        }
     }
 
     #[test]

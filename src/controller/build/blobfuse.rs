@@ -199,8 +199,14 @@ pub fn sidecar(
     volume: &str,
     config_volume: &str,
     memory: &Quantity,
+    cpu: &Quantity,
 ) -> Container {
-    let memory = BTreeMap::from([("memory".to_string(), memory.clone())]);
+    let resources = |cpu: &Quantity| {
+        BTreeMap::from([
+            ("cpu".to_string(), cpu.clone()),
+            ("memory".to_string(), memory.clone()),
+        ])
+    };
     Container {
         name: name.to_string(),
         image: Some(image.to_string()),
@@ -226,9 +232,10 @@ pub fn sidecar(
                 ..Default::default()
             },
         ]),
+        // Memory requested as limited: the block cache is sized to use it.
         resources: Some(ResourceRequirements {
-            requests: Some(memory.clone()),
-            limits: Some(memory),
+            requests: Some(resources(&Quantity(super::SIDECAR_CPU_REQUEST.to_string()))),
+            limits: Some(resources(cpu)),
             ..Default::default()
         }),
         startup_probe: Some(Probe {

@@ -26,8 +26,8 @@ use k8s_openapi::api::batch::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -107,10 +107,47 @@ pub struct BuildContext {
     pub default_mount_driver: DefaultMountDriver,
     /// The blobfuse2 sidecar's memory limit; its block cache is sized under it.
     pub sidecar_memory: Quantity,
+    /// The blobfuse2 sidecar's CPU limit.
+    pub sidecar_cpu: Quantity,
+    /// What each agent container (code, downloads, uploads) requests and is limited to.
+    pub agent_resources: ResourceRequirements,
 }
 
 /// The blobfuse2 sidecar's memory limit when the operator is not told otherwise.
 pub const DEFAULT_SIDECAR_MEMORY: &str = "1Gi";
+/// The blobfuse2 sidecar's CPU limit when the operator is not told otherwise.
+pub const DEFAULT_SIDECAR_CPU: &str = "2";
+/// What the blobfuse2 sidecar requests of the CPU: it mostly waits on the network.
+pub const SIDECAR_CPU_REQUEST: &str = "100m";
+
+/// What each agent container requests and is limited to when the operator is not told
+/// otherwise. A namespace with a compute ResourceQuota refuses pods whose containers do not
+/// say; the engine's buffers stay under 50 MiB at its default concurrency, and its MD5 uses
+/// about one core at full speed.
+pub const DEFAULT_AGENT_CPU_REQUEST: &str = "100m";
+pub const DEFAULT_AGENT_MEMORY_REQUEST: &str = "128Mi";
+pub const DEFAULT_AGENT_CPU_LIMIT: &str = "2";
+pub const DEFAULT_AGENT_MEMORY_LIMIT: &str = "512Mi";
+
+/// Requests and limits of `cpu` and `memory`.
+pub fn compute_resources(
+    cpu_request: &str,
+    memory_request: &str,
+    cpu_limit: &str,
+    memory_limit: &str,
+) -> ResourceRequirements {
+    let pair = |cpu: &str, memory: &str| {
+        BTreeMap::from([
+            ("cpu".to_string(), Quantity(cpu.to_string())),
+            ("memory".to_string(), Quantity(memory.to_string())),
+        ])
+    };
+    ResourceRequirements {
+        requests: Some(pair(cpu_request, memory_request)),
+        limits: Some(pair(cpu_limit, memory_limit)),
+        ..Default::default()
+    }
+}
 
 impl Default for BuildContext {
     fn default() -> Self {
@@ -122,6 +159,13 @@ impl Default for BuildContext {
             blobfuse_image: None,
             default_mount_driver: DefaultMountDriver::default(),
             sidecar_memory: Quantity(DEFAULT_SIDECAR_MEMORY.to_string()),
+            sidecar_cpu: Quantity(DEFAULT_SIDECAR_CPU.to_string()),
+            agent_resources: compute_resources(
+                DEFAULT_AGENT_CPU_REQUEST,
+                DEFAULT_AGENT_MEMORY_REQUEST,
+                DEFAULT_AGENT_CPU_LIMIT,
+                DEFAULT_AGENT_MEMORY_LIMIT,
+            ),
         }
     }
 }
@@ -517,6 +561,7 @@ fn agent_container(
         command: Some(vec![IMAGE_BINARY.to_string()]),
         args: Some(args),
         volume_mounts: Some(mounts),
+        resources: Some(ctx.agent_resources.clone()),
         security_context: Some(container_security(true)),
         termination_message_policy: Some("File".to_string()),
         ..Default::default()

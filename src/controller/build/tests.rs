@@ -470,6 +470,41 @@ fn pods_whose_agents_use_workload_identity_are_labelled_for_the_webhook() {
     );
 }
 
+/// A namespace with a compute ResourceQuota refuses a pod whose containers do not say what
+/// they request and are limited to: every container the operator adds says both.
+#[test]
+fn agent_containers_request_and_limit_cpu_and_memory() {
+    let code = EXAMPLE.replace(
+        "sourceDirectory: /app/experiment_folder\n",
+        "code: {datastore: blob-ds, path: snapshots/abc}\n",
+    );
+    let (_, _, c) = children(&code);
+    let run = pod(&c.run);
+    let upload = c.upload.unwrap();
+    let agents: Vec<&Container> = run
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&pod(&upload).containers)
+        .collect();
+    assert_eq!(agents.len(), 4, "code, two downloads, one upload");
+    for container in agents {
+        let resources = container
+            .resources
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}", container.name));
+        for map in [&resources.requests, &resources.limits] {
+            let map = map.as_ref().unwrap();
+            assert!(
+                map.contains_key("cpu") && map.contains_key("memory"),
+                "{}",
+                container.name
+            );
+        }
+        assert_eq!(resources, &BuildContext::default().agent_resources);
+    }
+}
+
 /// The SDK runs a script once: without `backoffLimit` a failing script is not run again (a
 /// retry would download again and mix its outputs with the first attempt's); a pod lost to a
 /// disruption is replaced without counting.

@@ -236,6 +236,7 @@ pub fn storage_volumes(
                     &volume,
                     &mount_config_volume(n),
                     &ctx.sidecar_memory,
+                    &ctx.sidecar_cpu,
                 ));
                 // The FUSE mount appears after `main`'s volume is set up: it must follow it.
                 main_mount.mount_propagation = Some("HostToContainer".to_string());

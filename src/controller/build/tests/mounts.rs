@@ -305,6 +305,15 @@ fn a_sidecar_mounts_the_container_for_main_and_alone_runs_privileged() {
     let resources = sidecar.resources.as_ref().unwrap();
     assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "512Mi");
     assert_eq!(resources.requests.as_ref().unwrap()["memory"].0, "512Mi");
+    // CPU too: a compute ResourceQuota refuses a container that does not say.
+    assert_eq!(
+        resources.requests.as_ref().unwrap()["cpu"].0,
+        SIDECAR_CPU_REQUEST
+    );
+    assert_eq!(
+        resources.limits.as_ref().unwrap()["cpu"].0,
+        DEFAULT_SIDECAR_CPU
+    );
     // The startup probe holds `main` until the FUSE mount is there; preStop unmounts.
     let probe = sidecar.startup_probe.as_ref().unwrap();
     assert_eq!(
