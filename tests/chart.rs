@@ -41,6 +41,7 @@ agentImage: registry.example.com/ml/datastore-agent:0.1.0
 blobfuseImage: registry.example.com/ml/blobfuse2:2.5.1
 mount: {defaultDriver: csi, sidecarMemory: 2Gi, sidecarCpu: 1500m}
 agent: {resources: {requests: {cpu: 250m, memory: 256Mi}, limits: {cpu: "4", memory: 1Gi}}}
+startTimeout: 1h
 outputs: {size: 50Gi, storageClassName: managed-csi-premium}
 logLevel: debug
 logFormat: text
@@ -342,6 +343,7 @@ fn values_schema_refuses_mistyped_values_at_install_time() {
         ("mount: {sidecarMemory: 1.5Gi}", "/mount/sidecarMemory"),
         ("mount: {sidecarMemory: 1GB}", "/mount/sidecarMemory"),
         ("mount: {sidecarCpu: two}", "/mount/sidecarCpu"),
+        ("startTimeout: 15min", "/startTimeout"),
         (
             "agent: {resources: {limits: {memory: 1.5Gi}}}",
             "/agent/resources/limits/memory",
@@ -488,6 +490,7 @@ fn the_controller_pod_is_restricted_and_follows_the_process_contract() {
         ),
         ("DATASTORE_AGENT_CPU_LIMIT", DEFAULT_AGENT_CPU_LIMIT),
         ("DATASTORE_AGENT_MEMORY_LIMIT", DEFAULT_AGENT_MEMORY_LIMIT),
+        ("DATASTORE_START_TIMEOUT", "15m"),
         ("DATASTORE_OUTPUTS_SIZE", DEFAULT_OUTPUTS_SIZE),
         ("DATASTORE_LOG", "info"),
         ("DATASTORE_LOG_FORMAT", "json"),
@@ -726,6 +729,7 @@ fn every_option_reaches_the_objects() {
         ("DATASTORE_AGENT_MEMORY_REQUEST", "256Mi"),
         ("DATASTORE_AGENT_CPU_LIMIT", "4"),
         ("DATASTORE_AGENT_MEMORY_LIMIT", "1Gi"),
+        ("DATASTORE_START_TIMEOUT", "1h"),
         ("DATASTORE_OUTPUTS_SIZE", "50Gi"),
         ("DATASTORE_OUTPUTS_STORAGE_CLASS", "managed-csi-premium"),
         ("DATASTORE_LOG", "debug"),

@@ -548,6 +548,147 @@ async fn a_cleanup_cut_short_by_a_restart_finishes_from_the_recorded_decision() 
     assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
 }
 
+// -------------------------------------------------------------------------------------------
+// A pod that never starts: the reason in the status, then a bounded wait
+
+/// The run Job, active, created `minutes` before the clock, with a uid events can name.
+fn job_created_minutes_ago(name: &str, minutes: i64) -> Value {
+    let mut job = active_job(name);
+    job["status"] = json!({});
+    job["metadata"]["uid"] = json!(format!("{name}-uid"));
+    job["metadata"]["creationTimestamp"] =
+        json!((the_clock() - chrono::Duration::minutes(minutes)).to_rfc3339());
+    job
+}
+
+fn no_pods(job: &str) -> Exchange {
+    expect(&format!("GET {PODS}"))
+        .query(&format!(
+            "labelSelector=batch.kubernetes.io%2Fjob-name%3D{job}"
+        ))
+        .ok(pods(vec![]))
+}
+
+/// The Warning events about the object with `uid`: the Job controller's FailedCreate.
+fn failed_create(uid: &str) -> Exchange {
+    expect("GET /api/v1/namespaces/ml/events")
+        .query(&format!("fieldSelector=involvedObject.uid%3D{uid}%2Ctype%3DWarning"))
+        .ok(json!({"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": [
+            {"metadata": {"name": "e1", "namespace": NS}, "involvedObject": {"kind": "Job", "name": "train-run", "uid": uid},
+             "type": "Warning", "reason": "FailedCreate", "lastTimestamp": "2026-11-24T11:55:00Z",
+             "message": "Error creating: pods \"train-run-x\" is forbidden: exceeded quota: compute, requested: requests.cpu=2"},
+            {"metadata": {"name": "e0", "namespace": NS}, "involvedObject": {"kind": "Job", "name": "train-run", "uid": uid},
+             "type": "Warning", "reason": "FailedCreate", "lastTimestamp": "2026-11-24T11:50:00Z",
+             "message": "an older refusal"},
+        ]}))
+}
+
+/// A Job whose pods the cluster refuses (a quota, Pod Security) has none: the Job controller's
+/// FailedCreate event says why, and the status says it while the experiment waits.
+#[tokio::test]
+async fn a_run_whose_pods_are_refused_says_why() {
+    let exp = created().await;
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(job_created_minutes_ago("train-run", 5)),
+        no_pods("train-run"),
+        failed_create("train-run-uid"),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Pending));
+            let message = s.message.as_deref().unwrap();
+            assert!(
+                message.starts_with("waiting for the run's pod to start: FailedCreate: Error creating: pods \"train-run-x\" is forbidden: exceeded quota"),
+                "{message}"
+            );
+        }),
+    ];
+    // Looked at again before the start timeout (15 minutes, 10 left) runs out.
+    assert_eq!(
+        reconcile_once(&exp, script).await,
+        Action::requeue(ACTIVE_RECHECK)
+    );
+}
+
+/// Past the start timeout the experiment fails with the reason; the Job is suspended (its pods
+/// go, it stays as the record) and the outputs claim, on which no script ever ran, goes.
+#[tokio::test]
+async fn a_run_that_does_not_start_in_time_fails_and_suspends_its_job() {
+    let exp = created().await;
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(job_created_minutes_ago("train-run", 16)),
+        no_pods("train-run"),
+        failed_create("train-run-uid"),
+        expect(&format!("PATCH {RUN}")).body(|patch| {
+            assert_eq!(patch, &json!({"spec": {"suspend": true}}));
+        }),
+        deleted(PVC),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Failed));
+            assert!(s.completion_time.is_some());
+            let succeeded = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Succeeded")
+                .unwrap();
+            assert_eq!(succeeded.reason, "StartTimeout");
+            let message = s.message.as_deref().unwrap();
+            assert!(
+                message.starts_with("the run's pod did not start within 15m: FailedCreate: ")
+                    && message.contains("exceeded quota")
+                    && message.ends_with("Job train-run is suspended"),
+                "{message}"
+            );
+        }),
+        event_about("Warning", "StartTimeout", "exceeded quota"),
+    ];
+    assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
+}
+
+/// The upload pod that cannot start (its zonal disk's zone has no node the pod tolerates, say)
+/// fails the experiment after the start timeout with the outputs kept on their claim.
+#[tokio::test]
+async fn an_upload_that_does_not_start_in_time_keeps_the_outputs() {
+    let exp = uploading(running_exp().await).await;
+    let status = Arc::default();
+    let mut pending = named_pod(
+        "train-upload-fghij",
+        vec![],
+        vec![container(
+            "upload-0",
+            json!({"waiting": {"reason": "ContainerCreating"}}),
+        )],
+    );
+    pending["metadata"]["creationTimestamp"] = json!("2026-11-24T11:40:00Z");
+    pending["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 3 node(s) had volume node affinity conflict."}]);
+    let mut upload = job_created_minutes_ago("train-upload", 20);
+    upload["metadata"]["name"] = json!("train-upload");
+    let script = vec![
+        run_completed(),
+        run_pods(terminated(0, "")),
+        expect(&format!("GET {UPLOAD}")).ok(upload),
+        expect(&format!("GET {PODS}"))
+            .query("labelSelector=batch.kubernetes.io%2Fjob-name%3Dtrain-upload")
+            .ok(pods(vec![pending])),
+        expect(&format!("PATCH {UPLOAD}")).body(|patch| {
+            assert_eq!(patch, &json!({"spec": {"suspend": true}}));
+        }),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Failed));
+            let message = s.message.as_deref().unwrap();
+            assert!(
+                message.contains("the upload pod did not start within 15m: the pod cannot be scheduled (Unschedulable): 0/3 nodes are available: 3 node(s) had volume node affinity conflict.")
+                    && message.contains("kept on PersistentVolumeClaim train-outputs"),
+                "{message}"
+            );
+        }),
+        event_about("Warning", "UploadFailed", "volume node affinity conflict"),
+    ];
+    // No DELETE of the claim: the outputs are on it.
+    assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
+}
+
 /// The upload Job's pod, its container having reported `skipped` outputs kept as they were.
 fn upload_pods(skipped: u64) -> Exchange {
     let report = format!(r#"{{"uploaded":2,"skipped":{skipped},"bytes":10}}"#);

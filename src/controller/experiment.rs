@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{
+    Event as CoreEvent, Namespace, PersistentVolumeClaim, Pod, Secret,
+};
 use k8s_openapi::api::storage::v1::CSIDriver;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -432,11 +434,21 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
 
     let run_ok = match progress::outcome(run) {
         Outcome::Active => {
+            let waiting = not_started(ctx, run, &run_pods).await?;
+            if let Some(NotStarted {
+                why,
+                timed_out: true,
+                ..
+            }) = &waiting
+            {
+                return give_up_run(exp, ctx, run, &run_pods, why, inputs).await;
+            }
+            let why = waiting.as_ref().and_then(|w| w.why.clone());
             let step = match progress::run_step(&run_pods, downloads) {
                 RunStep::Pending => Step::new(
                     Phase::Pending,
                     "Created",
-                    match progress::stuck(&run_pods) {
+                    match &why {
                         Some(why) => format!("waiting for the run's pod to start: {why}"),
                         None => "waiting for the run's pod to start".to_string(),
                     },
@@ -444,12 +456,17 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                 RunStep::Downloading { done, total } => Step::new(
                     Phase::Downloading,
                     "Downloading",
-                    format!("downloading inputs: {done} of {total} done"),
+                    match &why {
+                        Some(why) => {
+                            format!("downloading inputs: {done} of {total} done; waiting: {why}")
+                        }
+                        None => format!("downloading inputs: {done} of {total} done"),
+                    },
                 ),
                 RunStep::Running => Step::new(Phase::Running, "Running", "the script is running"),
             };
             update(exp, ctx, step, inputs, true).await?;
-            return Ok(Action::requeue(ACTIVE_RECHECK));
+            return Ok(Action::requeue(recheck(waiting.as_ref())));
         }
         Outcome::Succeeded => Ok(()),
         Outcome::Failed(why) => {
@@ -490,13 +507,39 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
     };
     match progress::outcome(&upload) {
         Outcome::Active => {
+            let upload_pods = job_pods(&pods, &build::upload_job_name(exp)).await?;
+            let waiting = not_started(ctx, &upload, &upload_pods).await?;
+            let outputs = build::outputs_name(exp);
+            if let Some(NotStarted {
+                why,
+                timed_out: true,
+                ..
+            }) = &waiting
+            {
+                suspend(&jobs, &build::upload_job_name(exp)).await?;
+                let step = Step::new(
+                    Phase::Failed,
+                    "UploadFailed",
+                    format!(
+                        "{after_run}; the upload pod did not start within {}: {}; Job {} is suspended and the outputs are kept on PersistentVolumeClaim {outputs}",
+                        super::format_duration(ctx.start_timeout),
+                        why.as_deref().unwrap_or("Kubernetes gave no reason"),
+                        build::upload_job_name(exp),
+                    ),
+                );
+                update(exp, ctx, step, inputs, true).await?;
+                return Ok(Action::await_change());
+            }
             let step = Step::new(
                 Phase::Uploading,
                 "Uploading",
-                format!("{after_run}; uploading its outputs"),
+                match waiting.as_ref().and_then(|w| w.why.as_deref()) {
+                    Some(why) => format!("{after_run}; waiting for the upload pod to start: {why}"),
+                    None => format!("{after_run}; uploading its outputs"),
+                },
             );
             update(exp, ctx, step, inputs, true).await?;
-            Ok(Action::requeue(ACTIVE_RECHECK))
+            Ok(Action::requeue(recheck(waiting.as_ref())))
         }
         Outcome::Succeeded => {
             let upload_pods = job_pods(&pods, &build::upload_job_name(exp)).await?;
@@ -576,6 +619,130 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
             Ok(Action::await_change())
         }
     }
+}
+
+/// A Job whose pod has not started: why (from the pod's statuses, else the newest Warning
+/// event about the pod or, without a pod, the Job), and whether it has waited longer than
+/// the operator's start timeout.
+struct NotStarted {
+    why: Option<String>,
+    timed_out: bool,
+    /// How much of the start timeout is left.
+    left: Duration,
+}
+
+/// Whether `job`'s pod is waiting to start (see [`progress::waiting_since`]), and why.
+async fn not_started(
+    ctx: &Context,
+    job: &Job,
+    pods: &[Pod],
+) -> Result<Option<NotStarted>, ReconcileError> {
+    let Some(since) = progress::waiting_since(job, pods) else {
+        return Ok(None);
+    };
+    let waited = Duration::from_secs((ctx.now().timestamp() - since.as_second()).max(0) as u64);
+    let why = match progress::stuck(pods) {
+        Some(why) => Some(why),
+        None => {
+            // No pod (a quota or Pod Security refusing it: FailedCreate on the Job), or one
+            // whose volumes cannot be mounted (FailedMount on the pod): only events say.
+            let object = match progress::newest(pods) {
+                Some(pod) => &pod.metadata,
+                None => &job.metadata,
+            };
+            newest_warning(ctx, object).await?
+        }
+    };
+    Ok(Some(NotStarted {
+        why,
+        timed_out: waited >= ctx.start_timeout,
+        left: ctx.start_timeout.saturating_sub(waited),
+    }))
+}
+
+/// The newest Warning event about `object`, as `Reason: message`.
+async fn newest_warning(
+    ctx: &Context,
+    object: &kube::core::ObjectMeta,
+) -> Result<Option<String>, ReconcileError> {
+    let (Some(uid), Some(ns)) = (&object.uid, &object.namespace) else {
+        return Ok(None);
+    };
+    let events: Api<CoreEvent> = Api::namespaced(ctx.client.clone(), ns);
+    let selector = format!("involvedObject.uid={uid},type=Warning");
+    let listed = events
+        .list(&ListParams::default().fields(&selector))
+        .await?;
+    Ok(listed
+        .items
+        .into_iter()
+        .max_by_key(|e| {
+            e.last_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .or(e.event_time.as_ref().map(|t| t.0))
+        })
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.reason.unwrap_or_default(),
+                crate::agent::truncate(e.message.as_deref().unwrap_or_default(), 512)
+            )
+        }))
+}
+
+/// When to look again at a Job whose pod may not have started: at the end of its start
+/// timeout at the latest.
+fn recheck(waiting: Option<&NotStarted>) -> Duration {
+    match waiting {
+        Some(w) => ACTIVE_RECHECK.min(w.left + Duration::from_secs(1)),
+        None => ACTIVE_RECHECK,
+    }
+}
+
+/// The run's pod did not start within the start timeout: the Job is suspended (its pods go,
+/// it stays as the record), the outputs claim goes when no script ever ran on it, and the
+/// experiment fails saying why.
+async fn give_up_run(
+    exp: &Experiment,
+    ctx: &Context,
+    run: &Job,
+    run_pods: &[Pod],
+    why: &Option<String>,
+    inputs: Vec<InputRecord>,
+) -> Result<Action, ReconcileError> {
+    let ns = exp.namespace().unwrap_or_default();
+    suspend(&Api::namespaced(ctx.client.clone(), &ns), &run.name_any()).await?;
+    let script_ran = run_pods.iter().any(|p| {
+        p.status
+            .iter()
+            .flat_map(|s| s.container_statuses.iter().flatten())
+            .any(|c| c.name == "main" && c.state.as_ref().is_some_and(|s| s.waiting.is_none()))
+    });
+    if count(exp, Mode::Upload) > 0 && !script_ran {
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+        delete_if_present(&pvcs, &build::outputs_name(exp)).await?;
+    }
+    let step = Step::new(
+        Phase::Failed,
+        "StartTimeout",
+        format!(
+            "the run's pod did not start within {}: {}; Job {} is suspended",
+            super::format_duration(ctx.start_timeout),
+            why.as_deref().unwrap_or("Kubernetes gave no reason"),
+            run.name_any()
+        ),
+    );
+    update(exp, ctx, step, inputs, true).await?;
+    Ok(Action::await_change())
+}
+
+/// Suspends the Job `name`: the Job controller deletes its pods and creates none.
+async fn suspend(jobs: &Api<Job>, name: &str) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({"spec": {"suspend": true}});
+    jobs.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
 }
 
 /// Deletes `name`; one already gone is fine.

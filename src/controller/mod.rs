@@ -263,6 +263,44 @@ pub struct ControllerArgs {
         require_equals = true
     )]
     pub leader_election: bool,
+    /// How long a run's or upload's pod may wait to start (unschedulable, refused by a quota
+    /// or Pod Security, an image that cannot be pulled, a volume that cannot be mounted)
+    /// before the Experiment fails: `90s`, `15m`, `1h`.
+    #[arg(long, env = "DATASTORE_START_TIMEOUT", default_value = "15m", value_parser = duration)]
+    pub start_timeout: Duration,
+}
+
+/// `--start-timeout`: a whole number of seconds, minutes or hours (`90s`, `15m`, `1h`); empty
+/// is the default.
+fn duration(value: &str) -> Result<Duration, String> {
+    if value.is_empty() {
+        return Ok(DEFAULT_START_TIMEOUT);
+    }
+    let (number, unit) = value.split_at(value.len().saturating_sub(1));
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => 0,
+    };
+    match number.parse::<u64>() {
+        Ok(n) if scale > 0 && n > 0 => Ok(Duration::from_secs(n * scale)),
+        _ => Err(format!(
+            "`{value}` is not a duration: write a whole number of seconds, minutes or hours such as 90s, 15m or 1h"
+        )),
+    }
+}
+
+/// A duration as `--start-timeout` takes it: `2h`, `15m`, `90s`.
+pub(crate) fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s > 0 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s > 0 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 /// What every reconcile needs.
@@ -278,7 +316,14 @@ pub struct Context {
     pub clock: fn() -> DateTime<Utc>,
     /// What `/metrics` reports; reconciles add to it.
     pub metrics: Arc<Metrics>,
+    /// How long a Job's pod may wait to start (unschedulable, refused, an image or a volume
+    /// that does not come) before the experiment fails.
+    pub start_timeout: Duration,
 }
+
+/// [`Context::start_timeout`] when the operator is not told otherwise: long enough for a node
+/// pool to scale up and a large image to be pulled.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 impl Context {
     pub fn new(client: Client, operator_namespace: String, build: BuildContext) -> Context {
@@ -298,6 +343,7 @@ impl Context {
                 ..Tuning::default()
             },
             clock: Utc::now,
+            start_timeout: DEFAULT_START_TIMEOUT,
             metrics: Arc::default(),
         }
     }
@@ -519,6 +565,7 @@ pub async fn run(args: ControllerArgs) -> i32 {
             };
             let ctx = Arc::new(Context {
                 metrics: metrics.clone(),
+                start_timeout: args.start_timeout,
                 ..Context::new(client, namespace, build)
             });
             let controllers = |stop| run_controllers(ctx, stop);
@@ -1005,6 +1052,21 @@ mod tests {
             parse(&["--sidecar-memory=1500M"]).unwrap().sidecar_memory.0,
             "1500M"
         );
+    }
+
+    #[test]
+    fn the_start_timeout_is_a_whole_number_of_seconds_minutes_or_hours() {
+        assert_eq!(duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(duration(""), Ok(DEFAULT_START_TIMEOUT));
+        for text in ["90s", "15m", "2h"] {
+            assert_eq!(format_duration(duration(text).unwrap()), text);
+        }
+        for bad in ["15", "0m", "1.5h", "m", "15min", "-1s"] {
+            let error = duration(bad).unwrap_err();
+            assert!(error.contains("is not a duration"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -110,6 +110,63 @@ pub fn run_step(pods: &[Pod], downloads: usize) -> RunStep {
     }
 }
 
+/// Since when the Job has been waiting for its pod to start something, if it is: from the
+/// Job's creation, the newest pod's, or the end of the last container that finished (the
+/// downloads before a sidecar that does not come up). `None` while a container runs that makes
+/// progress (an agent, the script) or once a regular container has started; a native sidecar
+/// (an init container that restarts always) running alone is not progress: its mount is what
+/// is waited for.
+pub fn waiting_since(job: &Job, pods: &[Pod]) -> Option<k8s_openapi::jiff::Timestamp> {
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let Some(pod) = newest(pods) else {
+        return created;
+    };
+    let status = pod.status.as_ref();
+    let started = |c: &ContainerStatus| {
+        c.state
+            .as_ref()
+            .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+    };
+    if status
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|cs| cs.iter().any(started))
+    {
+        return None;
+    }
+    let sidecars: Vec<&str> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+        .map(|c| c.name.as_str())
+        .collect();
+    let init = status
+        .and_then(|s| s.init_container_statuses.as_deref())
+        .unwrap_or_default();
+    let running = |c: &&ContainerStatus| c.state.as_ref().is_some_and(|s| s.running.is_some());
+    if init
+        .iter()
+        .filter(|c| !sidecars.contains(&c.name.as_str()))
+        .any(|c| running(&c))
+    {
+        return None;
+    }
+    let finished = init.iter().filter_map(|c| {
+        c.state
+            .as_ref()?
+            .terminated
+            .as_ref()?
+            .finished_at
+            .as_ref()
+            .map(|t| t.0)
+    });
+    created
+        .into_iter()
+        .chain(pod.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .chain(finished)
+        .max()
+}
+
 /// Why the newest pod is stuck, when Kubernetes says: a container waiting for a reason other
 /// than starting (ImagePullBackOff, CreateContainerConfigError, ...) or a pod that cannot be
 /// scheduled. `None` while it is simply on its way.

@@ -147,6 +147,12 @@ pub const RULES: &[Rule] = &[
         why: "whether the cluster has the Azure Blob and Azure Files CSI drivers decides (and records) how a mount reference is mounted; read by name when an Experiment with mounts or an Azure Files datastore starts",
     },
     cluster(
+        "",
+        "events",
+        &["list"],
+        "why a Job's pod does not start: the Warning events about the pod (FailedMount, FailedScheduling) or, without a pod, the Job (FailedCreate: a quota, Pod Security)",
+    ),
+    cluster(
         "events.k8s.io",
         "events",
         &["create", "patch"],

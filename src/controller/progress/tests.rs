@@ -457,3 +457,78 @@ fn a_stuck_pod_says_why() {
         )
     );
 }
+
+#[test]
+fn a_pod_waits_to_start_until_an_agent_or_the_script_runs() {
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let at = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+    let mut job = Job::default();
+    job.metadata.creation_timestamp = Some(Time(at(0)));
+    // No pod yet (or none allowed): since the Job was created.
+    assert_eq!(waiting_since(&job, &[]), Some(at(0)));
+
+    let pod = |init: Vec<ContainerStatus>, main: Vec<ContainerStatus>| Pod {
+        metadata: ObjectMeta {
+            name: Some("p".into()),
+            creation_timestamp: Some(Time(at(5))),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            init_containers: Some(vec![
+                Container {
+                    name: "download-0".into(),
+                    ..Default::default()
+                },
+                Container {
+                    name: "mount-0".into(),
+                    restart_policy: Some("Always".into()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            init_container_statuses: Some(init),
+            container_statuses: Some(main),
+            ..Default::default()
+        }),
+    };
+    let finished_at = |mut c: ContainerStatus, s: i64| {
+        let t = c.state.as_mut().unwrap().terminated.as_mut().unwrap();
+        t.finished_at = Some(Time(at(s)));
+        c
+    };
+    // Scheduled, nothing started: since the pod was created.
+    assert_eq!(waiting_since(&job, &[pod(vec![], vec![])]), Some(at(5)));
+    // A download runs: progress.
+    assert_eq!(
+        waiting_since(&job, &[pod(vec![running("download-0")], vec![])]),
+        None
+    );
+    // The download ended an hour in and the sidecar runs without its mount coming up: since
+    // the download ended.
+    let downloaded = finished_at(terminated("download-0", 0, None), 3600);
+    assert_eq!(
+        waiting_since(
+            &job,
+            &[pod(vec![downloaded.clone(), running("mount-0")], vec![])]
+        ),
+        Some(at(3600))
+    );
+    // The script started (or ended): no longer waiting.
+    assert_eq!(
+        waiting_since(
+            &job,
+            &[pod(
+                vec![downloaded, running("mount-0")],
+                vec![running("main")]
+            )]
+        ),
+        None
+    );
+    assert_eq!(
+        waiting_since(&job, &[pod(vec![], vec![terminated("main", 1, None)])]),
+        None
+    );
+}
