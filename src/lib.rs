@@ -9,5 +9,6 @@ pub mod error;
 pub mod local;
 pub mod paths;
 pub mod plan;
+pub mod quantity;
 pub mod store;
 pub mod transfer;

@@ -501,3 +501,57 @@ async fn upload_reports_what_it_kept_and_refuses_a_symlink_out_of_the_outputs_fo
         "nothing more was uploaded"
     );
 }
+
+/// Downloads land on the run's staging volume: a folder that lists more than is left of it
+/// (its size less what earlier downloads put there, and no more than its disk has free) is
+/// refused before anything is written, with the numbers and the way out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_that_does_not_fit_the_staging_volume_is_refused_up_front() {
+    let f = Fixture::new().await;
+    put(&f, "small/a.bin", &bytes(1000, 1)).await;
+    put(&f, "big/b.bin", &bytes(3000, 2)).await;
+    put(&f, "big/c.bin", &bytes(2000, 3)).await;
+    // The staging volume's mount.
+    let staging = f.path("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let download = |path: &str, target: &str, size: &str| {
+        agent(vec![
+            "agent".into(),
+            "download".into(),
+            "--datastores".into(),
+            s(&f.datastores()),
+            "--datastore".into(),
+            "blob".into(),
+            "--path".into(),
+            path.into(),
+            "--target".into(),
+            s(&staging.join(target)),
+            "--report".into(),
+            s(&f.path(&format!("report-{target}"))),
+            "--staging-dir".into(),
+            s(&staging),
+            "--staging-size".into(),
+            size.into(),
+        ])
+    };
+    // 1000 bytes fit in 5500.
+    assert_exit(&download("small", "download-0", "5500").await, 0);
+    // 5000 more do not: 4500 are left.
+    let refused = download("big", "download-1", "5500").await;
+    assert_exit(&refused, 3);
+    let message = std::fs::read_to_string(f.path("report-download-1")).unwrap();
+    assert!(
+        message.contains("lists 4.88 KiB in 2 file(s), more than the 4.39 KiB there is room for")
+            && message.contains(
+                "the staging volume holds 5.37 KiB (spec.staging.size), 1000 B of it used"
+            )
+            && message.contains("nothing was downloaded: raise spec.staging.size"),
+        "{message}"
+    );
+    assert!(
+        !staging.join("download-1").exists() || read_tree(&staging.join("download-1")).is_empty()
+    );
+    // With room for both, it lands.
+    assert_exit(&download("big", "download-1", "6000").await, 0);
+    assert_eq!(read_tree(&staging.join("download-1")).len(), 2);
+}

@@ -3,7 +3,7 @@
 //! apiserver evaluates on `kubectl apply`).
 
 use datastore_operator::api::{
-    DataReference, ExperimentSpec, MOUNT_ON_LOCAL, PATH_ON_COMPUTE, ScriptParam, crds,
+    DataReference, ExperimentSpec, MOUNT_ON_LOCAL, PATH_ON_COMPUTE, ScriptParam, Staging, crds,
 };
 use kube::core::cel::{
     AnalysisWarning, ErrorKind, ScopeContext, ValidationErrors, Validator, WarningKind,
@@ -377,7 +377,7 @@ fn every_rule_compiles_and_stays_within_the_cost_budget() {
         .collect();
     assert_eq!(
         found.len(),
-        12,
+        13,
         "the rules written in src/api/experiment.rs: {listed:?}"
     );
     for (path, rule, node) in found {
@@ -486,4 +486,28 @@ fn mount_options_apply_to_mount_references_only() {
         ["dataReference"]["properties"];
     assert_eq!(reference["mountDriver"]["enum"], json!(["csi", "sidecar"]));
     assert_eq!(reference["readOnly"]["type"], json!("boolean"));
+}
+
+#[test]
+fn staging_names_an_existing_claim_or_describes_a_volume_not_both() {
+    let errors = |s: Value| Staging::validate_cel(&s, None).map_or_else(messages, |()| Vec::new());
+    for fine in [
+        json!({}),
+        json!({"size": "200Gi"}),
+        json!({"size": "500Gi", "storageClassName": "local-nvme"}),
+        json!({"claimName": "datasets-cache"}),
+    ] {
+        assert_eq!(errors(fine.clone()), none(), "{fine}");
+    }
+    for both in [
+        json!({"claimName": "c", "size": "1Gi"}),
+        json!({"claimName": "c", "storageClassName": "fast"}),
+    ] {
+        let found = errors(both.clone());
+        assert_eq!(found.len(), 1, "{both}: {found:?}");
+        assert!(
+            found[0].starts_with("staging.claimName names a volume that exists"),
+            "{found:?}"
+        );
+    }
 }

@@ -19,7 +19,8 @@ use std::process::{Command, Output};
 use datastore_operator::controller::build::{
     BLOB_CSI_DRIVER, DEFAULT_AGENT_CPU_LIMIT, DEFAULT_AGENT_CPU_REQUEST, DEFAULT_AGENT_IMAGE,
     DEFAULT_AGENT_MEMORY_LIMIT, DEFAULT_AGENT_MEMORY_REQUEST, DEFAULT_OUTPUTS_SIZE,
-    DEFAULT_SIDECAR_CPU, DEFAULT_SIDECAR_MEMORY, FILE_CSI_DRIVER, RUN_AS_USER,
+    DEFAULT_SIDECAR_CPU, DEFAULT_SIDECAR_MEMORY, DEFAULT_STAGING_SIZE, FILE_CSI_DRIVER,
+    RUN_AS_USER,
 };
 use datastore_operator::controller::rbac::{LEASE_NAME, RULES, Scope};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -42,6 +43,7 @@ blobfuseImage: registry.example.com/ml/blobfuse2:2.5.1
 mount: {defaultDriver: csi, sidecarMemory: 2Gi, sidecarCpu: 1500m}
 agent: {resources: {requests: {cpu: 250m, memory: 256Mi}, limits: {cpu: "4", memory: 1Gi}}}
 startTimeout: 1h
+staging: {size: 200Gi}
 outputs: {size: 50Gi, storageClassName: managed-csi-premium}
 logLevel: debug
 logFormat: text
@@ -491,6 +493,7 @@ fn the_controller_pod_is_restricted_and_follows_the_process_contract() {
         ("DATASTORE_AGENT_CPU_LIMIT", DEFAULT_AGENT_CPU_LIMIT),
         ("DATASTORE_AGENT_MEMORY_LIMIT", DEFAULT_AGENT_MEMORY_LIMIT),
         ("DATASTORE_START_TIMEOUT", "15m"),
+        ("DATASTORE_STAGING_SIZE", DEFAULT_STAGING_SIZE),
         ("DATASTORE_OUTPUTS_SIZE", DEFAULT_OUTPUTS_SIZE),
         ("DATASTORE_LOG", "info"),
         ("DATASTORE_LOG_FORMAT", "json"),
@@ -730,6 +733,7 @@ fn every_option_reaches_the_objects() {
         ("DATASTORE_AGENT_CPU_LIMIT", "4"),
         ("DATASTORE_AGENT_MEMORY_LIMIT", "1Gi"),
         ("DATASTORE_START_TIMEOUT", "1h"),
+        ("DATASTORE_STAGING_SIZE", "200Gi"),
         ("DATASTORE_OUTPUTS_SIZE", "50Gi"),
         ("DATASTORE_OUTPUTS_STORAGE_CLASS", "managed-csi-premium"),
         ("DATASTORE_LOG", "debug"),

@@ -253,6 +253,7 @@ spec:
   backoffLimit: 1
   uploadPolicy: Always
   outputs: {size: 50Gi, storageClassName: managed-csi}
+  staging: {size: 300Gi, storageClassName: local-nvme}
   scriptParams:
     - {name: --a, dataReference: {datastore: workspace-ds, path: a, mode: download}}
     - {name: --b, dataReference: {datastore: workspace-ds, path: b, mode: download}}
@@ -269,6 +270,10 @@ spec:
     );
     let printed = String::from_utf8(out.stdout).unwrap();
     assert!(printed.contains("namespace: ml"));
+    assert!(
+        printed.contains("storageClassName: local-nvme"),
+        "the staging volume is made from its class"
+    );
     let rendered = dir.path().join("objects.yaml");
     std::fs::write(&rendered, &printed).unwrap();
     let v = validate(&rendered);

@@ -791,10 +791,10 @@ async fn the_rendered_jobs_move_the_data_against_azurite() {
     assert_eq!(
         seen["data_folder"].as_str().unwrap(),
         download_dir.to_str().unwrap(),
-        "main reads the volume download-0 filled"
+        "main reads the folder download-0 filled"
     );
     let data_mount = main_mounts.mount("/mnt/datastore/training_data");
-    assert_eq!(data_mount.volume, "download-0");
+    assert_eq!(data_mount.volume, "staging");
     assert!(data_mount.read_only, "main cannot change its inputs");
 
     // The upload Job, in a pod of its own, reading the outputs volume main wrote to.

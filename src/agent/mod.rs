@@ -53,6 +53,59 @@ pub struct DownloadArgs {
     /// Where the JSON report (files, bytes, digest) or the error goes, e.g. /dev/termination-log.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// The whole volume the target is on (the run's staging volume): a folder that lists more
+    /// than is left of it (its free space, and `--staging-size` less what is already there) is
+    /// refused before anything is downloaded.
+    #[arg(long)]
+    pub staging_dir: Option<PathBuf>,
+    /// The most the staging volume may hold (a quantity such as 10Gi: its emptyDir sizeLimit).
+    #[arg(long, requires = "staging_dir", value_parser = staging_size)]
+    pub staging_size: Option<u64>,
+}
+
+fn staging_size(text: &str) -> Result<u64, String> {
+    crate::quantity::bytes(text)
+        .ok_or_else(|| format!("`{text}` is not a quantity of bytes such as 10Gi or 500G"))
+}
+
+/// What a download may write on the staging volume at `dir`: what `size` leaves after what
+/// is there already, and no more than its file system has free.
+pub fn staging_room(dir: &Path, size: Option<u64>) -> Result<transfer::Room, Error> {
+    let used = crate::store::local::tree_bytes(dir).map_err(|e| Error::local("measure", dir, e))?;
+    let free = free_bytes(dir).map_err(|e| Error::local("measure the free space of", dir, e))?;
+    let human = |b: u64| indicatif::HumanBytes(b).to_string();
+    let (bytes, detail) = match size {
+        Some(size) if size.saturating_sub(used) <= free => (
+            size.saturating_sub(used),
+            format!(
+                "the staging volume holds {} (spec.staging.size), {} of it used by earlier downloads",
+                human(size),
+                human(used)
+            ),
+        ),
+        _ => (
+            free,
+            format!("the staging volume's file system has {} free", human(free)),
+        ),
+    };
+    Ok(transfer::Room {
+        bytes,
+        detail,
+        remedy: "raise spec.staging.size, or stage on a larger volume (spec.staging.storageClassName or claimName)".to_string(),
+    })
+}
+
+/// Bytes free for an unprivileged user on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs the call fills.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 #[derive(Args, Debug)]
@@ -224,11 +277,15 @@ pub async fn run(args: AgentArgs) -> i32 {
 async fn download(args: DownloadArgs) -> i32 {
     let work = async {
         let store = args.datastore.store().await?;
+        let mut options = args.datastore.options(false);
+        if let Some(dir) = &args.staging_dir {
+            options.room = Some(staging_room(dir, args.staging_size)?);
+        }
         transfer::download_folder(
             &store,
             &args.path,
             &args.target,
-            args.datastore.options(false),
+            options,
             Arc::new(NoProgress),
         )
         .await

@@ -125,6 +125,10 @@ pub struct ExperimentSpec {
     /// The volume that holds the outputs of `upload` references until they are uploaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs: Option<OutputsVolume>,
+    /// Where `download` references are staged in the run's pod before the script starts.
+    /// Absent means an emptyDir on the node's disk of the operator's default size (10Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<Staging>,
 }
 
 /// Where an experiment runs.
@@ -314,6 +318,33 @@ pub struct OutputsVolume {
     /// The StorageClass of the volume. Absent means the cluster's default StorageClass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+}
+
+/// Where `download` references land in the run's pod. Inputs that list more than fits are
+/// refused before anything is downloaded, with the numbers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(
+    cel,
+    validation = Rule::new("!(has(self.claimName) && (has(self.size) || has(self.storageClassName)))").message("staging.claimName names a volume that exists; size and storageClassName describe one made for the run: set one or the other")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Staging {
+    /// The most the inputs may take, e.g. `200Gi`. On the node's disk (the default) it is the
+    /// emptyDir's `sizeLimit` and the pod's ephemeral-storage request, so the scheduler picks
+    /// a node with that much room and the kubelet never evicts the pod for disk pressure it
+    /// stays within; with `storageClassName`, the size of the volume made. Absent means the
+    /// operator's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
+    /// Stage on a volume of this StorageClass made for the run's pod and deleted with it (a
+    /// generic ephemeral volume), e.g. a local NVMe class, instead of the node's disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Stage on this existing PersistentVolumeClaim of the experiment's namespace, in a folder
+    /// of the run's own (`<experiment uid>/download-<n>`); what fits is its free space. The
+    /// folder is left there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_name: Option<String>,
 }
 
 /// The observed state of an experiment.

@@ -144,6 +144,7 @@ impl Common {
             overwrite: self.overwrite,
             // On a laptop a link to data elsewhere is a choice the user made.
             contain_symlinks: false,
+            room: None,
         }
     }
 

@@ -40,8 +40,8 @@ use crate::store::azure::Tuning;
 use build::{
     BuildContext, DEFAULT_AGENT_CPU_LIMIT, DEFAULT_AGENT_CPU_REQUEST, DEFAULT_AGENT_IMAGE,
     DEFAULT_AGENT_MEMORY_LIMIT, DEFAULT_AGENT_MEMORY_REQUEST, DEFAULT_OUTPUTS_SIZE,
-    DEFAULT_SIDECAR_CPU, DEFAULT_SIDECAR_MEMORY, DefaultMountDriver, EXPERIMENT_LABEL,
-    MANAGED_BY_LABEL, MANAGER,
+    DEFAULT_SIDECAR_CPU, DEFAULT_SIDECAR_MEMORY, DEFAULT_STAGING_SIZE, DefaultMountDriver,
+    EXPERIMENT_LABEL, MANAGED_BY_LABEL, MANAGER,
 };
 use http::{Health, Readiness};
 use metrics::Metrics;
@@ -244,6 +244,10 @@ pub struct ControllerArgs {
     /// The outputs volume's size when an Experiment gives none.
     #[arg(long, env = "DATASTORE_OUTPUTS_SIZE", default_value = DEFAULT_OUTPUTS_SIZE)]
     pub default_outputs_size: String,
+    /// The staging volume's size (where downloads land in the run's pod) when an Experiment
+    /// gives none.
+    #[arg(long, env = "DATASTORE_STAGING_SIZE", default_value = DEFAULT_STAGING_SIZE)]
+    pub default_staging_size: String,
     /// The outputs volume's storage class when an Experiment gives none [default: the
     /// cluster's default class].
     #[arg(long, env = "DATASTORE_OUTPUTS_STORAGE_CLASS")]
@@ -557,6 +561,9 @@ pub async fn run(args: ControllerArgs) -> i32 {
         Some(manager) => {
             let build = BuildContext {
                 default_outputs_size: Quantity(args.default_outputs_size),
+                default_staging_size: Quantity(
+                    or_default(&args.default_staging_size, DEFAULT_STAGING_SIZE).to_string(),
+                ),
                 // An empty value (a chart that renders `""`) means none.
                 default_outputs_storage_class: args
                     .default_outputs_storage_class

@@ -113,6 +113,13 @@ impl LocalDir {
     }
 }
 
+/// The bytes of the files below `dir` (what [`walk_files`] finds); 0 when it does not exist.
+pub fn tree_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut files = Vec::new();
+    walk_files(dir, &mut files)?;
+    Ok(files.iter().map(|(_, size)| size).sum())
+}
+
 /// Regular files below `dir` (following file symlinks, not directory symlinks), with sizes.
 /// Our own temporary files are left out. A missing `dir` yields nothing.
 pub fn walk_files(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> std::io::Result<()> {

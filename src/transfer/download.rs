@@ -67,6 +67,20 @@ pub async fn download_folder(
     };
     let blobs = store.list(&prefix).await?;
     let items = plan(blobs, target_dir, Layout::RelativeTo(&prefix))?;
+    if let Some(room) = &run.options.room {
+        let listed: u64 = items.iter().map(|i| i.meta.size).sum();
+        if listed > room.bytes {
+            return Err(Error::Config(format!(
+                "the folder {folder:?} lists {} in {} file(s), more than the {} there is room for: {}; nothing was downloaded: {}",
+                indicatif::HumanBytes(listed),
+                items.len(),
+                indicatif::HumanBytes(room.bytes),
+                room.detail,
+                room.remedy
+            ))
+            .into());
+        }
+    }
     let mut listing = FolderListing {
         blobs: items
             .iter()

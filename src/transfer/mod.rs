@@ -41,6 +41,19 @@ pub struct Options {
     /// Uploads: refuse a symbolic link that leads outside the source directory. The in-pod
     /// agent sets it: a script could otherwise link its outputs to the agent's credentials.
     pub contain_symlinks: bool,
+    /// Folder downloads: the most the files may take. A listing that adds up to more is
+    /// refused before anything is written.
+    pub room: Option<Room>,
+}
+
+/// How much a download may write, and where that limit comes from (for the refusal).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Room {
+    pub bytes: u64,
+    /// E.g. "the staging volume holds 10 GiB (spec.staging.size), 2 GiB of it used".
+    pub detail: String,
+    /// How to get more, e.g. "raise spec.staging.size".
+    pub remedy: String,
 }
 
 impl Default for Options {
@@ -50,6 +63,7 @@ impl Default for Options {
             block_size: MIN_BLOCK_SIZE,
             overwrite: false,
             contain_symlinks: false,
+            room: None,
         }
     }
 }

@@ -73,29 +73,12 @@ pub fn block_cache(limit_bytes: u64) -> BlockCache {
 
 /// Bytes of a Kubernetes memory quantity (`512Mi`, `1Gi`, `1.5Gi`, `2G`, `1073741824`).
 pub fn memory_bytes(quantity: &Quantity) -> Result<u64> {
-    let value = quantity.0.trim();
-    let split = value
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(value.len());
-    let (number, suffix) = value.split_at(split);
-    let multiplier: f64 = match suffix {
-        "" => 1.0,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        "Gi" => 1024.0 * 1024.0 * 1024.0,
-        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => f64::NAN,
-    };
-    match number.parse::<f64>() {
-        Ok(n) if multiplier.is_finite() && n >= 0.0 => Ok((n * multiplier) as u64),
-        _ => Err(Error::Config(format!(
-            "the blobfuse2 sidecar's memory limit {value:?} is not a quantity of memory such as 512Mi or 2Gi"
-        ))),
-    }
+    crate::quantity::bytes(&quantity.0).ok_or_else(|| {
+        Error::Config(format!(
+            "the blobfuse2 sidecar's memory limit {:?} is not a quantity of memory such as 512Mi or 2Gi",
+            quantity.0.trim()
+        ))
+    })
 }
 
 /// The blobfuse2 config of one mount, authenticated by a SAS token.

@@ -24,10 +24,11 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EphemeralVolumeSource,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -60,6 +61,11 @@ pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/datastore-operator/datastore:0.1.
 /// container. Distroless images have no `/` on their `PATH`, so the path is absolute; the
 /// Dockerfile copies the binary here (tests/image.rs checks that they agree).
 pub const IMAGE_BINARY: &str = "/datastore";
+/// The staging volume's size (downloads) when the spec does not give one.
+pub const DEFAULT_STAGING_SIZE: &str = "10Gi";
+/// Where download containers see the whole staging volume: the room left on it is measured
+/// there.
+pub const STAGING_DIR: &str = "/mnt/.staging";
 /// The outputs volume's size when the spec does not give one.
 pub const DEFAULT_OUTPUTS_SIZE: &str = "10Gi";
 /// How long minted credentials live when the spec sets no `activeDeadlineSeconds`.
@@ -87,6 +93,7 @@ pub const WORKLOAD_IDENTITY_LABEL: &str = "azure.workload.identity/use";
 pub const WORKLOAD_IDENTITY_SKIP_ANNOTATION: &str = "azure.workload.identity/skip-containers";
 
 const CREDENTIALS_VOLUME: &str = "credentials";
+const STAGING_VOLUME: &str = "staging";
 const OUTPUTS_VOLUME: &str = "outputs";
 
 /// Settings of the operator the builders need.
@@ -111,6 +118,8 @@ pub struct BuildContext {
     pub sidecar_cpu: Quantity,
     /// What each agent container (code, downloads, uploads) requests and is limited to.
     pub agent_resources: ResourceRequirements,
+    /// The staging volume's size when the spec gives none.
+    pub default_staging_size: Quantity,
 }
 
 /// The blobfuse2 sidecar's memory limit when the operator is not told otherwise.
@@ -166,6 +175,7 @@ impl Default for BuildContext {
                 DEFAULT_AGENT_CPU_LIMIT,
                 DEFAULT_AGENT_MEMORY_LIMIT,
             ),
+            default_staging_size: Quantity(DEFAULT_STAGING_SIZE.to_string()),
         }
     }
 }
@@ -491,8 +501,84 @@ fn container_security(agent: bool) -> SecurityContext {
 // ---------------------------------------------------------------------------------------------
 // Volumes
 
-fn download_volume(n: usize) -> String {
-    format!("download-{n}")
+/// The volume download references are staged on (`spec.staging`): an emptyDir of at most the
+/// staging size on the node's disk (the default), a generic ephemeral volume of that size from
+/// a StorageClass, or an existing claim. `None` without downloads.
+fn staging_volume(exp: &Experiment, plan: &ExecutionPlan, ctx: &BuildContext) -> Option<Volume> {
+    if plan.downloads.is_empty() {
+        return None;
+    }
+    let staging = exp.spec.staging.clone().unwrap_or_default();
+    let mut volume = Volume {
+        name: STAGING_VOLUME.to_string(),
+        ..Default::default()
+    };
+    let size = staging_size(exp, ctx);
+    match (&staging.claim_name, &staging.storage_class_name) {
+        (Some(claim), _) => {
+            volume.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: None,
+            });
+        }
+        (None, Some(class)) => {
+            volume.ephemeral = Some(EphemeralVolumeSource {
+                volume_claim_template: Some(PersistentVolumeClaimTemplate {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(labels(exp)),
+                        ..Default::default()
+                    }),
+                    spec: PersistentVolumeClaimSpec {
+                        access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+                        storage_class_name: Some(class.clone()),
+                        resources: Some(VolumeResourceRequirements {
+                            requests: Some(BTreeMap::from([(
+                                "storage".to_string(),
+                                size.clone().expect("a volume made for the run has a size"),
+                            )])),
+                            limits: None,
+                        }),
+                        ..Default::default()
+                    },
+                }),
+            });
+        }
+        (None, None) => {
+            volume.empty_dir = Some(EmptyDirVolumeSource {
+                size_limit: size,
+                ..Default::default()
+            });
+        }
+    }
+    Some(volume)
+}
+
+/// The most the inputs may take on the staging volume; `None` on an existing claim (its free
+/// space is what fits).
+pub fn staging_size(exp: &Experiment, ctx: &BuildContext) -> Option<Quantity> {
+    let staging = exp.spec.staging.clone().unwrap_or_default();
+    if staging.claim_name.is_some() {
+        return None;
+    }
+    Some(
+        staging
+            .size
+            .unwrap_or_else(|| ctx.default_staging_size.clone()),
+    )
+}
+
+/// Where download reference `n` lands on the staging volume: a folder of the run's own on an
+/// existing claim, which may hold earlier runs' folders.
+fn staging_sub_path(exp: &Experiment, n: usize) -> String {
+    let on_claim = exp
+        .spec
+        .staging
+        .as_ref()
+        .is_some_and(|s| s.claim_name.is_some());
+    match &exp.metadata.uid {
+        Some(uid) if on_claim => format!("{uid}/download-{n}"),
+        _ => format!("download-{n}"),
+    }
 }
 
 /// The directory of upload reference `n` on the outputs volume.
@@ -592,28 +678,73 @@ pub fn run_job(
     // The code first (`spec.code`), so the working directory is complete before the script
     // starts; the script may write next to its code, as it may on a laptop. Data references
     // are read-only for the script.
-    let code = plan
-        .code
-        .iter()
-        .map(|code| (CODE_CONTAINER.to_string(), code, false));
-    let references = plan
-        .downloads
-        .iter()
-        .enumerate()
-        .map(|(n, download)| (download_volume(n), download, true));
-    for (volume, download, read_only_for_main) in code.chain(references) {
+    // The code on an emptyDir of its own (it is small: `datastore submit` caps it); the
+    // downloads on the staging volume, a folder each, measured against its size.
+    let code = plan.code.iter().map(|code| {
+        (
+            CODE_CONTAINER.to_string(),
+            CODE_CONTAINER.to_string(),
+            None,
+            code,
+            false,
+        )
+    });
+    let references = plan.downloads.iter().enumerate().map(|(n, download)| {
+        (
+            format!("download-{n}"),
+            STAGING_VOLUME.to_string(),
+            Some(staging_sub_path(exp, n)),
+            download,
+            true,
+        )
+    });
+    if plan.code.is_some() {
         volumes.push(Volume {
-            name: volume.clone(),
+            name: CODE_CONTAINER.to_string(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Default::default()
         });
+    }
+    let staging = staging_volume(exp, plan, ctx);
+    let staging_size = staging_size(exp, ctx);
+    let on_node_disk = staging.as_ref().is_some_and(|v| v.empty_dir.is_some());
+    volumes.extend(staging);
+    for (name, volume, sub_path, download, read_only_for_main) in code.chain(references) {
+        let staged = sub_path.is_some();
         let mount = |read_only: bool| VolumeMount {
             name: volume.clone(),
             mount_path: download.local_path.clone(),
+            sub_path: sub_path.clone(),
             read_only: read_only.then_some(true),
             ..Default::default()
         };
         let mut agent_mounts = vec![mount(false)];
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "download".into(),
+            "--datastores".into(),
+            datastores_path(),
+            "--datastore".into(),
+            download.datastore.clone(),
+            "--path".into(),
+            download.remote_path.clone(),
+            "--target".into(),
+            download.local_path.clone(),
+            "--report".into(),
+            "/dev/termination-log".into(),
+        ];
+        if staged {
+            // The whole staging volume, to measure what earlier downloads left of it.
+            agent_mounts.push(VolumeMount {
+                name: STAGING_VOLUME.to_string(),
+                mount_path: STAGING_DIR.to_string(),
+                ..Default::default()
+            });
+            args.extend(["--staging-dir".into(), STAGING_DIR.into()]);
+            if let Some(size) = &staging_size {
+                args.extend(["--staging-size".into(), size.0.clone()]);
+            }
+        }
         if let Some(share) = storage.share_mount(&download.datastore, true) {
             if !share_volumes.iter().any(|v| v.name == share.name) {
                 share_volumes.extend(storage.share_volume(
@@ -625,26 +756,19 @@ pub fn run_job(
             }
             agent_mounts.push(share);
         }
-        init_containers.push(agent_container(
-            volume.clone(),
-            ctx,
-            vec![
-                "agent".into(),
-                "download".into(),
-                "--datastores".into(),
-                datastores_path(),
-                "--datastore".into(),
-                download.datastore.clone(),
-                "--path".into(),
-                download.remote_path.clone(),
-                "--target".into(),
-                download.local_path.clone(),
-                "--report".into(),
-                "/dev/termination-log".into(),
-            ],
-            agent_mounts,
-            has_credentials,
-        ));
+        let mut container = agent_container(name, ctx, args, agent_mounts, has_credentials);
+        if staged
+            && on_node_disk
+            && let (Some(size), Some(resources)) = (&staging_size, container.resources.as_mut())
+        {
+            // The scheduler then places the pod where the inputs fit, and the kubelet does not
+            // pick it to evict under disk pressure while it stays within.
+            resources
+                .requests
+                .get_or_insert_with(BTreeMap::new)
+                .insert("ephemeral-storage".to_string(), size.clone());
+        }
+        init_containers.push(container);
         main_mounts.push(mount(read_only_for_main));
     }
     volumes.extend(share_volumes);

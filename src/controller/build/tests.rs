@@ -199,18 +199,23 @@ fn run_job_downloads_each_reference_in_its_own_init_container() {
             "--target",
             "/mnt/datastore/training_data",
             "--report",
-            "/dev/termination-log"
+            "/dev/termination-log",
+            "--staging-dir",
+            "/mnt/.staging",
+            "--staging-size",
+            "10Gi"
         ]
     );
     assert_eq!(
         mounts(&inits[0]),
         vec![
             (
-                "download-0".into(),
+                "staging".into(),
                 "/mnt/datastore/training_data".into(),
-                None,
+                Some("download-0".into()),
                 false
             ),
+            ("staging".into(), "/mnt/.staging".into(), None, false),
             ("credentials".into(), "/etc/datastore".into(), None, true),
         ]
     );
@@ -276,15 +281,15 @@ fn run_job_downloads_each_reference_in_its_own_init_container() {
         mounts(main),
         vec![
             (
-                "download-0".into(),
+                "staging".into(),
                 "/mnt/datastore/training_data".into(),
-                None,
+                Some("download-0".into()),
                 true
             ),
             (
-                "download-1".into(),
+                "staging".into(),
                 "/mnt/datastore/labels".into(),
-                None,
+                Some("download-1".into()),
                 true
             ),
             (
@@ -298,13 +303,10 @@ fn run_job_downloads_each_reference_in_its_own_init_container() {
 
     let volumes = pod.volumes.as_ref().unwrap();
     let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-    assert_eq!(
-        names,
-        ["download-0", "download-1", "outputs", "credentials"]
-    );
+    assert_eq!(names, ["staging", "outputs", "credentials"]);
     assert!(volumes[0].empty_dir.is_some());
     assert_eq!(
-        volumes[2]
+        volumes[1]
             .persistent_volume_claim
             .as_ref()
             .unwrap()
@@ -312,7 +314,7 @@ fn run_job_downloads_each_reference_in_its_own_init_container() {
         "train-iris-outputs"
     );
     assert_eq!(
-        volumes[3].secret.as_ref().unwrap().secret_name.as_deref(),
+        volumes[2].secret.as_ref().unwrap().secret_name.as_deref(),
         Some("train-iris-credentials")
     );
 }
@@ -501,8 +503,96 @@ fn agent_containers_request_and_limit_cpu_and_memory() {
                 container.name
             );
         }
-        assert_eq!(resources, &BuildContext::default().agent_resources);
+        let mut expected = BuildContext::default().agent_resources;
+        if container.name.starts_with("download-") {
+            // Staged on the node's disk: the pod asks for the room its inputs may take.
+            expected
+                .requests
+                .as_mut()
+                .unwrap()
+                .insert("ephemeral-storage".into(), Quantity("10Gi".into()));
+        }
+        assert_eq!(resources, &expected);
     }
+}
+
+/// Downloads land on one staging volume, a folder each: an emptyDir of the staging size on
+/// the node's disk by default (its sizeLimit, and the download containers' ephemeral-storage
+/// request), a volume made from a StorageClass, or an existing claim (a folder of the run's
+/// own there; what fits is its free space).
+#[test]
+fn downloads_are_staged_where_the_spec_says_with_its_size() {
+    let staging = |c: &Children| {
+        pod(&c.run)
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "staging")
+            .cloned()
+            .expect("a staging volume")
+    };
+    let download = |c: &Children| pod(&c.run).init_containers.as_ref().unwrap()[0].clone();
+    let args = |c: &Container| c.args.clone().unwrap().join(" ");
+
+    let (_, _, c) = children(EXAMPLE);
+    let empty_dir = staging(&c).empty_dir.unwrap();
+    assert_eq!(empty_dir.size_limit, Some(Quantity("10Gi".into())));
+
+    let sized = EXAMPLE.to_string() + "staging: {size: 200Gi}\n";
+    let (_, _, c) = children(&sized);
+    assert_eq!(
+        staging(&c).empty_dir.unwrap().size_limit,
+        Some(Quantity("200Gi".into()))
+    );
+    assert!(args(&download(&c)).ends_with("--staging-dir /mnt/.staging --staging-size 200Gi"));
+    let requests = download(&c).resources.unwrap().requests.unwrap();
+    assert_eq!(requests["ephemeral-storage"].0, "200Gi");
+    // main reads the folder, read-only.
+    let main = &pod(&c.run).containers[0];
+    assert!(mounts(main).contains(&(
+        "staging".into(),
+        "/mnt/datastore/training_data".into(),
+        Some("download-0".into()),
+        true
+    )));
+
+    let nvme = EXAMPLE.to_string() + "staging: {size: 500Gi, storageClassName: local-nvme}\n";
+    let (_, _, c) = children(&nvme);
+    let template = staging(&c)
+        .ephemeral
+        .unwrap()
+        .volume_claim_template
+        .unwrap();
+    assert_eq!(
+        template.spec.storage_class_name.as_deref(),
+        Some("local-nvme")
+    );
+    assert_eq!(
+        template.spec.resources.unwrap().requests.unwrap()["storage"].0,
+        "500Gi"
+    );
+    assert!(args(&download(&c)).ends_with("--staging-size 500Gi"));
+    // Not on the node's disk: no ephemeral-storage request.
+    assert!(
+        !download(&c)
+            .resources
+            .unwrap()
+            .requests
+            .unwrap()
+            .contains_key("ephemeral-storage")
+    );
+
+    let claim = EXAMPLE.to_string() + "staging: {claimName: datasets-cache}\n";
+    let (_, _, c) = children(&claim);
+    assert_eq!(
+        staging(&c).persistent_volume_claim.unwrap().claim_name,
+        "datasets-cache"
+    );
+    assert!(args(&download(&c)).ends_with("--staging-dir /mnt/.staging"));
+    assert_eq!(
+        mounts(&download(&c))[0].2.as_deref(),
+        Some(format!("{UID}/download-0").as_str())
+    );
 }
 
 /// The SDK runs a script once: without `backoffLimit` a failing script is not run again (a
