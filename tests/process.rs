@@ -961,7 +961,8 @@ fn job_pods(job: &str, init: &[(&str, &str)], main: &[(&str, &str)]) -> apiserve
 }
 
 /// The run and the upload ended in one go: the inputs the run saw are recorded by the status
-/// write that finishes the Experiment, and both byte counters move.
+/// write that records the upload (before the pods that report them are deleted), and both
+/// byte counters move, once each although two status writes carry the inputs.
 #[tokio::test]
 async fn a_finished_experiment_counts_the_bytes_its_agents_moved() {
     use datastore_operator::api::{Experiment, ExperimentSpec, ExperimentStatus, Phase};
@@ -1012,6 +1013,18 @@ scriptParams:
             &[],
             &[("upload-0", r#"{"uploaded":2,"skipped":0,"bytes":10}"#)],
         ),
+        // The decision first (it records the inputs), then the pods, then the claim.
+        apiserver::apply("/apis/datastore.dev/v1alpha1/namespaces/ml/experiments/train/status")
+            .body(|b| {
+                assert_eq!(b["status"]["phase"], "Uploading", "{b}");
+                assert_eq!(b["status"]["inputs"][0]["bytes"], 1234, "{b}");
+            })
+            .ok(echo_exp.clone()),
+        apiserver::event(NS),
+        expect("DELETE /api/v1/namespaces/ml/pods/train-run-abcde")
+            .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
+        expect("DELETE /api/v1/namespaces/ml/pods/train-upload-abcde")
+            .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
         expect("DELETE /api/v1/namespaces/ml/persistentvolumeclaims/train-outputs")
             .ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})),
         apiserver::apply("/apis/datastore.dev/v1alpha1/namespaces/ml/experiments/train/status")
