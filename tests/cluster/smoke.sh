@@ -19,8 +19,8 @@ for tool in openssl curl jq python3; do
   command -v "$tool" >/dev/null || { echo "smoke: $tool not found" >&2; exit 1; }
 done
 
-T0=$(date +%s.%N)
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(date +%s.%N)"; }
+T0=$(date +%s%N)
+elapsed() { local ms=$(( ($(date +%s%N) - $1) / 1000000 )); printf '%d.%d' $((ms / 1000)) $((ms % 1000 / 100)); }
 log() { echo "[smoke +$(elapsed "$T0")s] $*"; }
 
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/kube-smoke.XXXXXX")
@@ -48,6 +48,7 @@ cleanup() {
     kill -KILL "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
   done
+  cd /
   if [ -n "${KEEP_SMOKE_DIR:-}" ]; then
     echo "smoke: kept $DIR" >&2
   else
@@ -134,7 +135,7 @@ log "etcd ready on 127.0.0.1:$ETCD_PORT"
 # ---------------------------------------------------------------- kube-apiserver
 API_PORT=$(free_port)
 SERVER=https://127.0.0.1:$API_PORT
-T_API=$(date +%s.%N)
+T_API=$(date +%s%N)
 "$KUBE" kube-apiserver \
   --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
   --bind-address=127.0.0.1 \
