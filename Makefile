@@ -10,6 +10,10 @@ KVALIDATE_VER:= 1.35.0
 K8S_VERSION  := 1.30.0
 HELM_SDK_VER := 0.2.2
 HELM_SDK     := $(VENV)/.helm-python-sdk-$(HELM_SDK_VER)
+# The real control plane of the end-to-end tests (tests/e2e*.rs), built from Go modules: the
+# Kubernetes release tests/cluster/go.mod pins (tests/common/cluster.rs reads the same line).
+K8S_E2E      := $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' tests/cluster/go.mod)
+KUBE         := $(TOOLS)/k8s-$(K8S_E2E)/kube
 VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE        := ghcr.io/datastore-operator/datastore:$(VERSION)
 # The blobfuse2 sidecar image the chart's blobfuseImage names (images/blobfuse2).
@@ -20,7 +24,7 @@ DEMO         := target/demo
 DS_FILE      := examples/datastores-local.yaml
 AZ_FILE      := examples/datastores-azurite.yaml
 
-.PHONY: demo demo-azurite test test-deps crds bench build lint image image-blobfuse2
+.PHONY: demo demo-azurite test test-deps crds bench build lint image image-blobfuse2 e2e
 
 build:
 	cargo build --release
@@ -60,7 +64,16 @@ $(HELM_SDK): $(KVALIDATE)
 	$(VENV)/bin/pip install --quiet helm-python-sdk==$(HELM_SDK_VER)
 	touch $@
 
-test-deps: $(AZURITE) $(KVALIDATE) $(HELM_SDK)
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler (and kubectl) in one binary:
+# about 7 minutes and 140 MB of modules the first time, then cached by version.
+$(KUBE): tests/cluster/go.mod tests/cluster/go.sum $(wildcard tests/cluster/*.go) tests/cluster/build.sh
+	bash tests/cluster/build.sh $@
+
+test-deps: $(AZURITE) $(KVALIDATE) $(HELM_SDK) $(KUBE)
+
+# Just the end-to-end scenarios on the real control plane, from the working tree as it is.
+e2e: $(AZURITE) $(KUBE)
+	cargo test --test e2e --test e2e_rbac
 
 test: test-deps
 	cargo test --all-targets

@@ -383,12 +383,21 @@ fn refusal(e: kube::Error, what: &str, waiting: Phase) -> Result<Step, Reconcile
             } else {
                 "Forbidden"
             };
+            // The apiserver gives no reason when an apply is refused the `create` it needs
+            // (`<resource> "<name>" is forbidden: `, nothing after): say what it means.
+            let message = if status.message.trim_end().ends_with("forbidden:") {
+                format!(
+                    "{} (no reason given: an apply that creates an object is authorized as create, so the operator's ClusterRole needs create on it besides patch)",
+                    status.message.trim_end()
+                )
+            } else {
+                status.message
+            };
             Ok(Step::refused(
                 waiting,
                 reason,
                 format!(
-                    "the cluster refused {what}: {}; tried again with backoff until an admin raises the quota or grants the permission",
-                    status.message
+                    "the cluster refused {what}: {message}; tried again with backoff until an admin raises the quota or grants the permission"
                 ),
             ))
         }

@@ -8,7 +8,7 @@
 #
 # Idempotent: does nothing if OUTPUT exists and is newer than go.mod, go.sum
 # and the Go sources. The first build downloads ~150 MB of modules and
-# compiles for a long time (tens of minutes on 2 cores); later builds reuse
+# compiles for about 7 minutes on 2 cores; later builds reuse
 # the Go build cache.
 set -euo pipefail
 out=${1:?usage: build.sh OUTPUT}

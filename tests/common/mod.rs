@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod cluster;
 pub mod image;
+pub mod operator;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
