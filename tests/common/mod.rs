@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod cluster;
 pub mod image;
+pub mod node;
 pub mod operator;
 
 use std::os::unix::process::CommandExt;

@@ -1,0 +1,228 @@
+//! Experiments that run, end to end: the real control plane (tests/common/cluster.rs), the
+//! operator installed from `deploy/` running as the chart's ServiceAccount, and a node
+//! (tests/common/node.rs) that runs the pods with podman — the agent containers in the
+//! operator's image built from the binary under test, the script in a busybox stand-in for
+//! the user's image — against a real Azurite.
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::cluster::cluster;
+use common::node::{self, STANDIN_IMAGE};
+use common::operator::{self, eventually};
+use datastore_operator::api::{Experiment, Phase};
+use datastore_operator::store::azure::Body;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Api, ListParams};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(180);
+
+/// What the stand-in script does: lists its `--data_folder` into `seen.txt` in its
+/// `--output_dir`, copies `a.txt` there as `model.txt`, and exits with `$EXIT` (0 unless set),
+/// saying why on stderr when it fails.
+const SCRIPT: &str = r#"while [ $# -gt 0 ]; do case "$1" in --data_folder) d=$2;; --output_dir) o=$2;; esac; shift 2; done
+cd "$d" && find . -type f | sort > "$o/seen.txt" && cp a.txt "$o/model.txt" || exit 3
+if [ "${EXIT:-0}" != 0 ]; then echo "ValueError: the loss diverged" >&2; exit "$EXIT"; fi
+echo trained"#;
+
+fn setup() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        std::thread::spawn(|| {
+            node::start(cluster());
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let token = runtime.block_on(operator::install(cluster(), |_| {}));
+            operator::start_controller(
+                cluster(),
+                &token,
+                "controller-0",
+                &[&format!("--agent-image={}", node::AGENT_IMAGE)],
+            );
+        })
+        .join()
+        .unwrap();
+    });
+}
+
+/// A namespace enforcing Pod Security `restricted`, with Datastore `blob-ds` on a fresh
+/// Azurite container holding `data/files/{a.txt, sub/b.csv}`; the container's client.
+async fn prepare(client: &kube::Client, ns: &str) -> datastore_operator::store::BlobClient {
+    operator::apply(
+        client,
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns,
+                "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}),
+    )
+    .await;
+    let container = common::unique_container();
+    let blobs = common::client(&container);
+    blobs.create_container().await.unwrap();
+    for (name, data) in [
+        ("data/files/a.txt", &b"alpha\n"[..]),
+        ("data/files/sub/b.csv", b"x,y\n1,2\n"),
+    ] {
+        blobs
+            .put_blob(
+                name,
+                Body::Bytes(data.to_vec().into()),
+                common::md5(data),
+                false,
+            )
+            .await
+            .unwrap();
+    }
+    operator::apply(
+        client,
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "blob-ds-key", "namespace": ns},
+                "stringData": {"accountKey": common::KEY}}),
+    )
+    .await;
+    operator::apply(
+        client,
+        &json!({"apiVersion": "datastore.dev/v1alpha1", "kind": "Datastore",
+                "metadata": {"name": "blob-ds", "namespace": ns},
+                "spec": {"azureBlob": {"accountName": common::ACCOUNT, "containerName": container,
+                                       "endpoint": common::endpoint(),
+                                       "credentials": {"secretRef": {"name": "blob-ds-key"}}}}}),
+    )
+    .await;
+    blobs
+}
+
+fn experiment(ns: &str, name: &str, outputs: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut exp = json!({
+        "apiVersion": "datastore.dev/v1alpha1", "kind": "Experiment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "image": STANDIN_IMAGE,
+            "entryScript": "unused.py",
+            "command": ["sh", "-c", SCRIPT, "stand-in"],
+            "scriptParams": [
+                {"name": "--data_folder", "dataReference": {"datastore": "blob-ds", "path": "data/files", "mode": "download", "pathOnCompute": "training_data"}},
+                {"name": "--output_dir", "dataReference": {"datastore": "blob-ds", "path": outputs, "mode": "upload", "pathOnCompute": "outputs"}},
+            ],
+        },
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        exp["spec"][k] = v.clone();
+    }
+    exp
+}
+
+/// Waits for the Experiment to end; returns it.
+async fn finished(api: &Api<Experiment>, name: &str) -> Experiment {
+    eventually(&format!("Experiment {name} finished"), WAIT, || {
+        let api = api.clone();
+        async move {
+            let exp = api.get(name).await.ok()?;
+            exp.status.as_ref()?.completion_time.as_ref()?;
+            Some(exp)
+        }
+    })
+    .await
+}
+
+async fn blob(blobs: &datastore_operator::store::BlobClient, name: &str) -> Vec<u8> {
+    blobs
+        .get(name, None)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+/// The seed's scenario: Succeeded; the script saw exactly the data; the outputs in Azurite
+/// byte-exact; status.inputs recorded; the outputs claim really gone (the pods went first) and
+/// no pod of the run left.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_seed_experiment_succeeds_and_leaves_its_outputs_in_the_datastore() {
+    setup();
+    let client = cluster().admin();
+    let ns = "run-seed";
+    let blobs = prepare(&client, ns).await;
+    operator::apply(&client, &experiment(ns, "train", "outputs/run1", json!({}))).await;
+    let experiments: Api<Experiment> = Api::namespaced(client.clone(), ns);
+    let exp = finished(&experiments, "train").await;
+    let status = exp.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Succeeded), "{status:?}");
+    assert_eq!(status.inputs.len(), 1, "{status:?}");
+    assert_eq!((status.inputs[0].files, status.inputs[0].bytes), (2, 14));
+    assert_eq!(
+        blob(&blobs, "outputs/run1/seen.txt").await,
+        b"./a.txt\n./sub/b.csv\n"
+    );
+    assert_eq!(blob(&blobs, "outputs/run1/model.txt").await, b"alpha\n");
+
+    // The claim goes for real: pvc-protection lets it go once no pod names it.
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    eventually("the outputs claim gone", Duration::from_secs(60), || {
+        let pvcs = pvcs.clone();
+        async move {
+            pvcs.get_opt("train-outputs")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually("the run's pods gone", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move {
+            pods.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+    // The Jobs stay as the record.
+    let jobs: Api<Job> = Api::namespaced(client, ns);
+    assert!(jobs.get_opt("train-run").await.unwrap().is_some());
+    assert!(jobs.get_opt("train-upload").await.unwrap().is_some());
+}
+
+/// A failing script: Failed with its message, run once; under `uploadPolicy: Always` its
+/// outputs are uploaded all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_script_fails_with_its_message_and_always_uploads() {
+    setup();
+    let client = cluster().admin();
+    let ns = "run-failing";
+    let blobs = prepare(&client, ns).await;
+    let extra = json!({"uploadPolicy": "Always", "env": [{"name": "EXIT", "value": "2"}]});
+    operator::apply(&client, &experiment(ns, "diverges", "outputs/run2", extra)).await;
+    let experiments: Api<Experiment> = Api::namespaced(client.clone(), ns);
+    let exp = finished(&experiments, "diverges").await;
+    let status = exp.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Failed), "{status:?}");
+    let message = status.message.unwrap();
+    assert!(
+        message.contains("exited with code 2") && message.contains("ValueError: the loss diverged"),
+        "{message}"
+    );
+    assert!(
+        message.contains("outputs were uploaded (uploadPolicy Always)"),
+        "{message}"
+    );
+    assert_eq!(blob(&blobs, "outputs/run2/model.txt").await, b"alpha\n");
+    // Run once: backoffLimit 0 unless the spec asks for retries.
+    let pods: Api<Pod> = Api::namespaced(client, ns);
+    let run_pods = pods
+        .list(&ListParams::default().labels("batch.kubernetes.io/job-name=diverges-run"))
+        .await
+        .unwrap();
+    assert!(
+        run_pods.items.len() <= 1,
+        "{} run pods",
+        run_pods.items.len()
+    );
+}
