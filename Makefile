@@ -73,7 +73,7 @@ test-deps: $(AZURITE) $(KVALIDATE) $(HELM_SDK) $(KUBE)
 
 # Just the end-to-end scenarios on the real control plane, from the working tree as it is.
 e2e: $(AZURITE) $(KUBE)
-	cargo test --test e2e --test e2e_rbac --test e2e_run
+	cargo test --test e2e --test e2e_rbac --test e2e_run --test e2e_leader
 
 test: test-deps
 	cargo test --all-targets

@@ -38,6 +38,7 @@ fn operator() -> u16 {
                 // The sidecar needs an image to be chosen at all (then refused by Pod Security).
                 &["--blobfuse-image=registry.example.com/blobfuse2:test"],
             )
+            .port
         })
         .join()
         .unwrap()

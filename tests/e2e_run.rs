@@ -226,3 +226,86 @@ async fn a_failing_script_fails_with_its_message_and_always_uploads() {
         run_pods.items.len()
     );
 }
+
+/// `datastore submit --wait` against the real apiserver: the local folder goes to the
+/// datastore as a snapshot, the run Job's `code` container fetches it into the working
+/// directory, the script there runs, and `--wait` exits 0 when the Experiment Succeeded.
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_ships_the_local_code_and_waits_for_the_run() {
+    setup();
+    let client = cluster().admin();
+    let ns = "run-submit";
+    let blobs = prepare(&client, ns).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("experiment_folder")).unwrap();
+    std::fs::write(dir.path().join("experiment_folder/train.sh"), SCRIPT).unwrap();
+    let file = dir.path().join("experiment.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"apiVersion: datastore.dev/v1alpha1
+kind: Experiment
+metadata: {{name: shipped, namespace: {ns}}}
+spec:
+  image: {STANDIN_IMAGE}
+  sourceDirectory: experiment_folder
+  entryScript: train.sh
+  command: [sh, train.sh]
+  scriptParams:
+    - name: --data_folder
+      dataReference: {{datastore: blob-ds, path: data/files, mode: download, pathOnCompute: training_data}}
+    - name: --output_dir
+      dataReference: {{datastore: blob-ds, path: outputs/run3, mode: upload, pathOnCompute: outputs}}
+"#
+        ),
+    )
+    .unwrap();
+    let kubeconfig = cluster().dir.join("submitter.kubeconfig");
+    common::cluster::kubeconfig(
+        &kubeconfig,
+        &cluster().server,
+        &cluster().ca,
+        &cluster().admin_token,
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
+            .args([
+                "submit",
+                file.to_str().unwrap(),
+                "--wait",
+                "--timeout",
+                "180",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("DATASTORE_CONFIG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(printed.contains("Succeeded"), "{printed}");
+    assert_eq!(
+        blob(&blobs, "outputs/run3/seen.txt").await,
+        b"./a.txt\n./sub/b.csv\n"
+    );
+    let names: Vec<String> = blobs
+        .list("snapshots/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with("/train.sh")),
+        "the snapshot holds the script: {names:?}"
+    );
+}

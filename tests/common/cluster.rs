@@ -58,8 +58,8 @@ pub fn kube_bin() -> PathBuf {
 }
 
 /// Spawns `cmd` from a thread that lives as long as the test process; the child is killed
-/// when that thread ends (the process exits). Its output goes to `log`.
-pub fn spawn_logged(mut cmd: Command, log: &Path) {
+/// when that thread ends (the process exits). Its output goes to `log`. Returns its pid.
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> u32 {
     let out = std::fs::File::create(log).unwrap();
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
@@ -74,10 +74,10 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) {
     let name = format!("{:?}", cmd.get_program());
     std::thread::spawn(move || {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
-        tx.send(()).unwrap();
+        tx.send(child.id()).unwrap();
         let _ = child.wait();
     });
-    rx.recv().unwrap();
+    rx.recv().unwrap()
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -251,7 +251,7 @@ fn start() -> Cluster {
             free_port()
         ))
         .arg("--unsafe-no-fsync");
-    spawn_logged(etcd, &dir.join("etcd.log"));
+    let _ = spawn_logged(etcd, &dir.join("etcd.log"));
 
     let api_port = free_port();
     let mut api = Command::new(&kube);
@@ -272,7 +272,7 @@ fn start() -> Cluster {
         .args(["--service-cluster-ip-range=10.0.0.0/24", "--endpoint-reconciler-type=none"])
         .arg("--allow-privileged=true")
         .arg(format!("--cert-dir={}", dir.join("apiserver-certs").display()));
-    spawn_logged(api, &dir.join("kube-apiserver.log"));
+    let _ = spawn_logged(api, &dir.join("kube-apiserver.log"));
     wait_until(
         "kube-apiserver",
         Duration::from_secs(120),
@@ -306,7 +306,7 @@ fn start() -> Cluster {
         ))
         .arg(format!("--root-ca-file={}", ca.display()))
         .arg("--service-cluster-ip-range=10.0.0.0/24");
-    spawn_logged(cm, &dir.join("kube-controller-manager.log"));
+    let _ = spawn_logged(cm, &dir.join("kube-controller-manager.log"));
 
     let sched_config = dir.join("scheduler.kubeconfig");
     kubeconfig(&sched_config, &server, &ca, &sched_token);
@@ -326,7 +326,7 @@ fn start() -> Cluster {
         .arg("--bind-address=127.0.0.1")
         .arg(format!("--secure-port={sched_port}"))
         .arg("--leader-elect=false");
-    spawn_logged(sched, &dir.join("kube-scheduler.log"));
+    let _ = spawn_logged(sched, &dir.join("kube-scheduler.log"));
     wait_until(
         "kube-controller-manager",
         Duration::from_secs(120),

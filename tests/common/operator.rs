@@ -138,9 +138,16 @@ pub async fn install(cluster: &Cluster, edit: impl Fn(&mut serde_json::Value)) -
         .expect("an issued token")
 }
 
-/// A `datastore controller` process running as `token`'s user against `cluster`, serving its
-/// health on the returned port. `extra` are more flags.
-pub fn start_controller(cluster: &Cluster, token: &str, name: &str, extra: &[&str]) -> u16 {
+/// A running `datastore controller` process.
+pub struct Controller {
+    /// Where it serves /healthz, /readyz and /metrics.
+    pub port: u16,
+    pub pid: u32,
+}
+
+/// A `datastore controller` process running as `token`'s user against `cluster`, once it is
+/// ready. `extra` are more flags.
+pub fn start_controller(cluster: &Cluster, token: &str, name: &str, extra: &[&str]) -> Controller {
     let config = cluster.dir.join(format!("{name}.kubeconfig"));
     kubeconfig(&config, &cluster.server, &cluster.ca, token);
     let port = super::free_port();
@@ -153,7 +160,7 @@ pub fn start_controller(cluster: &Cluster, token: &str, name: &str, extra: &[&st
         .env_clear()
         .env("KUBECONFIG", &config)
         .env("POD_NAME", name);
-    super::cluster::spawn_logged(cmd, &cluster.dir.join(format!("{name}.log")));
+    let pid = super::cluster::spawn_logged(cmd, &cluster.dir.join(format!("{name}.log")));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ready = Command::new("curl")
@@ -162,7 +169,7 @@ pub fn start_controller(cluster: &Cluster, token: &str, name: &str, extra: &[&st
             .status()
             .is_ok_and(|s| s.success());
         if ready {
-            return port;
+            return Controller { port, pid };
         }
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(cluster.dir.join(format!("{name}.log")))
