@@ -819,3 +819,37 @@ async fn errors_come_out_as_json_with_the_same_exit_code_and_message() {
     assert_exit(&json, AUTH);
     assert_eq!(json_error(&json).0, "AuthFailed");
 }
+
+/// A machine or image without CA certificates (an image built FROM scratch without them) is a
+/// configuration error saying what is missing, not a panic.
+#[test]
+fn no_ca_certificates_is_a_config_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("datastores.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: datastore.dev/v1alpha1\nkind: Datastore\nmetadata: {name: ds}\nspec:\n  azureBlob: {accountName: mlstorage, containerName: data}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args(["download", "--datastores", file.to_str().unwrap()])
+        .args(["--datastore", "ds", "--prefix", "p", "--target-path"])
+        .arg(dir.path().join("out"))
+        .env_remove("DATASTORE_CONFIG")
+        // Where rustls looks for the system's certificates: nowhere.
+        .env("SSL_CERT_FILE", "/nonexistent")
+        .env("SSL_CERT_DIR", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The TLS library warns about each place it looked first; the error is the last line.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let msg = stderr.lines().last().unwrap_or_default();
+    assert!(msg.starts_with("error: "), "{stderr}");
+    assert_mentions(msg, &["cannot set up HTTPS", "CA certificates"]);
+}

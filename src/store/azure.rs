@@ -173,7 +173,7 @@ impl BlobClient {
         );
         Ok(BlobClient {
             inner: Arc::new(Inner {
-                http: http_client(tuning.pool_size),
+                http: http_client(tuning.pool_size)?,
                 cfg,
                 container_url,
                 key,
@@ -653,7 +653,9 @@ impl BlobClient {
     }
 }
 
-fn http_client(pool_size: usize) -> reqwest::Client {
+/// The HTTP client. Its settings are fixed, so it fails only where the machine (or image) has
+/// no CA certificates for TLS.
+fn http_client(pool_size: usize) -> Result<reqwest::Client> {
     // One TLS provider for the whole process (kube uses ring too); installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
@@ -661,7 +663,17 @@ fn http_client(pool_size: usize) -> reqwest::Client {
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
         .build()
-        .expect("the HTTP client's settings are static")
+        .map_err(|e| {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = s.to_string();
+                source = s.source();
+            }
+            Error::Config(format!(
+                "cannot set up HTTPS ({why}): this machine or image needs the CA certificates (Debian: the ca-certificates package, /etc/ssl/certs)"
+            ))
+        })
 }
 
 fn transport(e: reqwest::Error) -> Failure {
