@@ -25,9 +25,10 @@ pub fn datastore_path(path: &str) -> Result<String, String> {
     Ok(normalized)
 }
 
-/// Whether a `/`-separated name has a `.` or `..` segment.
+/// Whether a name has a `.` or `..` segment. A backslash counts as the separator it becomes:
+/// the Blob service stores `a\..\b` as `a/../b`.
 pub fn has_dot_segment(name: &str) -> bool {
-    name.split('/').any(|s| s == "." || s == "..")
+    name.split(['/', '\\']).any(|s| s == "." || s == "..")
 }
 
 /// `prefix/name`, or `name` when the prefix is the container root.
@@ -143,7 +144,7 @@ mod tests {
     fn datastore_paths_refuse_dot_segments() {
         assert_eq!(datastore_path("/data/files/").unwrap(), "data/files");
         assert_eq!(datastore_path("").unwrap(), "");
-        for bad in ["../other", "a/./b", "a/..", "/.."] {
+        for bad in ["../other", "a/./b", "a/..", "/..", "a\\..\\..\\x", "..\\other", "a/.\\b"] {
             assert!(datastore_path(bad).is_err(), "{bad}");
         }
     }

@@ -376,7 +376,14 @@ async fn a_target_path_cannot_climb_into_another_container() {
     let other = unique_container();
     client(&other).create_container().await.unwrap();
     write_tree(&f.path("src"), &[("f.txt", b"x".to_vec())]);
-    for target in ["../other/escaped", &format!("../{other}/escaped"), "a/./b"] {
+    // A backslash is the separator the service turns it into.
+    let backslashed = format!("a\\..\\..\\{other}\\escaped");
+    for target in [
+        "../other/escaped",
+        &format!("../{other}/escaped"),
+        "a/./b",
+        &backslashed,
+    ] {
         let out = f.cli(&[
             "upload",
             "--datastore",
