@@ -144,7 +144,15 @@ mod tests {
     fn datastore_paths_refuse_dot_segments() {
         assert_eq!(datastore_path("/data/files/").unwrap(), "data/files");
         assert_eq!(datastore_path("").unwrap(), "");
-        for bad in ["../other", "a/./b", "a/..", "/..", "a\\..\\..\\x", "..\\other", "a/.\\b"] {
+        for bad in [
+            "../other",
+            "a/./b",
+            "a/..",
+            "/..",
+            "a\\..\\..\\x",
+            "..\\other",
+            "a/.\\b",
+        ] {
             assert!(datastore_path(bad).is_err(), "{bad}");
         }
     }

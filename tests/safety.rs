@@ -469,3 +469,42 @@ async fn sigterm_stops_the_run_with_its_exit_code_and_no_partial_file() {
         "only complete files under final names"
     );
 }
+
+/// A blob whose name ends in `/` is a folder marker when empty (skipped), but one that holds
+/// data cannot be written as a file: the download is refused naming it, not silently short.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_named_like_a_folder_that_holds_data_is_refused_not_dropped() {
+    let listing = listing_xml(&[
+        ("fine.txt", 5, false),
+        ("empty-marker/", 0, false),
+        ("data-marker/", 5, false),
+    ]);
+    let server = FakeServer::listing(listing, b"12345".to_vec(), Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    let target = dir.path().join("target");
+    let out = tokio::task::spawn_blocking(move || {
+        datastore(&[
+            "download",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--target-path",
+            target.to_str().unwrap(),
+            "--no-progress",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_exit(&out, 8);
+    let err = stderr(&out);
+    assert!(
+        err.contains("'data-marker/': the name ends in `/` but the blob holds 5 bytes"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("empty-marker"),
+        "an empty marker is no problem: {err}"
+    );
+}

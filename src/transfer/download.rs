@@ -135,11 +135,26 @@ async fn fetch_all(run: &Run, store: &Store, items: Vec<Item>) -> Result<Summary
 /// Maps blob names to local paths. Any name that cannot be written safely, or that collides
 /// with another as file and directory, stops the run before anything is written.
 fn plan(blobs: Vec<ObjectMeta>, target_dir: &Path, layout: Layout) -> Result<Vec<Item>, Error> {
+    let mut refused = Vec::new();
     let blobs: Vec<ObjectMeta> = blobs
         .into_iter()
-        .filter(|b| !paths::is_folder_marker(&b.name) && layout.local_name(&b.name).is_some())
+        .filter(|b| layout.local_name(&b.name).is_some())
+        .filter(|b| {
+            // An empty name ending in `/` marks a folder (some tools write them); one that
+            // holds bytes is data no file can be named after: refused, not dropped.
+            if !paths::is_folder_marker(&b.name) {
+                return true;
+            }
+            if b.size > 0 {
+                refused.push(format!(
+                    "'{}': the name ends in `/` but the blob holds {} bytes, and no file can have that name",
+                    b.name.escape_debug(),
+                    b.size
+                ));
+            }
+            false
+        })
         .collect();
-    let mut refused = Vec::new();
     let mut items = Vec::with_capacity(blobs.len());
     for meta in blobs {
         let name = layout.local_name(&meta.name).unwrap_or_default();
