@@ -179,15 +179,15 @@ fn plan(blobs: Vec<ObjectMeta>, target_dir: &Path, layout: Layout) -> Result<Vec
         refused.len(),
         target_dir.display(),
         shown.join("; "),
-        match layout {
-            Layout::FullNames => "--prefix",
-            Layout::RelativeTo(_) => "datastore path",
-        },
         if refused.len() > shown.len() {
             "; ..."
         } else {
             ""
-        }
+        },
+        match layout {
+            Layout::FullNames => "--prefix",
+            Layout::RelativeTo(_) => "datastore path",
+        },
     )))
 }
 
@@ -481,10 +481,11 @@ fn verify(item: &Item, actual: [u8; 16]) -> Result<(), Error> {
 mod tests {
     use super::*;
 
+    /// A blob of one byte; a folder marker (a name ending in `/`) is empty, as tools write them.
     fn blob(name: &str) -> ObjectMeta {
         ObjectMeta {
             name: name.to_string(),
-            size: 1,
+            size: u64::from(!paths::is_folder_marker(name)),
             md5: None,
         }
     }
@@ -518,6 +519,24 @@ mod tests {
                 ("data/a.txt".to_string(), PathBuf::from("/t/a.txt")),
                 ("data/sub/b.bin".to_string(), PathBuf::from("/t/sub/b.bin")),
             ]
+        );
+    }
+
+    /// The refusal reads in order: the names, then what to narrow.
+    #[test]
+    fn the_unsafe_names_message_names_them_then_the_way_out() {
+        let names: Vec<String> = (0..7).map(|i| format!("../x{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let message = planned(&names, Layout::FullNames).unwrap_err().to_string();
+        assert!(
+            message.starts_with(
+                "refusing to download: 7 blob name(s) cannot be written safely under /t: '../x0': "
+            ),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("; ...; nothing was written: narrow the --prefix to leave them out, or rename them in the datastore"),
+            "{message}"
         );
     }
 
