@@ -535,13 +535,22 @@ fn credential(
                 .into_iter()
                 .filter(|k| values.contains_key(*k))
                 .collect();
+            if let Some(empty) = present.iter().find(|k| values[**k].trim().is_empty()) {
+                return Err(Error::Config(format!(
+                    "the {empty} in {source} (used by {label}) is empty: put the credential in it"
+                )));
+            }
             let credential = match present.as_slice() {
                 ["accountKey"] => {
                     AzureCredential::AccountKey(Secret::new(values["accountKey"].clone()))
                 }
                 ["sasToken"] => AzureCredential::SasToken(Secret::new(values["sasToken"].clone())),
                 ["connectionString"] => {
-                    let cs = ConnectionString::parse(&values["connectionString"]);
+                    let cs = ConnectionString::parse(&values["connectionString"]).map_err(|why| {
+                        Error::Config(format!(
+                            "the connectionString in {source} {why}: copy the full string from the portal (Storage account > Access keys)"
+                        ))
+                    })?;
                     if let Some(account) = cs.get("AccountName")
                         && account != account_name
                     {
@@ -634,12 +643,23 @@ fn secret_values(secret: &K8sSecret) -> BTreeMap<String, String> {
 struct ConnectionString(BTreeMap<String, String>);
 
 impl ConnectionString {
-    fn parse(s: &str) -> Self {
-        let mut map: BTreeMap<String, String> = s
-            .split(';')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-            .collect();
+    /// Refuses, saying why (never quoting the string: it holds the key), what is not
+    /// `Key=Value;...` naming an account or an endpoint: guessing would send the credential to
+    /// the public cloud's endpoint.
+    fn parse(s: &str) -> Result<Self, String> {
+        let mut map = BTreeMap::new();
+        for (n, part) in s.split(';').map(str::trim).enumerate() {
+            if part.is_empty() {
+                continue;
+            }
+            let Some((k, v)) = part.split_once('=') else {
+                return Err(format!(
+                    "is not Key=Value;...: its part {} has no `=`",
+                    n + 1
+                ));
+            };
+            map.insert(k.trim().to_string(), v.trim().to_string());
+        }
         if map
             .get("UseDevelopmentStorage")
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
@@ -652,7 +672,10 @@ impl ConnectionString {
             map.entry("BlobEndpoint".into())
                 .or_insert_with(|| "http://127.0.0.1:10000/devstoreaccount1".into());
         }
-        ConnectionString(map)
+        if !map.contains_key("AccountName") && !map.contains_key("BlobEndpoint") {
+            return Err("names neither AccountName nor BlobEndpoint".to_string());
+        }
+        Ok(ConnectionString(map))
     }
 
     fn get(&self, key: &str) -> Option<String> {
@@ -803,6 +826,47 @@ metadata: {name: ignored}
         assert!(err.to_string().contains("f.yaml, document 1"), "{err}");
         let err = Catalog::parse("a: [", "f.yaml", PathBuf::new()).unwrap_err();
         assert!(err.to_string().contains("not valid YAML"), "{err}");
+    }
+
+    /// A connection string that names no account or endpoint, or is not `Key=Value;...`, is a
+    /// configuration error, never a guess at the public cloud (where the key would be sent);
+    /// an empty credential is one too. The messages never quote the string.
+    #[test]
+    fn garbage_connection_strings_and_empty_credentials_are_config_errors() {
+        let resolve = |line: &str| {
+            let text = FILE.replace(
+                r#"connectionString: "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5;EndpointSuffix=core.chinacloudapi.cn""#,
+                line,
+            );
+            assert_ne!(text, FILE, "the fixture changed");
+            let catalog = Catalog::parse(&text, "test.yaml", PathBuf::new()).unwrap();
+            catalog.resolve("blob-ds", &scope())
+        };
+        for (line, says) in [
+            (
+                r#"connectionString: "garbage-SECRETLIKE""#,
+                "part 1 has no `=`",
+            ),
+            (
+                r#"connectionString: "AccountKey=SECRETLIKE""#,
+                "names neither AccountName nor BlobEndpoint",
+            ),
+            (
+                r#"connectionString: "AccountName=acct;SECRETLIKE""#,
+                "part 2 has no `=`",
+            ),
+            (r#"connectionString: "  ""#, "connectionString in Secret"),
+            (r#"accountKey: """#, "the accountKey in Secret"),
+        ] {
+            let err = match resolve(line) {
+                Err(e) => e,
+                Ok(r) => panic!("{line}: resolved to {:?}", r.config),
+            };
+            assert!(matches!(err, Error::Config(_)), "{line}: {err:?}");
+            let message = err.to_string();
+            assert!(message.contains(says), "{line}: {message}");
+            assert!(!message.contains("SECRETLIKE"), "{line}: {message}");
+        }
     }
 
     #[test]
