@@ -127,7 +127,7 @@ async fn finished(api: &Api<Experiment>, name: &str) -> Experiment {
 
 async fn blob(blobs: &datastore_operator::store::BlobClient, name: &str) -> Vec<u8> {
     blobs
-        .get(name, None)
+        .get(name, None, None)
         .await
         .unwrap_or_else(|e| panic!("{name}: {e}"))
         .bytes()

@@ -270,7 +270,7 @@ async fn throttling_is_retried_a_bounded_number_of_times() {
     // Throttled twice, then an empty listing: the run succeeds after three requests.
     let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let c = calls.clone();
-    let server = FakeServer::start(Arc::new(move |_, _| {
+    let server = FakeServer::start(Arc::new(move |_| {
         if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
             (
                 503,
@@ -304,7 +304,7 @@ async fn throttling_is_retried_a_bounded_number_of_times() {
     assert_eq!(server.requests().len(), 3);
 
     // Always throttled: the run gives up after the bounded attempts, with the service's code.
-    let server = FakeServer::start(Arc::new(|_, _| {
+    let server = FakeServer::start(Arc::new(|_| {
         (
             503,
             vec![("x-ms-error-code".into(), "ServerBusy".into())],
@@ -506,5 +506,75 @@ async fn a_blob_named_like_a_folder_that_holds_data_is_refused_not_dropped() {
     assert!(
         !err.contains("empty-marker"),
         "an empty marker is no problem: {err}"
+    );
+}
+
+/// A blob without Content-MD5 replaced after its first range was read: the later ranges are
+/// pinned to the listed ETag, so the service refuses them (412) instead of sending the new
+/// version's bytes to stitch onto the old ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_replaced_between_its_ranges_fails_instead_of_mixing_versions() {
+    const SIZE: usize = 24 * 1024 * 1024; // three 8 MiB ranges
+    let versions = Arc::new([bytes(SIZE, 1), bytes(SIZE, 2)]);
+    let current = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listing = format!(
+        r#"<?xml version="1.0" encoding="utf-8"?><EnumerationResults><Blobs><Blob><Name>big.bin</Name><Properties><Content-Length>{SIZE}</Content-Length><Etag>"v0"</Etag></Properties></Blob></Blobs><NextMarker /></EnumerationResults>"#
+    )
+    .into_bytes();
+    let server = FakeServer::start(Arc::new(move |request: &Request| {
+        if request.target.contains("comp=list") {
+            return (200, vec![], listing.clone());
+        }
+        // The blob as the service holds it now; the first read replaces it afterwards.
+        let now = current.fetch_max(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(wanted) = request.header("If-Match")
+            && wanted != format!("\"v{now}\"")
+        {
+            let error = ("x-ms-error-code".to_string(), "ConditionNotMet".to_string());
+            return (412, vec![error], vec![]);
+        }
+        let range = request
+            .header("x-ms-range")
+            .expect("large blobs are read in ranges");
+        let (start, end) = range
+            .trim_start_matches("bytes=")
+            .split_once('-')
+            .map(|(s, e)| (s.parse::<usize>().unwrap(), e.parse::<usize>().unwrap() + 1))
+            .unwrap();
+        let etag = ("ETag".to_string(), format!("\"v{now}\""));
+        (206, vec![etag], versions[now][start..end].to_vec())
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    let target = dir.path().join("target");
+    let t = target.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        datastore(&[
+            "download",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--target-path",
+            t.to_str().unwrap(),
+            "--concurrency",
+            "3",
+            "--no-progress",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_exit(&out, 7);
+    let err = stderr(&out);
+    assert!(
+        err.contains("blob 'big.bin' was replaced while it was being downloaded")
+            && err.contains("run again"),
+        "{err}"
+    );
+    assert_eq!(
+        walk(&target),
+        Vec::<String>::new(),
+        "nothing is left behind"
     );
 }

@@ -159,7 +159,7 @@ async fn upload_without_overwrite_skips_existing_blobs_and_with_it_replaces_them
     let blob = |name: &'static str| {
         let c = f.client.clone();
         async move {
-            c.get(name, None)
+            c.get(name, None, None)
                 .await
                 .unwrap()
                 .bytes()
@@ -212,13 +212,36 @@ async fn a_blob_created_after_the_listing_is_still_not_replaced() {
     );
     let got = f
         .client
-        .get("x.txt", None)
+        .get("x.txt", None, None)
         .await
         .unwrap()
         .bytes()
         .await
         .unwrap();
     assert_eq!(&got[..], b"theirs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_pinned_to_the_listed_version_is_refused_once_the_blob_is_replaced() {
+    let f = Fixture::new().await;
+    let put = |data: &'static [u8]| {
+        f.client
+            .put_blob("x.bin", Body::Bytes(data.into()), md5(data), true)
+    };
+    put(b"first").await.unwrap();
+    let listed = f.client.list("").await.unwrap().remove(0);
+    let etag = listed.etag.expect("the listing gives each blob's ETag");
+    let pinned = f.client.get("x.bin", None, Some(&etag)).await.unwrap();
+    assert_eq!(&pinned.bytes().await.unwrap()[..], b"first");
+
+    put(b"second").await.unwrap();
+    let err = f.client.get("x.bin", None, Some(&etag)).await.unwrap_err();
+    assert_eq!(err.exit_code(), 7, "{err}");
+    assert!(
+        err.to_string()
+            .contains("blob 'x.bin' was replaced while it was being downloaded"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

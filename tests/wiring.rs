@@ -656,7 +656,7 @@ fn sas_field(token: &str, field: &str) -> String {
 
 async fn blob(container: &str, name: &str) -> Vec<u8> {
     client(container)
-        .get(name, None)
+        .get(name, None, None)
         .await
         .unwrap()
         .bytes()

@@ -393,6 +393,7 @@ mod tests {
             name: name.into(),
             size,
             md5,
+            etag: None,
         }
     }
 

@@ -365,8 +365,18 @@ impl BlobClient {
     }
 
     /// Get Blob, whole or the byte range `start..end`. The caller streams the body.
-    pub async fn get(&self, name: &str, range: Option<(u64, u64)>) -> Result<reqwest::Response> {
+    /// GET a blob, or one range of it; with `if_match`, only the version with that ETag (a
+    /// replaced blob is `Integrity`: changed while it was read).
+    pub async fn get(
+        &self,
+        name: &str,
+        range: Option<(u64, u64)>,
+        if_match: Option<&str>,
+    ) -> Result<reqwest::Response> {
         let mut headers = HeaderMap::new();
+        if let Some(etag) = if_match {
+            headers.insert("If-Match", header(etag));
+        }
         let len = match range {
             Some((start, end)) => {
                 headers.insert("x-ms-range", header(&format!("bytes={start}-{}", end - 1)));
@@ -588,6 +598,10 @@ impl BlobClient {
                     "{what} does not exist: create it (az storage container create --account-name {} --name {}) or fix containerName",
                     cfg.account, cfg.container
                 )),
+                (412, "ConditionNotMet") => Error::Integrity(format!(
+                    "blob '{}' was replaced while it was being downloaded (its version no longer matches the listing), so its old and new contents could have been mixed; nothing was written under its name: run again to get the new version",
+                    blob.unwrap_or("")
+                )),
                 (404, "BlobNotFound") => Error::NotFound(format!(
                     "blob '{}' no longer exists in {what}: it was deleted while we worked; run again",
                     blob.unwrap_or("")
@@ -795,6 +809,8 @@ struct PropertiesXml {
     content_length: u64,
     #[serde(rename = "Content-MD5", default)]
     content_md5: Option<String>,
+    #[serde(rename = "Etag", default)]
+    etag: Option<String>,
 }
 
 fn parse_list(xml: &str) -> std::result::Result<ListPage, String> {
@@ -827,6 +843,7 @@ fn parse_list(xml: &str) -> std::result::Result<ListPage, String> {
                 name,
                 size: b.properties.content_length,
                 md5,
+                etag: b.properties.etag.filter(|e| !e.is_empty()),
             }
         })
         .collect();

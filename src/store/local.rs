@@ -78,6 +78,7 @@ impl LocalDir {
                     name,
                     size,
                     md5: None,
+                    etag: None,
                 });
             }
         }

@@ -218,4 +218,7 @@ pub struct ObjectMeta {
     pub name: String,
     pub size: u64,
     pub md5: Option<[u8; 16]>,
+    /// The version listed (Azure's ETag): reads are pinned to it, so a blob replaced while it
+    /// downloads fails instead of mixing versions. `None` for local files.
+    pub etag: Option<String>,
 }

@@ -341,7 +341,7 @@ async fn fetch_small(client: &BlobClient, item: &Item) -> Result<Bytes, Error> {
     let name = &item.meta.name;
     let mut attempt = 1;
     loop {
-        let resp = client.get(name, None).await?;
+        let resp = client.get(name, None, item.meta.etag.as_deref()).await?;
         let mut buf = BytesMut::with_capacity(item.meta.size as usize);
         let mut body = resp.bytes_stream();
         let streamed: Result<(), reqwest::Error> = async {
@@ -384,7 +384,7 @@ async fn fetch_range(
     let (start, end) = range.unwrap_or((0, item.meta.size));
     let mut attempt = 1;
     loop {
-        let resp = client.get(name, range).await?;
+        let resp = client.get(name, range, item.meta.etag.as_deref()).await?;
         let mut hasher = hash.then(md5::Md5::new);
         let mut body = resp.bytes_stream();
         let mut offset = start;
@@ -487,6 +487,7 @@ mod tests {
             name: name.to_string(),
             size: u64::from(!paths::is_folder_marker(name)),
             md5: None,
+            etag: None,
         }
     }
 

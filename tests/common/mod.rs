@@ -282,8 +282,8 @@ pub fn md5(data: &[u8]) -> [u8; 16] {
 }
 
 /// A scripted HTTP server on 127.0.0.1 standing in for a blob endpoint that misbehaves (hostile
-/// names, throttling): things Azurite cannot be made to do. Answers `handler(method, target)`
-/// and records every request line.
+/// names, throttling, a blob replaced between two reads): things Azurite cannot be made to do.
+/// Answers `handler(request)` and records every request line.
 pub struct FakeServer {
     pub port: u16,
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -292,7 +292,24 @@ pub struct FakeServer {
 }
 
 pub type Handler =
-    std::sync::Arc<dyn Fn(&str, &str) -> (u16, Vec<(String, String)>, Vec<u8>) + Send + Sync>;
+    std::sync::Arc<dyn Fn(&Request) -> (u16, Vec<(String, String)>, Vec<u8>) + Send + Sync>;
+
+/// One request as the handler sees it.
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    /// The value of header `name` (case-insensitive), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
 
 impl FakeServer {
     pub async fn start(handler: Handler) -> FakeServer {
@@ -327,6 +344,7 @@ impl FakeServer {
                             return;
                         }
                         let mut len = 0usize;
+                        let mut headers = Vec::new();
                         loop {
                             let mut h = String::new();
                             if reader.read_line(&mut h).await.unwrap_or(0) == 0 {
@@ -335,10 +353,11 @@ impl FakeServer {
                             if h == "\r\n" {
                                 break;
                             }
-                            if let Some((k, v)) = h.split_once(':')
-                                && k.eq_ignore_ascii_case("content-length")
-                            {
-                                len = v.trim().parse().unwrap_or(0);
+                            if let Some((k, v)) = h.split_once(':') {
+                                if k.eq_ignore_ascii_case("content-length") {
+                                    len = v.trim().parse().unwrap_or(0);
+                                }
+                                headers.push((k.to_string(), v.trim().to_string()));
                             }
                         }
                         let mut body = vec![0; len];
@@ -346,15 +365,18 @@ impl FakeServer {
                             return;
                         }
                         let mut parts = line.split_whitespace();
-                        let (method, target) = (
-                            parts.next().unwrap_or("").to_string(),
-                            parts.next().unwrap_or("").to_string(),
-                        );
-                        log.lock().unwrap().push(format!("{method} {target}"));
+                        let request = Request {
+                            method: parts.next().unwrap_or("").to_string(),
+                            target: parts.next().unwrap_or("").to_string(),
+                            headers,
+                        };
+                        log.lock()
+                            .unwrap()
+                            .push(format!("{} {}", request.method, request.target));
                         let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                         max.fetch_max(now, Ordering::SeqCst);
                         tokio::time::sleep(delay).await;
-                        let (status, headers, body) = handler(&method, &target);
+                        let (status, headers, body) = handler(&request);
                         in_flight.fetch_sub(1, Ordering::SeqCst);
                         let mut resp =
                             format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
@@ -382,8 +404,8 @@ impl FakeServer {
     /// `body`, each after `delay`.
     pub async fn listing(listing: Vec<u8>, body: Vec<u8>, delay: Duration) -> FakeServer {
         FakeServer::start_with_delay(
-            std::sync::Arc::new(move |_, target: &str| {
-                if target.contains("comp=list") {
+            std::sync::Arc::new(move |request: &Request| {
+                if request.target.contains("comp=list") {
                     (200, vec![], listing.clone())
                 } else {
                     (200, vec![], body.clone())
