@@ -27,6 +27,10 @@ pub enum Error {
     /// A local file could not be read or written.
     #[error("{0}")]
     Local(String),
+    /// The local file system refuses every write (full, over quota, read-only): no other file
+    /// of the run could succeed, so the run stops at the first.
+    #[error("{0}")]
+    LocalUnwritable(String),
     /// Some files failed; each was reported already.
     #[error("{0}")]
     Partial(String),
@@ -43,7 +47,7 @@ impl Error {
             Error::Integrity(_) => 7,
             Error::UnsafeName(_) => 8,
             Error::Service(_) => 9,
-            Error::Local(_) => 10,
+            Error::Local(_) | Error::LocalUnwritable(_) => 10,
         }
     }
 
@@ -58,6 +62,7 @@ impl Error {
             Error::UnsafeName(_) => "UnsafeBlobName",
             Error::Service(_) => "StorageError",
             Error::Local(_) => "LocalIoError",
+            Error::LocalUnwritable(_) => "LocalUnwritable",
             Error::Partial(_) => "PartialFailure",
         }
     }
@@ -73,6 +78,7 @@ impl Error {
             Error::UnsafeName(_) => Error::UnsafeName(msg),
             Error::Service(_) => Error::Service(msg),
             Error::Local(_) => Error::Local(msg),
+            Error::LocalUnwritable(_) => Error::LocalUnwritable(msg),
             Error::Partial(_) => Error::Partial(msg),
         }
     }
@@ -82,7 +88,13 @@ impl Error {
         path: &std::path::Path,
         err: std::io::Error,
     ) -> Self {
-        Error::Local(format!("cannot {what} {}: {err}", path.display()))
+        let msg = format!("cannot {what} {}: {err}", path.display());
+        match err.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS) => Error::LocalUnwritable(format!(
+                "{msg}; stopped at this first file: free space on that file system (or make it writable), or write elsewhere, then run again"
+            )),
+            _ => Error::Local(msg),
+        }
     }
 }
 

@@ -578,3 +578,80 @@ async fn a_blob_replaced_between_its_ranges_fails_instead_of_mixing_versions() {
         "nothing is left behind"
     );
 }
+
+/// Runs `datastore download` of the scripted endpoint into `target`, which is a fresh tmpfs
+/// mounted with `mount_options` in a private mount namespace (so nothing outlives the run).
+/// Needs root, as the end-to-end tests do.
+fn download_into_tmpfs(
+    ds: &std::path::Path,
+    target: &std::path::Path,
+    mount_options: &str,
+) -> std::process::Output {
+    std::fs::create_dir_all(target).unwrap();
+    std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o "$1" tmpfs "$2" && shift 2 && exec "$@""#)
+        .arg("sh")
+        .args([mount_options, target.to_str().unwrap()])
+        .arg(env!("CARGO_BIN_EXE_datastore"))
+        .args([
+            "download",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+        ])
+        .args([
+            "--target-path",
+            target.to_str().unwrap(),
+            "--output",
+            "json",
+            "--no-progress",
+        ])
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_or_read_only_disk_stops_the_run_with_one_message() {
+    let names: Vec<String> = (0..60).map(|i| format!("f{i:02}.bin")).collect();
+    let listing = listing_xml(
+        &names
+            .iter()
+            .map(|n| (n.as_str(), 256 * 1024, false))
+            .collect::<Vec<_>>(),
+    );
+    let server = FakeServer::listing(listing, bytes(256 * 1024, 7), Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    for (options, says) in [
+        ("size=2m", "No space left on device"),
+        ("ro", "Read-only file system"),
+    ] {
+        let target = dir.path().join(options.replace('=', "-"));
+        let (d, t) = (ds.clone(), target.clone());
+        let out = tokio::task::spawn_blocking(move || download_into_tmpfs(&d, &t, options))
+            .await
+            .unwrap();
+        assert_exit(&out, 10);
+        assert_eq!(
+            stderr(&out),
+            "",
+            "{options}: no line per file; the one error is in the summary"
+        );
+        let summary = summary(&out);
+        let err = summary["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            err.contains(says) && err.contains("free space"),
+            "{options}: {summary}"
+        );
+        assert!(
+            summary["failed"] == 1,
+            "{options}: the failing file is counted: {summary}"
+        );
+        assert!(
+            summary["seconds"].as_f64().unwrap() > 0.0,
+            "{options}: the time spent is reported: {summary}"
+        );
+    }
+}

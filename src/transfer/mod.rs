@@ -158,8 +158,9 @@ impl Run {
             .buffer_unordered(self.options.concurrency.max(1));
         while let Some(result) = results.next().await {
             if let Err(error) = tally.record(result, &*self.progress) {
+                // Files still in flight are dropped here, their temporary files with them.
                 return Err(Failed {
-                    summary: tally.summary,
+                    summary: tally.summary.timed(self.started),
                     error,
                 });
             }
@@ -199,8 +200,17 @@ impl Tally {
                 self.summary.skipped += 1;
                 progress.file_skipped();
             }
-            // Credentials, reachability and configuration fail every file alike: stop now.
-            Err(e @ (Error::Auth(_) | Error::Unreachable(_) | Error::Config(_))) => return Err(e),
+            // Credentials, reachability, configuration and a full or read-only disk fail every
+            // file alike: stop now, with one message.
+            Err(
+                e @ (Error::Auth(_)
+                | Error::Unreachable(_)
+                | Error::Config(_)
+                | Error::LocalUnwritable(_)),
+            ) => {
+                self.summary.failed += 1;
+                return Err(e);
+            }
             Err(e) => {
                 progress.file_failed(&e);
                 self.summary.failed += 1;
@@ -212,12 +222,10 @@ impl Tally {
 
     /// The summary, or an error describing the failed files: of their kind when they all
     /// share one (so the exit code says what happened), else a partial failure.
-    fn finish(mut self, started: Instant) -> Result<Summary, (Summary, Error)> {
-        self.summary.seconds = started.elapsed().as_secs_f64();
-        self.summary.mib_per_s =
-            self.summary.bytes as f64 / 1_048_576.0 / self.summary.seconds.max(1e-9);
+    fn finish(self, started: Instant) -> Result<Summary, (Summary, Error)> {
+        let summary = self.summary.timed(started);
         let Some(first) = self.failures.first() else {
-            return Ok(self.summary);
+            return Ok(summary);
         };
         let n = self.failures.len();
         let same_kind = self
@@ -234,7 +242,16 @@ impl Tally {
         } else {
             Error::Partial(msg)
         };
-        Err((self.summary, err))
+        Err((summary, err))
+    }
+}
+
+impl Summary {
+    /// With the time since `started` and the rate it gives.
+    fn timed(mut self, started: Instant) -> Summary {
+        self.seconds = started.elapsed().as_secs_f64();
+        self.mib_per_s = self.bytes as f64 / 1_048_576.0 / self.seconds.max(1e-9);
+        self
     }
 }
 
