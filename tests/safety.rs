@@ -655,3 +655,45 @@ async fn a_full_or_read_only_disk_stops_the_run_with_one_message() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_directory_link_inside_the_target_is_never_written_through() {
+    let listing = listing_xml(&[("ok.txt", 5, false), ("sub/deep/x.txt", 5, false)]);
+    let server = FakeServer::listing(listing, b"pwned".to_vec(), Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    let (target, outside) = (dir.path().join("target"), dir.path().join("outside"));
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("sub")).unwrap();
+    let t = target.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        datastore(&[
+            "download",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--target-path",
+            t.to_str().unwrap(),
+            "--no-progress",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_exit(&out, 8);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{} is a symbolic link to",
+            target.join("sub").display()
+        )) && err.contains("remove the link"),
+        "{err}"
+    );
+    assert_eq!(
+        walk(&outside),
+        Vec::<String>::new(),
+        "nothing landed outside"
+    );
+    assert_eq!(walk(&target), ["sub"], "nothing was written");
+}

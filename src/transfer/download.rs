@@ -37,7 +37,7 @@ pub async fn download(
     let prefix = prefix.trim_start_matches('/');
     let blobs = store.list(prefix).await?;
     let items = plan(blobs, target_dir, Layout::FullNames)?;
-    fetch_all(&run, store, items).await
+    fetch_all(&run, store, items, target_dir).await
 }
 
 /// What [`download_folder`] found: every file blob under the folder (skipped ones included),
@@ -91,7 +91,7 @@ pub async fn download_folder(
             .collect(),
     };
     listing.blobs.sort_by(|a, b| a.name.cmp(&b.name));
-    let summary = fetch_all(&run, store, items).await?;
+    let summary = fetch_all(&run, store, items, target_dir).await?;
     Ok((summary, listing))
 }
 
@@ -115,8 +115,13 @@ impl Layout<'_> {
 }
 
 /// Downloads the planned items, skipping the files that exist unless overwriting.
-async fn fetch_all(run: &Run, store: &Store, items: Vec<Item>) -> Result<Summary> {
-    let (todo, skipped) = skip_existing(items, run.options.overwrite).await?;
+async fn fetch_all(
+    run: &Run,
+    store: &Store,
+    items: Vec<Item>,
+    target_dir: &Path,
+) -> Result<Summary> {
+    let (todo, skipped) = skip_existing(items, target_dir, run.options.overwrite).await?;
 
     run.progress
         .start(todo.len() as u64, todo.iter().map(|i| i.meta.size).sum());
@@ -191,17 +196,25 @@ fn plan(blobs: Vec<ObjectMeta>, target_dir: &Path, layout: Layout) -> Result<Vec
     )))
 }
 
-/// Without overwrite, files that exist are skipped; a directory where a file must go is an error.
-async fn skip_existing(items: Vec<Item>, overwrite: bool) -> Result<(Vec<Item>, u64), Error> {
+/// Without overwrite, files that exist are skipped; a directory where a file must go is an
+/// error, and so is a directory on the way that is a symbolic link leading out of the target.
+async fn skip_existing(
+    items: Vec<Item>,
+    target_dir: &Path,
+    overwrite: bool,
+) -> Result<(Vec<Item>, u64), Error> {
+    let target_dir = target_dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
+        let mut links = LinkCheck::new(&target_dir);
         let mut todo = Vec::with_capacity(items.len());
         let mut skipped = 0;
         for item in items {
+            links.check(&item.path)?;
             match std::fs::symlink_metadata(&item.path) {
                 Ok(m) if m.is_dir() => {
                     return Err(Error::UnsafeName(format!(
                         "blob '{}' would replace the directory {}: move that directory away or download into another --target-path",
-                        item.meta.name,
+                        item.meta.name.escape_debug(),
                         item.path.display()
                     )));
                 }
@@ -213,6 +226,75 @@ async fn skip_existing(items: Vec<Item>, overwrite: bool) -> Result<(Vec<Item>, 
     })
     .await
     .expect("checking local files does not panic")
+}
+
+/// Finds directories below the target that are symbolic links leading out of it: a file
+/// written below one would land outside the target. Each directory is looked at once.
+struct LinkCheck<'a> {
+    root: &'a Path,
+    /// The target resolved, once a link needs comparing with it.
+    resolved_root: Option<PathBuf>,
+    seen: std::collections::HashSet<PathBuf>,
+}
+
+impl<'a> LinkCheck<'a> {
+    fn new(root: &'a Path) -> Self {
+        LinkCheck {
+            root,
+            resolved_root: None,
+            seen: Default::default(),
+        }
+    }
+
+    /// Fails when a directory between the target and `file` is a link leading out of it.
+    fn check(&mut self, file: &Path) -> Result<(), Error> {
+        let Ok(below) = file.strip_prefix(self.root) else {
+            return Ok(());
+        };
+        let mut dir = self.root.to_path_buf();
+        let mut parts: Vec<_> = below.components().collect();
+        parts.pop(); // the file itself: replaced by rename, never written through
+        for part in parts {
+            dir.push(part);
+            if !self.seen.insert(dir.clone()) {
+                continue;
+            }
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_symlink() => self.refuse_if_outside(&dir)?,
+                Ok(_) => {}
+                // Nothing deeper exists yet: it will be created as plain directories.
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse_if_outside(&mut self, link: &Path) -> Result<(), Error> {
+        let root = match &self.resolved_root {
+            Some(r) => r.clone(),
+            None => {
+                let r = self
+                    .root
+                    .canonicalize()
+                    .map_err(|e| Error::local("resolve", self.root, e))?;
+                self.resolved_root = Some(r.clone());
+                r
+            }
+        };
+        let leads_to = std::fs::canonicalize(link).unwrap_or_else(|_| {
+            // A dangling link still leads where it points.
+            std::fs::read_link(link).unwrap_or_default()
+        });
+        if leads_to.starts_with(&root) {
+            return Ok(());
+        }
+        Err(Error::UnsafeName(format!(
+            "refusing to download: {} is a symbolic link to {}, outside the target {}, so files below it would land there; nothing was written: remove the link or download into another --target-path",
+            link.display(),
+            leads_to.display(),
+            self.root.display()
+        )))
+    }
 }
 
 async fn download_one(run: &Run, store: &Store, item: Item, split: u64) -> Result<Outcome, Error> {
