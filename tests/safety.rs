@@ -697,3 +697,77 @@ async fn a_directory_link_inside_the_target_is_never_written_through() {
     );
     assert_eq!(walk(&target), ["sub"], "nothing was written");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_subdirectory_is_named_and_entries_that_are_not_files_are_counted() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (src, store) = (dir.path().join("src"), dir.path().join("store"));
+    write_tree(
+        &src,
+        &[("a.txt", b"a".to_vec()), ("locked/b.txt", b"b".to_vec())],
+    );
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), src.join("dangling")).unwrap();
+    let fifo = src.join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let ds = dir.path().join("local.yaml");
+    std::fs::write(
+        &ds,
+        format!(
+            "apiVersion: datastore.dev/v1alpha1\nkind: Datastore\nmetadata: {{name: ws}}\nspec:\n  local:\n    path: {}\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let upload = |as_nobody: bool| {
+        let mut cmd = if as_nobody {
+            // Root reads every directory; an unprivileged user meets the locked one.
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(env!("CARGO_BIN_EXE_datastore"));
+            c
+        } else {
+            std::process::Command::new(env!("CARGO_BIN_EXE_datastore"))
+        };
+        cmd.args([
+            "upload",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "ws",
+        ])
+        .args(["--src-dir", src.to_str().unwrap(), "--target-path", "up"])
+        .args(["--output", "json", "--no-progress"])
+        .output()
+        .unwrap()
+    };
+
+    std::fs::set_permissions(src.join("locked"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    let out = upload(true);
+    assert_exit(&out, 10);
+    let msg = summary(&out)["error"]["message"].to_string();
+    assert!(
+        msg.contains(&format!("{}", src.join("locked").display())),
+        "the directory that failed is named, not the top one: {msg}"
+    );
+
+    std::fs::set_permissions(src.join("locked"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = upload(false);
+    assert_exit(&out, 0);
+    assert_eq!(summary(&out)["transferred"], 2);
+    assert_eq!(summary(&out)["ignored"], 2, "{}", stdout(&out));
+    let err = stderr(&out);
+    for (name, what) in [("fifo", "a FIFO"), ("dangling", "a dangling symbolic link")] {
+        let line = format!("{} is {what}, not a file", src.join(name).display());
+        assert!(err.contains(&line), "{line} in: {err}");
+    }
+}

@@ -71,7 +71,7 @@ fn staging_size(text: &str) -> Result<u64, String> {
 /// What a download may write on the staging volume at `dir`: what `size` leaves after what
 /// is there already, and no more than its file system has free.
 pub fn staging_room(dir: &Path, size: Option<u64>) -> Result<transfer::Room, Error> {
-    let used = crate::store::local::tree_bytes(dir).map_err(|e| Error::local("measure", dir, e))?;
+    let used = crate::store::local::tree_bytes(dir)?;
     let free = free_bytes(dir).map_err(|e| Error::local("measure the free space of", dir, e))?;
     let human = |b: u64| indicatif::HumanBytes(b).to_string();
     let (bytes, detail) = match size {

@@ -270,9 +270,7 @@ pub struct FolderDigest {
 
 /// The digest of every file below `folder` (what an upload of it sends).
 pub fn folder_digest(folder: &Path) -> Result<FolderDigest> {
-    let mut files = Vec::new();
-    crate::store::local::walk_files(folder, &mut files)
-        .map_err(|e| Error::local("read", folder, e))?;
+    let files = crate::store::local::walk_files(folder)?.files;
     let mut lines = Vec::with_capacity(files.len());
     let mut bytes = 0;
     for (path, size) in &files {

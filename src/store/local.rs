@@ -61,9 +61,7 @@ impl LocalDir {
             Err(_) => return Ok(Vec::new()),
         };
         let mut out = Vec::new();
-        let mut files = Vec::new();
-        walk_files(&start, &mut files).map_err(|e| Error::local("list", &start, e))?;
-        for (path, size) in files {
+        for (path, size) in walk_files(&start)?.files {
             let rel = path
                 .strip_prefix(&self.root)
                 .expect("walked below the root");
@@ -115,36 +113,69 @@ impl LocalDir {
 }
 
 /// The bytes of the files below `dir` (what [`walk_files`] finds); 0 when it does not exist.
-pub fn tree_bytes(dir: &Path) -> std::io::Result<u64> {
-    let mut files = Vec::new();
-    walk_files(dir, &mut files)?;
-    Ok(files.iter().map(|(_, size)| size).sum())
+pub fn tree_bytes(dir: &Path) -> Result<u64> {
+    Ok(walk_files(dir)?.files.iter().map(|(_, size)| size).sum())
 }
 
-/// Regular files below `dir` (following file symlinks, not directory symlinks), with sizes.
-/// Our own temporary files are left out. A missing `dir` yields nothing.
-pub fn walk_files(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> std::io::Result<()> {
+/// What lies below a directory.
+#[derive(Debug, Default)]
+pub struct Tree {
+    /// Regular files (and symbolic links to them), with their sizes.
+    pub files: Vec<(PathBuf, u64)>,
+    /// Entries that hold no file to copy (FIFOs, sockets, devices, dangling links, links to
+    /// directories), with what each is: callers name them rather than drop them silently.
+    pub ignored: Vec<(PathBuf, &'static str)>,
+}
+
+/// Walks below `dir`, following file symlinks but not directory symlinks (they could loop).
+/// Our own temporary files are left out. A missing `dir` yields nothing; an entry that cannot
+/// be read fails the walk naming that entry, not `dir`.
+pub fn walk_files(dir: &Path) -> Result<Tree> {
+    let mut tree = Tree::default();
+    walk_into(dir, &mut tree)?;
+    Ok(tree)
+}
+
+fn walk_into(dir: &Path, tree: &mut Tree) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
+        Err(e) => return Err(Error::local("read the directory", dir, e)),
     };
     for entry in entries {
-        let entry = entry?;
+        let entry = entry.map_err(|e| Error::local("read the directory", dir, e))?;
         if crate::atomic::is_temp(&entry.file_name()) {
             continue;
         }
-        let ty = entry.file_type()?;
         let path = entry.path();
+        let ty = entry
+            .file_type()
+            .map_err(|e| Error::local("read", &path, e))?;
         if ty.is_dir() {
-            walk_files(&path, out)?;
+            walk_into(&path, tree)?;
         } else if ty.is_file() {
-            out.push((path, entry.metadata()?.len()));
+            let len = entry
+                .metadata()
+                .map_err(|e| Error::local("read", &path, e))?
+                .len();
+            tree.files.push((path, len));
         } else if ty.is_symlink() {
             match std::fs::metadata(&path) {
-                Ok(m) if m.is_file() => out.push((path, m.len())),
-                _ => {} // directory symlinks could loop; dangling ones hold nothing
+                Ok(m) if m.is_file() => tree.files.push((path, m.len())),
+                Ok(m) if m.is_dir() => tree.ignored.push((path, "a link to a directory")),
+                Ok(_) => tree.ignored.push((path, "a link to a special file")),
+                Err(_) => tree.ignored.push((path, "a dangling symbolic link")),
             }
+        } else {
+            use std::os::unix::fs::FileTypeExt;
+            let what = if ty.is_fifo() {
+                "a FIFO"
+            } else if ty.is_socket() {
+                "a socket"
+            } else {
+                "a device"
+            };
+            tree.ignored.push((path, what));
         }
     }
     Ok(())

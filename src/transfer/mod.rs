@@ -86,6 +86,9 @@ pub struct Summary {
     /// Of the skipped uploads, those whose blob already held the same bytes (same size and
     /// Content-MD5): nothing of them is lost by skipping, e.g. when an upload is retried.
     pub identical: u64,
+    /// Uploads: entries of the source that are not files (FIFOs, devices, dangling links),
+    /// left out and named in a warning.
+    pub ignored: u64,
     pub failed: u64,
     pub bytes: u64,
     pub seconds: f64,
@@ -104,9 +107,14 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} transferred, {} skipped{}, {} in {:.1}s ({:.1} MiB/s)",
+            "{} transferred, {} skipped{}{}, {} in {:.1}s ({:.1} MiB/s)",
             self.transferred,
             self.skipped,
+            if self.ignored > 0 {
+                format!(", {} not files (left out)", self.ignored)
+            } else {
+                String::new()
+            },
             if self.failed > 0 {
                 format!(", {} failed", self.failed)
             } else {

@@ -12,7 +12,8 @@ use crate::atomic::Commit;
 use crate::error::Error;
 use crate::paths;
 use crate::store::azure::{BlockIds, Body, PutOutcome};
-use crate::store::{BlobClient, LocalDir, ObjectMeta, Store, local::walk_files};
+use crate::store::local::{Tree, walk_files};
+use crate::store::{BlobClient, LocalDir, ObjectMeta, Store};
 
 /// A local file to upload and the blob name it becomes.
 struct Item {
@@ -37,12 +38,13 @@ pub async fn upload(
     }
     let run = Run::new(options, progress);
     let target = paths::datastore_path(target_path).map_err(Error::Config)?;
-    let files = source_files(
+    let (files, ignored) = source_files(
         src_dir.to_path_buf(),
         target.clone(),
         run.options.contain_symlinks,
     )
     .await?;
+    warn_ignored(&ignored);
 
     // Skip decisions come from one listing of the target, not a request per file.
     let existing: HashMap<String, ObjectMeta> = if run.options.overwrite {
@@ -75,7 +77,22 @@ pub async fn upload(
         })
         .await?;
     summary.identical = identical;
+    summary.ignored = ignored.len() as u64;
     Ok(summary)
+}
+
+/// Names what the upload leaves out because it holds no file (the first few, then a count).
+fn warn_ignored(ignored: &[(PathBuf, &'static str)]) {
+    const NAMED: usize = 10;
+    for (path, what) in ignored.iter().take(NAMED) {
+        tracing::warn!("not uploaded: {} is {what}, not a file", path.display());
+    }
+    if ignored.len() > NAMED {
+        tracing::warn!(
+            "not uploaded: {} more entries that are not files",
+            ignored.len() - NAMED
+        );
+    }
 }
 
 /// How many of the `skipped` files their blob already holds byte for byte: the same size and a
@@ -103,11 +120,12 @@ async fn count_identical(
     Ok(same.into_iter().filter(|same| *same).count() as u64)
 }
 
+/// The files below `src_dir` to upload, sorted, and the entries left out as not files.
 async fn source_files(
     src_dir: PathBuf,
     target: String,
     contain_symlinks: bool,
-) -> Result<Vec<Item>, Error> {
+) -> Result<(Vec<Item>, Vec<(PathBuf, &'static str)>), Error> {
     tokio::task::spawn_blocking(move || {
         if !src_dir.is_dir() {
             return Err(Error::NotFound(format!(
@@ -115,13 +133,12 @@ async fn source_files(
                 src_dir.display()
             )));
         }
-        let mut files = Vec::new();
-        walk_files(&src_dir, &mut files).map_err(|e| Error::local("read", &src_dir, e))?;
+        let Tree { mut files, ignored } = walk_files(&src_dir)?;
         files.sort();
         if contain_symlinks {
             refuse_symlinks_out_of(&src_dir, &files)?;
         }
-        files
+        let items = files
             .into_iter()
             .map(|(path, size)| {
                 let rel = path
@@ -139,7 +156,8 @@ async fn source_files(
                     size,
                 })
             })
-            .collect()
+            .collect::<Result<_, Error>>()?;
+        Ok((items, ignored))
     })
     .await
     .expect("listing the source does not panic")
