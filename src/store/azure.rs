@@ -304,6 +304,39 @@ impl BlobClient {
         Ok(())
     }
 
+    /// Get Block List: the staged, uncommitted blocks of `name` (ID and size), which an
+    /// interrupted upload left; none when there is no such blob.
+    pub async fn uncommitted_blocks(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        let query = vec![q("comp", "blocklist"), q("blocklisttype", "uncommitted")];
+        let resp = match self
+            .send(
+                Method::GET,
+                Some(name),
+                query,
+                HeaderMap::new(),
+                &Body::Empty,
+            )
+            .await
+        {
+            Ok(resp) => resp,
+            Err(Failure::Status {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => return Ok(Vec::new()),
+            Err(f) => return Err(self.error(f, Some(name))),
+        };
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| self.error(transport(e), Some(name)))?;
+        parse_block_list(&text).map_err(|e| {
+            Error::Service(format!(
+                "cannot read the block list of blob '{}': {e}",
+                name.escape_debug()
+            ))
+        })
+    }
+
     /// Put Block List: commits blocks `0..blocks` as the blob, setting its Content-MD5.
     pub async fn put_block_list(
         &self,
@@ -364,7 +397,6 @@ impl BlobClient {
         }
     }
 
-    /// Get Blob, whole or the byte range `start..end`. The caller streams the body.
     /// GET a blob, or one range of it; with `if_match`, only the version with that ETag (a
     /// replaced blob is `Integrity`: changed while it was read).
     pub async fn get(
@@ -737,7 +769,18 @@ impl BlockIds {
         }
     }
 
-    fn id(&self, index: usize) -> String {
+    /// The IDs for one version of a source (e.g. its name, size, modification time and block
+    /// size): the same in every run, so a re-run recognises the blocks an interrupted run
+    /// staged.
+    pub fn derived_from(source: &str) -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(source.as_bytes());
+        BlockIds {
+            nonce: u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")),
+        }
+    }
+
+    pub fn id(&self, index: usize) -> String {
         B64.encode(format!("{:016x}-{index:08}", self.nonce))
     }
 }
@@ -811,6 +854,36 @@ struct PropertiesXml {
     content_md5: Option<String>,
     #[serde(rename = "Etag", default)]
     etag: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BlockListXml {
+    #[serde(rename = "UncommittedBlocks", default)]
+    uncommitted: BlocksXml,
+}
+
+#[derive(Deserialize, Default)]
+struct BlocksXml {
+    #[serde(rename = "Block", default)]
+    blocks: Vec<BlockXml>,
+}
+
+#[derive(Deserialize)]
+struct BlockXml {
+    #[serde(rename = "Name")]
+    name: String,
+    #[serde(rename = "Size")]
+    size: u64,
+}
+
+fn parse_block_list(xml: &str) -> std::result::Result<Vec<(String, u64)>, String> {
+    let list: BlockListXml = quick_xml::de::from_str(xml).map_err(|e| e.to_string())?;
+    Ok(list
+        .uncommitted
+        .blocks
+        .into_iter()
+        .map(|b| (b.name, b.size))
+        .collect())
 }
 
 fn parse_list(xml: &str) -> std::result::Result<ListPage, String> {

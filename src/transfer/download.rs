@@ -10,6 +10,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use md5::Digest;
 
 use super::hash::{OrderedHasher, md5_of};
+use super::resume::{self, Journal};
 use super::{Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, md5_hex};
 use crate::atomic::{Commit, TempFile};
 use crate::error::Error;
@@ -122,6 +123,7 @@ async fn fetch_all(
     target_dir: &Path,
 ) -> Result<Summary> {
     let (todo, skipped) = skip_existing(items, target_dir, run.options.overwrite).await?;
+    remove_stale_partials(&todo).await;
 
     run.progress
         .start(todo.len() as u64, todo.iter().map(|i| i.meta.size).sum());
@@ -135,6 +137,35 @@ async fn fetch_all(
     let split = (run.options.concurrency / large.max(1)).max(1) as u64;
     run.each(todo, skipped, |item| download_one(run, store, item, split))
         .await
+}
+
+/// Removes what killed runs left in the directories this run writes to, keeping the partial
+/// files of the blob versions it is about to resume: leftovers never pile up.
+async fn remove_stale_partials(todo: &[Item]) {
+    use std::collections::HashSet;
+    let mut dirs = HashSet::new();
+    let mut keep = HashSet::new();
+    for item in todo {
+        if let Some(dir) = item.path.parent() {
+            dirs.insert(dir.to_path_buf());
+        }
+        if let Some(key) = resume::key(&item.meta) {
+            keep.insert(crate::atomic::resumable_name(&key).into());
+        }
+    }
+    let freed = tokio::task::spawn_blocking(move || {
+        dirs.iter()
+            .map(|dir| crate::atomic::remove_stale(dir, &keep))
+            .sum::<u64>()
+    })
+    .await
+    .expect("removing leftovers does not panic");
+    if freed > 0 {
+        tracing::info!(
+            bytes = freed,
+            "removed partial files left by interrupted runs"
+        );
+    }
 }
 
 /// Maps blob names to local paths. Any name that cannot be written safely, or that collides
@@ -298,12 +329,15 @@ impl<'a> LinkCheck<'a> {
 }
 
 async fn download_one(run: &Run, store: &Store, item: Item, split: u64) -> Result<Outcome, Error> {
-    let commit = match store {
+    let (commit, resumed) = match store {
         Store::Azure(client) => download_blob(run, client, &item, split).await?,
-        Store::Local(dir) => download_local(run, dir, &item).await?,
+        Store::Local(dir) => (download_local(run, dir, &item).await?, 0),
     };
     Ok(match commit {
-        Commit::Written => Outcome::Transferred(item.meta.size),
+        Commit::Written => Outcome::Transferred {
+            bytes: item.meta.size,
+            resumed,
+        },
         Commit::TargetExists => Outcome::Skipped,
     })
 }
@@ -327,13 +361,14 @@ async fn download_local(run: &Run, dir: &LocalDir, item: &Item) -> Result<Commit
     Ok(commit)
 }
 
-/// Downloads one blob, in up to `split` parallel ranges when it is large.
+/// Downloads one blob, in up to `split` parallel ranges when it is large. Returns how it was
+/// committed and how many of its bytes an earlier, interrupted run had already fetched.
 async fn download_blob(
     run: &Run,
     client: &BlobClient,
     item: &Item,
     split: u64,
-) -> Result<Commit, Error> {
+) -> Result<(Commit, u64), Error> {
     let size = item.meta.size;
     let overwrite = run.options.overwrite;
     let target = item.path.clone();
@@ -345,7 +380,7 @@ async fn download_blob(
         };
         verify(item, md5_of(&data))?;
         run.progress.bytes(size);
-        return tokio::task::spawn_blocking(move || {
+        let commit = tokio::task::spawn_blocking(move || {
             let (tmp, mut file) = TempFile::create(&target)?;
             std::io::Write::write_all(&mut file, &data)?;
             drop(file);
@@ -353,47 +388,125 @@ async fn download_blob(
         })
         .await
         .expect("writing does not panic")
-        .map_err(|e| Error::local("write", &item.path, e));
+        .map_err(|e| Error::local("write", &item.path, e))?;
+        return Ok((commit, 0));
     }
 
-    let (tmp, file) = tokio::task::spawn_blocking(move || {
+    let range = run.options.block_size_for(size).max(size.div_ceil(split));
+    let key = resume::key(&item.meta);
+    let (tmp, file, journal) = tokio::task::spawn_blocking(move || {
+        // A version we can pin resumes an earlier run's bytes, unless another run holds them.
+        if let Some(key) = key
+            && let Some((tmp, file)) = TempFile::resumable(&target, &key)?
+        {
+            let journal = Journal::open(&tmp.journal_path(), &file, size, range)?;
+            return Ok((tmp, Arc::new(file), Some(journal)));
+        }
         let (tmp, file) = TempFile::create(&target)?;
         file.set_len(size)?;
-        Ok::<_, std::io::Error>((tmp, Arc::new(file)))
+        Ok::<_, std::io::Error>((tmp, Arc::new(file), None))
     })
     .await
     .expect("creating a file does not panic")
     .map_err(|e| Error::local("create", &item.path, e))?;
 
-    let range = run.options.block_size_for(size).max(size.div_ceil(split));
-    let ranges: Vec<(u64, u64)> = (0..size.div_ceil(range))
-        .map(|i| (i * range, ((i + 1) * range).min(size)))
-        .collect();
-    let md5 = if ranges.len() == 1 {
+    let fetched = fetch_large(run, client, item, &file, journal, range).await;
+    drop(file);
+    let resumed = match fetched {
+        Ok(resumed) => resumed,
+        Err(e) => {
+            // Bytes that failed verification, or of a replaced version, are not worth keeping;
+            // anything else (a cut connection, a signal) leaves them to resume.
+            if matches!(e, Error::Integrity(_)) {
+                tmp.discard();
+            }
+            return Err(e);
+        }
+    };
+    let commit = tokio::task::spawn_blocking(move || tmp.commit(overwrite))
+        .await
+        .expect("rename does not panic")
+        .map_err(|e| Error::local("write", &item.path, e))?;
+    Ok((commit, resumed))
+}
+
+/// Fetches a large blob into `file` in ranges (of the journal's size when resuming), skipping
+/// what the journal says is on disk, and verifies it. Returns the bytes resumed.
+async fn fetch_large(
+    run: &Run,
+    client: &BlobClient,
+    item: &Item,
+    file: &Arc<File>,
+    journal: Option<Journal>,
+    range: u64,
+) -> Result<u64, Error> {
+    let size = item.meta.size;
+    let range = journal.as_ref().map_or(range, |j| j.range);
+    let ranges = resume::ranges(size, range);
+    let from: Vec<u64> = match &journal {
+        Some(j) => j.done.clone(),
+        None => ranges.iter().map(|&(start, _)| start).collect(),
+    };
+    let resumed: u64 = ranges
+        .iter()
+        .zip(&from)
+        .map(|(&(start, _), &f)| f - start)
+        .sum();
+    if resumed > 0 {
+        tracing::info!(blob = %item.meta.name.escape_debug(), resumed, "resuming an interrupted download");
+        run.progress.bytes(resumed);
+    }
+    let md5 = if ranges.len() == 1 && resumed == 0 {
         // One stream in order: hash as the bytes go by.
         let _permit = run.permit().await;
-        // Ask for the explicit range (not the whole blob) so the request's timeout is sized
-        // to the payload.
-        fetch_range(run, client, item, Some((0, size)), &file, true, &|_| {}).await?
+        let fetch = Fetch {
+            index: 0,
+            range: ranges[0],
+            from: 0,
+        };
+        fetch_range(
+            run,
+            client,
+            item,
+            fetch,
+            file,
+            journal.as_ref(),
+            true,
+            &|_| {},
+        )
+        .await?
     } else {
         // Ranges arrive in parallel; the hasher follows the complete prefix of the file as
-        // each range is written, so verification overlaps the download.
+        // each range is written (resumed bytes included), so verification overlaps the
+        // download.
         let hasher = item
             .meta
             .md5
             .map(|_| OrderedHasher::spawn(file.clone(), ranges.clone()));
-        let n = ranges.len();
-        stream::iter(ranges.iter().copied().enumerate())
-            .map(|(i, r)| {
-                let (file, hasher) = (&file, &hasher);
+        if let Some(h) = &hasher {
+            for (i, &f) in from.iter().enumerate() {
+                h.written(i, f);
+            }
+        }
+        let todo: Vec<Fetch> = ranges
+            .iter()
+            .zip(&from)
+            .enumerate()
+            .map(|(index, (&range, &from))| Fetch { index, range, from })
+            .filter(|f| f.from < f.range.1)
+            .collect();
+        let n = todo.len().max(1);
+        stream::iter(todo)
+            .map(|fetch| {
+                let (journal, hasher) = (journal.as_ref(), &hasher);
                 async move {
                     let _permit = run.permit().await;
                     let written = |upto| {
                         if let Some(h) = hasher {
-                            h.written(i, upto)
+                            h.written(fetch.index, upto)
                         }
                     };
-                    fetch_range(run, client, item, Some(r), file, false, &written).await
+                    fetch_range(run, client, item, fetch, file, journal, false, &written).await
                 }
             })
             .buffer_unordered(n)
@@ -403,7 +516,7 @@ async fn download_blob(
             Some(h) => Some(
                 h.finish()
                     .await
-                    .map_err(|e| Error::local("read back", tmp.path(), e))?,
+                    .map_err(|e| Error::local("read back", &item.path, e))?,
             ),
             None => None,
         }
@@ -411,11 +524,15 @@ async fn download_blob(
     if let Some(md5) = md5 {
         verify(item, md5)?;
     }
-    drop(file);
-    tokio::task::spawn_blocking(move || tmp.commit(overwrite))
-        .await
-        .expect("rename does not panic")
-        .map_err(|e| Error::local("write", &item.path, e))
+    Ok(resumed)
+}
+
+/// One range of a large blob still to fetch: its bytes `range`, from offset `from` on.
+#[derive(Clone, Copy)]
+struct Fetch {
+    index: usize,
+    range: (u64, u64),
+    from: u64,
 }
 
 /// A whole small blob into memory, its size checked as it arrives.
@@ -451,33 +568,38 @@ async fn fetch_small(client: &BlobClient, item: &Item) -> Result<Bytes, Error> {
     }
 }
 
-/// Streams the blob (or one range of it) into the file at its offsets, retrying the whole
-/// range when the connection breaks mid-body. Returns the MD5 when asked to hash.
+/// Streams one range of the blob into the file at its offsets. A connection broken mid-body
+/// is retried from the last byte written, a bounded number of times; progress is recorded in
+/// the journal as it goes. Returns the MD5 of the range when asked to hash (only for a range
+/// fetched whole, from its start).
+#[allow(clippy::too_many_arguments)]
 async fn fetch_range(
     run: &Run,
     client: &BlobClient,
     item: &Item,
-    range: Option<(u64, u64)>,
+    fetch: Fetch,
     file: &Arc<File>,
+    journal: Option<&Journal>,
     hash: bool,
     written: &(dyn Fn(u64) + Sync),
 ) -> Result<Option<[u8; 16]>, Error> {
     let name = &item.meta.name;
-    let (start, end) = range.unwrap_or((0, item.meta.size));
+    let (_, end) = fetch.range;
+    let mut offset = fetch.from;
+    // Hashed as written (not as received), so a retry from `offset` continues the same digest.
+    let mut hasher = hash.then(md5::Md5::new);
     let mut attempt = 1;
     loop {
-        let resp = client.get(name, range, item.meta.etag.as_deref()).await?;
-        let mut hasher = hash.then(md5::Md5::new);
+        // The explicit range (never the whole blob) sizes the request's timeout to the payload.
+        let resp = client
+            .get(name, Some((offset, end)), item.meta.etag.as_deref())
+            .await?;
         let mut body = resp.bytes_stream();
-        let mut offset = start;
-        let mut batch = BytesMut::with_capacity(WRITE_BATCH.min((end - start) as usize));
+        let mut batch = BytesMut::with_capacity(WRITE_BATCH.min((end - offset) as usize));
         let streamed: Result<(), StreamError> = async {
             loop {
                 let chunk = body.next().await.transpose().map_err(StreamError::Body)?;
                 if let Some(chunk) = &chunk {
-                    if let Some(h) = hasher.as_mut() {
-                        h.update(chunk);
-                    }
                     batch.extend_from_slice(chunk);
                 }
                 let done = chunk.is_none();
@@ -488,6 +610,9 @@ async fn fetch_range(
                     if offset + n > end {
                         return Err(StreamError::TooLong);
                     }
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(&data);
+                    }
                     let file = file.clone();
                     tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
                         .await
@@ -496,6 +621,11 @@ async fn fetch_range(
                     offset += n;
                     written(offset);
                     run.progress.bytes(n);
+                    // After the data, one short append: a killed run loses at most the batches
+                    // in flight.
+                    if let Some(j) = journal {
+                        j.record(fetch.index, offset).map_err(StreamError::Write)?;
+                    }
                 }
                 if done {
                     return Ok(());
@@ -505,11 +635,11 @@ async fn fetch_range(
         .await;
         match streamed {
             Ok(()) => {
-                check_len(item, offset - start, end - start)?;
+                check_len(item, offset - fetch.range.0, end - fetch.range.0)?;
                 return Ok(hasher.map(|h| h.finalize().into()));
             }
             Err(StreamError::Body(e)) if attempt < client.max_attempts() => {
-                tracing::debug!(blob = %name, error = %e, attempt, "download interrupted; retrying the range");
+                tracing::debug!(blob = %name.escape_debug(), error = %e, attempt, offset, "download interrupted; retrying from the last byte written");
                 attempt += 1;
             }
             Err(StreamError::Body(e)) => return Err(client.body_error(name, e)),

@@ -8,6 +8,7 @@
 mod download;
 mod hash;
 pub mod progress;
+mod resume;
 mod upload;
 
 use std::sync::Arc;
@@ -91,6 +92,9 @@ pub struct Summary {
     pub ignored: u64,
     pub failed: u64,
     pub bytes: u64,
+    /// Of `bytes`, those an earlier, interrupted run had already moved: resumed, not sent or
+    /// fetched again.
+    pub resumed_bytes: u64,
     pub seconds: f64,
     pub mib_per_s: f64,
 }
@@ -187,7 +191,11 @@ struct Tally {
 }
 
 enum Outcome {
-    Transferred(u64),
+    /// `bytes` in all, of which `resumed` an earlier, interrupted run had fetched.
+    Transferred {
+        bytes: u64,
+        resumed: u64,
+    },
     Skipped,
 }
 
@@ -199,9 +207,10 @@ impl Tally {
         progress: &dyn Progress,
     ) -> Result<(), Error> {
         match result {
-            Ok(Outcome::Transferred(bytes)) => {
+            Ok(Outcome::Transferred { bytes, resumed }) => {
                 self.summary.transferred += 1;
                 self.summary.bytes += bytes;
+                self.summary.resumed_bytes += resumed;
                 progress.file_done();
             }
             Ok(Outcome::Skipped) => {
@@ -258,7 +267,8 @@ impl Summary {
     /// With the time since `started` and the rate it gives.
     fn timed(mut self, started: Instant) -> Summary {
         self.seconds = started.elapsed().as_secs_f64();
-        self.mib_per_s = self.bytes as f64 / 1_048_576.0 / self.seconds.max(1e-9);
+        self.mib_per_s =
+            (self.bytes - self.resumed_bytes) as f64 / 1_048_576.0 / self.seconds.max(1e-9);
         self
     }
 }

@@ -192,12 +192,15 @@ fn refuse_symlinks_out_of(root: &Path, files: &[(PathBuf, u64)]) -> Result<(), E
 }
 
 async fn upload_one(run: &Run, store: &Store, item: Item) -> Result<Outcome, Error> {
-    let created = match store {
+    let (created, resumed) = match store {
         Store::Azure(client) => upload_blob(run, client, &item).await?,
-        Store::Local(dir) => upload_local(run, dir, &item).await?,
+        Store::Local(dir) => (upload_local(run, dir, &item).await?, 0),
     };
     Ok(if created {
-        Outcome::Transferred(item.size)
+        Outcome::Transferred {
+            bytes: item.size,
+            resumed,
+        }
     } else {
         Outcome::Skipped
     })
@@ -218,8 +221,10 @@ async fn upload_local(run: &Run, dir: &LocalDir, item: &Item) -> Result<bool, Er
     Ok(commit == Commit::Written)
 }
 
-/// Returns whether the blob was created (false: it existed and overwrite was not asked for).
-async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<bool, Error> {
+/// Returns whether the blob was created (false: it existed and overwrite was not asked for)
+/// and how many of its bytes an interrupted run had already staged.
+async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(bool, u64), Error> {
+    let mut resumed = 0;
     let overwrite = run.options.overwrite;
     let read_error = |e| Error::local("read", &item.path, e);
     let block_size = run.options.block_size_for(item.size);
@@ -246,15 +251,36 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<bool
         client.put_blob(&item.name, body, md5, overwrite).await?
     } else {
         // Blocks go up in parallel from their own offsets while one sequential pass hashes
-        // the whole file for the blob's Content-MD5.
+        // the whole file for the blob's Content-MD5. Their IDs derive from this version of the
+        // file, so blocks an interrupted run staged are recognised and not sent again.
         let before = modified(&item.path).await.map_err(read_error)?;
         let hash = tokio::spawn(hash_file(item.path.clone(), item.size));
         let blocks = item.size.div_ceil(block_size) as usize;
-        let ids = &BlockIds::new();
-        stream::iter(0..blocks)
+        let ids = &BlockIds::derived_from(&format!("{}\0{:?}\0{block_size}", item.name, before));
+        let staged: HashMap<String, u64> = {
+            let _permit = run.permit().await;
+            client
+                .uncommitted_blocks(&item.name)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let block = |i: usize| {
+            let offset = i as u64 * block_size;
+            (offset, block_size.min(item.size - offset))
+        };
+        let todo: Vec<usize> = (0..blocks)
+            .filter(|&i| staged.get(&ids.id(i)) != Some(&block(i).1))
+            .collect();
+        resumed = item.size - todo.iter().map(|&i| block(i).1).sum::<u64>();
+        if resumed > 0 {
+            tracing::info!(blob = %item.name.escape_debug(), resumed, "resuming an interrupted upload");
+            run.progress.bytes(resumed);
+        }
+        let n = todo.len().max(1);
+        stream::iter(todo)
             .map(|i| async move {
-                let offset = i as u64 * block_size;
-                let len = block_size.min(item.size - offset);
+                let (offset, len) = block(i);
                 let _permit = run.permit().await;
                 client
                     .put_block(
@@ -271,7 +297,7 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<bool
                 run.progress.bytes(len);
                 Ok::<_, Error>(())
             })
-            .buffer_unordered(blocks)
+            .buffer_unordered(n)
             .try_collect::<()>()
             .await?;
         let md5 = hash
@@ -293,7 +319,7 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<bool
     if one_request {
         run.progress.bytes(item.size);
     }
-    Ok(outcome == PutOutcome::Created)
+    Ok((outcome == PutOutcome::Created, resumed))
 }
 
 fn check_size(item: &Item, read: u64) -> Result<(), Error> {
