@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod cut;
 pub mod image;
 pub mod node;
 pub mod operator;

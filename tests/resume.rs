@@ -1,0 +1,237 @@
+//! Resume: a transfer killed at about 90% (the network cut there, then `kill -9`) moves only
+//! what is missing when run again, and leaves nothing behind once complete.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::cut::CutProxy;
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Starts `datastore <args>` against the datastores file `ds`.
+fn start(ds: &Path, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args(args)
+        .args(["--datastores", ds.to_str().unwrap(), "--datastore", "blob"])
+        .args(["--no-progress", "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `counter` reaches `bytes` (the cut), lets the bytes in flight land, then kills
+/// the process as `kill -9` would.
+async fn kill_at_the_cut(mut child: Child, counter: &std::sync::atomic::AtomicU64, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while counter.load(Ordering::SeqCst) < bytes {
+        assert!(
+            Instant::now() < deadline,
+            "the transfer never reached the cut"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "it ended before the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn partials(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".datastore-partial-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_killed_at_90_percent_fetches_only_the_rest_when_run_again() {
+    let f = Fixture::new().await;
+    let size = 64 * MIB;
+    let data = bytes(size as usize, 90);
+    write_tree(&f.path("src"), &[("big.bin", data.clone())]);
+    let up = f.cli(&[
+        "upload",
+        "--datastore",
+        "blob",
+        "--src-dir",
+        f.path("src").to_str().unwrap(),
+    ]);
+    assert_exit(&up, 0);
+
+    let proxy = CutProxy::start(azurite_port()).await;
+    let endpoint = format!("http://127.0.0.1:{}/{ACCOUNT}", proxy.port);
+    f.write_datastores(&f.container, &endpoint, &format!("accountKey: {KEY}"));
+    let target = f.path("out");
+    let download = ["download", "--target-path", target.to_str().unwrap()];
+
+    proxy.cut_down_after(size * 9 / 10);
+    let child = start(&f.datastores(), &download);
+    kill_at_the_cut(child, &proxy.down, size * 9 / 10).await;
+    assert!(
+        !target.join("big.bin").exists(),
+        "nothing under the final name"
+    );
+    assert_eq!(
+        partials(&target).len(),
+        2,
+        "the partial file and its journal stay to resume"
+    );
+
+    proxy.mend();
+    let before = proxy.down.load(Ordering::SeqCst);
+    let started = Instant::now();
+    let out = start(&f.datastores(), &download)
+        .wait_with_output()
+        .unwrap();
+    let (moved, took) = (
+        proxy.down.load(Ordering::SeqCst) - before,
+        started.elapsed(),
+    );
+    assert_exit(&out, 0);
+    let summary = summary(&out);
+    eprintln!(
+        "resume figure (download): the re-run moved {:.1} MiB of {} MiB ({:.0}%) in {:.2}s; resumed {:.1} MiB",
+        moved as f64 / MIB as f64,
+        size / MIB,
+        100.0 * moved as f64 / size as f64,
+        took.as_secs_f64(),
+        summary["resumed_bytes"].as_u64().unwrap() as f64 / MIB as f64,
+    );
+    assert!(
+        moved < size / 5,
+        "about a tenth moves again, not all: {moved} bytes"
+    );
+    assert!(
+        summary["resumed_bytes"].as_u64().unwrap() > size * 7 / 10,
+        "{summary}"
+    );
+    assert!(
+        std::fs::read(target.join("big.bin")).unwrap() == data,
+        "byte exact"
+    );
+    assert_eq!(
+        partials(&target),
+        Vec::<String>::new(),
+        "nothing left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_killed_at_90_percent_sends_only_the_missing_blocks_when_run_again() {
+    let f = Fixture::new().await;
+    let size = 96 * MIB;
+    let data = bytes(size as usize, 91);
+    write_tree(&f.path("src"), &[("big.bin", data.clone())]);
+    let proxy = CutProxy::start(azurite_port()).await;
+    let endpoint = format!("http://127.0.0.1:{}/{ACCOUNT}", proxy.port);
+    f.write_datastores(&f.container, &endpoint, &format!("accountKey: {KEY}"));
+    let src = f.path("src");
+    let upload = [
+        "upload",
+        "--src-dir",
+        src.to_str().unwrap(),
+        "--concurrency",
+        "1",
+    ];
+
+    proxy.cut_up_after(size * 9 / 10);
+    let child = start(&f.datastores(), &upload);
+    kill_at_the_cut(child, &proxy.up, size * 9 / 10).await;
+    assert!(
+        f.client.list("").await.unwrap().is_empty(),
+        "nothing committed"
+    );
+
+    proxy.mend();
+    let before = proxy.up.load(Ordering::SeqCst);
+    let started = Instant::now();
+    let out = start(&f.datastores(), &upload).wait_with_output().unwrap();
+    let (moved, took) = (proxy.up.load(Ordering::SeqCst) - before, started.elapsed());
+    assert_exit(&out, 0);
+    let summary = summary(&out);
+    eprintln!(
+        "resume figure (upload): the re-run sent {:.1} MiB of {} MiB ({:.0}%) in {:.2}s; resumed {:.1} MiB",
+        moved as f64 / MIB as f64,
+        size / MIB,
+        100.0 * moved as f64 / size as f64,
+        took.as_secs_f64(),
+        summary["resumed_bytes"].as_u64().unwrap() as f64 / MIB as f64,
+    );
+    assert!(
+        moved < size / 4,
+        "the missing blocks move again, not all: {moved} bytes"
+    );
+    let got = f
+        .client
+        .get("big.bin", None, None)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(got[..] == data[..], "the committed blob is byte exact");
+    let listed = f.client.list("").await.unwrap();
+    assert_eq!(
+        listed[0].md5,
+        Some(md5(&data)),
+        "with the whole file's Content-MD5"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leftovers_of_killed_runs_are_removed_but_not_a_file_another_run_is_writing() {
+    use std::os::unix::io::AsRawFd;
+    let f = Fixture::new().await;
+    write_tree(&f.path("src"), &[("a.txt", b"a".to_vec())]);
+    assert_exit(
+        &f.cli(&[
+            "upload",
+            "--datastore",
+            "blob",
+            "--src-dir",
+            f.path("src").to_str().unwrap(),
+        ]),
+        0,
+    );
+    let target = f.path("out");
+    std::fs::create_dir_all(&target).unwrap();
+    // What kill -9 leaves: a full-length partial file (unlocked), a journal of a resumable
+    // file since removed; and a file a live run holds its lock on.
+    std::fs::write(
+        target.join(".datastore-partial-00000000deadbeef"),
+        vec![0; 1 << 20],
+    )
+    .unwrap();
+    std::fs::write(target.join(".datastore-partial-0123.journal"), "x").unwrap();
+    let live = target.join(".datastore-partial-00000000000a11fe");
+    let held = std::fs::File::create(&live).unwrap();
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+
+    let out = f.cli(&[
+        "download",
+        "--datastore",
+        "blob",
+        "--target-path",
+        target.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 0);
+    assert_eq!(
+        partials(&target),
+        [".datastore-partial-00000000000a11fe"],
+        "only the file a live run holds is left"
+    );
+    drop(held);
+}
