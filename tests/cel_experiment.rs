@@ -409,7 +409,7 @@ fn the_committed_example_is_a_valid_experiment() {
         "/examples/experiment.yaml"
     ))
     .expect("examples/experiment.yaml is readable");
-    let written: Value = serde_yaml::from_str(&text).expect("the example is YAML");
+    let written: Value = serde_saphyr::from_str(&text).expect("the example is YAML");
     assert!(
         Validator::new()
             .validate(&crd_schema(), &written, None)

@@ -28,13 +28,13 @@ fn datastores() -> BTreeMap<String, StoreConfig> {
 
 /// The example, as committed in `examples/experiment.yaml`.
 fn example() -> ExperimentSpec {
-    let exp: Experiment = serde_yaml::from_str(include_str!("../../examples/experiment.yaml"))
+    let exp: Experiment = serde_saphyr::from_str(include_str!("../../examples/experiment.yaml"))
         .expect("examples/experiment.yaml is an Experiment");
     exp.spec
 }
 
 fn spec(yaml: &str) -> ExperimentSpec {
-    serde_yaml::from_str(yaml).expect("a valid ExperimentSpec")
+    serde_saphyr::from_str(yaml).expect("a valid ExperimentSpec")
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
