@@ -28,7 +28,25 @@ pub fn datastore_path(path: &str) -> Result<String, String> {
 /// Whether a name has a `.` or `..` segment. A backslash counts as the separator it becomes:
 /// the Blob service stores `a\..\b` as `a/../b`.
 pub fn has_dot_segment(name: &str) -> bool {
-    name.split(['/', '\\']).any(|s| s == "." || s == "..")
+    segments(name).any(|s| s == "." || s == "..")
+}
+
+/// Why a path meant to stay inside a folder (an `entryScript` inside `sourceDirectory`) would
+/// leave it, if it would: it is absolute or has a `..` segment, a backslash counting as a
+/// separator as in [`has_dot_segment`]. `./train.py` stays inside.
+pub fn leaves_folder(path: &str) -> Option<&'static str> {
+    if path.starts_with(['/', '\\']) {
+        Some("is absolute")
+    } else if segments(path).any(|s| s == "..") {
+        Some("has a `..` segment")
+    } else {
+        None
+    }
+}
+
+/// The segments of a path, split at `/` and at `\`.
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split(['/', '\\'])
 }
 
 /// `prefix/name`, or `name` when the prefix is the container root.
@@ -154,6 +172,22 @@ mod tests {
             "a/.\\b",
         ] {
             assert!(datastore_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn paths_that_leave_their_folder_are_named() {
+        for inside in ["train.py", "./train.py", "src/train.py", "a..b/c.py"] {
+            assert_eq!(leaves_folder(inside), None, "{inside}");
+        }
+        for (outside, why) in [
+            ("../outside.py", "has a `..` segment"),
+            ("src/../../x.py", "has a `..` segment"),
+            ("..\\outside.py", "has a `..` segment"),
+            ("/etc/x.py", "is absolute"),
+            ("\\x.py", "is absolute"),
+        ] {
+            assert_eq!(leaves_folder(outside), Some(why), "{outside}");
         }
     }
 

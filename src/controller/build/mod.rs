@@ -803,7 +803,8 @@ pub fn run_job(
     let (working_dir, command, args) = main_command(plan);
     let main = Container {
         name: "main".to_string(),
-        image: Some(spec.image.clone()),
+        // The planner refused a cluster run without an image.
+        image: spec.image.clone(),
         working_dir,
         command: Some(command),
         args: Some(args),
