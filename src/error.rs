@@ -82,7 +82,11 @@ impl Error {
         path: &std::path::Path,
         err: std::io::Error,
     ) -> Self {
-        Error::Local(format!("cannot {what} {}: {err}", path.display()))
+        // The path may end in a blob's name.
+        Error::Local(format!(
+            "cannot {what} {}: {err}",
+            crate::paths::display_path(path)
+        ))
     }
 }
 

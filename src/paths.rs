@@ -49,6 +49,36 @@ fn segments(path: &str) -> impl Iterator<Item = &str> {
     path.split(['/', '\\'])
 }
 
+/// A blob name (or a path made of one) as it may be shown to a human: control characters
+/// (ESC, newline, ...), the bidirectional-text overrides and `\` are escaped as Rust writes
+/// them (`\u{1b}`, `\n`, `\\`), so a name from the service cannot drive the terminal or forge
+/// a line of output; any other character, ordinary unicode included, is kept as it is.
+pub fn display_name(name: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| {
+        c.is_control()
+            || c == '\\'
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !name.chars().any(escaped) {
+        return name.into();
+    }
+    let mut out = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        if escaped(c) {
+            // Rust's debug escape of these is `\n`, `\u{1b}`, `\u{202e}`, `\\`.
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
+/// A local path as it may be shown to a human: [`display_name`] of its text.
+pub fn display_path(path: &Path) -> String {
+    display_name(&path.to_string_lossy()).into_owned()
+}
+
 /// `prefix/name`, or `name` when the prefix is the container root.
 pub fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
@@ -189,6 +219,24 @@ mod tests {
         ] {
             assert_eq!(leaves_folder(outside), Some(why), "{outside}");
         }
+    }
+
+    #[test]
+    fn names_are_shown_with_control_characters_escaped_and_unicode_kept() {
+        assert_eq!(
+            display_name("data/ü ñ 日本/a b.txt"),
+            "data/ü ñ 日本/a b.txt"
+        );
+        assert_eq!(display_name("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(display_name("a\nerror: forged"), "a\\nerror: forged");
+        assert_eq!(display_name("a\r\tb\u{7f}\u{9b}"), "a\\r\\tb\\u{7f}\\u{9b}");
+        assert_eq!(display_name("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+        // A literal backslash-n stays distinguishable from an escaped newline.
+        assert_eq!(display_name("a\\nb"), "a\\\\nb");
+        assert_eq!(
+            display_path(Path::new("/t/x\u{1b}y")),
+            "/t/x\\u{1b}y".to_string()
+        );
     }
 
     #[test]
