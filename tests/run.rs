@@ -460,7 +460,8 @@ fn checked_experiment(dir: &Path, edit: impl Fn(String) -> String) -> (PathBuf, 
         &[
             ("store/data/in.txt", b"in".to_vec()),
             ("code/train.py", b"open('../RAN', 'w').close()\n".to_vec()),
-            ("outside.py", b"open('RAN', 'w').close()\n".to_vec()),
+            // Run from code/ as a wrongly allowed entryScript would be: it leaves RAN too.
+            ("outside.py", b"open('../RAN', 'w').close()\n".to_vec()),
         ],
     );
     let fake = std::fs::read_to_string(fake_datastores(dir, free_port())).unwrap();
