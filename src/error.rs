@@ -88,7 +88,8 @@ impl Error {
         path: &std::path::Path,
         err: std::io::Error,
     ) -> Self {
-        let msg = format!("cannot {what} {}: {err}", path.display());
+        // The path may end in a blob's name.
+        let msg = format!("cannot {what} {}: {err}", crate::paths::display_path(path));
         match err.raw_os_error() {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS) => Error::LocalUnwritable(format!(
                 "{msg}; stopped at this first file: free space on that file system (or make it writable), or write elsewhere, then run again"

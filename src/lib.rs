@@ -12,3 +12,4 @@ pub mod plan;
 pub mod quantity;
 pub mod store;
 pub mod transfer;
+pub mod yaml;

@@ -28,7 +28,55 @@ pub fn datastore_path(path: &str) -> Result<String, String> {
 /// Whether a name has a `.` or `..` segment. A backslash counts as the separator it becomes:
 /// the Blob service stores `a\..\b` as `a/../b`.
 pub fn has_dot_segment(name: &str) -> bool {
-    name.split(['/', '\\']).any(|s| s == "." || s == "..")
+    segments(name).any(|s| s == "." || s == "..")
+}
+
+/// Why a path meant to stay inside a folder (an `entryScript` inside `sourceDirectory`) would
+/// leave it, if it would: it is absolute or has a `..` segment, a backslash counting as a
+/// separator as in [`has_dot_segment`]. `./train.py` stays inside.
+pub fn leaves_folder(path: &str) -> Option<&'static str> {
+    if path.starts_with(['/', '\\']) {
+        Some("is absolute")
+    } else if segments(path).any(|s| s == "..") {
+        Some("has a `..` segment")
+    } else {
+        None
+    }
+}
+
+/// The segments of a path, split at `/` and at `\`.
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split(['/', '\\'])
+}
+
+/// A blob name (or a path made of one) as it may be shown to a human: control characters
+/// (ESC, newline, ...), the bidirectional-text overrides and `\` are escaped as Rust writes
+/// them (`\u{1b}`, `\n`, `\\`), so a name from the service cannot drive the terminal or forge
+/// a line of output; any other character, ordinary unicode included, is kept as it is.
+pub fn display_name(name: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| {
+        c.is_control()
+            || c == '\\'
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !name.chars().any(escaped) {
+        return name.into();
+    }
+    let mut out = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        if escaped(c) {
+            // Rust's debug escape of these is `\n`, `\u{1b}`, `\u{202e}`, `\\`.
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
+/// A local path as it may be shown to a human: [`display_name`] of its text.
+pub fn display_path(path: &Path) -> String {
+    display_name(&path.to_string_lossy()).into_owned()
 }
 
 /// `prefix/name`, or `name` when the prefix is the container root.
@@ -155,6 +203,40 @@ mod tests {
         ] {
             assert!(datastore_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn paths_that_leave_their_folder_are_named() {
+        for inside in ["train.py", "./train.py", "src/train.py", "a..b/c.py"] {
+            assert_eq!(leaves_folder(inside), None, "{inside}");
+        }
+        for (outside, why) in [
+            ("../outside.py", "has a `..` segment"),
+            ("src/../../x.py", "has a `..` segment"),
+            ("..\\outside.py", "has a `..` segment"),
+            ("/etc/x.py", "is absolute"),
+            ("\\x.py", "is absolute"),
+        ] {
+            assert_eq!(leaves_folder(outside), Some(why), "{outside}");
+        }
+    }
+
+    #[test]
+    fn names_are_shown_with_control_characters_escaped_and_unicode_kept() {
+        assert_eq!(
+            display_name("data/ü ñ 日本/a b.txt"),
+            "data/ü ñ 日本/a b.txt"
+        );
+        assert_eq!(display_name("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(display_name("a\nerror: forged"), "a\\nerror: forged");
+        assert_eq!(display_name("a\r\tb\u{7f}\u{9b}"), "a\\r\\tb\\u{7f}\\u{9b}");
+        assert_eq!(display_name("evil\u{202e}txt.exe"), "evil\\u{202e}txt.exe");
+        // A literal backslash-n stays distinguishable from an escaped newline.
+        assert_eq!(display_name("a\\nb"), "a\\\\nb");
+        assert_eq!(
+            display_path(Path::new("/t/x\u{1b}y")),
+            "/t/x\\u{1b}y".to_string()
+        );
     }
 
     #[test]

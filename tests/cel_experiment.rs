@@ -3,7 +3,8 @@
 //! apiserver evaluates on `kubectl apply`).
 
 use datastore_operator::api::{
-    DataReference, ExperimentSpec, MOUNT_ON_LOCAL, PATH_ON_COMPUTE, ScriptParam, Staging, crds,
+    DataReference, ExperimentSpec, IMAGE_ON_CLUSTER, MOUNT_ON_LOCAL, PATH_ON_COMPUTE, ScriptParam,
+    Staging, crds,
 };
 use kube::core::cel::{
     AnalysisWarning, ErrorKind, ScopeContext, ValidationErrors, Validator, WarningKind,
@@ -195,6 +196,21 @@ fn with_mode(target: Option<&str>, mode: &str) -> Value {
 }
 
 #[test]
+fn image_is_required_on_the_cluster_only() {
+    let without_image = |target: Option<&str>| {
+        let mut spec = with_mode(target, "download");
+        spec.as_object_mut().unwrap().remove("image");
+        spec
+    };
+    assert_eq!(spec_errors(&without_image(None)), vec![IMAGE_ON_CLUSTER]);
+    assert_eq!(
+        spec_errors(&without_image(Some("cluster"))),
+        vec![IMAGE_ON_CLUSTER]
+    );
+    assert_eq!(spec_errors(&without_image(Some("local"))), none());
+}
+
+#[test]
 fn mount_is_refused_on_the_local_compute_target_with_the_sdk_reason() {
     assert!(MOUNT_ON_LOCAL.starts_with("mount is only available on a remote compute target"));
     assert_eq!(
@@ -377,7 +393,7 @@ fn every_rule_compiles_and_stays_within_the_cost_budget() {
         .collect();
     assert_eq!(
         found.len(),
-        13,
+        14,
         "the rules written in src/api/experiment.rs: {listed:?}"
     );
     for (path, rule, node) in found {
@@ -409,7 +425,7 @@ fn the_committed_example_is_a_valid_experiment() {
         "/examples/experiment.yaml"
     ))
     .expect("examples/experiment.yaml is readable");
-    let written: Value = serde_yaml::from_str(&text).expect("the example is YAML");
+    let written: Value = serde_saphyr::from_str(&text).expect("the example is YAML");
     assert!(
         Validator::new()
             .validate(&crd_schema(), &written, None)

@@ -12,6 +12,7 @@
 //! `UPDATE_CHART=1 cargo test --test chart` rewrites the chart's crds/ and deploy/ instead of
 //! failing on them (`make crds` runs it after regenerating crds/).
 
+use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -25,7 +26,6 @@ use datastore_operator::controller::build::{
 use datastore_operator::controller::rbac::{LEASE_NAME, RULES, Scope};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, EnvVar, Service};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 const K8S_VERSION: &str = "1.30.0";
@@ -143,7 +143,7 @@ impl Rendered {
         self.manifests
             .iter()
             .map(|m| {
-                let doc: serde_yaml::Value = serde_yaml::from_str(&m.yaml)
+                let doc: serde_json::Value = serde_saphyr::from_str(&m.yaml)
                     .unwrap_or_else(|e| panic!("{} is not YAML ({e}):\n{}", m.source, m.yaml));
                 serde_json::to_value(doc).unwrap()
             })
@@ -634,8 +634,8 @@ fn the_values_warn_that_the_sidecar_is_privileged_and_never_the_default_where_cs
             "values.yaml says `{wanted}`:\n{comments}"
         );
     }
-    let values: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+    let values: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
             .unwrap();
     assert_eq!(values["mount"]["defaultDriver"].as_str(), Some("auto"));
     for (notes, says) in [
@@ -988,7 +988,7 @@ fn notes_say_what_to_apply_next() {
         assert!(notes.contains(example), "NOTES.txt names {example}");
         assert!(repo().join(example).exists(), "{example} exists");
     }
-    let example: serde_yaml::Value = serde_yaml::from_str(
+    let example: serde_json::Value = serde_saphyr::from_str(
         &std::fs::read_to_string(repo().join("examples/experiment.yaml")).unwrap(),
     )
     .unwrap();
@@ -1005,8 +1005,8 @@ fn notes_say_what_to_apply_next() {
 /// The chart, the crate and the image agree on the version and on the user.
 #[test]
 fn chart_crate_and_image_agree() {
-    let chart: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+    let chart: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
             .unwrap();
     assert_eq!(
         chart["appVersion"].as_str(),
@@ -1158,11 +1158,10 @@ fn deploy_is_the_chart_rendered_with_default_values() {
 
     // And what kubectl applies is valid: the Namespace and every object.
     let manifest = std::fs::read_to_string(dir.join("datastore-operator.yaml")).unwrap();
-    let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&manifest)
-        .map(|d| {
-            let v = serde_yaml::Value::deserialize(d).expect("deploy/ is YAML");
-            v["kind"].as_str().unwrap_or_default().to_string()
-        })
+    let kinds: Vec<String> = datastore_operator::yaml::documents::<serde_json::Value>(&manifest)
+        .expect("deploy/ is YAML")
+        .into_iter()
+        .map(|v| v["kind"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(
         kinds.first().map(String::as_str),

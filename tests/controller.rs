@@ -51,7 +51,7 @@ scriptParams:
 "#;
 
 fn experiment(spec: &str) -> Experiment {
-    let spec: ExperimentSpec = serde_yaml::from_str(spec).unwrap();
+    let spec: ExperimentSpec = serde_saphyr::from_str(spec).unwrap();
     let mut exp = Experiment::new("train", spec);
     exp.metadata.namespace = Some(NS.into());
     exp.metadata.uid = Some(UID.into());

@@ -19,13 +19,13 @@ fn crds_dir() -> PathBuf {
 }
 
 /// `<group>_<plural>.yaml` (the controller-gen convention) and its content: each CRD exactly as
-/// serde_yaml serializes it, one per file, in the order of `api::crds()`.
+/// our YAML writer serializes it, one per file, in the order of `api::crds()`.
 fn expected_files() -> Vec<(String, String)> {
     crds()
         .iter()
         .map(|crd| {
             let file = format!("{}_{}.yaml", crd.spec.group, crd.spec.names.plural);
-            let yaml = serde_yaml::to_string(crd).expect("a CRD serializes to YAML");
+            let yaml = datastore_operator::yaml::to_string(crd);
             (file, yaml)
         })
         .collect()
@@ -144,13 +144,14 @@ fn the_binary_prints_the_same_documents() {
     );
 
     // And document by document, as a YAML reader (kubectl apply -f -) sees the stream.
-    use serde::Deserialize;
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&printed)
-        .map(|d| serde_yaml::Value::deserialize(d).expect("each printed document is YAML"))
-        .collect();
-    let files: Vec<serde_yaml::Value> = expected
+    let docs: Vec<serde_json::Value> =
+        datastore_operator::yaml::documents::<serde_json::Value>(&printed)
+            .expect("each printed document is YAML")
+            .into_iter()
+            .collect();
+    let files: Vec<serde_json::Value> = expected
         .iter()
-        .map(|y| serde_yaml::from_str(y).expect("each CRD file is YAML"))
+        .map(|y| serde_saphyr::from_str(y).expect("each CRD file is YAML"))
         .collect();
     assert_eq!(
         docs, files,
@@ -166,7 +167,7 @@ fn committed_files_are_valid_crds_of_the_expected_names() {
             // Reported by crds_dir_matches_the_code with the hint.
             continue;
         };
-        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap_or_else(|e| {
+        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).unwrap_or_else(|e| {
             panic!("crds/{file} is not a CustomResourceDefinition: {e}; {HINT}")
         });
         let name = crd.metadata.name.clone().unwrap_or_default();

@@ -290,12 +290,50 @@ async fn invalid_yaml_is_a_config_error_with_its_position() {
         &msg,
         &[
             f.datastores().to_str().unwrap(),
-            "document 2",
+            // The stream is parsed whole: a syntax error is placed by line, not by document.
             "not valid YAML",
-            "line",
+            "line 9",
             "fix the file",
         ],
     );
+}
+
+/// A few hundred KB of nested brackets, as a datastores file and as an Experiment file, is
+/// refused at once (serde_yaml took minutes of CPU over it), naming the file and the bound.
+#[test]
+fn deeply_nested_yaml_is_refused_promptly_naming_the_file_and_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let depth = 80_000;
+    for (name, text) in [
+        ("maps.yaml", "{a: ".repeat(depth) + "1" + &"}".repeat(depth)),
+        ("lists.yaml", "[".repeat(depth * 2) + &"]".repeat(depth * 2)),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &text).unwrap();
+        let path = path.to_str().unwrap();
+        assert!(text.len() > 300_000, "{}", text.len());
+        let runs = [
+            vec![
+                "download",
+                "--datastore",
+                "blob",
+                "--target-path",
+                "out",
+                "--datastores",
+                path,
+            ],
+            vec!["run", path, "--local"],
+        ];
+        for args in runs {
+            let started = Instant::now();
+            let out = datastore(&args);
+            let took = started.elapsed();
+            assert_exit(&out, CONFIG);
+            assert!(took < Duration::from_secs(2), "{args:?} took {took:?}");
+            let msg = error_sentence(&out);
+            assert_mentions(&msg, &[path, "more than 64 levels deep", "fix the file"]);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,8 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use serde::Deserialize;
-
 const KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 const K8S_VERSION: &str = "1.30.0";
@@ -83,13 +81,15 @@ fn the_example_renders_valid_objects_with_a_minted_sas() {
     let printed = String::from_utf8(out.stdout).unwrap();
     assert!(!printed.contains(KEY), "the account key leaked:\n{printed}");
 
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&printed)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
-        .collect();
+    let docs: Vec<serde_json::Value> =
+        datastore_operator::yaml::documents::<serde_json::Value>(&printed)
+            .unwrap()
+            .into_iter()
+            .collect();
     // Secrets hold their values base64-encoded in data: look inside too.
     for doc in docs.iter().filter(|d| d["kind"] == "Secret") {
         for value in doc["data"]
-            .as_mapping()
+            .as_object()
             .into_iter()
             .flatten()
             .map(|(_, v)| v)
@@ -145,9 +145,11 @@ fn the_example_renders_valid_objects_with_a_minted_sas() {
         !file.contains(KEY) && !file.contains("accountKey"),
         "{file}"
     );
-    let inner: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(file)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
-        .collect();
+    let inner: Vec<serde_json::Value> =
+        datastore_operator::yaml::documents::<serde_json::Value>(file)
+            .unwrap()
+            .into_iter()
+            .collect();
     assert_eq!(inner[0]["kind"], "Datastore");
     assert_eq!(
         inner[0]["spec"]["azureBlob"]["endpoint"],
@@ -290,8 +292,9 @@ spec:
 
 /// The kinds and names of a multi-document YAML stream's objects.
 fn objects(printed: &str) -> Vec<(String, String)> {
-    serde_yaml::Deserializer::from_str(printed)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    datastore_operator::yaml::documents::<serde_json::Value>(printed)
+        .unwrap()
+        .into_iter()
         .map(|d| {
             (
                 d["kind"].as_str().unwrap().to_string(),
@@ -439,10 +442,10 @@ fn the_mount_example_renders_valid_objects() {
 /// A printed object, followed by its Secret values decoded (a Secret holds them base64-encoded
 /// in `data`), so a search of the text sees what the Secret really holds.
 fn with_secret_values(doc: &str) -> String {
-    let value: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+    let value: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
     let mut text = doc.to_string();
     for encoded in value["data"]
-        .as_mapping()
+        .as_object()
         .into_iter()
         .flatten()
         .map(|(_, v)| v)

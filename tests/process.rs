@@ -968,7 +968,7 @@ async fn a_finished_experiment_counts_the_bytes_its_agents_moved() {
     use datastore_operator::api::{Experiment, ExperimentSpec, ExperimentStatus, Phase};
     use datastore_operator::controller::build::BuildContext;
     use datastore_operator::controller::{Context, experiment};
-    let spec: ExperimentSpec = serde_yaml::from_str(
+    let spec: ExperimentSpec = serde_saphyr::from_str(
         r#"
 image: python:3.12-slim
 entryScript: training_script.py

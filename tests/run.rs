@@ -450,3 +450,142 @@ async fn sigterm_during_the_download_stops_the_run_before_the_script() {
         stderr(&out)
     );
 }
+
+/// A local Experiment on `workspace-ds` (the local folder `store`, holding `data/in.txt`) whose
+/// script leaves `RAN` beside the Experiment file, with `edit` applied to its text; the
+/// datastores file also names `fake`, an endpoint nothing listens on.
+fn checked_experiment(dir: &Path, edit: impl Fn(String) -> String) -> (PathBuf, PathBuf) {
+    write_tree(
+        dir,
+        &[
+            ("store/data/in.txt", b"in".to_vec()),
+            ("code/train.py", b"open('../RAN', 'w').close()\n".to_vec()),
+            // Run from code/ as a wrongly allowed entryScript would be: it leaves RAN too.
+            ("outside.py", b"open('../RAN', 'w').close()\n".to_vec()),
+        ],
+    );
+    let fake = std::fs::read_to_string(fake_datastores(dir, free_port())).unwrap();
+    let workspace = std::fs::read_to_string(local_workspace(dir)).unwrap();
+    let datastores = dir.join("datastores.yaml");
+    std::fs::write(&datastores, format!("{workspace}---\n{fake}")).unwrap();
+    let exp = dir.join("experiment.yaml");
+    let text = r#"apiVersion: datastore.dev/v1alpha1
+kind: Experiment
+metadata: {name: checked}
+spec:
+  image: python:3.12-slim
+  sourceDirectory: code
+  entryScript: train.py
+  computeTarget: local
+  env: [{name: LOG_LEVEL, value: debug}]
+  scriptParams:
+    - {name: --data, dataReference: {datastore: workspace-ds, path: data, mode: download}}
+    - {name: --out, dataReference: {datastore: workspace-ds, path: outputs, mode: upload}}
+"#;
+    std::fs::write(&exp, edit(text.to_string())).unwrap();
+    (exp, datastores)
+}
+
+/// Everything `datastore run` can check is checked before the first byte moves: a wrong
+/// upload path, env, entryScript or an unreachable upload datastore stops the run before the
+/// download and the script (they were found only after the script had run).
+#[test]
+fn what_can_be_checked_is_refused_before_anything_is_downloaded_or_run() {
+    let cases: [(&str, &str, &str, i32, &str); 5] = [
+        (
+            "upload path",
+            "path: outputs,",
+            "path: 'outputs/../../elsewhere',",
+            3,
+            "parameter --out: the datastore path 'outputs/../../elsewhere' has a `.` or `..` segment",
+        ),
+        (
+            "env",
+            "{name: LOG_LEVEL, value: debug}",
+            "{name: 'LOG=LEVEL', value: debug}",
+            3,
+            "env \"LOG=LEVEL\" contains `=`",
+        ),
+        (
+            "entryScript",
+            "entryScript: train.py",
+            "entryScript: ../outside.py",
+            3,
+            "entryScript \"../outside.py\" has a `..` segment",
+        ),
+        (
+            "entryScript with a backslash",
+            "entryScript: train.py",
+            "entryScript: '..\\outside.py'",
+            3,
+            "has a `..` segment",
+        ),
+        (
+            "unreachable upload datastore",
+            "{datastore: workspace-ds, path: outputs,",
+            "{datastore: fake, path: outputs,",
+            6,
+            "datastore fake cannot be used, so nothing was downloaded and the script did not run",
+        ),
+    ];
+    for (what, from, to, code, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (exp, datastores) = checked_experiment(dir.path(), |text| {
+            assert!(text.contains(from), "{what}");
+            text.replace(from, to)
+        });
+        let work = dir.path().join("work");
+        let out = run(&[
+            exp.to_str().unwrap(),
+            "--datastores",
+            datastores.to_str().unwrap(),
+            "--work-dir",
+            work.to_str().unwrap(),
+        ]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{what}: {err}");
+        assert!(err.contains(says), "{what}: {err}");
+        assert!(!err.contains("downloaded --data"), "{what}: {err}");
+        assert!(!dir.path().join("RAN").exists(), "{what}: the script ran");
+        assert!(!work.exists(), "{what}: the work directory was created");
+    }
+}
+
+/// `image` does not apply to the local compute target, so a local run needs none; the
+/// cluster's plan of the same file says it is missing.
+#[test]
+fn a_local_run_needs_no_image_but_the_cluster_s_plan_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (exp, datastores) = checked_experiment(dir.path(), |text| {
+        text.replace("  image: python:3.12-slim\n", "")
+    });
+    let out = run(&[
+        exp.to_str().unwrap(),
+        "--datastores",
+        datastores.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 0);
+    assert!(dir.path().join("RAN").exists());
+    assert!(!stderr(&out).contains("image"), "{}", stderr(&out));
+
+    // The same Experiment for the cluster (its reference on the fake Blob endpoint, as a local
+    // folder cannot serve the cluster).
+    let cluster = dir.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(&exp).unwrap();
+    std::fs::write(
+        &cluster,
+        text.replace("computeTarget: local", "computeTarget: cluster")
+            .replace("workspace-ds", "fake"),
+    )
+    .unwrap();
+    let out = datastore(&[
+        "plan",
+        cluster.to_str().unwrap(),
+        "--datastores",
+        datastores.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 3);
+    let err = stderr(&out);
+    assert!(err.contains("image is not set"), "{err}");
+    assert!(err.contains("image: python:3.12-slim"), "{err}");
+}

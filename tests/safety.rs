@@ -771,3 +771,89 @@ async fn an_unreadable_subdirectory_is_named_and_entries_that_are_not_files_are_
         assert!(err.contains(&line), "{line} in: {err}");
     }
 }
+
+/// Blob names come from the service, and a name may hold ESC or a newline: in every message
+/// they are escaped, so a name can neither drive the terminal nor forge a line of output.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_characters_in_blob_names_never_reach_the_terminal_raw() {
+    // The service percent-encodes names XML cannot hold (Encoded="true").
+    let esc = "red%1B%5B31m%1B%5D0%3Btitle%07.txt";
+    let newline = "two%0Aerror%3A%20forged%20line.txt";
+    let download = |port: u16, dir: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            let ds = fake_datastores(&dir, port);
+            datastore(&[
+                "download",
+                "--datastores",
+                ds.to_str().unwrap(),
+                "--datastore",
+                "fake",
+                "--target-path",
+                dir.join("target").to_str().unwrap(),
+                "--no-progress",
+            ])
+        })
+    };
+    let check = |err: &str| {
+        assert!(!err.contains('\u{1b}'), "a raw ESC: {err:?}");
+        assert!(!err.contains('\u{7}'), "a raw BEL: {err:?}");
+        assert!(
+            !err.lines().any(|l| l.starts_with("error: forged")),
+            "a raw newline: {err:?}"
+        );
+    };
+
+    // Listed, then gone when fetched: the service's refusal names each blob.
+    let listing = listing_xml(&[(esc, 5, true), (newline, 5, true)]);
+    let server = FakeServer::start(Arc::new(move |request: &Request| {
+        if request.target.contains("comp=list") {
+            (200, vec![], listing.clone())
+        } else {
+            (
+                404,
+                vec![("x-ms-error-code".to_string(), "BlobNotFound".to_string())],
+                b"<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>BlobNotFound</Code><Message>The specified blob does not exist.</Message></Error>".to_vec(),
+            )
+        }
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = download(server.port, dir.path().to_path_buf())
+        .await
+        .unwrap();
+    assert_exit(&out, 5);
+    let err = stderr(&out);
+    check(&err);
+    assert!(
+        err.contains("blob 'red\\u{1b}[31m\\u{1b}]0;title\\u{7}.txt' no longer exists"),
+        "{err}"
+    );
+    assert!(
+        err.contains("blob 'two\\nerror: forged line.txt' no longer exists"),
+        "{err}"
+    );
+
+    // Refused before anything moves: a folder-looking name holding data, and a file that is
+    // also a folder.
+    let listing = listing_xml(&[
+        (&format!("{esc}/"), 5, true),
+        (newline, 5, true),
+        (&format!("{newline}/inside"), 5, true),
+    ]);
+    let server = FakeServer::listing(listing, b"12345".to_vec(), Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = download(server.port, dir.path().to_path_buf())
+        .await
+        .unwrap();
+    assert_exit(&out, 8);
+    let err = stderr(&out);
+    check(&err);
+    assert!(
+        err.contains("'red\\u{1b}[31m\\u{1b}]0;title\\u{7}.txt/': the name ends in `/`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("'two\\nerror: forged line.txt' is both a file and the directory of 'two\\nerror: forged line.txt/inside'"),
+        "{err}"
+    );
+}

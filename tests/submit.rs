@@ -233,6 +233,41 @@ async fn a_local_experiment_is_not_submitted_and_an_existing_one_is_not_replaced
     );
 }
 
+/// What the spec alone gets wrong is refused before the snapshot is uploaded or anything is
+/// asked of the apiserver: an image missing on the cluster, an entryScript outside its folder.
+#[tokio::test]
+async fn a_spec_the_cluster_cannot_run_is_refused_before_the_snapshot() {
+    let fx = Fixture::new().await;
+    write_tree(&fx.path("code"), &[("train.py", b"pass\n".to_vec())]);
+    for (name, from, to, says) in [
+        (
+            "no-image",
+            "  image: python:3.12-slim\n",
+            "",
+            "image is not set",
+        ),
+        (
+            "outside",
+            "entryScript: train.py",
+            "entryScript: ../outside.py",
+            "entryScript \"../outside.py\" has a `..` segment",
+        ),
+    ] {
+        let path = experiment_file(&fx, name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from));
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+        let (client, server) = apiserver::start(vec![]);
+        let err = submit::submit(client, &args(&fx, path, false))
+            .await
+            .unwrap_err();
+        server.done().await;
+        assert_eq!(err.exit_code(), 3, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+        assert!(blobs_under(&fx, "snapshots/").await.is_empty());
+    }
+}
+
 #[test]
 fn the_digest_names_content_not_timestamps_or_order() {
     let dir = tempfile::tempdir().unwrap();

@@ -31,7 +31,6 @@ use datastore_operator::store::azure::Body;
 use datastore_operator::store::resolve::{Catalog, Scope};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Container, PodSpec, Secret};
-use serde::Deserialize;
 
 const DATASTORE: &str = "blob-ds";
 /// Where a container finds its termination message file when it does not say otherwise.
@@ -70,7 +69,7 @@ spec:
       value: "0.1"
 "#
     );
-    serde_yaml::from_str(&yaml).expect("the test's Experiment parses")
+    serde_saphyr::from_str(&yaml).expect("the test's Experiment parses")
 }
 
 /// `blob-ds`: the container at Azurite, with the account key in a Secret, so the builders mint a
@@ -638,8 +637,9 @@ fn credentials(children: &Children) -> (String, String) {
         "the Secret holds the datastores file only"
     );
     let file = data["datastores.yaml"].clone();
-    let token = serde_yaml::Deserializer::from_str(&file)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    let token = datastore_operator::yaml::documents::<serde_json::Value>(&file)
+        .unwrap()
+        .into_iter()
         .find(|d| d["kind"] == "Secret")
         .and_then(|d| d["stringData"]["sasToken"].as_str().map(String::from))
         .unwrap_or_else(|| panic!("a Secret with a sasToken in {file}"));

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 /// Azure ML SDK's reason, which the planner's error repeats.
 pub const MOUNT_ON_LOCAL: &str = "mount is only available on a remote compute target; with computeTarget local, use mode download";
 
+/// The message of the rule requiring `image` on the cluster (the planner refuses the same).
+pub const IMAGE_ON_CLUSTER: &str = "image is required on the cluster compute target: name a container image, e.g. python:3.12-slim";
+
 /// A training script run with access to datastores. A `download` reference is copied into a
 /// local folder before the script starts, an `upload` reference's folder is copied to the
 /// datastore after the run, and a `mount` reference appears as a folder while the script runs;
@@ -48,14 +51,17 @@ pub const MOUNT_ON_LOCAL: &str = "mount is only available on a remote compute ta
 )]
 #[x_kube(
     cel,
-    validation = Rule::new("!(has(self.computeTarget) && self.computeTarget == 'local' && has(self.scriptParams) && self.scriptParams.exists(p, has(p.dataReference) && p.dataReference.mode == 'mount'))").message(MOUNT_ON_LOCAL)
+    validation = Rule::new("!(has(self.computeTarget) && self.computeTarget == 'local' && has(self.scriptParams) && self.scriptParams.exists(p, has(p.dataReference) && p.dataReference.mode == 'mount'))").message(MOUNT_ON_LOCAL),
+    validation = Rule::new("has(self.image) || (has(self.computeTarget) && self.computeTarget == 'local')").message(IMAGE_ON_CLUSTER)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ExperimentSpec {
-    /// The container image the script runs in, e.g. `python:3.12-slim`. It must contain the
-    /// interpreter and the script's dependencies.
+    /// The container image the script runs in on the cluster, e.g. `python:3.12-slim`. It must
+    /// contain the interpreter and the script's dependencies. Required unless `computeTarget` is
+    /// `local`, where the script runs with the machine's own interpreter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.size() > 0").message("image must name a container image, e.g. python:3.12-slim"))]
-    pub image: String,
+    pub image: Option<String>,
     /// The working directory of the script, holding `entryScript` (the SDK's
     /// `source_directory`), e.g. `experiment_folder`. Relative paths are resolved against the
     /// image's working directory and entered with `sh` (which the image must then have); an

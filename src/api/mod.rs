@@ -22,7 +22,7 @@ pub fn crds()
 pub fn crds_yaml() -> String {
     crds()
         .iter()
-        .map(|crd| serde_yaml::to_string(crd).expect("a CRD always serializes"))
+        .map(crate::yaml::to_string)
         .collect::<Vec<_>>()
         .join("---\n")
 }

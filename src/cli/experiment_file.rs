@@ -10,6 +10,7 @@ use crate::api::{Experiment, ExperimentSpec};
 use crate::error::{Error, Result};
 use crate::store::StoreConfig;
 use crate::store::resolve::{self, Scope, Source};
+use crate::yaml::{self, YamlError};
 
 pub struct ExperimentFile {
     pub exp: Experiment,
@@ -22,18 +23,19 @@ pub struct ExperimentFile {
 impl ExperimentFile {
     /// Reads `path`; the namespace is `namespace` if given, else the file's, else `fallback`.
     pub fn read(path: &Path, namespace: Option<&str>, fallback: &str) -> Result<ExperimentFile> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::Config(format!(
-                "cannot read the Experiment file {}: {e}",
-                path.display()
-            ))
-        })?;
-        let mut exp: Experiment = serde_yaml::from_str(&text).map_err(|e| {
-            Error::Config(format!(
-                "{} is not a valid Experiment: {e}; see examples/experiment.yaml",
-                path.display()
-            ))
-        })?;
+        let mut exp: Experiment = yaml::read_file(path)
+            .and_then(|text| yaml::from_str(&text))
+            .map_err(|e| match e {
+                YamlError::Read(e) => Error::Config(format!(
+                    "cannot read the Experiment file {}: {e}",
+                    path.display()
+                )),
+                YamlError::Invalid(e) => Error::Config(format!(
+                    "{} is not a valid Experiment: {e}; see examples/experiment.yaml",
+                    path.display()
+                )),
+                e => Error::Config(format!("the Experiment file {} {e}", path.display())),
+            })?;
         if exp.metadata.name.as_deref().unwrap_or("").is_empty() {
             return Err(Error::Config(format!(
                 "{} has no metadata.name: name the Experiment",

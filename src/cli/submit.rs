@@ -109,6 +109,10 @@ pub async fn submit(client: Client, args: &SubmitArgs) -> Result<Submitted> {
             file.path.display()
         )));
     }
+    // What the spec alone decides is refused here, before a snapshot is uploaded for it; the
+    // rest (datastores) the controller's planner checks.
+    crate::plan::check_spec(&exp.spec)
+        .map_err(|e| Error::Config(format!("{}: {e}", file.path.display())))?;
     let mut snapshot_done = None;
     if let Some(folder) = code_folder(&file)? {
         let (code, uploaded) = snapshot(&file, &folder, args).await?;

@@ -1180,7 +1180,7 @@ mod tests {
     }
 
     fn plan_of(params: &str) -> ExecutionPlan {
-        let spec: ExperimentSpec = serde_yaml::from_str(&format!(
+        let spec: ExperimentSpec = serde_saphyr::from_str(&format!(
             "image: python:3.12-slim\nentryScript: train.py\nscriptParams:\n{params}"
         ))
         .unwrap();
@@ -1198,7 +1198,7 @@ mod tests {
         let now = chrono::Utc::now();
         let refused_since = |seconds_ago: i64| {
             let spec: ExperimentSpec =
-                serde_yaml::from_str("image: i\nentryScript: train.py\n").unwrap();
+                serde_saphyr::from_str("image: i\nentryScript: train.py\n").unwrap();
             let mut exp = Experiment::new("train", spec);
             let step = Step::refused(Phase::Pending, "QuotaExceeded", "exceeded quota");
             let then = Time(
@@ -1219,7 +1219,7 @@ mod tests {
         assert_eq!(refused_since(3600), REFUSED_RETRY_MAX);
         // Not refused before (Accepted True, or no status): the shortest wait.
         let spec: ExperimentSpec =
-            serde_yaml::from_str("image: i\nentryScript: train.py\n").unwrap();
+            serde_saphyr::from_str("image: i\nentryScript: train.py\n").unwrap();
         assert_eq!(
             retry_after(&Experiment::new("train", spec), now),
             REFUSED_RETRY_MIN
@@ -1295,7 +1295,7 @@ mod tests {
         let params =
             reference("--in", "blob-ds", "mount") + &reference("--out", "blob-ds", "upload");
         let plan = plan_of(&params);
-        let spec: ExperimentSpec = serde_yaml::from_str(&format!(
+        let spec: ExperimentSpec = serde_saphyr::from_str(&format!(
             "image: python:3.12-slim\nentryScript: train.py\nscriptParams:\n{params}"
         ))
         .unwrap();

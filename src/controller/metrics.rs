@@ -261,7 +261,7 @@ mod tests {
 
     fn experiment(name: &str, phase: Option<Phase>) -> Experiment {
         let spec: ExperimentSpec =
-            serde_yaml::from_str("image: python:3.12-slim\nentryScript: train.py\n").unwrap();
+            serde_saphyr::from_str("image: python:3.12-slim\nentryScript: train.py\n").unwrap();
         let mut exp = Experiment::new(name, spec);
         exp.metadata.namespace = Some("ml".to_string());
         exp.status = phase.map(|phase| ExperimentStatus {

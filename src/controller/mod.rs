@@ -1162,7 +1162,7 @@ mod tests {
             ..BuildContext::default()
         };
         let class = |outputs: &str| {
-            let spec: ExperimentSpec = serde_yaml::from_str(&format!(
+            let spec: ExperimentSpec = serde_saphyr::from_str(&format!(
                 "image: python:3.12-slim\nentryScript: train.py\n{outputs}scriptParams:\n  - name: --out\n    dataReference: {{datastore: blob-ds, path: out, mode: upload}}\n"
             ))
             .unwrap();

@@ -4,7 +4,8 @@
 //! and upload references are uploaded after it exits, per `uploadPolicy`.
 //!
 //! Nothing is transferred before every check that can fail cheaply has passed: the plan (which
-//! refuses `mount`), the work directory, the script's folder and its program.
+//! refuses `mount`, a path or entryScript that leaves its folder, a bad env), the work
+//! directory, the script's folder and its program, and every datastore's reachability.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -140,11 +141,11 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
         program,
     } = prepared;
     let spec = &run.exp.spec;
-    say(format_args!(
-        "image {} does not apply on the local compute target: the script runs with this machine's {program}",
-        spec.image
-    ));
-    work.create()?;
+    if let Some(image) = &spec.image {
+        say(format_args!(
+            "image {image} does not apply on the local compute target: the script runs with this machine's {program}"
+        ));
+    }
 
     let tuning = Tuning {
         pool_size: run.concurrency,
@@ -152,8 +153,17 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
     };
     let mut stores = BTreeMap::new();
     for name in plan.permissions.keys() {
-        stores.insert(name.clone(), Store::new(&run.datastores[name], &tuning)?);
+        let store = Store::new(&run.datastores[name], &tuning)?;
+        // Every datastore is reached once before anything moves, so a wrong credential or a
+        // missing container of an upload does not surface only after a long run.
+        if let Err(e) = store.check().await {
+            return Err(e.with_message(format!(
+                "datastore {name} cannot be used, so nothing was downloaded and the script did not run: {e}"
+            )));
+        }
+        stores.insert(name.clone(), store);
     }
+    work.create()?;
     let options = |overwrite| Options {
         concurrency: run.concurrency,
         overwrite,

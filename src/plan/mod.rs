@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::api::{
     CodeReference, ComputeTarget, DataReference, ExperimentSpec, Mode, MountDriver, ScriptParam,
 };
-use crate::paths::normalize;
+use crate::paths;
 use crate::store::StoreConfig;
 use crate::store::sas::Permissions;
 
@@ -159,6 +159,29 @@ pub enum PlanError {
     EmptyCommand,
     #[error("entryScript is empty; name the script to run, e.g. training_script.py")]
     EmptyEntryScript,
+    #[error(
+        "entryScript {path:?} {problem}, so it names a script outside sourceDirectory; name the script by its path inside sourceDirectory, e.g. train.py or src/train.py (move sourceDirectory to hold it if need be)"
+    )]
+    EntryScriptOutsideSource { path: String, problem: &'static str },
+    #[error(
+        "image is not set, and on the cluster the script runs in a container image; name one that holds python and the script's dependencies, e.g. image: python:3.12-slim, or run it on this machine with `datastore run --local`"
+    )]
+    MissingImage,
+    #[error("{user}: {problem}")]
+    InvalidDatastorePath {
+        /// `parameter --data_folder`, or `code`.
+        user: String,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
+    #[error(
+        "env {name:?} {problem}; an environment variable name is printable ASCII without `=`, e.g. LOG_LEVEL"
+    )]
+    InvalidEnvName { name: String, problem: &'static str },
+    #[error(
+        "env {name} has a NUL character in its value, which no process environment can hold; remove it"
+    )]
+    InvalidEnvValue { name: String },
     #[error("{user} refers to datastore {datastore:?}, which does not exist; {}", known_hint(.datastore, .known))]
     UnknownDatastore {
         /// `parameter --data_folder`, or `code`.
@@ -206,9 +229,9 @@ pub enum PlanError {
     )]
     SidecarOnAzureFile { param: String, datastore: String },
     #[error(
-        "sourceDirectory {path:?} is absolute, but the code is downloaded from a datastore (code); make it a folder relative to the code, or remove it"
+        "sourceDirectory {path:?} {problem}, but the code is downloaded from a datastore (code), so it must be a folder inside the code; make it relative to the code, without `..`, or remove it"
     )]
-    SourceDirectoryOutsideCode { path: String },
+    SourceDirectoryOutsideCode { path: String, problem: &'static str },
     #[error(
         "parameter {param}: path on compute {path:?} {problem}; set pathOnCompute to a relative path such as training_data"
     )]
@@ -246,6 +269,11 @@ impl PlanError {
             PlanError::NoValueOrDataReference { .. } => "NoValueOrDataReference",
             PlanError::EmptyCommand => "EmptyCommand",
             PlanError::EmptyEntryScript => "EmptyEntryScript",
+            PlanError::EntryScriptOutsideSource { .. } => "EntryScriptOutsideSource",
+            PlanError::MissingImage => "MissingImage",
+            PlanError::InvalidDatastorePath { .. } => "InvalidDatastorePath",
+            PlanError::InvalidEnvName { .. } => "InvalidEnvName",
+            PlanError::InvalidEnvValue { .. } => "InvalidEnvValue",
             PlanError::UnknownDatastore { .. } => "UnknownDatastore",
             PlanError::MountOnLocalCompute { .. } => "MountOnLocalCompute",
             PlanError::OverwriteNotUpload { .. } => "OverwriteNotUpload",
@@ -283,16 +311,11 @@ pub fn plan(
     roots: Roots,
 ) -> Result<ExecutionPlan, PlanError> {
     let root = roots.data;
-    if exp.entry_script.is_empty() {
-        return Err(PlanError::EmptyEntryScript);
-    }
+    check_spec(exp)?;
     let command = match &exp.command {
-        Some(command) if command.is_empty() => return Err(PlanError::EmptyCommand),
         Some(command) => command.clone(),
         None => vec!["python".to_string(), exp.entry_script.clone()],
     };
-
-    check_parameters(&exp.script_params)?;
 
     let mut plan = ExecutionPlan {
         command,
@@ -407,6 +430,74 @@ pub fn plan(
     Ok(plan)
 }
 
+/// The rules the spec alone decides, without its datastores: what `plan` checks first, and what
+/// `datastore submit` checks before it uploads a snapshot.
+pub fn check_spec(exp: &ExperimentSpec) -> Result<(), PlanError> {
+    if exp.entry_script.is_empty() {
+        return Err(PlanError::EmptyEntryScript);
+    }
+    if let Some(problem) = paths::leaves_folder(&exp.entry_script) {
+        return Err(PlanError::EntryScriptOutsideSource {
+            path: exp.entry_script.clone(),
+            problem,
+        });
+    }
+    if exp.command.as_ref().is_some_and(Vec::is_empty) {
+        return Err(PlanError::EmptyCommand);
+    }
+    // The local compute target runs the script with this machine's interpreter.
+    if exp.compute_target == ComputeTarget::Cluster && exp.image.as_deref().unwrap_or("").is_empty()
+    {
+        return Err(PlanError::MissingImage);
+    }
+    if exp.code.is_some()
+        && let Some(dir) = exp.source_directory.as_deref()
+        && let Some(problem) = paths::leaves_folder(dir)
+    {
+        return Err(PlanError::SourceDirectoryOutsideCode {
+            path: dir.to_string(),
+            problem,
+        });
+    }
+    check_env(&exp.env)?;
+    check_parameters(&exp.script_params)
+}
+
+/// What a process environment (and the apiserver, for a container's) accepts.
+fn check_env(env: &[k8s_openapi::api::core::v1::EnvVar]) -> Result<(), PlanError> {
+    for var in env {
+        let problem = if var.name.is_empty() {
+            Some("is empty")
+        } else if var.name.contains('=') {
+            Some("contains `=`")
+        } else if !var.name.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            Some("contains a character that is not printable ASCII")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(PlanError::InvalidEnvName {
+                name: var.name.clone(),
+                problem,
+            });
+        }
+        if var.value.as_deref().is_some_and(|v| v.contains('\0')) {
+            return Err(PlanError::InvalidEnvValue {
+                name: var.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A data reference's or the code's datastore path, normalized, or why it cannot be used.
+fn datastore_path(user: &str, path: &str) -> Result<String, PlanError> {
+    paths::datastore_path(path).map_err(|problem| PlanError::InvalidDatastorePath {
+        user: user.to_string(),
+        problem,
+    })
+}
+
 /// The parameter-level rules: non-empty, unique names, each with exactly one of value and
 /// dataReference.
 fn check_parameters(params: &[ScriptParam]) -> Result<(), PlanError> {
@@ -454,19 +545,16 @@ fn plan_code(
         });
     };
     check_reachable(exp.compute_target, &user, &code.datastore, store)?;
+    // check_spec refused a sourceDirectory that leaves the code.
     plan.working_dir = Some(match exp.source_directory.as_deref() {
         None | Some("" | ".") => code_root.to_string(),
-        Some(dir) if dir.starts_with('/') => {
-            return Err(PlanError::SourceDirectoryOutsideCode {
-                path: dir.to_string(),
-            });
-        }
         Some(dir) => join(code_root, dir.trim_end_matches('/')),
     });
+    let remote_path = datastore_path(&user, &code.path)?;
     plan.code = Some(Transfer {
         param: user,
         datastore: code.datastore.clone(),
-        remote_path: normalize(&code.path),
+        remote_path,
         overwrite: false,
         local_path: code_root.to_string(),
     });
@@ -566,7 +654,7 @@ fn plan_reference(
     Ok(PlannedReference {
         param: param.to_string(),
         datastore: reference.datastore.clone(),
-        path: normalize(&reference.path),
+        path: datastore_path(&format!("parameter {param}"), &reference.path)?,
         mode: reference.mode,
         path_on_compute: join(root, relative),
         env: env_name(param),

@@ -28,13 +28,13 @@ fn datastores() -> BTreeMap<String, StoreConfig> {
 
 /// The issue's example, as committed in `examples/experiment.yaml`.
 fn example() -> ExperimentSpec {
-    let exp: Experiment = serde_yaml::from_str(include_str!("../../examples/experiment.yaml"))
+    let exp: Experiment = serde_saphyr::from_str(include_str!("../../examples/experiment.yaml"))
         .expect("examples/experiment.yaml is an Experiment");
     exp.spec
 }
 
 fn spec(yaml: &str) -> ExperimentSpec {
-    serde_yaml::from_str(yaml).expect("a valid ExperimentSpec")
+    serde_saphyr::from_str(yaml).expect("a valid ExperimentSpec")
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -827,9 +827,121 @@ fn code_from_a_datastore_is_downloaded_first_and_becomes_the_working_directory()
     assert_eq!(
         plan_err(&spec),
         PlanError::SourceDirectoryOutsideCode {
-            path: "/app".into()
+            path: "/app".into(),
+            problem: "is absolute",
         }
     );
+    // `..` leaves the downloaded code as surely.
+    spec.source_directory = Some("src/../..".into());
+    assert_eq!(
+        plan_err(&spec),
+        PlanError::SourceDirectoryOutsideCode {
+            path: "src/../..".into(),
+            problem: "has a `..` segment",
+        }
+    );
+    spec.source_directory = None;
+    spec.code.as_mut().unwrap().path = "snapshots/../other".into();
+    assert!(
+        matches!(plan_err(&spec), PlanError::InvalidDatastorePath { ref user, .. } if user == "code"),
+        "{}",
+        plan_err(&spec)
+    );
+}
+
+/// What the spec alone decides is refused on both compute targets, before any datastore is
+/// looked at: it is what `datastore run` checks before the first byte moves, and what `submit`
+/// checks before it uploads a snapshot.
+#[test]
+fn an_entry_script_outside_the_source_directory_is_refused_everywhere() {
+    for (entry, problem) in [
+        ("../outside.py", "has a `..` segment"),
+        ("src/../../outside.py", "has a `..` segment"),
+        ("..\\outside.py", "has a `..` segment"),
+        ("/etc/outside.py", "is absolute"),
+    ] {
+        let mut spec = example();
+        spec.entry_script = entry.into();
+        let expected = PlanError::EntryScriptOutsideSource {
+            path: entry.into(),
+            problem,
+        };
+        assert_eq!(check_spec(&spec), Err(expected.clone()));
+        assert_eq!(plan_err(&spec), expected);
+        spec.compute_target = ComputeTarget::Local;
+        assert_eq!(plan(&spec, &datastores(), local("/w")), Err(expected));
+    }
+    let mut spec = example();
+    spec.entry_script = "./src/train.py".into();
+    plan(&spec, &datastores(), CLUSTER).unwrap();
+}
+
+#[test]
+fn image_is_required_on_the_cluster_only() {
+    let mut spec = example();
+    spec.image = None;
+    assert_eq!(plan_err(&spec), PlanError::MissingImage);
+    spec.image = Some(String::new());
+    assert_eq!(plan_err(&spec), PlanError::MissingImage);
+    assert!(
+        PlanError::MissingImage
+            .to_string()
+            .contains("image: python:3.12-slim")
+    );
+    spec.image = None;
+    spec.compute_target = ComputeTarget::Local;
+    plan(&spec, &datastores(), local("/w")).unwrap();
+}
+
+#[test]
+fn env_a_process_cannot_hold_is_refused() {
+    let var = |name: &str, value: &str| k8s_openapi::api::core::v1::EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    };
+    for (name, problem) in [
+        ("", "is empty"),
+        ("A=B", "contains `=`"),
+        ("A\nB", "contains a character that is not printable ASCII"),
+    ] {
+        let mut spec = example();
+        spec.env = vec![var(name, "1")];
+        assert_eq!(
+            plan_err(&spec),
+            PlanError::InvalidEnvName {
+                name: name.into(),
+                problem
+            }
+        );
+    }
+    let mut spec = example();
+    spec.env = vec![var("A", "x\0y")];
+    assert_eq!(
+        plan_err(&spec),
+        PlanError::InvalidEnvValue { name: "A".into() }
+    );
+    spec.env = vec![var("LOG_LEVEL", "debug"), var("my.var-1", "")];
+    plan(&spec, &datastores(), CLUSTER).unwrap();
+}
+
+#[test]
+fn a_reference_path_that_leaves_the_container_is_refused_before_anything_moves() {
+    for mode in ["download", "upload"] {
+        let spec = spec(&format!(
+            "image: i
+entryScript: train.py
+scriptParams:
+  - {{name: --out, dataReference: {{datastore: workspace-ds, path: 'outputs/../../other', mode: {mode}}}}}
+"
+        ));
+        let err = plan_err(&spec);
+        assert!(
+            matches!(&err, PlanError::InvalidDatastorePath { user, problem }
+                if user == "parameter --out" && problem.contains("`..` segment")),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -332,7 +332,7 @@ impl BlobClient {
         parse_block_list(&text).map_err(|e| {
             Error::Service(format!(
                 "cannot read the block list of blob '{}': {e}",
-                name.escape_debug()
+                crate::paths::display_name(name)
             ))
         })
     }
@@ -611,6 +611,21 @@ impl BlobClient {
     fn error(&self, f: Failure, blob: Option<&str>) -> Error {
         let cfg = &self.inner.cfg;
         let what = self.describe();
+        // Blob names and the service's words reach a terminal: control characters escaped.
+        let blob = blob.map(crate::paths::display_name);
+        let blob = blob.as_deref();
+        let f = match f {
+            Failure::Status {
+                status,
+                code,
+                message,
+            } => Failure::Status {
+                status,
+                code: crate::paths::display_name(&code).into_owned(),
+                message: crate::paths::display_name(&message).into_owned(),
+            },
+            f => f,
+        };
         let on_blob = blob.map(|b| format!(" (blob '{b}')")).unwrap_or_default();
         match f {
             Failure::Status {

@@ -87,7 +87,8 @@ impl LocalDir {
     pub fn path_of(&self, name: &str) -> Result<PathBuf> {
         paths::local_path(&self.root, name).map_err(|why| {
             Error::UnsafeName(format!(
-                "cannot store '{name}' in {}: {why}",
+                "cannot store '{}' in {}: {why}",
+                paths::display_name(name),
                 self.root.display()
             ))
         })

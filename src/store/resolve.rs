@@ -10,6 +10,7 @@ use kube::ResourceExt;
 use super::{AzureBlobConfig, AzureCredential, AzureFileConfig, Secret, StoreConfig};
 use crate::api::{AzureBlobSpec, ClusterDatastore, Credentials, Datastore, Storage};
 use crate::error::{Error, Result};
+use crate::yaml::{self, YamlError};
 
 /// The variable that names a datastores file when `--datastores` is not given.
 pub const CONFIG_ENV: &str = "DATASTORE_CONFIG";
@@ -74,11 +75,12 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn load(path: &Path) -> Result<Catalog> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::Config(format!(
+        let text = yaml::read_file(path).map_err(|e| match e {
+            YamlError::Read(e) => Error::Config(format!(
                 "cannot read the datastores file {}: {e}; check --datastores or ${CONFIG_ENV}",
                 path.display()
-            ))
+            )),
+            e => Error::Config(format!("the datastores file {} {e}", path.display())),
         })?;
         let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Catalog::parse(&text, &path.display().to_string(), base_dir)
@@ -87,19 +89,19 @@ impl Catalog {
     /// Parses a multi-document YAML stream; objects of other kinds are ignored, so the same
     /// file can hold anything `kubectl apply` accepts.
     pub fn parse(text: &str, origin: &str, base_dir: PathBuf) -> Result<Catalog> {
-        use serde::Deserialize;
         let mut catalog = Catalog {
             base_dir,
             origin: origin.to_string(),
             ..Default::default()
         };
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let docs: Vec<serde_json::Value> = yaml::documents(text).map_err(|e| match e {
+            YamlError::Invalid(e) => Error::Config(format!(
+                "{origin} is not valid YAML: {e}; fix the file and run again"
+            )),
+            e => Error::Config(format!("{origin} {e}")),
+        })?;
+        for (i, value) in docs.into_iter().enumerate() {
             let where_ = format!("{origin}, document {}", i + 1);
-            let value = serde_yaml::Value::deserialize(doc).map_err(|e| {
-                Error::Config(format!(
-                    "{where_} is not valid YAML: {e}; fix the file and run again"
-                ))
-            })?;
             if value.is_null() {
                 continue;
             }
@@ -111,7 +113,7 @@ impl Catalog {
                     .to_string()
             };
             let (api_version, kind) = (field("apiVersion"), field("kind"));
-            let bad = |e: serde_yaml::Error| {
+            let bad = |e: serde_json::Error| {
                 Error::Config(format!(
                     "{where_} ({kind}) is malformed: {e}; fix it and run again"
                 ))
@@ -119,12 +121,12 @@ impl Catalog {
             match (api_version.as_str(), kind.as_str()) {
                 ("datastore.dev/v1alpha1", "Datastore") => catalog
                     .datastores
-                    .push(serde_yaml::from_value(value).map_err(bad)?),
+                    .push(serde_json::from_value(value).map_err(bad)?),
                 ("datastore.dev/v1alpha1", "ClusterDatastore") => catalog
                     .cluster_datastores
-                    .push(serde_yaml::from_value(value).map_err(bad)?),
+                    .push(serde_json::from_value(value).map_err(bad)?),
                 // The parser's message quotes the offending value, which may be a credential.
-                ("v1", "Secret") => catalog.secrets.push(serde_yaml::from_value(value).map_err(|_| {
+                ("v1", "Secret") => catalog.secrets.push(serde_json::from_value(value).map_err(|_| {
                     Error::Config(format!(
                         "{where_} (Secret) is malformed: `stringData` must map each key to a plain string and `data` each key to a base64 string (details are not shown because they may hold a credential); fix it and run again"
                     ))

@@ -184,7 +184,7 @@ fn plan(blobs: Vec<ObjectMeta>, target_dir: &Path, layout: Layout) -> Result<Vec
             if b.size > 0 {
                 refused.push(format!(
                     "'{}': the name ends in `/` but the blob holds {} bytes, and no file can have that name",
-                    b.name.escape_debug(),
+                    paths::display_name(&b.name),
                     b.size
                 ));
             }
@@ -196,14 +196,16 @@ fn plan(blobs: Vec<ObjectMeta>, target_dir: &Path, layout: Layout) -> Result<Vec
         let name = layout.local_name(&meta.name).unwrap_or_default();
         match paths::local_path(target_dir, name) {
             Ok(path) => items.push(Item { meta, path }),
-            Err(why) => refused.push(format!("'{}': {why}", meta.name.escape_debug())),
+            Err(why) => refused.push(format!("'{}': {why}", paths::display_name(&meta.name))),
         }
     }
     for (file, inside) in paths::file_directory_collisions(
         items.iter().filter_map(|i| layout.local_name(&i.meta.name)),
     ) {
         refused.push(format!(
-            "'{file}' is both a file and the directory of '{inside}'"
+            "'{}' is both a file and the directory of '{}'",
+            paths::display_name(&file),
+            paths::display_name(&inside)
         ));
     }
     if refused.is_empty() {
@@ -245,8 +247,8 @@ async fn skip_existing(
                 Ok(m) if m.is_dir() => {
                     return Err(Error::UnsafeName(format!(
                         "blob '{}' would replace the directory {}: move that directory away or download into another --target-path",
-                        item.meta.name.escape_debug(),
-                        item.path.display()
+                        paths::display_name(&item.meta.name),
+                        paths::display_path(&item.path)
                     )));
                 }
                 Ok(_) if !overwrite => skipped += 1,
@@ -321,9 +323,9 @@ impl<'a> LinkCheck<'a> {
         }
         Err(Error::UnsafeName(format!(
             "refusing to download: {} is a symbolic link to {}, outside the target {}, so files below it would land there; nothing was written: remove the link or download into another --target-path",
-            link.display(),
-            leads_to.display(),
-            self.root.display()
+            paths::display_path(link),
+            paths::display_path(&leads_to),
+            paths::display_path(self.root)
         )))
     }
 }
@@ -351,7 +353,7 @@ async fn download_local(run: &Run, dir: &LocalDir, item: &Item) -> Result<Commit
         drop(file);
         let copied = std::fs::copy(&src, tmp.path()).map_err(|e| Error::local("copy", &src, e))?;
         if copied != size {
-            return Err(Error::Integrity(format!("{} changed size while being copied ({size} bytes listed, {copied} copied): run again", src.display())));
+            return Err(Error::Integrity(format!("{} changed size while being copied ({size} bytes listed, {copied} copied): run again", paths::display_path(&src))));
         }
         tmp.commit(overwrite).map_err(|e| Error::local("write", &target, e))
     })
@@ -453,7 +455,7 @@ async fn fetch_large(
         .map(|(&(start, _), &f)| f - start)
         .sum();
     if resumed > 0 {
-        tracing::info!(blob = %item.meta.name.escape_debug(), resumed, "resuming an interrupted download");
+        tracing::info!(blob = %paths::display_name(&item.meta.name), resumed, "resuming an interrupted download");
         run.progress.bytes(resumed);
     }
     let md5 = if ranges.len() == 1 && resumed == 0 {
@@ -639,7 +641,7 @@ async fn fetch_range(
                 return Ok(hasher.map(|h| h.finalize().into()));
             }
             Err(StreamError::Body(e)) if attempt < client.max_attempts() => {
-                tracing::debug!(blob = %name.escape_debug(), error = %e, attempt, offset, "download interrupted; retrying from the last byte written");
+                tracing::debug!(blob = %paths::display_name(name), error = %e, attempt, offset, "download interrupted; retrying from the last byte written");
                 attempt += 1;
             }
             Err(StreamError::Body(e)) => return Err(client.body_error(name, e)),
@@ -658,7 +660,8 @@ enum StreamError {
 fn too_long(item: &Item) -> Error {
     Error::Integrity(format!(
         "blob '{}' sent more than the {} bytes its listing gave: it changed while downloading; run again",
-        item.meta.name, item.meta.size
+        paths::display_name(&item.meta.name),
+        item.meta.size
     ))
 }
 
@@ -669,7 +672,7 @@ fn check_len(item: &Item, got: u64, expected: u64) -> Result<(), Error> {
     if got != expected {
         return Err(Error::Integrity(format!(
             "blob '{}' arrived with {got} bytes where {expected} were expected: it changed while downloading, or the connection was cut; run again",
-            item.meta.name
+            paths::display_name(&item.meta.name)
         )));
     }
     Ok(())
@@ -680,10 +683,10 @@ fn verify(item: &Item, actual: [u8; 16]) -> Result<(), Error> {
     match item.meta.md5 {
         Some(expected) if expected != actual => Err(Error::Integrity(format!(
             "blob '{}' does not match its Content-MD5 (stored {}, received {}): it is corrupt in the datastore or was damaged on the way; nothing was written to {}",
-            item.meta.name,
+            paths::display_name(&item.meta.name),
             md5_hex(&expected),
             md5_hex(&actual),
-            item.path.display()
+            paths::display_path(&item.path)
         ))),
         _ => Ok(()),
     }

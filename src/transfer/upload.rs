@@ -274,7 +274,7 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(boo
             .collect();
         resumed = item.size - todo.iter().map(|&i| block(i).1).sum::<u64>();
         if resumed > 0 {
-            tracing::info!(blob = %item.name.escape_debug(), resumed, "resuming an interrupted upload");
+            tracing::info!(blob = %paths::display_name(&item.name), resumed, "resuming an interrupted upload");
             run.progress.bytes(resumed);
         }
         let n = todo.len().max(1);

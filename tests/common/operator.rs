@@ -14,7 +14,6 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
-use serde::Deserialize;
 
 use super::cluster::{Cluster, kubeconfig};
 
@@ -26,8 +25,9 @@ pub const SERVICE_ACCOUNT: &str = "datastore-operator";
 /// The objects of a multi-document YAML file.
 pub fn documents(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+    datastore_operator::yaml::documents::<serde_json::Value>(&text)
+        .unwrap()
+        .into_iter()
         .filter(|d| !d.is_null())
         .map(|d| serde_json::to_value(d).unwrap())
         .collect()

@@ -169,7 +169,7 @@ pub fn config_yaml(config: &Blobfuse2) -> String {
             use_http: config.store.endpoint.scheme() == "http",
         },
     };
-    serde_yaml::to_string(&file).expect("the blobfuse2 config serializes")
+    crate::yaml::to_string(&file)
 }
 
 /// The sidecar `mount-<n>`: blobfuse2 in the foreground, privileged (a FUSE mount propagated out
@@ -325,7 +325,7 @@ mod tests {
             sas: "?sv=2024&sp=rl&sig=abc",
             cache: block_cache(1 << 30),
         });
-        let v: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        let v: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
         let az = &v["azstorage"];
         assert_eq!(az["account-name"], "mlstorage");
         assert_eq!(az["container"], "data");
@@ -339,7 +339,7 @@ mod tests {
         assert_eq!(v["allow-other"], true);
         assert_eq!(
             v["components"],
-            serde_yaml::from_str::<serde_yaml::Value>(
+            serde_saphyr::from_str::<serde_json::Value>(
                 "[libfuse, block_cache, attr_cache, azstorage]"
             )
             .unwrap()
@@ -360,7 +360,7 @@ mod tests {
             sas: "sv=1",
             cache: block_cache(512 * MI),
         });
-        let v: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        let v: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
         assert_eq!(v["read-only"], false);
         assert_eq!(
             v["azstorage"]["endpoint"],

@@ -413,7 +413,7 @@ fn secret_credentials(secret_name: &str) -> Credentials {
 
 /// One YAML document, with `apiVersion` and `kind` (k8s-openapi and kube types serialize them).
 pub fn to_yaml<T: serde::Serialize>(object: &T) -> String {
-    serde_yaml::to_string(object).expect("Kubernetes objects serialize to YAML")
+    crate::yaml::to_string(object)
 }
 
 /// Secret `<exp>-credentials` holding the datastores file under `datastores.yaml`.
@@ -803,7 +803,8 @@ pub fn run_job(
     let (working_dir, command, args) = main_command(plan);
     let main = Container {
         name: "main".to_string(),
-        image: Some(spec.image.clone()),
+        // The planner refused a cluster run without an image.
+        image: spec.image.clone(),
         working_dir,
         command: Some(command),
         args: Some(args),

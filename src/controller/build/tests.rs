@@ -12,7 +12,7 @@ const KEY: &str =
 const UID: &str = "0f6b5a3e-1111-2222-3333-444455556666";
 
 fn experiment(yaml: &str) -> Experiment {
-    let spec: ExperimentSpec = serde_yaml::from_str(yaml).unwrap();
+    let spec: ExperimentSpec = serde_saphyr::from_str(yaml).unwrap();
     let mut exp = Experiment::new("train-iris", spec);
     exp.metadata.namespace = Some("ml".to_string());
     exp.metadata.uid = Some(UID.to_string());
@@ -762,9 +762,7 @@ fn datastores_file_shapes_per_credential_kind() {
         .unwrap();
     assert!(!file.contains(KEY));
 
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&file)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect();
+    let docs: Vec<serde_json::Value> = crate::yaml::documents(&file).unwrap();
     let kinds: Vec<(String, String)> = docs
         .iter()
         .map(|d| {

@@ -377,7 +377,7 @@ fn a_sidecar_mounts_the_container_for_main_and_alone_runs_privileged() {
 
     // The config: the account, container, folder, a read-and-list SAS, the cache under 512Mi.
     let config = &secret(&c, "train-iris-mount-0")[blobfuse::CONFIG_KEY];
-    let v: serde_yaml::Value = serde_yaml::from_str(config).unwrap();
+    let v: serde_json::Value = serde_saphyr::from_str(config).unwrap();
     assert_eq!(v["azstorage"]["account-name"], "mlstorage");
     assert_eq!(v["azstorage"]["container"], "training-data");
     assert_eq!(v["azstorage"]["subdirectory"], "images/train");
