@@ -235,3 +235,72 @@ async fn leftovers_of_killed_runs_are_removed_but_not_a_file_another_run_is_writ
     );
     drop(held);
 }
+
+/// Connections cut mid-body are retried from the last byte written: nothing is fetched twice,
+/// and progress ends at the total, never past it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_mid_body_resumes_the_range_and_progress_never_passes_the_total() {
+    let f = Fixture::new().await;
+    let size = 32 * MIB;
+    let data = bytes(size as usize, 92);
+    write_tree(&f.path("src"), &[("big.bin", data.clone())]);
+    let up = f.cli(&[
+        "upload",
+        "--datastore",
+        "blob",
+        "--src-dir",
+        f.path("src").to_str().unwrap(),
+    ]);
+    assert_exit(&up, 0);
+    let proxy = CutProxy::start(azurite_port()).await;
+    let endpoint = format!("http://127.0.0.1:{}/{ACCOUNT}", proxy.port);
+    f.write_datastores(&f.container, &endpoint, &format!("accountKey: {KEY}"));
+
+    proxy.cut_down_after(size / 2);
+    let target = f.path("out");
+    let child = Command::new(env!("CARGO_BIN_EXE_datastore"))
+        .args([
+            "download",
+            "--datastores",
+            f.datastores().to_str().unwrap(),
+            "--datastore",
+            "blob",
+        ])
+        .args(["--target-path", target.to_str().unwrap(), "--progress"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.down.load(Ordering::SeqCst) < size / 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the download never reached the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.mend();
+    let out = child.wait_with_output().unwrap();
+    assert_exit(&out, 0);
+    assert!(
+        std::fs::read(target.join("big.bin")).unwrap() == data,
+        "byte exact"
+    );
+    let moved = proxy.down.load(Ordering::SeqCst);
+    assert!(
+        moved < size + size / 20,
+        "nothing fetched twice: {moved} bytes for {size}"
+    );
+    let err = stderr(&out);
+    let last = err
+        .lines()
+        .filter(|l| l.starts_with("progress: "))
+        .last()
+        .unwrap_or_default();
+    let (done, total) = last
+        .trim_start_matches("progress: ")
+        .split_once(", ")
+        .and_then(|(bytes, _)| bytes.split_once(" of "))
+        .unwrap_or_else(|| panic!("a progress line in {err}"));
+    assert_eq!(done, total, "{err}");
+}

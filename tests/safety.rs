@@ -857,3 +857,130 @@ async fn control_characters_in_blob_names_never_reach_the_terminal_raw() {
         "{err}"
     );
 }
+
+/// One file fails: its error is printed once, not once as it fails and again at the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_failed_file_is_reported_once() {
+    let f = Fixture::new().await;
+    let ids = BlockIds::new();
+    f.client
+        .put_block("bad.bin", &ids, 0, Body::Bytes(bytes(1000, 1).into()))
+        .await
+        .unwrap();
+    let wrong = md5(b"something else");
+    f.client
+        .put_block_list("bad.bin", &ids, 1, wrong, false)
+        .await
+        .unwrap();
+    let out = f.cli(&[
+        "download",
+        "--datastore",
+        "blob",
+        "--target-path",
+        f.path("out").to_str().unwrap(),
+    ]);
+    assert_exit(&out, 7);
+    let err = stderr(&out);
+    assert_eq!(
+        err.matches("does not match its Content-MD5").count(),
+        1,
+        "{err}"
+    );
+}
+
+/// The blob endpoint for one small upload whose first Put Blob commits but answers 500 (its
+/// answer lost, as after a timeout); the retry then meets the blob it created.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_put_that_had_committed_counts_as_transferred_not_skipped() {
+    use base64::Engine;
+    let data = b"ours".to_vec();
+    let ours = base64::engine::general_purpose::STANDARD.encode(md5(&data));
+    let puts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let server = FakeServer::start(Arc::new(move |request: &Request| {
+        let error = |code: &str| vec![("x-ms-error-code".to_string(), code.to_string())];
+        match request.method.as_str() {
+            "GET" => (200, vec![], listing_xml(&[])),
+            "HEAD" => (200, vec![("Content-MD5".to_string(), ours.clone())], vec![]),
+            _ if puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 => {
+                (500, error("OperationTimedOut"), vec![])
+            }
+            _ => (409, error("BlobAlreadyExists"), vec![]),
+        }
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    write_tree(&dir.path().join("src"), &[("x.txt", data)]);
+    let src = dir.path().join("src");
+    let out = tokio::task::spawn_blocking(move || {
+        datastore(&[
+            "upload",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--src-dir",
+            src.to_str().unwrap(),
+            "--output",
+            "json",
+            "--no-progress",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_exit(&out, 0);
+    let s = summary(&out);
+    assert_eq!(
+        (s["transferred"].as_u64(), s["skipped"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+}
+
+/// Two `--overwrite` uploads of one large file race; the loser's Put Block List meets the
+/// winner's commit, which discarded its staged blocks.
+#[tokio::test(flavor = "multi_thread")]
+async fn losing_a_race_of_two_overwriting_uploads_says_another_writer_replaced_the_blob() {
+    let server = FakeServer::start(Arc::new(|request: &Request| {
+        let error = |code: &str| vec![("x-ms-error-code".to_string(), code.to_string())];
+        if request.target.contains("comp=blocklist") && request.method == "PUT" {
+            (400, error("InvalidBlockList"), vec![])
+        } else if request.target.contains("comp=blocklist") {
+            (404, error("BlobNotFound"), vec![])
+        } else if request.method == "GET" {
+            (200, vec![], listing_xml(&[]))
+        } else {
+            (201, vec![], vec![])
+        }
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = fake_datastores(dir.path(), server.port);
+    write_tree(
+        &dir.path().join("src"),
+        &[("big.bin", bytes(9 * 1024 * 1024, 5))],
+    );
+    let src = dir.path().join("src");
+    let out = tokio::task::spawn_blocking(move || {
+        datastore(&[
+            "upload",
+            "--datastores",
+            ds.to_str().unwrap(),
+            "--datastore",
+            "fake",
+            "--src-dir",
+            src.to_str().unwrap(),
+            "--overwrite",
+            "--no-progress",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_exit(&out, 9);
+    let err = stderr(&out);
+    assert!(
+        err.contains("blob 'big.bin' was replaced by another writer while we uploaded it")
+            && err.matches("error").count() == 1,
+        "{err}"
+    );
+}

@@ -308,9 +308,15 @@ async fn download(args: DownloadArgs) -> i32 {
             let text = serde_json::to_string(&report).expect("a report serializes");
             tracing::info!(files = report.files, bytes = report.bytes, digest = %report.digest, "downloaded");
             match &args.report {
-                Some(path) => write_report(path, &text)
-                    .map(|()| summary.clone())
-                    .map_err(|error| Failed { summary, error }),
+                Some(path) => {
+                    write_report(path, &text)
+                        .map(|()| summary.clone())
+                        .map_err(|error| Failed {
+                            summary,
+                            error,
+                            reported: false,
+                        })
+                }
                 None => Ok(summary),
             }
         }

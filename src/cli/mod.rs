@@ -262,14 +262,27 @@ where
 
 /// Prints the closing summary (and error) of a transfer; returns the exit code.
 pub(crate) fn report(output: Output, result: transfer::Result<Summary>) -> i32 {
-    let (summary, error) = match result {
-        Ok(summary) => (summary, None),
-        Err(Failed { summary, error }) => (summary, Some(error)),
+    let (summary, error, reported) = match result {
+        Ok(summary) => (summary, None, false),
+        Err(Failed {
+            summary,
+            error,
+            reported,
+        }) => (summary, Some(error), reported),
     };
     match output {
         Output::Text => {
-            if let Some(e) = &error {
-                eprintln!("error: {e}");
+            match &error {
+                // Each failed file has its line above: do not print the same error again.
+                Some(_) if reported && summary.failed == 1 => {}
+                Some(_) if reported => {
+                    eprintln!(
+                        "error: {} files failed (each is reported above)",
+                        summary.failed
+                    )
+                }
+                Some(e) => eprintln!("error: {e}"),
+                None => {}
             }
             println!("{summary}");
         }

@@ -285,7 +285,7 @@ impl BlobClient {
         let mut headers = HeaderMap::new();
         headers.insert("x-ms-blob-type", HeaderValue::from_static("BlockBlob"));
         headers.insert("content-md5", header(&B64.encode(md5)));
-        self.create(name, Vec::new(), headers, &body, overwrite)
+        self.create(name, Vec::new(), headers, &body, md5, overwrite)
             .await
     }
 
@@ -361,6 +361,7 @@ impl BlobClient {
             vec![q("comp", "blocklist")],
             headers,
             &Body::Bytes(Bytes::from(xml)),
+            md5,
             overwrite,
         )
         .await
@@ -372,6 +373,7 @@ impl BlobClient {
         query: Vec<(String, String)>,
         mut headers: HeaderMap,
         body: &Body,
+        md5: [u8; 16],
         overwrite: bool,
     ) -> Result<PutOutcome> {
         if !overwrite {
@@ -379,22 +381,47 @@ impl BlobClient {
             // appeared after we listed.
             headers.insert("if-none-match", HeaderValue::from_static("*"));
         }
-        match self
-            .send(Method::PUT, Some(name), query, headers, body)
-            .await
-        {
-            Ok(_) => Ok(PutOutcome::Created),
+        let (result, attempts) = self
+            .send_counted(Method::PUT, Some(name), query, headers, body, body.len())
+            .await;
+        let exists = match result {
+            Ok(_) => return Ok(PutOutcome::Created),
             Err(Failure::Status {
                 status: StatusCode::CONFLICT,
                 code,
                 ..
-            }) if code == "BlobAlreadyExists" => Ok(PutOutcome::AlreadyExists),
+            }) if code == "BlobAlreadyExists" => true,
             Err(Failure::Status {
                 status: StatusCode::PRECONDITION_FAILED,
                 ..
-            }) if !overwrite => Ok(PutOutcome::AlreadyExists),
-            Err(f) => Err(self.error(f, Some(name))),
+            }) if !overwrite => true,
+            Err(f) => return Err(self.error(f, Some(name))),
+        };
+        // After a retry, the blob that exists may be our own first attempt, committed before
+        // its answer was lost: the same bytes mean it was created by us, not skipped.
+        if exists && attempts > 1 && self.content_md5(name).await? == Some(md5) {
+            return Ok(PutOutcome::Created);
         }
+        Ok(PutOutcome::AlreadyExists)
+    }
+
+    /// Get Blob Properties: the blob's Content-MD5, if it has one.
+    async fn content_md5(&self, name: &str) -> Result<Option<[u8; 16]>> {
+        let resp = self
+            .send(
+                Method::HEAD,
+                Some(name),
+                Vec::new(),
+                HeaderMap::new(),
+                &Body::Empty,
+            )
+            .await
+            .map_err(|f| self.error(f, Some(name)))?;
+        Ok(resp
+            .headers()
+            .get("content-md5")
+            .and_then(|v| B64.decode(v.as_bytes()).ok())
+            .and_then(|b| b.try_into().ok()))
     }
 
     /// GET a blob, or one range of it; with `if_match`, only the version with that ETag (a
@@ -466,6 +493,21 @@ impl BlobClient {
         body: &Body,
         len: u64,
     ) -> Result<reqwest::Response, Failure> {
+        self.send_counted(method, blob, query, headers, body, len)
+            .await
+            .0
+    }
+
+    /// [`Self::send_sized`], also saying how many attempts it took.
+    async fn send_counted(
+        &self,
+        method: Method,
+        blob: Option<&str>,
+        query: Vec<(String, String)>,
+        headers: HeaderMap,
+        body: &Body,
+        len: u64,
+    ) -> (Result<reqwest::Response, Failure>, u32) {
         let attempts = self.max_attempts();
         let mut attempt = 1;
         loop {
@@ -473,14 +515,14 @@ impl BlobClient {
                 .send_once(&method, blob, &query, headers.clone(), body, len)
                 .await
             {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return (Ok(resp), attempt),
                 Err(f) if f.retryable() && attempt < attempts => {
                     let delay = backoff(attempt);
                     tracing::debug!(?f, attempt, ?delay, blob, "retrying request");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
-                Err(f) => return Err(f),
+                Err(f) => return (Err(f), attempt),
             }
         }
     }
@@ -644,6 +686,12 @@ impl BlobClient {
                 (404, "ContainerNotFound") => Error::NotFound(format!(
                     "{what} does not exist: create it (az storage container create --account-name {} --name {}) or fix containerName",
                     cfg.account, cfg.container
+                )),
+                // Put Block List after another writer committed the blob, which discarded the
+                // blocks we had staged.
+                (400, "InvalidBlockList") => Error::Service(format!(
+                    "blob '{}' was replaced by another writer while we uploaded it, which discarded our staged blocks; its version stands: run again to replace it, and let one writer at a time upload to this path",
+                    blob.unwrap_or("")
                 )),
                 (412, "ConditionNotMet") => Error::Integrity(format!(
                     "blob '{}' was replaced while it was being downloaded (its version no longer matches the listing), so its old and new contents could have been mixed; nothing was written under its name: run again to get the new version",

@@ -174,12 +174,18 @@ impl Run {
                 return Err(Failed {
                     summary: tally.summary.timed(self.started),
                     error,
+                    reported: false,
                 });
             }
         }
         tally
             .finish(self.started)
-            .map_err(|(summary, error)| Failed { summary, error })
+            .map_err(|(summary, error)| Failed {
+                summary,
+                error,
+                // Each failed file went to `Progress::file_failed` as it failed.
+                reported: true,
+            })
     }
 }
 
@@ -278,6 +284,9 @@ impl Summary {
 pub struct Failed {
     pub summary: Summary,
     pub error: Error,
+    /// The failed files were each reported to the run's progress already (a terminal has
+    /// seen them; the error sums them up).
+    pub reported: bool,
 }
 
 pub type Result<T, E = Failed> = std::result::Result<T, E>;
@@ -287,6 +296,7 @@ impl From<Error> for Failed {
         Failed {
             summary: Summary::default(),
             error,
+            reported: false,
         }
     }
 }
