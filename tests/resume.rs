@@ -294,8 +294,7 @@ async fn a_cut_mid_body_resumes_the_range_and_progress_never_passes_the_total() 
     let err = stderr(&out);
     let last = err
         .lines()
-        .filter(|l| l.starts_with("progress: "))
-        .last()
+        .rfind(|l| l.starts_with("progress: "))
         .unwrap_or_default();
     let (done, total) = last
         .trim_start_matches("progress: ")
