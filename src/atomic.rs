@@ -66,7 +66,17 @@ impl TempFile {
         let parent = parent_of(target)?;
         std::fs::create_dir_all(parent)?;
         let tmp = parent.join(resumable_name(key));
-        let file = open(&tmp, false)?;
+        // The name is predictable: never through a link someone planted under it.
+        let file = match open(&tmp, false) {
+            Ok(file) if file.metadata()?.is_file() => file,
+            Ok(_) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // Without locks, two runs could share it: only a fresh file of our own is safe.
+        if let Lock::Unsupported = try_lock(&file)? {
+            return Ok(None);
+        }
         Ok(lock(&tmp, &file)?.map(|lock| (TempFile::new(tmp, target, true, lock), file)))
     }
 
@@ -143,14 +153,17 @@ fn journal_of(tmp: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Opens a temporary file for reading (downloads hash what they wrote) and writing.
+/// Opens a temporary file for reading (downloads hash what they wrote) and writing, never
+/// through a symbolic link.
 fn open(path: &Path, create_new: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(create_new)
         .create(!create_new)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
 }
 

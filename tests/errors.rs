@@ -545,6 +545,28 @@ async fn read_only_sas_cannot_upload_and_says_which_permission_is_missing() {
     assert_exit(&down, 0);
 }
 
+/// The controller gives upload-only references a SAS without read (`cwl`): a large upload,
+/// which asks for the blocks an earlier run staged, still works with it (without resuming).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_only_sas_uploads_large_files() {
+    let f = Fixture::new().await;
+    write_tree(&f.path("src"), &[("big.bin", bytes(20 * 1024 * 1024, 3))]);
+    let token = sas(
+        &f.container,
+        Permissions {
+            create: true,
+            write: true,
+            list: true,
+            ..Default::default()
+        },
+    );
+    f.write_datastores(&f.container, &endpoint(), &format!("sasToken: \"{token}\""));
+    let up = f.cli(&upload_args(f.path("src").to_str().unwrap()));
+    assert_exit(&up, 0);
+    let listed = f.client.list("").await.unwrap();
+    assert_eq!((listed.len(), listed[0].size), (1, 20 * 1024 * 1024));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_string_works_without_an_endpoint_in_the_spec() {
     let f = Fixture::new().await;

@@ -303,3 +303,61 @@ async fn a_cut_mid_body_resumes_the_range_and_progress_never_passes_the_total() 
         .unwrap_or_else(|| panic!("a progress line in {err}"));
     assert_eq!(done, total, "{err}");
 }
+
+/// The resumable file's name is predictable from the listing: a link planted under it is
+/// never followed (the download uses a fresh file instead), so nothing outside is touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_link_planted_under_the_resumable_name_is_not_followed() {
+    use sha2::Digest;
+    let f = Fixture::new().await;
+    let data = bytes(3 * MIB as usize, 93);
+    write_tree(&f.path("src"), &[("big.bin", data.clone())]);
+    let up = f.cli(&[
+        "upload",
+        "--datastore",
+        "blob",
+        "--src-dir",
+        f.path("src").to_str().unwrap(),
+    ]);
+    assert_exit(&up, 0);
+    let meta = f.client.list("").await.unwrap().remove(0);
+    let etag = meta.etag.unwrap();
+    let key: String = sha2::Sha256::digest(format!("big.bin\0{etag}\0{}", meta.size))[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let target = f.path("out");
+    std::fs::create_dir_all(&target).unwrap();
+    let victim = f.path("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let planted = target.join(format!(".datastore-partial-{key}"));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    std::os::unix::fs::symlink(
+        &victim,
+        target.join(format!(".datastore-partial-{key}.journal")),
+    )
+    .unwrap();
+
+    let out = f.cli(&[
+        "download",
+        "--datastore",
+        "blob",
+        "--target-path",
+        target.to_str().unwrap(),
+    ]);
+    assert_exit(&out, 0);
+    assert!(
+        std::fs::read(&victim).unwrap() == b"keep me",
+        "the file the link points to is untouched"
+    );
+    assert!(std::fs::read(target.join("big.bin")).unwrap() == data);
+    assert!(
+        !target
+            .join("big.bin")
+            .symlink_metadata()
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the target is a file, not the planted link"
+    );
+}

@@ -305,7 +305,8 @@ impl BlobClient {
     }
 
     /// Get Block List: the staged, uncommitted blocks of `name` (ID and size), which an
-    /// interrupted upload left; none when there is no such blob.
+    /// interrupted upload left; none when there is no such blob, or when the credentials may
+    /// not read (an upload-only SAS): the upload then sends every block.
     pub async fn uncommitted_blocks(&self, name: &str) -> Result<Vec<(String, u64)>> {
         let query = vec![q("comp", "blocklist"), q("blocklisttype", "uncommitted")];
         let resp = match self
@@ -320,7 +321,7 @@ impl BlobClient {
         {
             Ok(resp) => resp,
             Err(Failure::Status {
-                status: StatusCode::NOT_FOUND,
+                status: StatusCode::NOT_FOUND | StatusCode::FORBIDDEN,
                 ..
             }) => return Ok(Vec::new()),
             Err(f) => return Err(self.error(f, Some(name))),
@@ -399,14 +400,15 @@ impl BlobClient {
         };
         // After a retry, the blob that exists may be our own first attempt, committed before
         // its answer was lost: the same bytes mean it was created by us, not skipped.
-        if exists && attempts > 1 && self.content_md5(name).await? == Some(md5) {
+        if exists && attempts > 1 && self.content_md5(name).await == Some(md5) {
             return Ok(PutOutcome::Created);
         }
         Ok(PutOutcome::AlreadyExists)
     }
 
-    /// Get Blob Properties: the blob's Content-MD5, if it has one.
-    async fn content_md5(&self, name: &str) -> Result<Option<[u8; 16]>> {
+    /// Get Blob Properties: the blob's Content-MD5, if it has one and we may read it (an
+    /// upload-only SAS may not).
+    async fn content_md5(&self, name: &str) -> Option<[u8; 16]> {
         let resp = self
             .send(
                 Method::HEAD,
@@ -416,12 +418,9 @@ impl BlobClient {
                 &Body::Empty,
             )
             .await
-            .map_err(|f| self.error(f, Some(name)))?;
-        Ok(resp
-            .headers()
-            .get("content-md5")
-            .and_then(|v| B64.decode(v.as_bytes()).ok())
-            .and_then(|b| b.try_into().ok()))
+            .ok()?;
+        let value = resp.headers().get("content-md5")?;
+        B64.decode(value.as_bytes()).ok()?.try_into().ok()
     }
 
     /// GET a blob, or one range of it; with `if_match`, only the version with that ETag (a

@@ -588,6 +588,7 @@ async fn fetch_range(
     let name = &item.meta.name;
     let (_, end) = fetch.range;
     let mut offset = fetch.from;
+    let mut recorded = offset;
     // Hashed as written (not as received), so a retry from `offset` continues the same digest.
     let mut hasher = hash.then(md5::Md5::new);
     let mut attempt = 1;
@@ -615,8 +616,8 @@ async fn fetch_range(
                     if let Some(h) = hasher.as_mut() {
                         h.update(&data);
                     }
-                    let file = file.clone();
-                    tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
+                    let writer = file.clone();
+                    tokio::task::spawn_blocking(move || writer.write_all_at(&data, offset))
                         .await
                         .expect("writing does not panic")
                         .map_err(StreamError::Write)?;
@@ -624,9 +625,22 @@ async fn fetch_range(
                     written(offset);
                     run.progress.bytes(n);
                     // After the data, one short append: a killed run loses at most the batches
-                    // in flight.
+                    // in flight. A blob with a Content-MD5 is verified whole at the end, so a
+                    // crash that lost written pages is caught; without one, the journal must not
+                    // get ahead of the disk, so it records only synced bytes, now and then.
                     if let Some(j) = journal {
-                        j.record(fetch.index, offset).map_err(StreamError::Write)?;
+                        let checked = item.meta.md5.is_some();
+                        if checked || offset - recorded >= resume::SYNC_EVERY || offset == end {
+                            if !checked {
+                                let file = file.clone();
+                                tokio::task::spawn_blocking(move || file.sync_data())
+                                    .await
+                                    .expect("syncing does not panic")
+                                    .map_err(StreamError::Write)?;
+                            }
+                            j.record(fetch.index, offset).map_err(StreamError::Write)?;
+                            recorded = offset;
+                        }
                     }
                 }
                 if done {

@@ -16,6 +16,10 @@ use crate::store::ObjectMeta;
 
 const HEADER: &str = "datastore-resume 1";
 
+/// A blob without Content-MD5 records its progress only after syncing the data, this often
+/// per range: what a crash of the machine could lose is never taken as written.
+pub const SYNC_EVERY: u64 = 16 * 1024 * 1024;
+
 /// The name part of the resumable temporary file of this version of a blob, or `None` when
 /// the blob has no version to pin (local datastores).
 pub fn key(meta: &ObjectMeta) -> Option<String> {
@@ -40,11 +44,19 @@ impl Journal {
     /// the same size is taken up with its range size; anything else starts over with `range`
     /// (the data file is then emptied and sized).
     pub fn open(path: &Path, data: &File, size: u64, range: u64) -> io::Result<Journal> {
+        use std::os::unix::fs::OpenOptionsExt;
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file: remove it",
+                path.display()
+            )));
+        }
         let mut text = String::new();
         let earlier = file
             .read_to_string(&mut text)

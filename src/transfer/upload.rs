@@ -256,7 +256,11 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(boo
         let before = modified(&item.path).await.map_err(read_error)?;
         let hash = tokio::spawn(hash_file(item.path.clone(), item.size));
         let blocks = item.size.div_ceil(block_size) as usize;
-        let ids = &BlockIds::derived_from(&format!("{}\0{:?}\0{block_size}", item.name, before));
+        let ids = &BlockIds::derived_from(
+            &file_version(&item.path, block_size)
+                .await
+                .map_err(read_error)?,
+        );
         let staged: HashMap<String, u64> = {
             let _permit = run.permit().await;
             client
@@ -331,6 +335,26 @@ fn check_size(item: &Item, read: u64) -> Result<(), Error> {
         )));
     }
     Ok(())
+}
+
+/// What names this version of a file for block IDs: its name, identity (device and inode),
+/// size, modification time and change time (which no tool can set back, unlike the
+/// modification time `cp -p` or `touch -r` carry over), and the block size. Another file,
+/// or this one written again, gets other IDs: a re-run does not commit blocks of other bytes.
+async fn file_version(path: &Path, block_size: u64) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = tokio::fs::metadata(path).await?;
+    Ok(format!(
+        "{}\0{}:{}\0{}\0{}.{}\0{}.{}\0{block_size}",
+        path.display(),
+        m.dev(),
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
 }
 
 /// A file's size and modification time: what tells that it changed.
