@@ -56,11 +56,11 @@ fn partials(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_download_killed_at_90_percent_fetches_only_the_rest_when_run_again() {
+/// A fixture holding `big.bin` (`size` bytes from `seed`), and a cutting proxy in front of
+/// Azurite that its datastores file now points at.
+async fn blob_behind_a_proxy(size: u64, seed: u64) -> (Fixture, Vec<u8>, CutProxy) {
     let f = Fixture::new().await;
-    let size = 64 * MIB;
-    let data = bytes(size as usize, 90);
+    let data = bytes(size as usize, seed);
     write_tree(&f.path("src"), &[("big.bin", data.clone())]);
     let up = f.cli(&[
         "upload",
@@ -70,10 +70,22 @@ async fn a_download_killed_at_90_percent_fetches_only_the_rest_when_run_again() 
         f.path("src").to_str().unwrap(),
     ]);
     assert_exit(&up, 0);
+    let proxy = behind_a_proxy(&f).await;
+    (f, data, proxy)
+}
 
+/// A cutting proxy in front of Azurite, which the fixture's datastores file now points at.
+async fn behind_a_proxy(f: &Fixture) -> CutProxy {
     let proxy = CutProxy::start(azurite_port()).await;
     let endpoint = format!("http://127.0.0.1:{}/{ACCOUNT}", proxy.port);
     f.write_datastores(&f.container, &endpoint, &format!("accountKey: {KEY}"));
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_killed_at_90_percent_fetches_only_the_rest_when_run_again() {
+    let size = 64 * MIB;
+    let (f, data, proxy) = blob_behind_a_proxy(size, 90).await;
     let target = f.path("out");
     let download = ["download", "--target-path", target.to_str().unwrap()];
 
@@ -135,9 +147,7 @@ async fn an_upload_killed_at_90_percent_sends_only_the_missing_blocks_when_run_a
     let size = 96 * MIB;
     let data = bytes(size as usize, 91);
     write_tree(&f.path("src"), &[("big.bin", data.clone())]);
-    let proxy = CutProxy::start(azurite_port()).await;
-    let endpoint = format!("http://127.0.0.1:{}/{ACCOUNT}", proxy.port);
-    f.write_datastores(&f.container, &endpoint, &format!("accountKey: {KEY}"));
+    let proxy = behind_a_proxy(&f).await;
     let src = f.path("src");
     let upload = [
         "upload",
@@ -240,21 +250,8 @@ async fn leftovers_of_killed_runs_are_removed_but_not_a_file_another_run_is_writ
 /// and progress ends at the total, never past it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cut_mid_body_resumes_the_range_and_progress_never_passes_the_total() {
-    let f = Fixture::new().await;
     let size = 32 * MIB;
-    let data = bytes(size as usize, 92);
-    write_tree(&f.path("src"), &[("big.bin", data.clone())]);
-    let up = f.cli(&[
-        "upload",
-        "--datastore",
-        "blob",
-        "--src-dir",
-        f.path("src").to_str().unwrap(),
-    ]);
-    assert_exit(&up, 0);
-    let proxy = CutProxy::start(azurite_port()).await;
-    let endpoint = format!("http://127.0.0.1:{}/{ACCOUNT}", proxy.port);
-    f.write_datastores(&f.container, &endpoint, &format!("accountKey: {KEY}"));
+    let (f, data, proxy) = blob_behind_a_proxy(size, 92).await;
 
     proxy.cut_down_after(size / 2);
     let target = f.path("out");

@@ -23,20 +23,7 @@ async fn traversal_names_are_refused_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("deep/target");
-    let out = tokio::task::spawn_blocking(move || {
-        datastore(&[
-            "download",
-            "--datastores",
-            ds.to_str().unwrap(),
-            "--datastore",
-            "fake",
-            "--target-path",
-            target.to_str().unwrap(),
-            "--no-progress",
-        ])
-    })
-    .await
-    .unwrap();
+    let out = download_fake(ds, target, &[]).await;
     assert_exit(&out, 8);
     let err = stderr(&out);
     for name in [
@@ -61,6 +48,43 @@ async fn traversal_names_are_refused_and_nothing_is_written() {
         ["fake.yaml"],
         "not even the target directory is created"
     );
+}
+
+/// `datastore download` of the scripted datastore `fake` (from `ds`) into `target`.
+async fn download_fake(
+    ds: std::path::PathBuf,
+    target: std::path::PathBuf,
+    extra: &[&'static str],
+) -> std::process::Output {
+    with_fake("download", ds, "--target-path", target, extra).await
+}
+
+/// `datastore upload` of `src` to the scripted datastore `fake` (from `ds`).
+async fn upload_fake(
+    ds: std::path::PathBuf,
+    src: std::path::PathBuf,
+    extra: &[&'static str],
+) -> std::process::Output {
+    with_fake("upload", ds, "--src-dir", src, extra).await
+}
+
+async fn with_fake(
+    command: &'static str,
+    ds: std::path::PathBuf,
+    flag: &'static str,
+    dir: std::path::PathBuf,
+    extra: &[&'static str],
+) -> std::process::Output {
+    let extra = extra.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut args = vec![command, "--datastores", ds.to_str().unwrap()];
+        args.extend(["--datastore", "fake", flag, dir.to_str().unwrap()]);
+        args.extend(extra);
+        args.push("--no-progress");
+        datastore(&args)
+    })
+    .await
+    .unwrap()
 }
 
 fn walk(root: &std::path::Path) -> Vec<String> {
@@ -286,20 +310,7 @@ async fn throttling_is_retried_a_bounded_number_of_times() {
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("t");
     let (ds2, t2) = (ds.clone(), target.clone());
-    let ok = tokio::task::spawn_blocking(move || {
-        datastore(&[
-            "download",
-            "--datastores",
-            ds2.to_str().unwrap(),
-            "--datastore",
-            "fake",
-            "--target-path",
-            t2.to_str().unwrap(),
-            "--no-progress",
-        ])
-    })
-    .await
-    .unwrap();
+    let ok = download_fake(ds2, t2, &[]).await;
     assert_exit(&ok, 0);
     assert_eq!(server.requests().len(), 3);
 
@@ -313,20 +324,7 @@ async fn throttling_is_retried_a_bounded_number_of_times() {
     }))
     .await;
     let ds = fake_datastores(dir.path(), server.port);
-    let failed = tokio::task::spawn_blocking(move || {
-        datastore(&[
-            "download",
-            "--datastores",
-            ds.to_str().unwrap(),
-            "--datastore",
-            "fake",
-            "--target-path",
-            target.to_str().unwrap(),
-            "--no-progress",
-        ])
-    })
-    .await
-    .unwrap();
+    let failed = download_fake(ds, target, &[]).await;
     assert_exit(&failed, 9);
     assert!(
         stderr(&failed).contains("ServerBusy"),
@@ -483,20 +481,7 @@ async fn a_blob_named_like_a_folder_that_holds_data_is_refused_not_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("target");
-    let out = tokio::task::spawn_blocking(move || {
-        datastore(&[
-            "download",
-            "--datastores",
-            ds.to_str().unwrap(),
-            "--datastore",
-            "fake",
-            "--target-path",
-            target.to_str().unwrap(),
-            "--no-progress",
-        ])
-    })
-    .await
-    .unwrap();
+    let out = download_fake(ds, target, &[]).await;
     assert_exit(&out, 8);
     let err = stderr(&out);
     assert!(
@@ -549,22 +534,7 @@ async fn a_blob_replaced_between_its_ranges_fails_instead_of_mixing_versions() {
     let ds = fake_datastores(dir.path(), server.port);
     let target = dir.path().join("target");
     let t = target.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        datastore(&[
-            "download",
-            "--datastores",
-            ds.to_str().unwrap(),
-            "--datastore",
-            "fake",
-            "--target-path",
-            t.to_str().unwrap(),
-            "--concurrency",
-            "3",
-            "--no-progress",
-        ])
-    })
-    .await
-    .unwrap();
+    let out = download_fake(ds, t, &["--concurrency", "3"]).await;
     assert_exit(&out, 7);
     let err = stderr(&out);
     assert!(
@@ -667,20 +637,7 @@ async fn a_directory_link_inside_the_target_is_never_written_through() {
     std::fs::create_dir_all(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, target.join("sub")).unwrap();
     let t = target.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        datastore(&[
-            "download",
-            "--datastores",
-            ds.to_str().unwrap(),
-            "--datastore",
-            "fake",
-            "--target-path",
-            t.to_str().unwrap(),
-            "--no-progress",
-        ])
-    })
-    .await
-    .unwrap();
+    let out = download_fake(ds, t, &[]).await;
     assert_exit(&out, 8);
     let err = stderr(&out);
     assert!(
@@ -912,22 +869,7 @@ async fn a_retried_put_that_had_committed_counts_as_transferred_not_skipped() {
     let ds = fake_datastores(dir.path(), server.port);
     write_tree(&dir.path().join("src"), &[("x.txt", data)]);
     let src = dir.path().join("src");
-    let out = tokio::task::spawn_blocking(move || {
-        datastore(&[
-            "upload",
-            "--datastores",
-            ds.to_str().unwrap(),
-            "--datastore",
-            "fake",
-            "--src-dir",
-            src.to_str().unwrap(),
-            "--output",
-            "json",
-            "--no-progress",
-        ])
-    })
-    .await
-    .unwrap();
+    let out = upload_fake(ds, src, &["--output", "json"]).await;
     assert_exit(&out, 0);
     let s = summary(&out);
     assert_eq!(
@@ -961,21 +903,7 @@ async fn losing_a_race_of_two_overwriting_uploads_says_another_writer_replaced_t
         &[("big.bin", bytes(9 * 1024 * 1024, 5))],
     );
     let src = dir.path().join("src");
-    let out = tokio::task::spawn_blocking(move || {
-        datastore(&[
-            "upload",
-            "--datastores",
-            ds.to_str().unwrap(),
-            "--datastore",
-            "fake",
-            "--src-dir",
-            src.to_str().unwrap(),
-            "--overwrite",
-            "--no-progress",
-        ])
-    })
-    .await
-    .unwrap();
+    let out = upload_fake(ds, src, &["--overwrite"]).await;
     assert_exit(&out, 9);
     let err = stderr(&out);
     assert!(

@@ -442,7 +442,7 @@ impl BlobClient {
             }
             None => 0,
         };
-        self.send_sized(
+        self.send_counted(
             Method::GET,
             Some(name),
             Vec::new(),
@@ -451,6 +451,7 @@ impl BlobClient {
             len,
         )
         .await
+        .0
         .map_err(|f| self.error(f, Some(name)))
     }
 
@@ -478,26 +479,13 @@ impl BlobClient {
         body: &Body,
     ) -> Result<reqwest::Response, Failure> {
         let len = body.len();
-        self.send_sized(method, blob, query, headers, body, len)
-            .await
-    }
-
-    /// Sends with bounded retries and backoff; `len` sizes the timeout.
-    async fn send_sized(
-        &self,
-        method: Method,
-        blob: Option<&str>,
-        query: Vec<(String, String)>,
-        headers: HeaderMap,
-        body: &Body,
-        len: u64,
-    ) -> Result<reqwest::Response, Failure> {
         self.send_counted(method, blob, query, headers, body, len)
             .await
             .0
     }
 
-    /// [`Self::send_sized`], also saying how many attempts it took.
+    /// Sends with bounded retries and backoff (`len` sizes the timeout); also says how many
+    /// attempts it took.
     async fn send_counted(
         &self,
         method: Method,
