@@ -436,3 +436,35 @@ async fn a_failed_download_of_a_blob_without_md5_resumes_when_run_again() {
         "byte exact"
     );
 }
+
+/// An upload to a local datastore killed with -9 leaves its temporary file in the datastore's
+/// folder; the next upload there removes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn leftovers_in_a_local_datastore_are_removed_by_the_next_upload() {
+    let f = Fixture::new().await;
+    write_tree(&f.path("src"), &[("a.txt", b"a".to_vec())]);
+    let folder = f.path("localstore/up");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join(".datastore-partial-00000000deadbeef"),
+        vec![0; 1 << 20],
+    )
+    .unwrap();
+    let src = f.path("src");
+    let out = f.cli(&[
+        "upload",
+        "--datastore",
+        "local",
+        "--src-dir",
+        src.to_str().unwrap(),
+        "--target-path",
+        "up",
+    ]);
+    assert_exit(&out, 0);
+    assert_eq!(
+        partials(&folder),
+        Vec::<String>::new(),
+        "the leftover is gone"
+    );
+    assert_eq!(std::fs::read(folder.join("a.txt")).unwrap(), b"a");
+}

@@ -67,6 +67,9 @@ pub async fn upload(
         .into_iter()
         .partition(|f| !existing.contains_key(&f.name));
     let identical = count_identical(&skipped, &existing).await?;
+    if let Store::Local(dir) = store {
+        remove_stale_partials(dir, &todo).await;
+    }
 
     run.progress
         .start(todo.len() as u64, todo.iter().map(|f| f.size).sum());
@@ -79,6 +82,27 @@ pub async fn upload(
     summary.identical = identical;
     summary.ignored = ignored.len() as u64;
     Ok(summary)
+}
+
+/// Removes what killed uploads left in the local datastore's folders this run writes to.
+async fn remove_stale_partials(dir: &LocalDir, todo: &[Item]) {
+    let dirs: std::collections::HashSet<PathBuf> = todo
+        .iter()
+        .filter_map(|item| {
+            dir.path_of(&item.name)
+                .ok()?
+                .parent()
+                .map(Path::to_path_buf)
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let none = Default::default();
+        for dir in dirs {
+            crate::atomic::remove_stale(&dir, &none);
+        }
+    })
+    .await
+    .expect("removing leftovers does not panic");
 }
 
 /// Names what the upload leaves out because it holds no file (the first few, then a count).
