@@ -379,15 +379,9 @@ async fn a_failed_download_of_a_blob_without_md5_resumes_when_run_again() {
         if request.target.contains("comp=list") {
             return (200, vec![], listing.clone());
         }
-        let range = request.header("x-ms-range").expect("ranged reads");
-        let (start, end) = range
-            .trim_start_matches("bytes=")
-            .split_once('-')
-            .map(|(s, e)| (s.parse::<usize>().unwrap(), e.parse::<usize>().unwrap() + 1))
-            .unwrap();
+        let (start, end) = request.range();
         if b.load(Ordering::SeqCst) && start >= 16 * MIB as usize {
-            let busy = ("x-ms-error-code".to_string(), "InternalError".to_string());
-            return (500, vec![busy], vec![]);
+            return (500, error_code("InternalError"), vec![]);
         }
         s.lock().unwrap().push(end - start);
         (206, vec![], d[start..end].to_vec())

@@ -515,17 +515,9 @@ async fn a_blob_replaced_between_its_ranges_fails_instead_of_mixing_versions() {
         if let Some(wanted) = request.header("If-Match")
             && wanted != format!("\"v{now}\"")
         {
-            let error = ("x-ms-error-code".to_string(), "ConditionNotMet".to_string());
-            return (412, vec![error], vec![]);
+            return (412, error_code("ConditionNotMet"), vec![]);
         }
-        let range = request
-            .header("x-ms-range")
-            .expect("large blobs are read in ranges");
-        let (start, end) = range
-            .trim_start_matches("bytes=")
-            .split_once('-')
-            .map(|(s, e)| (s.parse::<usize>().unwrap(), e.parse::<usize>().unwrap() + 1))
-            .unwrap();
+        let (start, end) = request.range();
         let etag = ("ETag".to_string(), format!("\"v{now}\""));
         (206, vec![etag], versions[now][start..end].to_vec())
     }))
@@ -854,14 +846,13 @@ async fn a_retried_put_that_had_committed_counts_as_transferred_not_skipped() {
     let ours = base64::engine::general_purpose::STANDARD.encode(md5(&data));
     let puts = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let server = FakeServer::start(Arc::new(move |request: &Request| {
-        let error = |code: &str| vec![("x-ms-error-code".to_string(), code.to_string())];
         match request.method.as_str() {
             "GET" => (200, vec![], listing_xml(&[])),
             "HEAD" => (200, vec![("Content-MD5".to_string(), ours.clone())], vec![]),
             _ if puts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 => {
-                (500, error("OperationTimedOut"), vec![])
+                (500, error_code("OperationTimedOut"), vec![])
             }
-            _ => (409, error("BlobAlreadyExists"), vec![]),
+            _ => (409, error_code("BlobAlreadyExists"), vec![]),
         }
     }))
     .await;
@@ -884,11 +875,10 @@ async fn a_retried_put_that_had_committed_counts_as_transferred_not_skipped() {
 #[tokio::test(flavor = "multi_thread")]
 async fn losing_a_race_of_two_overwriting_uploads_says_another_writer_replaced_the_blob() {
     let server = FakeServer::start(Arc::new(|request: &Request| {
-        let error = |code: &str| vec![("x-ms-error-code".to_string(), code.to_string())];
         if request.target.contains("comp=blocklist") && request.method == "PUT" {
-            (400, error("InvalidBlockList"), vec![])
+            (400, error_code("InvalidBlockList"), vec![])
         } else if request.target.contains("comp=blocklist") {
-            (404, error("BlobNotFound"), vec![])
+            (404, error_code("BlobNotFound"), vec![])
         } else if request.method == "GET" {
             (200, vec![], listing_xml(&[]))
         } else {

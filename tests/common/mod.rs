@@ -303,6 +303,16 @@ pub struct Request {
 }
 
 impl Request {
+    /// The byte range `start..end` of a ranged read (`x-ms-range: bytes=a-b`).
+    pub fn range(&self) -> (usize, usize) {
+        let range = self.header("x-ms-range").expect("a ranged read");
+        range
+            .trim_start_matches("bytes=")
+            .split_once('-')
+            .map(|(s, e)| (s.parse::<usize>().unwrap(), e.parse::<usize>().unwrap() + 1))
+            .expect("bytes=a-b")
+    }
+
     /// The value of header `name` (case-insensitive), if sent.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -420,6 +430,11 @@ impl FakeServer {
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
     }
+}
+
+/// The headers of a service error answer with this `x-ms-error-code`.
+pub fn error_code(code: &str) -> Vec<(String, String)> {
+    vec![("x-ms-error-code".to_string(), code.to_string())]
 }
 
 /// A List Blobs response body for `(name, size, encoded)` entries.
