@@ -7,9 +7,8 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt, stream};
-use md5::Digest;
 
-use super::hash::{OrderedHasher, md5_of};
+use super::hash::md5_of;
 use super::resume::{self, Journal};
 use super::{Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, md5_hex};
 use crate::atomic::{Commit, TempFile};
@@ -394,7 +393,14 @@ async fn download_blob(
         return Ok((commit, 0));
     }
 
-    let range = run.options.block_size_for(size).max(size.div_ceil(split));
+    // Split: block-sized ranges fetched in order, `split` at a time, so the in-order prefix the
+    // hasher follows grows with the download instead of waiting for the first of a few huge
+    // ranges. Not split: one stream, hashed as it arrives.
+    let range = if split > 1 {
+        run.options.block_size_for(size)
+    } else {
+        size
+    };
     let key = resume::key(&item.meta);
     let (tmp, file, journal) = tokio::task::spawn_blocking(move || {
         // A version we can pin resumes an earlier run's bytes, unless another run holds them.
@@ -412,7 +418,7 @@ async fn download_blob(
     .expect("creating a file does not panic")
     .map_err(|e| Error::local("create", &item.path, e))?;
 
-    let fetched = fetch_large(run, client, item, &file, journal, range).await;
+    let fetched = fetch_large(run, client, item, &file, journal, range, split as usize).await;
     drop(file);
     let resumed = match fetched {
         Ok(resumed) => resumed,
@@ -441,6 +447,7 @@ async fn fetch_large(
     file: &Arc<File>,
     journal: Option<Journal>,
     range: u64,
+    streams: usize,
 ) -> Result<u64, Error> {
     let size = item.meta.size;
     let range = journal.as_ref().map_or(range, |j| j.range);
@@ -458,70 +465,47 @@ async fn fetch_large(
         tracing::info!(blob = %paths::display_name(&item.meta.name), resumed, "resuming an interrupted download");
         run.progress.bytes(resumed);
     }
-    let md5 = if ranges.len() == 1 && resumed == 0 {
-        // One stream in order: hash as the bytes go by.
-        let _permit = run.permit().await;
-        let fetch = Fetch {
-            index: 0,
-            range: ranges[0],
-            from: 0,
-        };
-        fetch_range(
-            run,
-            client,
-            item,
-            fetch,
-            file,
-            journal.as_ref(),
-            true,
-            &|_| {},
-        )
-        .await?
-    } else {
-        // Ranges arrive in parallel; the hasher follows the complete prefix of the file as
-        // each range is written (resumed bytes included), so verification overlaps the
-        // download.
-        let hasher = item
-            .meta
-            .md5
-            .map(|_| OrderedHasher::spawn(file.clone(), ranges.clone()));
-        if let Some(h) = &hasher {
-            for (i, &f) in from.iter().enumerate() {
-                h.written(i, f);
+    // Ranges arrive in parallel; the hasher follows the complete prefix of the file as each
+    // range is written (resumed bytes included), so verification overlaps the download.
+    let hasher = item
+        .meta
+        .md5
+        .map(|_| run.hashers.track(file.clone(), ranges.clone()));
+    if let Some(h) = &hasher {
+        for (i, &f) in from.iter().enumerate() {
+            h.written(i, f);
+        }
+    }
+    let todo: Vec<Fetch> = ranges
+        .iter()
+        .zip(&from)
+        .enumerate()
+        .map(|(index, (&range, &from))| Fetch { index, range, from })
+        .filter(|f| f.from < f.range.1)
+        .collect();
+    stream::iter(todo)
+        .map(|fetch| {
+            let (journal, hasher) = (journal.as_ref(), &hasher);
+            async move {
+                let _permit = run.permit().await;
+                let written = |upto| {
+                    if let Some(h) = hasher {
+                        h.written(fetch.index, upto)
+                    }
+                };
+                fetch_range(run, client, item, fetch, file, journal, &written).await
             }
-        }
-        let todo: Vec<Fetch> = ranges
-            .iter()
-            .zip(&from)
-            .enumerate()
-            .map(|(index, (&range, &from))| Fetch { index, range, from })
-            .filter(|f| f.from < f.range.1)
-            .collect();
-        let n = todo.len().max(1);
-        stream::iter(todo)
-            .map(|fetch| {
-                let (journal, hasher) = (journal.as_ref(), &hasher);
-                async move {
-                    let _permit = run.permit().await;
-                    let written = |upto| {
-                        if let Some(h) = hasher {
-                            h.written(fetch.index, upto)
-                        }
-                    };
-                    fetch_range(run, client, item, fetch, file, journal, false, &written).await
-                }
-            })
-            .buffer_unordered(n)
-            .try_collect::<Vec<_>>()
-            .await?;
-        match hasher {
-            Some(h) => Some(
-                h.finish()
-                    .await
-                    .map_err(|e| Error::local("read back", &item.path, e))?,
-            ),
-            None => None,
-        }
+        })
+        .buffer_unordered(streams.max(1))
+        .try_collect::<Vec<_>>()
+        .await?;
+    let md5 = match hasher {
+        Some(h) => Some(
+            h.finish()
+                .await
+                .map_err(|e| Error::local("read back", &item.path, e))?,
+        ),
+        None => None,
     };
     if let Some(md5) = md5 {
         verify(item, md5)?;
@@ -572,8 +556,7 @@ async fn fetch_small(client: &BlobClient, item: &Item) -> Result<Bytes, Error> {
 
 /// Streams one range of the blob into the file at its offsets. A connection broken mid-body
 /// is retried from the last byte written, a bounded number of times; progress is recorded in
-/// the journal as it goes. Returns the MD5 of the range when asked to hash (only for a range
-/// fetched whole, from its start).
+/// the journal as it goes.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_range(
     run: &Run,
@@ -582,15 +565,12 @@ async fn fetch_range(
     fetch: Fetch,
     file: &Arc<File>,
     journal: Option<&Journal>,
-    hash: bool,
     written: &(dyn Fn(u64) + Sync),
-) -> Result<Option<[u8; 16]>, Error> {
+) -> Result<(), Error> {
     let name = &item.meta.name;
     let (_, end) = fetch.range;
     let mut offset = fetch.from;
     let mut recorded = offset;
-    // Hashed as written (not as received), so a retry from `offset` continues the same digest.
-    let mut hasher = hash.then(md5::Md5::new);
     let mut attempt = 1;
     loop {
         // The explicit range (never the whole blob) sizes the request's timeout to the payload.
@@ -612,9 +592,6 @@ async fn fetch_range(
                     let n = data.len() as u64;
                     if offset + n > end {
                         return Err(StreamError::TooLong);
-                    }
-                    if let Some(h) = hasher.as_mut() {
-                        h.update(&data);
                     }
                     let writer = file.clone();
                     tokio::task::spawn_blocking(move || writer.write_all_at(&data, offset))
@@ -652,7 +629,7 @@ async fn fetch_range(
         match streamed {
             Ok(()) => {
                 check_len(item, offset - fetch.range.0, end - fetch.range.0)?;
-                return Ok(hasher.map(|h| h.finalize().into()));
+                return Ok(());
             }
             Err(StreamError::Body(e)) if attempt < client.max_attempts() => {
                 tracing::debug!(blob = %paths::display_name(name), error = %e, attempt, offset, "download interrupted; retrying from the last byte written");

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{StreamExt, stream};
+use hash::Hashers;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -136,6 +137,8 @@ struct Run {
     permits: Arc<Semaphore>,
     options: Options,
     progress: Arc<dyn Progress>,
+    /// Hashes every file of the run on one thread, several at once.
+    hashers: Hashers,
     started: Instant,
 }
 
@@ -145,6 +148,7 @@ impl Run {
             permits: Arc::new(Semaphore::new(options.concurrency.max(1))),
             options,
             progress,
+            hashers: Hashers::default(),
             started: Instant::now(),
         }
     }

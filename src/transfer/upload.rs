@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt, stream};
 
-use super::hash::{hash_file, md5_of};
+use super::hash::{self, Hashers, md5_of};
 use super::{Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary};
 use crate::atomic::Commit;
 use crate::error::Error;
@@ -66,7 +66,7 @@ pub async fn upload(
     let (todo, skipped): (Vec<Item>, Vec<Item>) = files
         .into_iter()
         .partition(|f| !existing.contains_key(&f.name));
-    let identical = count_identical(&skipped, &existing).await?;
+    let identical = count_identical(&run.hashers, &skipped, &existing).await?;
     if let Store::Local(dir) = store {
         remove_stale_partials(dir, &todo).await;
     }
@@ -123,6 +123,7 @@ fn warn_ignored(ignored: &[(PathBuf, &'static str)]) {
 /// Content-MD5 equal to the file's (a blob without one counts as different). Only files whose
 /// name exists are hashed, so a first upload pays nothing.
 async fn count_identical(
+    hashers: &Hashers,
     skipped: &[Item],
     existing: &HashMap<String, ObjectMeta>,
 ) -> Result<u64, Error> {
@@ -133,12 +134,14 @@ async fn count_identical(
     });
     let same: Vec<bool> = stream::iter(candidates)
         .map(|(item, md5)| async move {
-            hash_file(item.path.clone(), item.size)
+            hashers
+                .hash_file(item.path.clone(), item.size)
                 .await
                 .map(|local| local == md5)
                 .map_err(|e| Error::local("read", &item.path, e))
         })
-        .buffer_unordered(4)
+        // Enough files at once to fill the hasher's lanes.
+        .buffer_unordered(hash::LANES)
         .try_collect()
         .await?;
     Ok(same.into_iter().filter(|same| *same).count() as u64)
@@ -263,7 +266,9 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(boo
             .await?
     } else if one_request {
         // Put Blob needs the MD5 before the body: hash first, then stream the file.
-        let md5 = hash_file(item.path.clone(), item.size)
+        let md5 = run
+            .hashers
+            .hash_file(item.path.clone(), item.size)
             .await
             .map_err(read_error)?;
         let _permit = run.permit().await;
@@ -278,7 +283,11 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(boo
         // the whole file for the blob's Content-MD5. Their IDs derive from this version of the
         // file, so blocks an interrupted run staged are recognised and not sent again.
         let before = modified(&item.path).await.map_err(read_error)?;
-        let hash = tokio::spawn(hash_file(item.path.clone(), item.size));
+        let hash = tokio::spawn({
+            let hashers = run.hashers.clone();
+            let (path, size) = (item.path.clone(), item.size);
+            async move { hashers.hash_file(path, size).await }
+        });
         let blocks = item.size.div_ceil(block_size) as usize;
         let ids = &BlockIds::derived_from(
             &file_version(&item.path, block_size)
