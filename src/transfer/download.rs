@@ -587,17 +587,22 @@ async fn fetch_range(
                 }
                 let done = chunk.is_none();
                 if (batch.len() >= WRITE_BATCH || done) && !batch.is_empty() {
-                    let data = std::mem::replace(&mut batch, BytesMut::with_capacity(WRITE_BATCH))
-                        .freeze();
-                    let n = data.len() as u64;
+                    let n = batch.len() as u64;
                     if offset + n > end {
                         return Err(StreamError::TooLong);
                     }
-                    let writer = file.clone();
-                    tokio::task::spawn_blocking(move || writer.write_all_at(&data, offset))
-                        .await
-                        .expect("writing does not panic")
-                        .map_err(StreamError::Write)?;
+                    // The buffer goes to the writing thread and comes back for the next batch:
+                    // no allocation (nor fresh pages to fault in) per batch.
+                    let (writer, data) = (file.clone(), std::mem::take(&mut batch));
+                    let (data, wrote) = tokio::task::spawn_blocking(move || {
+                        let wrote = writer.write_all_at(&data, offset);
+                        (data, wrote)
+                    })
+                    .await
+                    .expect("writing does not panic");
+                    wrote.map_err(StreamError::Write)?;
+                    batch = data;
+                    batch.clear();
                     offset += n;
                     written(offset);
                     run.progress.bytes(n);
