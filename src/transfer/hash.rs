@@ -24,6 +24,8 @@ use tokio::sync::oneshot;
 const STEP: usize = 256 * 1024;
 /// Files hashed together in one step.
 pub const LANES: usize = 8;
+/// How far a file's hashing may fall behind its writing while the thread waits to fill lanes.
+const BACKLOG: u64 = 16 * 1024 * 1024;
 
 pub fn md5_of(data: &[u8]) -> [u8; 16] {
     md5::digest(data)
@@ -194,6 +196,11 @@ impl Job {
         self.ranges.last().map_or(0, |&(_, end)| end)
     }
 
+    /// Bytes written and not yet hashed.
+    fn backlog(&mut self) -> u64 {
+        self.prefix() - self.pos
+    }
+
     /// The handle is gone without finishing: the transfer gave up.
     fn abandoned(&self) -> bool {
         Arc::strong_count(&self.shared) == 1 && !self.shared.finishing.load(Ordering::Acquire)
@@ -262,22 +269,23 @@ fn run_worker(rx: mpsc::Receiver<Msg>, lanes: bool) {
     let mut jobs: Vec<Job> = Vec::new();
     let mut buffers: Vec<Vec<u8>> = (0..width).map(|_| vec![0u8; STEP]).collect();
     loop {
-        // Take what arrived; sleep only when no file has anything to hash.
-        let idle = !jobs.iter_mut().any(|j| j.ready() > 0);
-        let first = if idle {
+        // Sleep until a step is worth taking, then take what arrived.
+        if !worth_a_step(&mut jobs, width) {
             match rx.recv() {
-                Ok(msg) => Some(msg),
+                Ok(Msg::Track(job)) => jobs.push(*job),
+                Ok(Msg::Wake) => {}
                 Err(_) => return,
             }
-        } else {
-            None
-        };
-        for msg in first.into_iter().chain(rx.try_iter()) {
+        }
+        for msg in rx.try_iter() {
             if let Msg::Track(job) = msg {
                 jobs.push(*job);
             }
         }
         jobs.retain_mut(|j| !j.abandoned() && !j.try_finish());
+        if !worth_a_step(&mut jobs, width) {
+            continue;
+        }
 
         // Round robin: the files served this step go to the back of the line.
         let mut picked = Vec::with_capacity(width);
@@ -304,6 +312,26 @@ fn run_worker(rx: mpsc::Receiver<Msg>, lanes: bool) {
         rotate_to_back(&mut jobs, &served);
         jobs.retain_mut(|j| j.done.is_some() && !j.try_finish());
     }
+}
+
+/// Whether to hash now. With lanes and several files, wait until enough of them have a full
+/// step ready to fill the lanes: hashing whatever one file has as soon as it lands would run
+/// the scalar code most of the time. Waiting costs no memory (the bytes are in the file) and
+/// ends when a file is finishing or one falls [`BACKLOG`] behind.
+fn worth_a_step(jobs: &mut [Job], width: usize) -> bool {
+    let mut full = 0;
+    for job in jobs.iter_mut() {
+        let ready = job.ready();
+        if ready > 0 && (job.shared.finishing.load(Ordering::Acquire) || job.backlog() >= BACKLOG) {
+            return true;
+        }
+        full += usize::from(ready == STEP);
+    }
+    let wanted = jobs.len().min(width);
+    if wanted <= 1 {
+        return jobs.iter_mut().any(|j| j.ready() > 0);
+    }
+    full >= wanted
 }
 
 /// Hashes `picked` (job index, bytes) out of the lane buffers: lanes of AVX2 when two or more
@@ -487,6 +515,40 @@ mod tests {
             md5::compress_all(e, &lanes[l]);
         }
         assert_eq!(states, expected);
+    }
+
+    /// With lanes, one file's fresh bytes alone do not start a step (it would run scalar)
+    /// until a full set of files has a step ready, a file is finishing or one falls behind.
+    #[test]
+    fn steps_wait_to_fill_the_lanes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file_of(dir.path(), "f", &data(64, 1));
+        let job = |written: u64| Job {
+            file: Arc::new(File::open(&path).unwrap()),
+            ranges: vec![(0, 1 << 30)],
+            shared: Arc::new(Shared {
+                written: vec![AtomicU64::new(written)].into(),
+                finishing: AtomicBool::new(false),
+            }),
+            done: None,
+            current: 0,
+            pos: 0,
+            state: md5::INIT,
+        };
+        let step = STEP as u64;
+        let mut jobs = vec![job(step), job(100_000), job(0)];
+        assert!(!worth_a_step(&mut jobs, LANES), "one full file of three");
+        assert!(worth_a_step(&mut jobs, 1), "without lanes, anything ready");
+        jobs[1].shared.written[0].store(step, Ordering::Release);
+        jobs[2].shared.written[0].store(step + 5, Ordering::Release);
+        assert!(worth_a_step(&mut jobs, LANES), "every file has a step");
+        let mut jobs = vec![job(100_000), job(0)];
+        jobs[0].shared.finishing.store(true, Ordering::Release);
+        assert!(worth_a_step(&mut jobs, LANES), "a finishing file");
+        let mut jobs = vec![job(BACKLOG), job(0)];
+        assert!(worth_a_step(&mut jobs, LANES), "a file fallen behind");
+        let mut jobs = vec![job(64)];
+        assert!(worth_a_step(&mut jobs, LANES), "a file alone");
     }
 
     #[tokio::test]
