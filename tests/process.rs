@@ -43,6 +43,9 @@ enum Crds {
     /// Lists (empty but for `Fake::datastores`), watches that stay open, status patches
     /// accepted, and one Lease kept in memory.
     Installed,
+    /// Installed, but the controllers' first lists never answer (the readiness check's
+    /// `limit=1` lists do): their watch caches never fill.
+    StalledLists,
 }
 
 #[derive(Debug)]
@@ -119,6 +122,19 @@ async fn answer(fake: &Shared, request: Request<Incoming>) -> Response<Body> {
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
     let body = request.into_body().collect().await.unwrap().to_bytes();
+    let stalled = matches!(fake.lock().unwrap().crds, Crds::StalledLists)
+        && method == Method::GET
+        && path.starts_with("/apis/datastore.dev/")
+        && !query
+            .split('&')
+            .any(|q| q == "limit=1" || q == "watch=true");
+    if stalled {
+        fake.lock()
+            .unwrap()
+            .requests
+            .push(format!("{method} {path}?{query} (stalled)"));
+        return futures::future::pending().await;
+    }
     let mut fake = fake.lock().unwrap();
     fake.requests.push(format!("{method} {path}?{query}"));
     if let Err(why) = rbac::check(method.as_str(), &path, &query, OPERATOR_NS) {
@@ -141,7 +157,7 @@ async fn answer(fake: &Shared, request: Request<Incoming>) -> Response<Body> {
                     "experiments.datastore.dev is forbidden: User \"system:serviceaccount:x:y\" cannot list resource",
                 );
             }
-            Crds::Installed => {}
+            Crds::Installed | Crds::StalledLists => {}
         }
     }
     if path == LEASE || path == LEASES {
@@ -658,6 +674,41 @@ async fn without_leader_election_the_controllers_start_at_once_and_stop_on_sigte
     assert!(fake.refused.is_empty(), "{:?}", fake.refused);
     assert_eq!(count(&fake.requests, "GET /apis/coordination.k8s.io"), 0);
     assert!(fake.lease.is_none());
+}
+
+/// SIGTERM before the controllers' first lists are in (a leader elected a moment before, a slow
+/// apiserver): they stop at once, nothing having run, instead of waiting for lists that the
+/// stopped watches never finish.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigterm_before_the_first_lists_are_in_stops_at_once() {
+    let (port, fake) = fake_apiserver(Crds::StalledLists).await;
+    let mut controller = Controller::start(port, "replica-a", &["--leader-election=false"]);
+    let within = Duration::from_secs(15);
+    controller
+        .wait_for("/metrics", within, |_, body| {
+            has_line(body, "datastore_leader 1")
+        })
+        .await;
+    let deadline = Instant::now() + within;
+    while fake
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|r| r.ends_with("(stalled)"))
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < deadline, "the controllers did not list");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        controller.terminate(Duration::from_secs(5)).await.code(),
+        Some(0),
+        "{}",
+        controller.logs()
+    );
+    assert!(controller.logs().contains("controllers stopped"));
 }
 
 /// Two replicas: one leads, the other waits ready; SIGTERM to the leader releases the Lease and

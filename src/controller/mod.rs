@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use clap::Args;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -749,6 +749,7 @@ async fn run_experiments(ctx: Arc<Context>, shutdown: CancellationToken) {
         watcher::Config::default(),
     );
     let experiments = controller.store();
+    let cache = experiments.clone();
     ctx.metrics.watch_experiments(Some(experiments.clone()));
     let for_datastore = experiments.clone();
     controller
@@ -766,12 +767,13 @@ async fn run_experiments(ctx: Arc<Context>, shutdown: CancellationToken) {
             watcher::Config::default(),
             move |cds| referencing(&experiments, &cds.name_any(), None),
         )
-        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
             |exp, ctx| timed("experiment", ctx.clone(), experiment::reconcile(exp, ctx)),
             error_policy,
             ctx,
         )
+        .take_until(stopped_before_synced(shutdown, cache))
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "experiment controller");
@@ -785,38 +787,59 @@ async fn run_datastores(ctx: Arc<Context>, shutdown: CancellationToken) {
     let namespaced = Controller::new(
         Api::<Datastore>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-    .run(
-        |ds, ctx| {
-            timed(
-                "datastore",
-                ctx.clone(),
-                datastore::reconcile_datastore(ds, ctx),
-            )
-        },
-        error_policy,
-        ctx.clone(),
-    )
-    .for_each(|_| async {});
+    );
+    let cache = namespaced.store();
+    let namespaced = namespaced
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |ds, ctx| {
+                timed(
+                    "datastore",
+                    ctx.clone(),
+                    datastore::reconcile_datastore(ds, ctx),
+                )
+            },
+            error_policy,
+            ctx.clone(),
+        )
+        .take_until(stopped_before_synced(shutdown.clone(), cache))
+        .for_each(|_| async {});
     let cluster = Controller::new(
         Api::<ClusterDatastore>::all(client),
         watcher::Config::default(),
-    )
-    .graceful_shutdown_on(shutdown.cancelled_owned())
-    .run(
-        |cds, ctx| {
-            timed(
-                "clusterdatastore",
-                ctx.clone(),
-                datastore::reconcile_cluster_datastore(cds, ctx),
-            )
-        },
-        error_policy,
-        ctx,
-    )
-    .for_each(|_| async {});
+    );
+    let cache = cluster.store();
+    let cluster = cluster
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(
+            |cds, ctx| {
+                timed(
+                    "clusterdatastore",
+                    ctx.clone(),
+                    datastore::reconcile_cluster_datastore(cds, ctx),
+                )
+            },
+            error_policy,
+            ctx,
+        )
+        .take_until(stopped_before_synced(shutdown, cache))
+        .for_each(|_| async {});
     tokio::join!(namespaced, cluster);
+}
+
+/// Resolves when `stop` is cancelled before the controller's watch cache has its first list, and
+/// never otherwise. kube-runtime holds every reconcile until that list is in, and its graceful
+/// shutdown waits for them; but the shutdown also stops the watch, so the list never comes and the
+/// controller would wait forever. Before the list nothing has run, so ending at once loses nothing.
+async fn stopped_before_synced<K>(stop: CancellationToken, cache: Store<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    stop.cancelled().await;
+    if cache.wait_until_ready().now_or_never().is_some() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The Experiment a pod of one of our Jobs belongs to.
