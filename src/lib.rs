@@ -10,6 +10,8 @@ pub mod local;
 pub mod paths;
 pub mod plan;
 pub mod quantity;
+pub mod render;
+pub mod signal;
 pub mod store;
 pub mod transfer;
 pub mod yaml;

@@ -454,8 +454,10 @@ async fn upload_reports_what_it_kept_and_refuses_a_symlink_out_of_the_outputs_fo
         .collect();
     assert_eq!(names, ["outputs/latest.bin", "outputs/model.bin"]);
     let report = |path: &std::path::Path| {
-        datastore_operator::agent::UploadReport::parse(&std::fs::read_to_string(path).unwrap())
-            .expect("a success report")
+        datastore_operator::plan::contract::UploadReport::parse(
+            &std::fs::read_to_string(path).unwrap(),
+        )
+        .expect("a success report")
     };
     assert_eq!(
         (report(&report_path).uploaded, report(&report_path).skipped),

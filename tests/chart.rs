@@ -17,13 +17,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use datastore_operator::controller::build::{
+use datastore_operator::controller::rbac::{LEASE_NAME, RULES, Scope};
+use datastore_operator::render::{
     BLOB_CSI_DRIVER, DEFAULT_AGENT_CPU_LIMIT, DEFAULT_AGENT_CPU_REQUEST, DEFAULT_AGENT_IMAGE,
     DEFAULT_AGENT_MEMORY_LIMIT, DEFAULT_AGENT_MEMORY_REQUEST, DEFAULT_OUTPUTS_SIZE,
     DEFAULT_SIDECAR_CPU, DEFAULT_SIDECAR_MEMORY, DEFAULT_STAGING_SIZE, FILE_CSI_DRIVER,
     RUN_AS_USER,
 };
-use datastore_operator::controller::rbac::{LEASE_NAME, RULES, Scope};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, EnvVar, Service};
 use serde_json::{Value, json};

@@ -15,12 +15,12 @@ use datastore_operator::api::{
     ClusterDatastore, Datastore, Experiment, ExperimentSpec, ExperimentStatus, MountDriver,
     MountRecord, Phase,
 };
-use datastore_operator::controller::build::BuildContext;
 use datastore_operator::controller::datastore::{
     NOT_READY_RECHECK, READY_RECHECK, reconcile_cluster_datastore, reconcile_datastore,
 };
 use datastore_operator::controller::experiment::{ACTIVE_RECHECK, BLOCKED_RECHECK, reconcile};
 use datastore_operator::controller::{Context, referencing};
+use datastore_operator::render::BuildContext;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher;

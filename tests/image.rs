@@ -3,14 +3,14 @@
 
 mod common;
 
-use datastore_operator::controller::build::{IMAGE_BINARY, RUN_AS_USER};
+use datastore_operator::render::{IMAGE_BINARY, RUN_AS_USER};
 
 #[test]
 fn agent_containers_run_the_binary_where_the_image_has_it() {
     assert_eq!(
         common::image::binary_path(),
         IMAGE_BINARY,
-        "the Dockerfile copies the binary elsewhere than build::IMAGE_BINARY, which every agent container runs"
+        "the Dockerfile copies the binary elsewhere than render::IMAGE_BINARY, which every agent container runs"
     );
     assert_eq!(common::image::entrypoint(), [IMAGE_BINARY]);
     assert!(

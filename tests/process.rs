@@ -1017,8 +1017,8 @@ fn job_pods(job: &str, init: &[(&str, &str)], main: &[(&str, &str)]) -> apiserve
 #[tokio::test]
 async fn a_finished_experiment_counts_the_bytes_its_agents_moved() {
     use datastore_operator::api::{Experiment, ExperimentSpec, ExperimentStatus, Phase};
-    use datastore_operator::controller::build::BuildContext;
     use datastore_operator::controller::{Context, experiment};
+    use datastore_operator::render::BuildContext;
     let spec: ExperimentSpec = serde_saphyr::from_str(
         r#"
 image: python:3.12-slim

@@ -43,7 +43,9 @@ fn args(fx: &Fixture, experiment: PathBuf, wait: bool) -> SubmitArgs {
         code_datastore: None,
         datastores: Some(fx.datastores()),
         namespace: None,
-        operator_namespace: "datastore-operator".into(),
+        operator_namespace: datastore_operator::store::resolve::OperatorNamespace {
+            name: "datastore-operator".into(),
+        },
         wait,
         timeout: 30,
     }

@@ -22,10 +22,10 @@ use std::process::{Command, Output};
 
 use chrono::Utc;
 use common::*;
-use datastore_operator::agent::Report;
 use datastore_operator::api::Experiment;
-use datastore_operator::controller::build::{self, BuildContext, CREDENTIALS_DIR, Children};
+use datastore_operator::plan::contract::Report;
 use datastore_operator::plan::{self, CLUSTER, ENV_PREFIX, ExecutionPlan};
+use datastore_operator::render::{self, BuildContext, CREDENTIALS_DIR, Children};
 use datastore_operator::store::StoreConfig;
 use datastore_operator::store::azure::Body;
 use datastore_operator::store::resolve::{Catalog, Scope};
@@ -109,7 +109,7 @@ fn render(
     datastores: &BTreeMap<String, StoreConfig>,
 ) -> (ExecutionPlan, Children) {
     let plan = plan::plan(&exp.spec, datastores, CLUSTER).unwrap();
-    let children = build::build(
+    let children = render::build(
         exp,
         &plan,
         datastores,
@@ -630,7 +630,7 @@ fn assert_no_credentials(pod: &Pod, main: &Container, sig: &str) {
 fn credentials(children: &Children) -> (String, String) {
     let secret = children.credentials.as_ref().expect("a credentials Secret");
     assert!(secret.string_data.is_none(), "applied with data");
-    let data = datastore_operator::controller::build::secret_values(secret);
+    let data = datastore_operator::render::secret_values(secret);
     assert_eq!(
         data.keys().collect::<Vec<_>>(),
         ["datastores.yaml"],

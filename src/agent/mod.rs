@@ -14,17 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::Error;
-use crate::store::ObjectMeta;
+use crate::plan::contract::{REPORT_LIMIT, Report, UploadReport, truncate};
 use crate::store::Store;
-use crate::store::resolve::{Scope, Source};
+use crate::store::resolve::{OperatorNamespace, Scope, Source};
 use crate::transfer::{self, Failed, NoProgress, Options};
-
-/// Kubernetes keeps at most this many bytes of a termination message.
-pub const REPORT_LIMIT: usize = 4096;
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
@@ -145,21 +140,15 @@ pub struct DatastoreArgs {
         hide = true
     )]
     pub namespace: String,
-    /// Namespace holding ClusterDatastores' Secrets.
-    #[arg(
-        long,
-        env = "DATASTORE_OPERATOR_NAMESPACE",
-        default_value = "datastore-operator",
-        hide = true
-    )]
-    pub operator_namespace: String,
+    #[command(flatten)]
+    pub operator_namespace: OperatorNamespace,
 }
 
 impl DatastoreArgs {
     async fn store(&self) -> Result<Store, Error> {
         let scope = Scope {
             namespace: self.namespace.clone(),
-            operator_namespace: self.operator_namespace.clone(),
+            operator_namespace: self.operator_namespace.name.clone(),
         };
         let source = Source::File(self.datastores.clone());
         Store::open(&self.datastore, &source, &scope, self.concurrency as usize).await
@@ -173,92 +162,6 @@ impl DatastoreArgs {
             ..Options::default()
         }
     }
-}
-
-/// What a successful download saw, as the termination message: `{"files":N,"bytes":N,"digest":"sha256:<hex>"}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Report {
-    /// Files under the folder (those that were already there and skipped included).
-    pub files: u64,
-    /// Their total size.
-    pub bytes: u64,
-    /// `sha256:<hex>` over the sorted lines `<relative name>\t<size>\t<content-md5 hex or empty>\n`.
-    pub digest: String,
-}
-
-impl Report {
-    /// The report of a folder's listing (names relative to the folder).
-    pub fn of(blobs: &[ObjectMeta]) -> Report {
-        Report {
-            files: blobs.len() as u64,
-            bytes: blobs.iter().map(|b| b.size).sum(),
-            digest: digest(blobs),
-        }
-    }
-
-    /// Reads a termination message written by a successful download; `None` when the message
-    /// is something else (the error sentence of a failed one).
-    pub fn parse(message: &str) -> Option<Report> {
-        serde_json::from_str(message.trim()).ok()
-    }
-}
-
-/// What a successful upload did, as the termination message:
-/// `{"uploaded":N,"skipped":N,"identical":N,"bytes":N}`. `skipped` counts outputs whose blob
-/// existed with other contents and was kept (no `--overwrite`): the controller keeps the
-/// outputs volume then, so nothing is lost. `identical` counts those whose blob already held
-/// the same bytes (an upload retried after a partial attempt): nothing to keep for them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UploadReport {
-    pub uploaded: u64,
-    pub skipped: u64,
-    #[serde(default)]
-    pub identical: u64,
-    pub bytes: u64,
-}
-
-impl UploadReport {
-    pub fn parse(message: &str) -> Option<UploadReport> {
-        serde_json::from_str(message.trim()).ok()
-    }
-}
-
-/// `sha256:<hex>` over the sorted lines `<name>\t<size>\t<content-md5 hex or empty>\n`: a record
-/// of which data a run saw, the same whatever order the listing came in.
-pub fn digest(blobs: &[ObjectMeta]) -> String {
-    let mut lines: Vec<String> = blobs
-        .iter()
-        .map(|b| {
-            let md5 = b
-                .md5
-                .map(|m| m.iter().map(|x| format!("{x:02x}")).collect::<String>())
-                .unwrap_or_default();
-            format!("{}\t{}\t{md5}\n", b.name, b.size)
-        })
-        .collect();
-    lines.sort_unstable();
-    let mut hasher = Sha256::new();
-    for line in &lines {
-        hasher.update(line.as_bytes());
-    }
-    let hash: String = hasher
-        .finalize()
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect();
-    format!("sha256:{hash}")
-}
-
-/// `text` cut to at most `limit` bytes, on a character boundary.
-pub fn truncate(text: &str, limit: usize) -> &str {
-    if text.len() <= limit {
-        return text;
-    }
-    let mut end = limit;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 fn write_report(path: &Path, text: &str) -> Result<(), Error> {
@@ -329,7 +232,7 @@ async fn download(args: DownloadArgs) -> i32 {
             Err(failed)
         }
     };
-    crate::cli::report(crate::cli::Output::Json, result)
+    crate::transfer::report(crate::transfer::Output::Json, result)
 }
 
 async fn upload(args: UploadArgs) -> i32 {
@@ -361,7 +264,7 @@ async fn upload(args: UploadArgs) -> i32 {
                     tracing::error!(error = %e, "the outcome could not be reported");
                 }
             }
-            crate::cli::report(crate::cli::Output::Json, result)
+            crate::transfer::report(crate::transfer::Output::Json, result)
         }
         Err(Interrupted(signal)) => {
             let msg = format!(
@@ -386,67 +289,6 @@ struct Interrupted(i32);
 async fn interruptible<T>(work: impl Future<Output = T>) -> Result<T, Interrupted> {
     tokio::select! {
         result = work => Ok(result),
-        signal = crate::cli::interrupted() => Err(Interrupted(signal)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn blob(name: &str, size: u64, md5: Option<[u8; 16]>) -> ObjectMeta {
-        ObjectMeta {
-            name: name.into(),
-            size,
-            md5,
-            etag: None,
-        }
-    }
-
-    #[test]
-    fn digest_is_sha256_of_the_sorted_lines_whatever_the_order() {
-        let a = blob("a.txt", 5, Some([0xab; 16]));
-        let b = blob("sub/b.bin", 0, None);
-        let expected = {
-            let text = format!("a.txt\t5\t{}\nsub/b.bin\t0\t\n", "ab".repeat(16));
-            let hash = Sha256::digest(text.as_bytes());
-            format!(
-                "sha256:{}",
-                hash.iter().map(|x| format!("{x:02x}")).collect::<String>()
-            )
-        };
-        assert_eq!(digest(&[a.clone(), b.clone()]), expected);
-        assert_eq!(digest(&[b.clone(), a.clone()]), expected);
-        assert_ne!(digest(&[a.clone(), blob("sub/b.bin", 1, None)]), expected);
-        assert_ne!(digest(&[blob("a.txt", 5, Some([0xac; 16])), b]), expected);
-        assert_eq!(
-            digest(&[]),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-    }
-
-    #[test]
-    fn report_is_the_json_the_controller_reads() {
-        let report = Report::of(&[blob("a", 3, None), blob("b", 4, None)]);
-        assert_eq!((report.files, report.bytes), (2, 7));
-        let text = serde_json::to_string(&report).unwrap();
-        assert!(
-            text.starts_with(r#"{"files":2,"bytes":7,"digest":"sha256:"#),
-            "{text}"
-        );
-        assert!(text.len() < REPORT_LIMIT);
-        assert_eq!(Report::parse(&text), Some(report));
-        assert_eq!(Report::parse("cannot reach the storage"), None);
-    }
-
-    #[test]
-    fn truncation_keeps_whole_characters() {
-        assert_eq!(truncate("abc", 10), "abc");
-        assert_eq!(truncate("abcdef", 3), "abc");
-        // `é` is two bytes: cutting inside it drops it whole.
-        assert_eq!(truncate("aé", 2), "a");
-        let long = "ü".repeat(REPORT_LIMIT);
-        let cut = truncate(&long, REPORT_LIMIT);
-        assert!(cut.len() <= REPORT_LIMIT && cut.len() > REPORT_LIMIT - 2);
+        signal = crate::signal::interrupted() => Err(Interrupted(signal)),
     }
 }

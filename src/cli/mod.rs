@@ -2,7 +2,6 @@
 
 mod experiment_file;
 pub mod plan;
-pub(crate) mod progress;
 pub mod run;
 pub mod submit;
 
@@ -11,12 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::json;
 
 use crate::error::Error;
 use crate::store::Store;
-use crate::store::resolve::{Scope, Source};
-use crate::transfer::{self, Failed, Options, Summary};
+use crate::store::resolve::{OperatorNamespace, Scope, Source};
+use crate::transfer::{self, Failed, Options, Output, Summary};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -99,13 +97,8 @@ pub struct Common {
     /// Namespace of the Datastore (and its Secret).
     #[arg(short, long, env = "DATASTORE_NAMESPACE", default_value = "default")]
     pub namespace: String,
-    /// Namespace holding ClusterDatastores' Secrets.
-    #[arg(
-        long,
-        env = "DATASTORE_OPERATOR_NAMESPACE",
-        default_value = "datastore-operator"
-    )]
-    pub operator_namespace: String,
+    #[command(flatten)]
+    pub operator_namespace: OperatorNamespace,
     /// Replace what exists; without it existing blobs/files are skipped and counted.
     #[arg(long)]
     pub overwrite: bool,
@@ -124,12 +117,6 @@ pub struct Common {
     /// How the closing summary is printed.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Text,
-    Json,
 }
 
 impl Common {
@@ -151,7 +138,7 @@ impl Common {
     async fn store(&self) -> Result<Store, Error> {
         let scope = Scope {
             namespace: self.namespace.clone(),
-            operator_namespace: self.operator_namespace.clone(),
+            operator_namespace: self.operator_namespace.name.clone(),
         };
         let source = Source::pick(self.datastores.clone());
         Store::open(&self.datastore, &source, &scope, self.concurrency as usize).await
@@ -244,65 +231,18 @@ where
 {
     let store = match common.store().await {
         Ok(store) => store,
-        Err(error) => return report(common.output, Err(Failed::from(error))),
+        Err(error) => return transfer::report(common.output, Err(Failed::from(error))),
     };
-    let bar = Arc::new(progress::Bar::new(common.show_progress()));
+    let bar = Arc::new(transfer::Bar::new(common.show_progress()));
     let result = tokio::select! {
         result = run(store, bar.clone()) => result,
         // Dropping the transfer removes its temporary files: nothing partial is left.
-        signal = interrupted() => {
+        signal = crate::signal::interrupted() => {
             bar.finish();
             eprintln!("interrupted: no partial file was left under its final name; run the same command again to finish");
             return 128 + signal;
         }
     };
     bar.finish();
-    report(common.output, result)
-}
-
-/// Prints the closing summary (and error) of a transfer; returns the exit code.
-pub(crate) fn report(output: Output, result: transfer::Result<Summary>) -> i32 {
-    let (summary, error, reported) = match result {
-        Ok(summary) => (summary, None, false),
-        Err(Failed {
-            summary,
-            error,
-            reported,
-        }) => (summary, Some(error), reported),
-    };
-    match output {
-        Output::Text => {
-            match &error {
-                // Each failed file has its line above: do not print the same error again.
-                Some(_) if reported && summary.failed == 1 => {}
-                Some(_) if reported => {
-                    eprintln!(
-                        "error: {} files failed (each is reported above)",
-                        summary.failed
-                    )
-                }
-                Some(e) => eprintln!("error: {e}"),
-                None => {}
-            }
-            println!("{summary}");
-        }
-        Output::Json => {
-            let mut value = serde_json::to_value(&summary).expect("a summary serializes");
-            if let Some(e) = &error {
-                value["error"] = json!({ "reason": e.reason(), "message": e.to_string() });
-            }
-            println!("{value}");
-        }
-    }
-    error.map_or(0, |e| e.exit_code())
-}
-
-/// Waits for Ctrl-C (SIGINT) or SIGTERM (what Kubernetes sends a pod); returns the signal number.
-pub async fn interrupted() -> i32 {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => 2,
-        _ = term.recv() => 15,
-    }
+    transfer::report(common.output, result)
 }

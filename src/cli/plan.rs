@@ -8,9 +8,9 @@ use clap::Args;
 use kube::ResourceExt;
 
 use super::experiment_file::{ExperimentFile, resolve_datastores};
-use crate::controller::build::{self, MountEnvironment, to_yaml};
 use crate::error::{Error, Result};
 use crate::plan::{self, CLUSTER};
+use crate::render::{self, MountEnvironment, to_yaml};
 use crate::store::resolve::{Scope, Source};
 
 /// The uid the owner references carry when the Experiment file has none (it has none until the
@@ -55,7 +55,7 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
     }
     let scope = Scope {
         namespace: exp.namespace().unwrap_or_default(),
-        operator_namespace: args.operator.operator_namespace.clone(),
+        operator_namespace: args.operator.operator_namespace.name.clone(),
     };
     let source = Source::pick(args.datastores.clone());
     let datastores = resolve_datastores(&exp.spec, &source, &scope).await?;
@@ -68,9 +68,9 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
         namespace: scope.namespace.clone(),
         ..Default::default()
     };
-    let mounts = build::choose_drivers(&plan, &datastores, &ctx, &env)
+    let mounts = render::choose_drivers(&plan, &datastores, &ctx, &env)
         .map_err(|refusal| Error::Config(refusal.to_string()))?;
-    let children = build::build(&exp, &plan, &datastores, &ctx, &mounts, Utc::now())?;
+    let children = render::build(&exp, &plan, &datastores, &ctx, &mounts, Utc::now())?;
 
     let mut docs = Vec::new();
     docs.extend(children.credentials.as_ref().map(to_yaml));

@@ -9,7 +9,7 @@ use super::experiment_file::{ExperimentFile, resolve_datastores};
 use crate::api::ComputeTarget;
 use crate::error::{Error, Result};
 use crate::local::{self, LocalRun};
-use crate::store::resolve::{Scope, Source};
+use crate::store::resolve::{OperatorNamespace, Scope, Source};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -29,13 +29,8 @@ pub struct RunArgs {
     /// The namespace of the Experiment's Datastores [default: the file's, else `default`].
     #[arg(short, long)]
     pub namespace: Option<String>,
-    /// Namespace holding ClusterDatastores' Secrets.
-    #[arg(
-        long,
-        env = "DATASTORE_OPERATOR_NAMESPACE",
-        default_value = "datastore-operator"
-    )]
-    pub operator_namespace: String,
+    #[command(flatten)]
+    pub operator_namespace: OperatorNamespace,
     /// Requests in flight at most, per transfer.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=512))]
     pub concurrency: u16,
@@ -84,7 +79,7 @@ async fn setup(args: &RunArgs) -> Result<LocalRun> {
     }
     let scope = Scope {
         namespace: file.namespace(),
-        operator_namespace: args.operator_namespace.clone(),
+        operator_namespace: args.operator_namespace.name.clone(),
     };
     let source = Source::pick(args.datastores.clone());
     let datastores = resolve_datastores(&file.exp.spec, &source, &scope).await?;

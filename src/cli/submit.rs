@@ -20,7 +20,7 @@ use super::experiment_file::ExperimentFile;
 use crate::api::{CodeReference, ComputeTarget, Experiment, Phase};
 use crate::error::{Error, Result};
 use crate::store::Store;
-use crate::store::resolve::{Scope, Source};
+use crate::store::resolve::{OperatorNamespace, Scope, Source};
 use crate::transfer::{self, Options};
 
 /// Where snapshots live in the datastore: `snapshots/<sha256 hex>`.
@@ -52,13 +52,8 @@ pub struct SubmitArgs {
     /// The namespace [default: the file's, else the kubeconfig context's].
     #[arg(short, long)]
     pub namespace: Option<String>,
-    /// Namespace holding ClusterDatastores' Secrets.
-    #[arg(
-        long,
-        env = "DATASTORE_OPERATOR_NAMESPACE",
-        default_value = "datastore-operator"
-    )]
-    pub operator_namespace: String,
+    #[command(flatten)]
+    pub operator_namespace: OperatorNamespace,
     /// Follow the Experiment until it ends; exit 0 when it Succeeded, 1 when it Failed.
     #[arg(long)]
     pub wait: bool,
@@ -229,7 +224,7 @@ async fn snapshot(
     let path = format!("{SNAPSHOTS}/{}", digest.hex);
     let scope = Scope {
         namespace: file.namespace(),
-        operator_namespace: args.operator_namespace.clone(),
+        operator_namespace: args.operator_namespace.name.clone(),
     };
     let source = Source::pick(args.datastores.clone());
     let store = Store::open(&datastore, &source, &scope, 16).await?;

@@ -33,7 +33,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
-use super::build::{self, MANAGER, MountEnvironment};
 use super::progress::{self, Outcome, RunStep, Step};
 use super::{Context, ReconcileError};
 use crate::api::{
@@ -41,7 +40,8 @@ use crate::api::{
     UploadPolicy,
 };
 use crate::error::Error;
-use crate::plan::{self, CLUSTER, ExecutionPlan};
+use crate::plan::{self, CLUSTER, ExecutionPlan, contract};
+use crate::render::{self, MANAGER, MountEnvironment};
 use crate::store::StoreConfig;
 use crate::store::resolve::{self, Found, Scope};
 
@@ -76,7 +76,7 @@ pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action
     }
     let ns = exp.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    match jobs.get_opt(&build::run_job_name(&exp)).await? {
+    match jobs.get_opt(&render::run_job_name(&exp)).await? {
         Some(run) if !owned_by(&run, &exp) => {
             // Not ours: a leftover of a deleted Experiment of the same name that the garbage
             // collector has not removed yet, or someone else's Job. Never follow or adopt it.
@@ -100,7 +100,7 @@ pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action
                 "RunJobDeleted",
                 format!(
                     "Job {} was deleted before the experiment finished; create a new Experiment to run again",
-                    build::run_job_name(&exp)
+                    render::run_job_name(&exp)
                 ),
             );
             update(&exp, &ctx, step, Vec::new(), true).await?;
@@ -135,7 +135,7 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
             });
         }
     };
-    if let Err(e) = build::check_name(exp) {
+    if let Err(e) = render::check_name(exp) {
         let refusal = Step::refused(Phase::Failed, "NameTooLong", e.to_string());
         update(exp, ctx, refusal, Vec::new(), false).await?;
         return Ok(Action::await_change());
@@ -145,7 +145,7 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
         update(exp, ctx, refusal, Vec::new(), false).await?;
         return Ok(Action::requeue(BLOCKED_RECHECK));
     }
-    let mounts = match build::choose_drivers(&plan, &datastores, &ctx.build, &env) {
+    let mounts = match render::choose_drivers(&plan, &datastores, &ctx.build, &env) {
         Ok(mounts) => mounts,
         Err(refusal) if refusal.spec => {
             // The reference asks for what cannot be done (`mountDriver: csi` on a folder the
@@ -166,7 +166,7 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
             return Ok(Action::requeue(BLOCKED_RECHECK));
         }
     };
-    let children = match build::build(exp, &plan, &datastores, &ctx.build, &mounts, ctx.now()) {
+    let children = match render::build(exp, &plan, &datastores, &ctx.build, &mounts, ctx.now()) {
         Ok(children) => children,
         Err(e) => {
             // E.g. an account key that is not base64: the datastore's to fix, not the spec's.
@@ -189,14 +189,14 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
         "Created",
         format!(
             "created Job {} ({} download(s), {} mount(s), {} upload(s)); waiting for its pod to start",
-            build::run_job_name(exp),
+            render::run_job_name(exp),
             plan.downloads.len(),
             plan.mounts.len(),
             plan.uploads.len()
         ),
     );
     // How each mount is mounted, and why, is decided here once: the status keeps it.
-    let records = build::mount_records(&plan, &mounts);
+    let records = render::mount_records(&plan, &mounts);
     write_status(exp, ctx, step, Vec::new(), true, Some(records)).await?;
     Ok(Action::requeue(ACTIVE_RECHECK))
 }
@@ -220,10 +220,10 @@ async fn mount_environment(
     };
     let (blob, file) = drivers_needed(plan, datastores);
     if blob {
-        env.blob_csi = csi_driver_exists(exp, ctx, build::BLOB_CSI_DRIVER).await?;
+        env.blob_csi = csi_driver_exists(exp, ctx, render::BLOB_CSI_DRIVER).await?;
     }
     if file {
-        env.file_csi = csi_driver_exists(exp, ctx, build::FILE_CSI_DRIVER).await?;
+        env.file_csi = csi_driver_exists(exp, ctx, render::FILE_CSI_DRIVER).await?;
     }
     if plan.mounts.is_empty() {
         return Ok(env);
@@ -235,7 +235,7 @@ async fn mount_environment(
             namespaces.get(&namespace).await?.labels().clone()
         }
     };
-    env.pod_security_enforce = labels.get(build::POD_SECURITY_ENFORCE_LABEL).cloned();
+    env.pod_security_enforce = labels.get(render::POD_SECURITY_ENFORCE_LABEL).cloned();
     Ok(env)
 }
 
@@ -287,7 +287,7 @@ async fn csi_driver_exists(
 
 /// The refusal of a plan whose downloads or uploads use an Azure Files share in a cluster known
 /// to lack `file.csi.azure.com` (the agent containers mount the share through it; mounts are
-/// [`build::choose_drivers`]'s). It waits, like a missing CSIDriver for a mount.
+/// [`render::choose_drivers`]'s). It waits, like a missing CSIDriver for a mount.
 fn missing_file_driver(
     plan: &ExecutionPlan,
     datastores: &BTreeMap<String, StoreConfig>,
@@ -312,13 +312,13 @@ fn missing_file_driver(
         "CsiDriverMissing",
         format!(
             "{}: datastore {} is an Azure Files share, which the agent containers reach through the CSIDriver {}, and this cluster does not have it; install it (AKS: az aks update --enable-file-driver)",
-            if transfer.param == build::CODE_CONTAINER {
+            if transfer.param == contract::CODE_CONTAINER {
                 "spec.code".to_string()
             } else {
                 format!("parameter {}", transfer.param)
             },
             transfer.datastore,
-            build::FILE_CSI_DRIVER
+            render::FILE_CSI_DRIVER
         ),
     ))
 }
@@ -330,7 +330,7 @@ fn missing_file_driver(
 async fn apply_run(
     exp: &Experiment,
     ctx: &Context,
-    children: &build::Children,
+    children: &render::Children,
 ) -> Result<Result<(), Step>, ReconcileError> {
     let ns = exp.namespace().unwrap_or_default();
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
@@ -435,7 +435,7 @@ pub const REFUSED_RETRY_MAX: Duration = Duration::from_secs(300);
 async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, ReconcileError> {
     let ns = exp.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let run_pods = job_pods(&pods, &build::run_job_name(exp)).await?;
+    let run_pods = job_pods(&pods, &render::run_job_name(exp)).await?;
     let inputs = record_inputs(exp, ctx, &run_pods).await?;
     // The code download is a download step too.
     let downloads = count(exp, Mode::Download) + usize::from(exp.spec.code.is_some());
@@ -497,7 +497,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                 "RunFailed",
                 format!(
                     "the run failed: {why}; its outputs were not uploaded (uploadPolicy OnSuccess) and are kept on PersistentVolumeClaim {}",
-                    build::outputs_name(exp)
+                    render::outputs_name(exp)
                 ),
             ),
             Err(why) => Step::new(Phase::Failed, "RunFailed", format!("the run failed: {why}")),
@@ -507,7 +507,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
     }
 
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(upload) = jobs.get_opt(&build::upload_job_name(exp)).await? else {
+    let Some(upload) = jobs.get_opt(&render::upload_job_name(exp)).await? else {
         return start_upload(exp, ctx, inputs).await;
     };
     let after_run = match &run_ok {
@@ -516,16 +516,16 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
     };
     match progress::outcome(&upload) {
         Outcome::Active => {
-            let upload_pods = job_pods(&pods, &build::upload_job_name(exp)).await?;
+            let upload_pods = job_pods(&pods, &render::upload_job_name(exp)).await?;
             let waiting = not_started(ctx, &upload, &upload_pods).await?;
-            let outputs = build::outputs_name(exp);
+            let outputs = render::outputs_name(exp);
             if let Some(NotStarted {
                 why,
                 timed_out: true,
                 ..
             }) = &waiting
             {
-                suspend(&jobs, &build::upload_job_name(exp)).await?;
+                suspend(&jobs, &render::upload_job_name(exp)).await?;
                 let step = Step::new(
                     Phase::Failed,
                     "UploadFailed",
@@ -533,7 +533,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                         "{after_run}; the upload pod did not start within {}: {}; Job {} is suspended and the outputs are kept on PersistentVolumeClaim {outputs}",
                         super::format_duration(ctx.start_timeout),
                         why.as_deref().unwrap_or("Kubernetes gave no reason"),
-                        build::upload_job_name(exp),
+                        render::upload_job_name(exp),
                     ),
                 );
                 update(exp, ctx, step, inputs, true).await?;
@@ -551,7 +551,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
             Ok(Action::requeue(recheck(waiting.as_ref())))
         }
         Outcome::Succeeded => {
-            let upload_pods = job_pods(&pods, &build::upload_job_name(exp)).await?;
+            let upload_pods = job_pods(&pods, &render::upload_job_name(exp)).await?;
             // Decided once, from the upload pods' reports, before those pods are deleted
             // (below): a pass after a restart half-way trusts the decision in the status.
             let decided = progress::succeeded_reason(exp) == Some(OUTPUTS_UPLOADED);
@@ -564,7 +564,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                     "OutputsSkipped",
                     format!(
                         "{after_run}; {skipped} output file(s) already existed in the datastore and were kept as they were (the upload reference does not set overwrite); this run's versions stay on PersistentVolumeClaim {}",
-                        build::outputs_name(exp)
+                        render::outputs_name(exp)
                     ),
                 )
                 .warning();
@@ -579,7 +579,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                     OUTPUTS_UPLOADED,
                     format!(
                         "{after_run}; its outputs were uploaded: removing the finished pods and PersistentVolumeClaim {}",
-                        build::outputs_name(&exp)
+                        render::outputs_name(&exp)
                     ),
                 );
                 exp.status = Some(update(&exp, ctx, step, inputs.clone(), true).await?);
@@ -591,7 +591,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                 delete_if_present(&pods, &pod.name_any()).await?;
             }
             let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-            delete_if_present(&pvcs, &build::outputs_name(&exp)).await?;
+            delete_if_present(&pvcs, &render::outputs_name(&exp)).await?;
             let step = match run_ok {
                 Ok(()) => Step::new(
                     Phase::Succeeded,
@@ -610,7 +610,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
             Ok(Action::await_change())
         }
         Outcome::Failed(why) => {
-            let upload_pods = job_pods(&pods, &build::upload_job_name(exp)).await?;
+            let upload_pods = job_pods(&pods, &render::upload_job_name(exp)).await?;
             let mut lines = progress::failures(&upload_pods);
             if lines.is_empty() {
                 lines.push(why);
@@ -621,7 +621,7 @@ async fn follow(exp: &Experiment, ctx: &Context, run: &Job) -> Result<Action, Re
                 format!(
                     "{after_run}; uploading its outputs failed: {}; they are kept on PersistentVolumeClaim {}",
                     lines.join("; "),
-                    build::outputs_name(exp)
+                    render::outputs_name(exp)
                 ),
             );
             update(exp, ctx, step, inputs, true).await?;
@@ -695,7 +695,7 @@ async fn newest_warning(
             format!(
                 "{}: {}",
                 e.reason.unwrap_or_default(),
-                crate::agent::truncate(e.message.as_deref().unwrap_or_default(), 512)
+                crate::plan::contract::truncate(e.message.as_deref().unwrap_or_default(), 512)
             )
         }))
 }
@@ -726,11 +726,14 @@ async fn give_up_run(
         p.status
             .iter()
             .flat_map(|s| s.container_statuses.iter().flatten())
-            .any(|c| c.name == "main" && c.state.as_ref().is_some_and(|s| s.waiting.is_none()))
+            .any(|c| {
+                c.name == contract::MAIN_CONTAINER
+                    && c.state.as_ref().is_some_and(|s| s.waiting.is_none())
+            })
     });
     if count(exp, Mode::Upload) > 0 && !script_ran {
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-        delete_if_present(&pvcs, &build::outputs_name(exp)).await?;
+        delete_if_present(&pvcs, &render::outputs_name(exp)).await?;
     }
     let step = Step::new(
         Phase::Failed,
@@ -798,7 +801,7 @@ async fn start_upload(
                 format!(
                     "the outputs cannot be uploaded yet: {}; they wait on PersistentVolumeClaim {}",
                     refusal.message,
-                    build::outputs_name(exp)
+                    render::outputs_name(exp)
                 ),
             );
             update(exp, ctx, waiting, inputs, true).await?;
@@ -833,7 +836,7 @@ async fn start_upload(
         step.message = format!(
             "{}; the outputs wait on PersistentVolumeClaim {}",
             step.message,
-            build::outputs_name(exp)
+            render::outputs_name(exp)
         );
         update(exp, ctx, step, inputs, true).await?;
         return Ok(Action::requeue(retry_after(exp, ctx.now())));
@@ -843,7 +846,7 @@ async fn start_upload(
         "Uploading",
         format!(
             "created Job {}: uploading the outputs",
-            build::upload_job_name(exp)
+            render::upload_job_name(exp)
         ),
     );
     update(exp, ctx, step, inputs, true).await?;
@@ -857,11 +860,11 @@ fn upload_children(
     exp: &Experiment,
     mut plan: ExecutionPlan,
     datastores: &BTreeMap<String, StoreConfig>,
-    ctx: &build::BuildContext,
+    ctx: &render::BuildContext,
     now: chrono::DateTime<chrono::Utc>,
-) -> crate::error::Result<build::Children> {
+) -> crate::error::Result<render::Children> {
     plan.mounts.clear();
-    build::build(exp, &plan, datastores, ctx, &[], now)
+    render::build(exp, &plan, datastores, ctx, &[], now)
 }
 
 /// The names of the Secrets a Job's pods read: volumes (secret, projected, and CSI: the Azure
@@ -934,7 +937,7 @@ async fn record_inputs(
                 .iter()
                 .flat_map(|s| s.init_container_statuses.iter().flatten())
         })
-        .filter(|c| c.name.starts_with("download-"))
+        .filter(|c| contract::is_download_container(&c.name))
         .filter(|c| {
             c.state
                 .as_ref()
@@ -1111,7 +1114,7 @@ async fn write_status(
                 EventType::Normal
             },
             reason: step.reason.clone(),
-            note: Some(crate::agent::truncate(&step.message, 1024).to_string()),
+            note: Some(crate::plan::contract::truncate(&step.message, 1024).to_string()),
             action: if step.refused.is_some() {
                 "Validate"
             } else {
@@ -1149,7 +1152,7 @@ fn is_new_step(current: &ExperimentStatus, next: &ExperimentStatus) -> bool {
 mod tests {
     use super::*;
     use crate::api::{ExperimentSpec, MountDriver};
-    use crate::controller::build::MountChoice;
+    use crate::render::MountChoice;
     use crate::store::{AzureBlobConfig, AzureCredential, AzureFileConfig, Secret as Key};
 
     fn datastores() -> BTreeMap<String, StoreConfig> {
@@ -1304,13 +1307,13 @@ mod tests {
         exp.metadata.uid = Some("uid-1".into());
         // The run used the sidecar; the operator has since lost its blobfuse2 image, so building
         // the mount again fails...
-        let ctx = build::BuildContext::default();
+        let ctx = render::BuildContext::default();
         let sidecar = MountChoice {
             driver: MountDriver::Sidecar,
             reason: "requested by the reference (mountDriver: sidecar)".into(),
         };
         let now = chrono::Utc::now();
-        assert!(build::build(&exp, &plan, &stores, &ctx, &[sidecar], now).is_err());
+        assert!(render::build(&exp, &plan, &stores, &ctx, &[sidecar], now).is_err());
         // ...but the upload needs none of it.
         let children = upload_children(&exp, plan, &stores, &ctx, now).unwrap();
         assert!(children.upload.is_some());

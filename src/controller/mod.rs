@@ -1,6 +1,6 @@
 //! The operator: `datastore controller` runs the Experiment controller and the datastore
-//! readiness controllers until SIGTERM. `build` holds the pure builders of the objects it
-//! creates, `progress` the pure reading of where a run is; `http` serves health and metrics,
+//! readiness controllers until SIGTERM. The objects it creates are rendered by [`crate::render`];
+//! `progress` is the pure reading of where a run is; `http` serves health and metrics,
 //! `leader` elects the one replica that reconciles.
 //!
 //! The process: serve `/healthz`, `/readyz`, `/metrics` at once; wait (never exit) until the
@@ -8,7 +8,6 @@
 //! in leader election; run the controllers while leader; on SIGTERM stop them, release the lease
 //! and exit 0.
 
-pub mod build;
 pub mod datastore;
 pub mod experiment;
 pub mod http;
@@ -36,13 +35,14 @@ use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ClusterDatastore, Datastore, Experiment};
-use crate::store::azure::Tuning;
-use build::{
-    BuildContext, DEFAULT_AGENT_CPU_LIMIT, DEFAULT_AGENT_CPU_REQUEST, DEFAULT_AGENT_IMAGE,
+use crate::render::{
+    self, BuildContext, DEFAULT_AGENT_CPU_LIMIT, DEFAULT_AGENT_CPU_REQUEST, DEFAULT_AGENT_IMAGE,
     DEFAULT_AGENT_MEMORY_LIMIT, DEFAULT_AGENT_MEMORY_REQUEST, DEFAULT_OUTPUTS_SIZE,
     DEFAULT_SIDECAR_CPU, DEFAULT_SIDECAR_MEMORY, DEFAULT_STAGING_SIZE, DefaultMountDriver,
     EXPERIMENT_LABEL, MANAGED_BY_LABEL, MANAGER,
 };
+use crate::store::azure::Tuning;
+use crate::store::resolve::OperatorNamespace;
 use http::{Health, Readiness};
 use metrics::Metrics;
 
@@ -52,13 +52,8 @@ pub const ERROR_RETRY: Duration = Duration::from_secs(30);
 /// The operator's settings that `datastore controller` and `datastore plan` share.
 #[derive(Args, Debug)]
 pub struct OperatorArgs {
-    /// The namespace the operator runs in; ClusterDatastores' Secrets live there.
-    #[arg(
-        long,
-        env = "DATASTORE_OPERATOR_NAMESPACE",
-        default_value = "datastore-operator"
-    )]
-    pub operator_namespace: String,
+    #[command(flatten)]
+    pub operator_namespace: OperatorNamespace,
     /// The image of the agent containers (download and upload).
     #[arg(long, env = "DATASTORE_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
     pub agent_image: String,
@@ -116,7 +111,7 @@ impl OperatorArgs {
             default_mount_driver: self.default_mount_driver,
             sidecar_memory: self.sidecar_memory.clone(),
             sidecar_cpu: self.sidecar_cpu.clone(),
-            agent_resources: build::compute_resources(
+            agent_resources: render::compute_resources(
                 or_default(&self.agent_cpu_request, DEFAULT_AGENT_CPU_REQUEST),
                 or_default(&self.agent_memory_request, DEFAULT_AGENT_MEMORY_REQUEST),
                 or_default(&self.agent_cpu_limit, DEFAULT_AGENT_CPU_LIMIT),
@@ -162,12 +157,12 @@ fn sidecar_cpu(value: &str) -> Result<Quantity, String> {
     if value.is_empty() {
         return Ok(Quantity(DEFAULT_SIDECAR_CPU.to_string()));
     }
-    let floor = cpu_millis(build::SIDECAR_CPU_REQUEST).expect("a quantity");
+    let floor = cpu_millis(render::SIDECAR_CPU_REQUEST).expect("a quantity");
     match cpu_millis(value) {
         Some(millis) if millis >= floor => Ok(Quantity(value.to_string())),
         Some(_) => Err(format!(
             "`{value}` is less CPU than the blobfuse2 sidecar requests ({}): give at least that",
-            build::SIDECAR_CPU_REQUEST
+            render::SIDECAR_CPU_REQUEST
         )),
         None => cpu(value).map(Quantity),
     }
@@ -522,7 +517,7 @@ pub async fn run(args: ControllerArgs) -> i32 {
     let shutdown = CancellationToken::new();
     let (signal, on_signal) = (shutdown.clone(), health.clone());
     tokio::spawn(async move {
-        let code = crate::cli::interrupted().await;
+        let code = crate::signal::interrupted().await;
         tracing::info!(
             signal = code,
             "stopping: finishing the reconciles in flight"
@@ -531,7 +526,7 @@ pub async fn run(args: ControllerArgs) -> i32 {
         signal.cancel();
     });
 
-    let namespace = args.operator.operator_namespace.clone();
+    let namespace = args.operator.operator_namespace.name.clone();
     let identity = leader::identity();
     let timing = leader::Timing::default();
     let election = args.leader_election;
@@ -1191,7 +1186,7 @@ mod tests {
             .unwrap();
             let exp = Experiment::new("train", spec);
             let plan = crate::plan::plan(&exp.spec, &datastores, crate::plan::CLUSTER).unwrap();
-            build::outputs_pvc(&exp, &plan, &ctx)
+            render::outputs_pvc(&exp, &plan, &ctx)
                 .unwrap()
                 .spec
                 .unwrap()

@@ -5,10 +5,12 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::agent::{Report, UploadReport};
 use crate::api::{Experiment, ExperimentStatus, InputRecord, Phase};
-use crate::controller::build::CODE_CONTAINER;
 use crate::plan::Transfer;
+use crate::plan::contract::{
+    CODE_CONTAINER, MAIN_CONTAINER, download_container, is_download_container,
+};
+use crate::plan::contract::{Report, UploadReport};
 
 /// The condition saying whether the spec is valid and its datastores usable.
 pub const ACCEPTED: &str = "Accepted";
@@ -86,7 +88,7 @@ pub fn run_step(pods: &[Pod], downloads: usize) -> RunStep {
         .container_statuses
         .iter()
         .flatten()
-        .any(|c| c.name == "main" && started(c))
+        .any(|c| c.name == MAIN_CONTAINER && started(c))
     {
         return RunStep::Running;
     }
@@ -97,7 +99,7 @@ pub fn run_step(pods: &[Pod], downloads: usize) -> RunStep {
     let done = init
         .iter()
         .filter(|c| {
-            (c.name.starts_with("download-") || c.name == CODE_CONTAINER) && exit_code(c) == Some(0)
+            (is_download_container(&c.name) || c.name == CODE_CONTAINER) && exit_code(c) == Some(0)
         })
         .count();
     if downloads > 0 && init.iter().any(started) {
@@ -187,7 +189,7 @@ pub fn stuck(pods: &[Pod]) -> Option<String> {
                 let detail = waiting
                     .message
                     .as_deref()
-                    .map(|m| format!(": {}", crate::agent::truncate(m, 256)))
+                    .map(|m| format!(": {}", crate::plan::contract::truncate(m, 256)))
                     .unwrap_or_default();
                 return Some(format!("container {} is {reason}{detail}", c.name));
             }
@@ -224,7 +226,7 @@ pub fn inputs(pods: &[Pod], downloads: &[Transfer]) -> Vec<InputRecord> {
         .iter()
         .enumerate()
         .filter_map(|(n, download)| {
-            let container = format!("download-{n}");
+            let container = download_container(n);
             let report = by_age.iter().find_map(|pod| {
                 let status = pod.status.as_ref()?;
                 let c = status
@@ -266,7 +268,7 @@ pub fn failures(pods: &[Pod]) -> Vec<String> {
             if t.exit_code == 0 {
                 return None;
             }
-            let what = if c.name == "main" {
+            let what = if c.name == MAIN_CONTAINER {
                 "the script".to_string()
             } else {
                 format!("container {}", c.name)
@@ -279,7 +281,7 @@ pub fn failures(pods: &[Pod]) -> Vec<String> {
                 .filter(|m| !m.is_empty())
             {
                 line.push_str(": ");
-                line.push_str(crate::agent::truncate(m, 512));
+                line.push_str(crate::plan::contract::truncate(m, 512));
             } else if let Some(r) = t.reason.as_deref().filter(|r| *r != "Error") {
                 line.push_str(&format!(" ({r})"));
             }

@@ -46,7 +46,7 @@ pub struct Rule {
 /// The name of the leader-election Lease, in the operator's namespace.
 pub use super::leader::LEASE_NAME;
 
-use super::build::{BLOB_CSI_DRIVER, FILE_CSI_DRIVER};
+use crate::render::{BLOB_CSI_DRIVER, FILE_CSI_DRIVER};
 
 const fn cluster(
     group: &'static str,

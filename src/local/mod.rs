@@ -13,11 +13,11 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 
 use crate::api::{ComputeTarget, Experiment, UploadPolicy};
-use crate::cli::progress::Bar;
 use crate::error::{Error, Result};
 use crate::plan::{self, ExecutionPlan, Roots, Transfer};
 use crate::store::azure::Tuning;
 use crate::store::{Store, StoreConfig};
+use crate::transfer::Bar;
 use crate::transfer::{self, Options, Summary};
 
 /// How a local run is set up.
@@ -72,7 +72,7 @@ impl Finished {
 async fn interruptible<T>(work: impl Future<Output = T>) -> std::result::Result<T, i32> {
     tokio::select! {
         result = work => Ok(result),
-        signal = crate::cli::interrupted() => Err(signal),
+        signal = crate::signal::interrupted() => Err(signal),
     }
 }
 
@@ -363,7 +363,7 @@ async fn run_script(
     let wait_error = |e| Error::Local(format!("waiting for the script failed: {e}"));
     tokio::select! {
         status = child.wait() => status.map_err(wait_error),
-        signal = crate::cli::interrupted() => {
+        signal = crate::signal::interrupted() => {
             if let Some(pid) = child.id() {
                 // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
                 unsafe { libc::kill(pid as libc::pid_t, signal) };
@@ -371,7 +371,7 @@ async fn run_script(
             say("interrupted: waiting for the script to stop (again to kill it)");
             tokio::select! {
                 status = child.wait() => status.map_err(wait_error),
-                _ = crate::cli::interrupted() => {
+                _ = crate::signal::interrupted() => {
                     let _ = child.start_kill();
                     child.wait().await.map_err(wait_error)
                 }

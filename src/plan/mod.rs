@@ -5,6 +5,8 @@
 //! The planner re-checks the rules the CRD's CEL validations check, because the CLI reads
 //! Experiment files no apiserver has validated.
 
+pub mod contract;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::{

@@ -47,6 +47,19 @@ pub struct Scope {
     pub operator_namespace: String,
 }
 
+/// `--operator-namespace`: where ClusterDatastores' Secrets live (the namespace the operator runs
+/// in). Every command that resolves datastores flattens this one flag.
+#[derive(clap::Args, Clone, Debug)]
+pub struct OperatorNamespace {
+    /// The namespace the operator runs in; ClusterDatastores' Secrets live there.
+    #[arg(
+        long = "operator-namespace",
+        env = "DATASTORE_OPERATOR_NAMESPACE",
+        default_value = "datastore-operator"
+    )]
+    pub name: String,
+}
+
 /// A datastore found by name and resolved to its storage.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolved {

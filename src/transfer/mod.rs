@@ -8,6 +8,7 @@
 mod download;
 mod hash;
 pub mod progress;
+mod report;
 mod resume;
 mod upload;
 
@@ -20,7 +21,8 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 pub use download::{FolderListing, download, download_folder};
-pub use progress::{NoProgress, Progress};
+pub use progress::{Bar, NoProgress, Progress};
+pub use report::{Output, report};
 pub use upload::upload;
 
 use crate::error::Error;

@@ -2,6 +2,9 @@
 
 use crate::error::Error;
 
+mod bar;
+pub use bar::Bar;
+
 pub trait Progress: Send + Sync {
     /// The run will transfer `files` files of `bytes` bytes in all (skipped files excluded).
     fn start(&self, _files: u64, _bytes: u64) {}

@@ -6,8 +6,8 @@ use k8s_openapi::api::core::v1::Volume;
 
 use super::*;
 use crate::api::MountDriver;
-use crate::controller::build::blobfuse;
-use crate::controller::build::csi::{
+use crate::render::blobfuse;
+use crate::render::csi::{
     BLOB_CSI_ATTRIBUTES, BLOB_CSI_SECRET_KEYS, FILE_CSI_ATTRIBUTES, FILE_CSI_SECRET_KEYS,
 };
 use crate::store::fixtures;

@@ -39,6 +39,7 @@ use crate::api::{
     WorkloadIdentity,
 };
 use crate::error::{Error, Result};
+use crate::plan::contract::{CODE_CONTAINER, MAIN_CONTAINER, REPORT_FILE, download_container};
 use crate::plan::{ExecutionPlan, Transfer};
 use crate::store::{AzureCredential, StoreConfig};
 
@@ -51,9 +52,6 @@ pub use mount::{
     MountRefusal, POD_SECURITY_ENFORCE_LABEL, choose_drivers, mount_records,
 };
 pub use volumes::StorageVolumes;
-
-/// The run Job's init container (and volume) downloading `spec.code`.
-pub const CODE_CONTAINER: &str = "code";
 
 /// The agent image when the operator is not told otherwise.
 pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/datastore-operator/datastore:0.1.0";
@@ -691,7 +689,7 @@ pub fn run_job(
     });
     let references = plan.downloads.iter().enumerate().map(|(n, download)| {
         (
-            format!("download-{n}"),
+            download_container(n),
             STAGING_VOLUME.to_string(),
             Some(staging_sub_path(exp, n)),
             download,
@@ -731,7 +729,7 @@ pub fn run_job(
             "--target".into(),
             download.local_path.clone(),
             "--report".into(),
-            "/dev/termination-log".into(),
+            REPORT_FILE.into(),
         ];
         if staged {
             // The whole staging volume, to measure what earlier downloads left of it.
@@ -802,7 +800,7 @@ pub fn run_job(
         .collect();
     let (working_dir, command, args) = main_command(plan);
     let main = Container {
-        name: "main".to_string(),
+        name: MAIN_CONTAINER.to_string(),
         // The planner refused a cluster run without an image.
         image: spec.image.clone(),
         working_dir,
@@ -1018,7 +1016,7 @@ pub fn upload_job(
                 "--path".into(),
                 upload.remote_path.clone(),
                 "--report".into(),
-                "/dev/termination-log".into(),
+                REPORT_FILE.into(),
             ];
             if upload.overwrite {
                 args.push("--overwrite".into());

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::Progress;
 use crate::error::Error;
-use crate::transfer::Progress;
 
 /// How often a progress line is written when stderr is not a terminal.
 const LINE_EVERY: Duration = Duration::from_secs(2);
