@@ -4,6 +4,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+// Both specs carry the rule that exactly one kind of storage is set: it sits on the spec, not
+// on the flattened StorageSpec, so each spec's generated `validate_cel` evaluates it.
+const ONE_KIND_RULE: &str =
+    "[has(self.azureBlob), has(self.azureFile), has(self.local)].filter(x, x).size() == 1";
+const ONE_KIND_MESSAGE: &str = "set exactly one kind of storage: azureBlob, azureFile or local";
+
 /// Where a datastore's data lives. Exactly one kind of storage is set.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -50,23 +56,11 @@ use serde::{Deserialize, Serialize};
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(cel, validation = Rule::new("[has(self.azureBlob), has(self.azureFile), has(self.local)].filter(x, x).size() == 1").message("set exactly one kind of storage: azureBlob, azureFile or local"))]
+#[x_kube(cel, validation = Rule::new(ONE_KIND_RULE).message(ONE_KIND_MESSAGE))]
 #[serde(rename_all = "camelCase")]
 pub struct DatastoreSpec {
-    /// An Azure Blob Storage container.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub azure_blob: Option<AzureBlobSpec>,
-    /// An Azure Files share (SMB), reached in the cluster through the `file.csi.azure.com`
-    /// driver.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub azure_file: Option<AzureFileSpec>,
-    /// A directory on the machine running the CLI (demos, tests, laptops). Not usable in a cluster.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local: Option<LocalSpec>,
-    /// Experiments may only read this datastore: `upload` references and read-write mounts of
-    /// it are refused, and so are uploads by the CLI.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub read_only: bool,
+    #[serde(flatten)]
+    pub storage: StorageSpec,
 }
 
 /// A cluster-wide datastore, defined once by a platform team. Its credentials Secret lives in
@@ -115,9 +109,23 @@ pub struct DatastoreSpec {
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(cel, validation = Rule::new("[has(self.azureBlob), has(self.azureFile), has(self.local)].filter(x, x).size() == 1").message("set exactly one kind of storage: azureBlob, azureFile or local"))]
+#[x_kube(cel, validation = Rule::new(ONE_KIND_RULE).message(ONE_KIND_MESSAGE))]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterDatastoreSpec {
+    #[serde(flatten)]
+    pub storage: StorageSpec,
+    /// Which namespaces' experiments may use this datastore: a label selector on namespaces,
+    /// e.g. `{matchLabels: {team: vision}}`. Absent means every namespace; `{}` also selects
+    /// every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_namespaces: Option<LabelSelector>,
+}
+
+/// What both datastore kinds say about their storage: where the data lives (exactly one kind;
+/// the specs' CEL rule checks that) and whether it may be written.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
     /// An Azure Blob Storage container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure_blob: Option<AzureBlobSpec>,
@@ -132,11 +140,6 @@ pub struct ClusterDatastoreSpec {
     /// it are refused, and so are uploads by the CLI.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
-    /// Which namespaces' experiments may use this datastore: a label selector on namespaces,
-    /// e.g. `{matchLabels: {team: vision}}`. Absent means every namespace; `{}` also selects
-    /// every namespace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allowed_namespaces: Option<LabelSelector>,
 }
 
 /// An Azure Blob Storage container.
@@ -235,32 +238,19 @@ pub enum Storage<'a> {
     Local(&'a LocalSpec),
 }
 
-fn storage<'a>(
-    azure_blob: &'a Option<AzureBlobSpec>,
-    azure_file: &'a Option<AzureFileSpec>,
-    local: &'a Option<LocalSpec>,
-) -> Result<Storage<'a>, &'static str> {
-    match (azure_blob, azure_file, local) {
-        (Some(a), None, None) => Ok(Storage::AzureBlob(a)),
-        (None, Some(f), None) => Ok(Storage::AzureFile(f)),
-        (None, None, Some(l)) => Ok(Storage::Local(l)),
-        (None, None, None) => {
-            Err("no kind of storage is set: add `azureBlob`, `azureFile` or `local` to its spec")
+impl StorageSpec {
+    /// The one kind of storage set, or why there is not exactly one.
+    pub fn kind(&self) -> Result<Storage<'_>, &'static str> {
+        match (&self.azure_blob, &self.azure_file, &self.local) {
+            (Some(a), None, None) => Ok(Storage::AzureBlob(a)),
+            (None, Some(f), None) => Ok(Storage::AzureFile(f)),
+            (None, None, Some(l)) => Ok(Storage::Local(l)),
+            (None, None, None) => Err(
+                "no kind of storage is set: add `azureBlob`, `azureFile` or `local` to its spec",
+            ),
+            _ => Err(
+                "several kinds of storage are set (`azureBlob`, `azureFile`, `local`): keep exactly one",
+            ),
         }
-        _ => Err(
-            "several kinds of storage are set (`azureBlob`, `azureFile`, `local`): keep exactly one",
-        ),
-    }
-}
-
-impl DatastoreSpec {
-    pub fn storage(&self) -> Result<Storage<'_>, &'static str> {
-        storage(&self.azure_blob, &self.azure_file, &self.local)
-    }
-}
-
-impl ClusterDatastoreSpec {
-    pub fn storage(&self) -> Result<Storage<'_>, &'static str> {
-        storage(&self.azure_blob, &self.azure_file, &self.local)
     }
 }

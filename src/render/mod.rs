@@ -36,7 +36,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::{
     AzureBlobSpec, Credentials, Datastore, DatastoreSpec, Experiment, LocalSpec, SecretRef,
-    WorkloadIdentity,
+    StorageSpec, WorkloadIdentity,
 };
 use crate::error::{Error, Result};
 use crate::plan::contract::{CODE_CONTAINER, MAIN_CONTAINER, REPORT_FILE, download_container};
@@ -321,12 +321,13 @@ pub fn render_credentials(
                 let datastore = Datastore::new(
                     name,
                     DatastoreSpec {
-                        azure_blob: None,
-                        azure_file: None,
-                        local: Some(LocalSpec {
-                            path: volumes::share_dir(k),
-                        }),
-                        read_only: config.read_only,
+                        storage: StorageSpec {
+                            local: Some(LocalSpec {
+                                path: volumes::share_dir(k),
+                            }),
+                            read_only: config.read_only,
+                            ..StorageSpec::default()
+                        },
                     },
                 );
                 docs.push(to_yaml(&datastore));
@@ -367,15 +368,16 @@ pub fn render_credentials(
         let datastore = Datastore::new(
             name,
             DatastoreSpec {
-                azure_blob: Some(AzureBlobSpec {
-                    account_name: config.account.clone(),
-                    container_name: config.container.clone(),
-                    endpoint: Some(config.endpoint.as_str().trim_end_matches('/').to_string()),
-                    credentials,
-                }),
-                azure_file: None,
-                local: None,
-                read_only: config.read_only,
+                storage: StorageSpec {
+                    azure_blob: Some(AzureBlobSpec {
+                        account_name: config.account.clone(),
+                        container_name: config.container.clone(),
+                        endpoint: Some(config.endpoint.as_str().trim_end_matches('/').to_string()),
+                        credentials,
+                    }),
+                    read_only: config.read_only,
+                    ..StorageSpec::default()
+                },
             },
         );
         docs.push(to_yaml(&datastore));

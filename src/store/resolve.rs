@@ -172,9 +172,10 @@ impl Catalog {
             let label = format!("Datastore {}/{name}", scope.namespace);
             let storage = ds
                 .spec
-                .storage()
+                .storage
+                .kind()
                 .map_err(|why| Error::Config(format!("{label} in {}: {why}", self.origin)))?;
-            return self.config(&label, storage, ds.spec.read_only, &scope.namespace);
+            return self.config(&label, storage, ds.spec.storage.read_only, &scope.namespace);
         }
         if let Some(cds) = self
             .cluster_datastores
@@ -184,12 +185,13 @@ impl Catalog {
             let label = format!("ClusterDatastore {name}");
             let storage = cds
                 .spec
-                .storage()
+                .storage
+                .kind()
                 .map_err(|why| Error::Config(format!("{label} in {}: {why}", self.origin)))?;
             return self.config(
                 &label,
                 storage,
-                cds.spec.read_only,
+                cds.spec.storage.read_only,
                 &scope.operator_namespace,
             );
         }
@@ -304,16 +306,16 @@ impl Found {
 
     pub fn storage(&self) -> std::result::Result<Storage<'_>, &'static str> {
         match self {
-            Found::Namespaced(d) => d.spec.storage(),
-            Found::Cluster(d) => d.spec.storage(),
+            Found::Namespaced(d) => d.spec.storage.kind(),
+            Found::Cluster(d) => d.spec.storage.kind(),
         }
     }
 
     /// Its `spec.readOnly`.
     pub fn read_only(&self) -> bool {
         match self {
-            Found::Namespaced(d) => d.spec.read_only,
-            Found::Cluster(d) => d.spec.read_only,
+            Found::Namespaced(d) => d.spec.storage.read_only,
+            Found::Cluster(d) => d.spec.storage.read_only,
         }
     }
 
