@@ -26,9 +26,10 @@ use datastore_operator::api::Experiment;
 use datastore_operator::plan::contract::Report;
 use datastore_operator::plan::{self, CLUSTER, ENV_PREFIX, ExecutionPlan};
 use datastore_operator::render::{self, BuildContext, CREDENTIALS_DIR, Children};
-use datastore_operator::store::StoreConfig;
 use datastore_operator::store::azure::Body;
 use datastore_operator::store::resolve::{Catalog, Scope};
+use datastore_operator::store::sas::Permissions;
+use datastore_operator::store::{self, StoreConfig};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Container, PodSpec, Secret};
 
@@ -108,7 +109,7 @@ fn render(
     exp: &Experiment,
     datastores: &BTreeMap<String, StoreConfig>,
 ) -> (ExecutionPlan, Children) {
-    let plan = plan::plan(&exp.spec, datastores, CLUSTER).unwrap();
+    let plan = plan::plan(&exp.spec, &store::capabilities(datastores), CLUSTER).unwrap();
     let children = render::build(
         exp,
         &plan,
@@ -857,7 +858,7 @@ async fn a_minted_read_only_sas_is_refused_when_used_to_write() {
     let (_, with_upload) = render(&experiment(true), &datastores);
     let (plan, download_only) = render(&experiment(false), &datastores);
     assert!(download_only.upload.is_none());
-    let read_only = plan.permissions[DATASTORE];
+    let read_only = Permissions::from(plan.permissions[DATASTORE]);
     assert_eq!(read_only.as_str(), "rl");
     let (_, token) = credentials(&download_only);
     assert_eq!(sas_field(&token, "sp"), "rl");

@@ -60,7 +60,7 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
     let source = Source::pick(args.datastores.clone());
     let datastores = resolve_datastores(&exp.spec, &source, &scope).await?;
 
-    let plan = plan::plan(&exp.spec, &datastores, CLUSTER)
+    let plan = plan::plan(&exp.spec, &crate::store::capabilities(&datastores), CLUSTER)
         .map_err(|e| Error::Config(format!("{}: {e}", args.experiment.display())))?;
     let ctx = args.operator.build_context();
     // Offline, nothing is known about the cluster's CSI drivers or Pod Security labels.

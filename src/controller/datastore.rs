@@ -14,7 +14,7 @@ use super::{Context, ReconcileError};
 use crate::api::{ClusterDatastore, Datastore, DatastoreStatus};
 use crate::error::Error;
 use crate::store::resolve::{self, Found, Scope};
-use crate::store::{Store, StoreConfig};
+use crate::store::{Backend, Store, StoreConfig};
 
 /// The condition type.
 pub const READY: &str = "Ready";

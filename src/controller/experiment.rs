@@ -42,8 +42,8 @@ use crate::api::{
 use crate::error::Error;
 use crate::plan::{self, CLUSTER, ExecutionPlan, contract};
 use crate::render::{self, MANAGER, MountEnvironment};
-use crate::store::StoreConfig;
 use crate::store::resolve::{self, Found, Scope};
+use crate::store::{self, StoreConfig};
 
 /// How often a running experiment is looked at even when nothing it watches changed.
 pub const ACTIVE_RECHECK: Duration = Duration::from_secs(300);
@@ -970,10 +970,12 @@ async fn plan_with_datastores(
         Ok(datastores) => datastores,
         Err(refusal) => return Ok(Err(refusal)),
     };
-    Ok(match plan::plan(&exp.spec, &datastores, CLUSTER) {
-        Ok(plan) => Ok((plan, datastores)),
-        Err(e) => Err(Step::refused(Phase::Failed, e.reason(), e.to_string())),
-    })
+    Ok(
+        match plan::plan(&exp.spec, &store::capabilities(&datastores), CLUSTER) {
+            Ok(plan) => Ok((plan, datastores)),
+            Err(e) => Err(Step::refused(Phase::Failed, e.reason(), e.to_string())),
+        },
+    )
 }
 
 /// Every datastore the experiment references, resolved with its credentials. A missing one, one
@@ -1187,7 +1189,7 @@ mod tests {
             "image: python:3.12-slim\nentryScript: train.py\nscriptParams:\n{params}"
         ))
         .unwrap();
-        plan::plan(&spec, &datastores(), CLUSTER).unwrap()
+        plan::plan(&spec, &crate::store::capabilities(&datastores()), CLUSTER).unwrap()
     }
 
     fn reference(name: &str, datastore: &str, mode: &str) -> String {

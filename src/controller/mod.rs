@@ -1185,7 +1185,12 @@ mod tests {
             ))
             .unwrap();
             let exp = Experiment::new("train", spec);
-            let plan = crate::plan::plan(&exp.spec, &datastores, crate::plan::CLUSTER).unwrap();
+            let plan = crate::plan::plan(
+                &exp.spec,
+                &crate::store::capabilities(&datastores),
+                crate::plan::CLUSTER,
+            )
+            .unwrap();
             render::outputs_pvc(&exp, &plan, &ctx)
                 .unwrap()
                 .spec

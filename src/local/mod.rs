@@ -16,7 +16,7 @@ use crate::api::{ComputeTarget, Experiment, UploadPolicy};
 use crate::error::{Error, Result};
 use crate::plan::{self, ExecutionPlan, Roots, Transfer};
 use crate::store::azure::Tuning;
-use crate::store::{Store, StoreConfig};
+use crate::store::{Backend, Store, StoreConfig};
 use crate::transfer::Bar;
 use crate::transfer::{self, Options, Summary};
 
@@ -92,7 +92,7 @@ pub fn prepare(run: &LocalRun) -> Result<Prepared> {
     let code = work.path.join("code");
     let plan = plan::plan(
         &spec,
-        &run.datastores,
+        &crate::store::capabilities(&run.datastores),
         Roots {
             data: &utf8(&data)?,
             code: &utf8(&code)?,

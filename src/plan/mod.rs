@@ -13,8 +13,7 @@ use crate::api::{
     CodeReference, ComputeTarget, DataReference, ExperimentSpec, Mode, MountDriver, ScriptParam,
 };
 use crate::paths;
-use crate::store::StoreConfig;
-use crate::store::sas::Permissions;
+use crate::store::{Access, Capabilities};
 
 /// Where an executor places data references and code on compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +60,7 @@ pub struct ExecutionPlan {
     pub mounts: Vec<Mount>,
     /// Per datastore name, the least the agent containers' credentials must allow for the
     /// transfers (code, downloads, uploads). Mounts carry their own ([`Mount::permissions`]).
-    pub permissions: BTreeMap<String, Permissions>,
+    pub permissions: BTreeMap<String, Access>,
 }
 
 /// One datastore folder mounted while the script runs.
@@ -81,24 +80,13 @@ pub struct Mount {
     pub driver: Option<MountDriver>,
 }
 
-/// Read and write, as a read-write mount needs: blobfuse2 and SMB replace, rename and delete
-/// files.
-const READ_WRITE: Permissions = Permissions {
-    read: true,
-    add: true,
-    create: true,
-    write: true,
-    delete: true,
-    list: true,
-};
-
 impl Mount {
     /// The least its credentials must allow.
-    pub fn permissions(&self) -> Permissions {
+    pub fn permissions(&self) -> Access {
         if self.read_only {
-            READ_LIST
+            Access::READ
         } else {
-            READ_WRITE
+            Access::READ_WRITE
         }
     }
 }
@@ -309,7 +297,7 @@ fn known_hint(wanted: &str, known: &[String]) -> String {
 /// runner).
 pub fn plan(
     exp: &ExperimentSpec,
-    datastores: &BTreeMap<String, StoreConfig>,
+    datastores: &BTreeMap<String, Capabilities>,
     roots: Roots,
 ) -> Result<ExecutionPlan, PlanError> {
     let root = roots.data;
@@ -378,16 +366,11 @@ pub fn plan(
         let needed = match planned.mode {
             Mode::Download => {
                 plan.downloads.push(transfer);
-                Some(READ_LIST)
+                Some(Access::READ)
             }
             Mode::Upload => {
                 plan.uploads.push(transfer);
-                Some(Permissions {
-                    create: true,
-                    write: true,
-                    list: true,
-                    ..Default::default()
-                })
+                Some(Access::UPLOAD)
             }
             // Nothing to copy: the mount has credentials of its own.
             Mode::Mount => {
@@ -407,7 +390,7 @@ pub fn plan(
                 .permissions
                 .entry(planned.datastore.clone())
                 .or_default();
-            *granted = union(*granted, needed);
+            *granted = granted.union(needed);
         }
 
         plan.args
@@ -535,7 +518,7 @@ fn plan_code(
     plan: &mut ExecutionPlan,
     exp: &ExperimentSpec,
     code: &CodeReference,
-    datastores: &BTreeMap<String, StoreConfig>,
+    datastores: &BTreeMap<String, Capabilities>,
     code_root: &str,
 ) -> Result<(), PlanError> {
     let user = "code".to_string();
@@ -561,24 +544,15 @@ fn plan_code(
         local_path: code_root.to_string(),
     });
     let granted = plan.permissions.entry(code.datastore.clone()).or_default();
-    *granted = union(*granted, READ_LIST);
+    *granted = granted.union(Access::READ);
     Ok(())
 }
-
-const READ_LIST: Permissions = Permissions {
-    read: true,
-    add: false,
-    create: false,
-    write: false,
-    delete: false,
-    list: true,
-};
 
 fn plan_reference(
     target: ComputeTarget,
     param: &str,
     reference: &DataReference,
-    datastores: &BTreeMap<String, StoreConfig>,
+    datastores: &BTreeMap<String, Capabilities>,
     root: &str,
 ) -> Result<PlannedReference, PlanError> {
     let Some(store) = datastores.get(&reference.datastore) else {
@@ -628,7 +602,7 @@ fn plan_reference(
         _ => None,
     };
     if let Some((what, hint)) = writes
-        && store.read_only()
+        && store.read_only
     {
         return Err(PlanError::WriteToReadOnlyDatastore {
             param: param.to_string(),
@@ -637,8 +611,8 @@ fn plan_reference(
             hint,
         });
     }
-    if reference.mount_driver == Some(MountDriver::Sidecar)
-        && matches!(store, StoreConfig::AzureFile(_))
+    if let Some(driver) = reference.mount_driver
+        && !store.mount_drivers.contains(&driver)
     {
         return Err(PlanError::SidecarOnAzureFile {
             param: param.to_string(),
@@ -663,20 +637,21 @@ fn plan_reference(
     })
 }
 
-/// Whether `target` can reach the datastore at all: a local directory only from the CLI, an
-/// Azure Files share only from the cluster.
+/// Whether `target` can reach the datastore at all. Of today's backends only a local directory
+/// is out of the cluster's reach and only an Azure Files share out of the CLI's, so the refusals
+/// (whose reasons are public) keep naming them; a backend that breaks that needs its own.
 fn check_reachable(
     target: ComputeTarget,
     user: &str,
     datastore: &str,
-    store: &StoreConfig,
+    store: &Capabilities,
 ) -> Result<(), PlanError> {
     let (user, datastore) = (user.to_string(), datastore.to_string());
-    match (target, store) {
-        (ComputeTarget::Cluster, StoreConfig::Local { .. }) => {
+    match target {
+        ComputeTarget::Cluster if !store.from_cluster => {
             Err(PlanError::LocalDatastoreOnCluster { user, datastore })
         }
-        (ComputeTarget::Local, StoreConfig::AzureFile(_)) => {
+        ComputeTarget::Local if !store.from_cli => {
             Err(PlanError::AzureFileOnLocalCompute { user, datastore })
         }
         _ => Ok(()),
@@ -734,17 +709,6 @@ fn join(root: &str, relative: &str) -> String {
 
 fn is_prefix(prefix: &[&str], path: &[&str]) -> bool {
     prefix.len() <= path.len() && prefix.iter().zip(path).all(|(a, b)| a == b)
-}
-
-fn union(a: Permissions, b: Permissions) -> Permissions {
-    Permissions {
-        read: a.read || b.read,
-        add: a.add || b.add,
-        create: a.create || b.create,
-        write: a.write || b.write,
-        delete: a.delete || b.delete,
-        list: a.list || b.list,
-    }
 }
 
 #[cfg(test)]

@@ -2,17 +2,21 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::api::Experiment;
-use crate::store::{AzureBlobConfig, AzureCredential, fixtures};
+use crate::store::{AzureBlobConfig, AzureCredential, StoreConfig, fixtures};
 
-fn blob(container: &str) -> StoreConfig {
-    StoreConfig::AzureBlob(fixtures::blob(
+fn blob_config(container: &str) -> AzureBlobConfig {
+    fixtures::blob(
         container,
         "https://mlstorage.blob.core.windows.net",
         AzureCredential::Anonymous,
-    ))
+    )
 }
 
-fn datastores() -> BTreeMap<String, StoreConfig> {
+fn blob(container: &str) -> Capabilities {
+    StoreConfig::AzureBlob(blob_config(container)).capabilities()
+}
+
+fn datastores() -> BTreeMap<String, Capabilities> {
     BTreeMap::from([
         ("workspace-ds".to_string(), blob("data")),
         ("other-ds".to_string(), blob("other")),
@@ -21,7 +25,8 @@ fn datastores() -> BTreeMap<String, StoreConfig> {
             StoreConfig::Local {
                 path: PathBuf::from("/srv/ds"),
                 read_only: false,
-            },
+            }
+            .capabilities(),
         ),
     ])
 }
@@ -39,23 +44,6 @@ fn spec(yaml: &str) -> ExperimentSpec {
 
 fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
-}
-
-fn read_list() -> Permissions {
-    Permissions {
-        read: true,
-        list: true,
-        ..Default::default()
-    }
-}
-
-fn create_write_list() -> Permissions {
-    Permissions {
-        create: true,
-        write: true,
-        list: true,
-        ..Default::default()
-    }
 }
 
 /// The local runner's roots, with data under `root` (its code root is unused here).
@@ -142,7 +130,10 @@ fn the_example_is_planned_as_the_issue_describes() {
     );
     // Download and upload on one datastore: the union, and nothing more (no delete, no add).
     assert_eq!(plan.permissions.len(), 1);
-    assert_eq!(plan.permissions["workspace-ds"].as_str(), "rcwl");
+    assert_eq!(
+        plan.permissions["workspace-ds"],
+        Access::READ.union(Access::UPLOAD)
+    );
 }
 
 #[test]
@@ -251,8 +242,8 @@ scriptParams:
     assert_eq!(
         plan.permissions,
         BTreeMap::from([
-            ("workspace-ds".to_string(), read_list()),
-            ("other-ds".to_string(), read_list()),
+            ("workspace-ds".to_string(), Access::READ),
+            ("other-ds".to_string(), Access::READ),
         ])
     );
 }
@@ -289,7 +280,7 @@ scriptParams:
     );
     let plan = plan(&spec, &datastores(), local("/work")).unwrap();
     assert_eq!(plan.downloads[0].local_path, "/work/data");
-    assert_eq!(plan.permissions["local-ds"], read_list());
+    assert_eq!(plan.permissions["local-ds"], Access::READ);
 }
 
 #[test]
@@ -327,27 +318,24 @@ scriptParams:
             driver: None,
         }]
     );
-    assert_eq!(plan.mounts[0].permissions().as_str(), "rl");
+    assert_eq!(plan.mounts[0].permissions(), Access::READ);
     // The agent containers' credentials cover the transfers only: the mount has its own.
     assert_eq!(
         plan.permissions,
-        BTreeMap::from([("other-ds".to_string(), create_write_list())])
+        BTreeMap::from([("other-ds".to_string(), Access::UPLOAD)])
     );
-    assert_eq!(plan.permissions["other-ds"].as_str(), "cwl");
 }
 
-fn share(read_only: bool) -> StoreConfig {
-    StoreConfig::AzureFile(fixtures::share(fixtures::key(), read_only))
+fn share(read_only: bool) -> Capabilities {
+    StoreConfig::AzureFile(fixtures::share(fixtures::key(), read_only)).capabilities()
 }
 
-fn read_only_blob() -> StoreConfig {
-    match blob("frozen") {
-        StoreConfig::AzureBlob(config) => StoreConfig::AzureBlob(AzureBlobConfig {
-            read_only: true,
-            ..config
-        }),
-        _ => unreachable!(),
-    }
+fn read_only_blob() -> Capabilities {
+    StoreConfig::AzureBlob(AzureBlobConfig {
+        read_only: true,
+        ..blob_config("frozen")
+    })
+    .capabilities()
 }
 
 #[test]
@@ -365,7 +353,7 @@ scriptParams:
         (mount.read_only, mount.driver, mount.remote_path.as_str()),
         (false, Some(MountDriver::Sidecar), "scratch")
     );
-    assert_eq!(mount.permissions().as_str(), "racwdl");
+    assert_eq!(mount.permissions(), Access::READ_WRITE);
     assert_eq!(plan.args, strings(&["--scratch", "/mnt/datastore/scratch"]));
     assert!(plan.permissions.is_empty());
 }
@@ -808,10 +796,10 @@ fn code_from_a_datastore_is_downloaded_first_and_becomes_the_working_directory()
     );
     assert_eq!(planned.working_dir.as_deref(), Some("/mnt/code"));
     // Read access is added to what the references need, and nothing more.
-    assert_eq!(planned.permissions["other-ds"], read_list());
+    assert_eq!(planned.permissions["other-ds"], Access::READ);
     assert_eq!(
         planned.permissions["workspace-ds"],
-        union(read_list(), create_write_list())
+        Access::READ.union(Access::UPLOAD)
     );
     // The data references do not move.
     assert_eq!(

@@ -74,7 +74,7 @@ fn now() -> DateTime<Utc> {
 fn children(yaml: &str) -> (Experiment, ExecutionPlan, Children) {
     let exp = experiment(yaml);
     let stores = datastores();
-    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
+    let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
     let children = build(&exp, &plan, &stores, &BuildContext::default(), &[], now()).unwrap();
     (exp, plan, children)
 }
@@ -420,7 +420,7 @@ fn pods_whose_agents_use_workload_identity_are_labelled_for_the_webhook() {
             .unwrap()
     };
     let build_with = |stores: &BTreeMap<String, StoreConfig>| {
-        let plan = plan(&exp.spec, stores, CLUSTER).unwrap();
+        let plan = plan(&exp.spec, &crate::store::capabilities(stores), CLUSTER).unwrap();
         build(&exp, &plan, stores, &BuildContext::default(), &[], now()).unwrap()
     };
     // blob-ds (download and upload) with an identity: both pods.
@@ -705,7 +705,7 @@ fn an_account_key_becomes_a_sas_with_exactly_the_plans_permissions() {
         "devstoreaccount1",
         KEY,
         "data",
-        plan.permissions["blob-ds"],
+        plan.permissions["blob-ds"].into(),
         now() + Duration::hours(3),
     )
     .unwrap();
@@ -718,7 +718,7 @@ fn download_only_gets_read_and_list_and_the_default_deadline() {
         "image: x\nentryScript: t.py\nscriptParams: [{name: --d, dataReference: {datastore: blob-ds, mode: download}}]\n",
     );
     let stores = datastores();
-    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
+    let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
     let file = render_credentials(&plan, &stores, now(), None)
         .unwrap()
         .unwrap();
@@ -756,7 +756,7 @@ fn datastores_file_shapes_per_credential_kind() {
     let exp = experiment(&format!(
         "image: x\nentryScript: t.py\nscriptParams:\n{params}"
     ));
-    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
+    let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
     let file = render_credentials(&plan, &stores, now(), Some(60))
         .unwrap()
         .unwrap();
@@ -813,7 +813,7 @@ fn an_invalid_account_key_is_a_config_error_that_does_not_show_it() {
     let exp = experiment(
         "image: x\nentryScript: t.py\nscriptParams: [{name: --d, dataReference: {datastore: blob-ds, mode: download}}]\n",
     );
-    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
+    let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
     let err = render_credentials(&plan, &stores, now(), None).unwrap_err();
     assert!(matches!(err, Error::Config(_)));
     assert!(!err.to_string().contains("not base64!"), "{err}");
@@ -904,7 +904,7 @@ fn a_name_too_long_for_the_job_labels_is_refused() {
     let mut exp = experiment(EXAMPLE);
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN));
     let stores = datastores();
-    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
+    let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
     let children = build(&exp, &plan, &stores, &BuildContext::default(), &[], now()).unwrap();
     assert_eq!(children.upload.unwrap().metadata.name.unwrap().len(), 63);
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
@@ -970,7 +970,10 @@ fn code_from_a_datastore_is_fetched_by_the_first_init_container_into_the_working
         .unwrap();
     assert!(volume.empty_dir.is_some());
     // The code's datastore can be read with the run's credentials.
-    assert_eq!(plan.permissions["public-ds"].as_str(), "rl");
+    assert_eq!(
+        sas::Permissions::from(plan.permissions["public-ds"]).as_str(),
+        "rl"
+    );
 }
 
 mod mounts;

@@ -27,7 +27,8 @@ use super::{BuildContext, MountChoice, blobfuse, opaque_secret};
 use crate::api::{Experiment, MountDriver};
 use crate::error::{Error, Result};
 use crate::plan::{ExecutionPlan, Mount};
-use crate::store::sas::{self, Permissions};
+use crate::store::Access;
+use crate::store::sas;
 use crate::store::{AzureBlobConfig, AzureCredential, AzureFileConfig, StoreConfig};
 
 /// Where agent containers find share `k`: `/mnt/shares/<k>`.
@@ -279,12 +280,12 @@ fn mount_sas(
     }
 }
 
-/// A SAS for `config`'s container minted from its account key, allowing `permissions` until
+/// A SAS for `config`'s container minted from its account key, allowing `access` until
 /// `expiry`.
 pub fn mint_sas(
     name: &str,
     config: &AzureBlobConfig,
-    permissions: Permissions,
+    access: Access,
     expiry: DateTime<Utc>,
 ) -> Result<String> {
     let AzureCredential::AccountKey(key) = &config.credential else {
@@ -294,7 +295,7 @@ pub fn mint_sas(
         &config.account,
         key.expose(),
         &config.container,
-        permissions,
+        access.into(),
         expiry,
     )
     .ok_or_else(|| {

@@ -3,7 +3,6 @@
 //! timeouts sized to the payload, bounded retries). See the commit that introduced it for why
 //! this is not `object_store`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,8 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use super::backend::{Backend, Hashes, ObjectStore};
+pub use super::backend::{Body, PutOutcome};
 use super::{AzureBlobConfig, AzureCredential, ObjectMeta, shared_key};
 use crate::error::{Error, Result};
 
@@ -52,19 +53,6 @@ impl Default for Tuning {
     }
 }
 
-/// A request body that can be produced again for a retry.
-#[derive(Clone, Debug)]
-pub enum Body {
-    Empty,
-    Bytes(Bytes),
-    /// `len` bytes of a file from `offset`, streamed: never held whole in memory.
-    File {
-        path: PathBuf,
-        offset: u64,
-        len: u64,
-    },
-}
-
 impl Body {
     fn len(&self) -> u64 {
         match self {
@@ -88,13 +76,6 @@ impl Body {
             }
         })
     }
-}
-
-/// Whether a conditional create found the blob already there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PutOutcome {
-    Created,
-    AlreadyExists,
 }
 
 /// A failed request, before it is turned into a user-facing [`Error`] with context.
@@ -795,6 +776,60 @@ fn backoff(attempt: u32) -> Duration {
     let base = Duration::from_millis(250) * 2u32.saturating_pow(attempt - 1);
     let capped = base.min(Duration::from_secs(8));
     capped.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+impl Backend for BlobClient {
+    fn read_only(&self) -> bool {
+        self.config().read_only
+    }
+    fn hashes(&self) -> Hashes {
+        Hashes { md5: true }
+    }
+    async fn check(&self) -> Result<()> {
+        BlobClient::check(self).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        BlobClient::list(self, prefix).await
+    }
+}
+
+impl ObjectStore for BlobClient {
+    type Body = reqwest::Response;
+
+    async fn read(&self, object: &ObjectMeta, range: Option<(u64, u64)>) -> Result<Self::Body> {
+        self.get(&object.name, range, object.etag.as_deref()).await
+    }
+    async fn chunk(&self, body: &mut Self::Body, name: &str) -> Result<Option<Bytes>> {
+        body.chunk().await.map_err(|e| self.body_error(name, e))
+    }
+    fn attempts(&self) -> u32 {
+        self.max_attempts()
+    }
+    async fn put(
+        &self,
+        name: &str,
+        body: Body,
+        md5: [u8; 16],
+        overwrite: bool,
+    ) -> Result<PutOutcome> {
+        self.put_blob(name, body, md5, overwrite).await
+    }
+    async fn staged_blocks(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        self.uncommitted_blocks(name).await
+    }
+    async fn put_block(&self, name: &str, ids: &BlockIds, index: usize, body: Body) -> Result<()> {
+        BlobClient::put_block(self, name, ids, index, body).await
+    }
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &BlockIds,
+        blocks: usize,
+        md5: [u8; 16],
+        overwrite: bool,
+    ) -> Result<PutOutcome> {
+        self.put_block_list(name, ids, blocks, md5, overwrite).await
+    }
 }
 
 fn q(k: &str, v: &str) -> (String, String) {

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::ObjectMeta;
+use super::backend::{Backend, Hashes};
 use crate::atomic::{Commit, TempFile};
 use crate::error::{Error, Result};
 use crate::paths;
@@ -24,10 +25,6 @@ impl LocalDir {
     /// Marks the datastore read-only (`spec.readOnly`): uploads to it are refused.
     pub fn with_read_only(self, read_only: bool) -> Self {
         LocalDir { read_only, ..self }
-    }
-
-    pub fn is_read_only(&self) -> bool {
-        self.read_only
     }
 
     pub fn root(&self) -> &Path {
@@ -110,6 +107,26 @@ impl LocalDir {
         std::fs::copy(src, tmp.path()).map_err(|e| Error::local("copy into", &target, e))?;
         tmp.commit(overwrite)
             .map_err(|e| Error::local("write", &target, e))
+    }
+}
+
+/// A local directory is a backend whose objects are files on this machine: the engine copies
+/// them kernel-side ([`std::fs::copy`]) rather than reading them through requests.
+impl Backend for LocalDir {
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn hashes(&self) -> Hashes {
+        Hashes { md5: false }
+    }
+    async fn check(&self) -> Result<()> {
+        LocalDir::check(self)
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let (dir, prefix) = (self.clone(), prefix.to_string());
+        tokio::task::spawn_blocking(move || LocalDir::list(&dir, &prefix))
+            .await
+            .expect("listing does not panic")
     }
 }
 

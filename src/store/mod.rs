@@ -1,15 +1,20 @@
 //! Resolve a datastore and its credentials into a client for its storage.
 
 pub mod azure;
+pub mod backend;
 pub mod local;
 pub mod resolve;
 pub mod sas;
 pub mod shared_key;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::api::MountDriver;
+
 pub use azure::BlobClient;
+pub use backend::{Backend, Hashes, ObjectStore};
 pub use local::LocalDir;
 
 /// A secret value. Its `Debug` and `Display` never show it, so it cannot leak into logs.
@@ -141,6 +146,101 @@ impl StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// What the planner may know of this storage.
+    pub fn capabilities(&self) -> Capabilities {
+        match self {
+            StoreConfig::AzureBlob(c) => Capabilities {
+                read_only: c.read_only,
+                from_cli: true,
+                from_cluster: true,
+                mount_drivers: &[MountDriver::Csi, MountDriver::Sidecar],
+            },
+            StoreConfig::AzureFile(c) => Capabilities {
+                read_only: c.read_only,
+                from_cli: false,
+                from_cluster: true,
+                mount_drivers: &[MountDriver::Csi],
+            },
+            StoreConfig::Local { read_only, .. } => Capabilities {
+                read_only: *read_only,
+                from_cli: true,
+                from_cluster: false,
+                mount_drivers: &[],
+            },
+        }
+    }
+}
+
+/// The capabilities of each resolved datastore, by name: what the planner takes.
+pub fn capabilities(datastores: &BTreeMap<String, StoreConfig>) -> BTreeMap<String, Capabilities> {
+    datastores
+        .iter()
+        .map(|(name, config)| (name.clone(), config.capabilities()))
+        .collect()
+}
+
+/// What a datastore's storage allows, as the planner sees it: how it can be reached and
+/// mounted, never which service it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The datastore's `readOnly`: nothing may be written to it.
+    pub read_only: bool,
+    /// The CLI (and so a local computeTarget) can copy to and from it.
+    pub from_cli: bool,
+    /// Pods in the cluster can copy to and from it, or mount it.
+    pub from_cluster: bool,
+    /// The drivers that can mount it in a pod.
+    pub mount_drivers: &'static [MountDriver],
+}
+
+/// What credentials must allow on a datastore, whatever the service: the planner asks for it,
+/// each backend maps it to its own terms (Azure: SAS permissions, `sas::Permissions::from`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    pub read: bool,
+    pub list: bool,
+    /// Write new objects.
+    pub create: bool,
+    /// Replace, append to, rename and delete existing objects, as a read-write mount does.
+    pub modify: bool,
+}
+
+impl Access {
+    /// What a download needs.
+    pub const READ: Access = Access {
+        read: true,
+        list: true,
+        create: false,
+        modify: false,
+    };
+    /// What an upload needs: it lists to skip what exists, and replaces nothing it did not
+    /// write.
+    pub const UPLOAD: Access = Access {
+        read: false,
+        list: true,
+        create: true,
+        modify: false,
+    };
+    /// What a read-write mount needs (blobfuse2 and SMB replace, rename and delete files).
+    pub const READ_WRITE: Access = Access {
+        read: true,
+        list: true,
+        create: true,
+        modify: true,
+    };
+
+    /// Everything either allows.
+    pub fn union(self, other: Access) -> Access {
+        Access {
+            read: self.read || other.read,
+            list: self.list || other.list,
+            create: self.create || other.create,
+            modify: self.modify || other.modify,
+        }
+    }
+}
+
 /// A client for a datastore's storage.
 #[derive(Clone)]
 pub enum Store {
@@ -181,33 +281,32 @@ impl Store {
             }
         })
     }
+}
 
-    /// Every object whose name starts with `prefix`.
-    pub async fn list(&self, prefix: &str) -> crate::error::Result<Vec<ObjectMeta>> {
+/// One dispatch per call, none per chunk: the engine runs generic code for the variant.
+impl Backend for Store {
+    fn read_only(&self) -> bool {
         match self {
-            Store::Azure(c) => c.list(prefix).await,
-            Store::Local(l) => {
-                let (l, prefix) = (l.clone(), prefix.to_string());
-                tokio::task::spawn_blocking(move || l.list(&prefix))
-                    .await
-                    .expect("listing does not panic")
-            }
+            Store::Azure(c) => c.read_only(),
+            Store::Local(l) => l.read_only(),
         }
     }
-
-    /// Whether the datastore is marked `readOnly`: nothing may be uploaded to it.
-    pub fn read_only(&self) -> bool {
+    fn hashes(&self) -> Hashes {
         match self {
-            Store::Azure(c) => c.config().read_only,
-            Store::Local(l) => l.is_read_only(),
+            Store::Azure(c) => c.hashes(),
+            Store::Local(l) => l.hashes(),
         }
     }
-
-    /// Proves the storage is there and the credentials work, as cheaply as possible.
-    pub async fn check(&self) -> crate::error::Result<()> {
+    async fn check(&self) -> crate::error::Result<()> {
         match self {
-            Store::Azure(c) => c.check().await,
-            Store::Local(l) => l.check(),
+            Store::Azure(c) => Backend::check(c).await,
+            Store::Local(l) => Backend::check(l).await,
+        }
+    }
+    async fn list(&self, prefix: &str) -> crate::error::Result<Vec<ObjectMeta>> {
+        match self {
+            Store::Azure(c) => Backend::list(c, prefix).await,
+            Store::Local(l) => Backend::list(l, prefix).await,
         }
     }
 }

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
+use super::Access;
 use super::azure::API_VERSION;
 
 /// What a SAS allows, in the order the service requires (`racwdl`).
@@ -34,6 +35,22 @@ impl Permissions {
         .filter(|(on, _)| *on)
         .map(|(_, c)| c)
         .collect()
+    }
+}
+
+/// The SAS permissions that grant `access`: creating a blob takes `c` and `w` (Put Block
+/// writes), modifying one also `a` and `d`.
+impl From<Access> for Permissions {
+    fn from(access: Access) -> Self {
+        let writes = access.create || access.modify;
+        Permissions {
+            read: access.read,
+            add: access.modify,
+            create: writes,
+            write: writes,
+            delete: access.modify,
+            list: access.list,
+        }
     }
 }
 
@@ -79,6 +96,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(p.as_str(), "rcwl");
+    }
+
+    #[test]
+    fn access_maps_to_the_least_permissions() {
+        let sp = |access: Access| Permissions::from(access).as_str();
+        assert_eq!(sp(Access::READ), "rl");
+        assert_eq!(sp(Access::UPLOAD), "cwl");
+        assert_eq!(sp(Access::READ.union(Access::UPLOAD)), "rcwl");
+        assert_eq!(sp(Access::READ_WRITE), "racwdl");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::{Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary, md5_he
 use crate::atomic::{Commit, TempFile};
 use crate::error::Error;
 use crate::paths;
-use crate::store::{BlobClient, LocalDir, ObjectMeta, Store};
+use crate::store::{Backend, LocalDir, ObjectMeta, ObjectStore, Store};
 
 /// Bytes gathered before one positional write: few syscalls, bounded memory per request.
 const WRITE_BATCH: usize = 512 * 1024;
@@ -331,7 +331,7 @@ impl<'a> LinkCheck<'a> {
 
 async fn download_one(run: &Run, store: &Store, item: Item, split: u64) -> Result<Outcome, Error> {
     let (commit, resumed) = match store {
-        Store::Azure(client) => download_blob(run, client, &item, split).await?,
+        Store::Azure(client) => download_object(run, client, &item, split).await?,
         Store::Local(dir) => (download_local(run, dir, &item).await?, 0),
     };
     Ok(match commit {
@@ -362,11 +362,11 @@ async fn download_local(run: &Run, dir: &LocalDir, item: &Item) -> Result<Commit
     Ok(commit)
 }
 
-/// Downloads one blob, in up to `split` parallel ranges when it is large. Returns how it was
+/// Downloads one object, in up to `split` parallel ranges when it is large. Returns how it was
 /// committed and how many of its bytes an earlier, interrupted run had already fetched.
-async fn download_blob(
+async fn download_object<O: ObjectStore>(
     run: &Run,
-    client: &BlobClient,
+    client: &O,
     item: &Item,
     split: u64,
 ) -> Result<(Commit, u64), Error> {
@@ -440,9 +440,9 @@ async fn download_blob(
 
 /// Fetches a large blob into `file` in ranges (of the journal's size when resuming), skipping
 /// what the journal says is on disk, and verifies it. Returns the bytes resumed.
-async fn fetch_large(
+async fn fetch_large<O: ObjectStore>(
     run: &Run,
-    client: &BlobClient,
+    client: &O,
     item: &Item,
     file: &Arc<File>,
     journal: Option<Journal>,
@@ -522,16 +522,14 @@ struct Fetch {
 }
 
 /// A whole small blob into memory, its size checked as it arrives.
-async fn fetch_small(client: &BlobClient, item: &Item) -> Result<Bytes, Error> {
+async fn fetch_small<O: ObjectStore>(client: &O, item: &Item) -> Result<Bytes, Error> {
     let name = &item.meta.name;
     let mut attempt = 1;
     loop {
-        let resp = client.get(name, None, item.meta.etag.as_deref()).await?;
+        let mut body = client.read(&item.meta, None).await?;
         let mut buf = BytesMut::with_capacity(item.meta.size as usize);
-        let mut body = resp.bytes_stream();
-        let streamed: Result<(), reqwest::Error> = async {
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk?;
+        let streamed: Result<(), Error> = async {
+            while let Some(chunk) = client.chunk(&mut body, name).await? {
                 buf.extend_from_slice(&chunk);
                 if buf.len() as u64 > item.meta.size {
                     break;
@@ -545,11 +543,11 @@ async fn fetch_small(client: &BlobClient, item: &Item) -> Result<Bytes, Error> {
                 check_len(item, buf.len() as u64, item.meta.size)?;
                 return Ok(buf.freeze());
             }
-            Err(e) if attempt < client.max_attempts() => {
+            Err(e) if attempt < client.attempts() => {
                 tracing::debug!(blob = %name, error = %e, attempt, "download interrupted; retrying");
                 attempt += 1;
             }
-            Err(e) => return Err(client.body_error(name, e)),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -558,9 +556,9 @@ async fn fetch_small(client: &BlobClient, item: &Item) -> Result<Bytes, Error> {
 /// is retried from the last byte written, a bounded number of times; progress is recorded in
 /// the journal as it goes.
 #[allow(clippy::too_many_arguments)]
-async fn fetch_range(
+async fn fetch_range<O: ObjectStore>(
     run: &Run,
-    client: &BlobClient,
+    client: &O,
     item: &Item,
     fetch: Fetch,
     file: &Arc<File>,
@@ -574,14 +572,14 @@ async fn fetch_range(
     let mut attempt = 1;
     loop {
         // The explicit range (never the whole blob) sizes the request's timeout to the payload.
-        let resp = client
-            .get(name, Some((offset, end)), item.meta.etag.as_deref())
-            .await?;
-        let mut body = resp.bytes_stream();
+        let mut body = client.read(&item.meta, Some((offset, end))).await?;
         let mut batch = BytesMut::with_capacity(WRITE_BATCH.min((end - offset) as usize));
         let streamed: Result<(), StreamError> = async {
             loop {
-                let chunk = body.next().await.transpose().map_err(StreamError::Body)?;
+                let chunk = client
+                    .chunk(&mut body, name)
+                    .await
+                    .map_err(StreamError::Body)?;
                 if let Some(chunk) = &chunk {
                     batch.extend_from_slice(chunk);
                 }
@@ -636,11 +634,11 @@ async fn fetch_range(
                 check_len(item, offset - fetch.range.0, end - fetch.range.0)?;
                 return Ok(());
             }
-            Err(StreamError::Body(e)) if attempt < client.max_attempts() => {
+            Err(StreamError::Body(e)) if attempt < client.attempts() => {
                 tracing::debug!(blob = %paths::display_name(name), error = %e, attempt, offset, "download interrupted; retrying from the last byte written");
                 attempt += 1;
             }
-            Err(StreamError::Body(e)) => return Err(client.body_error(name, e)),
+            Err(StreamError::Body(e)) => return Err(e),
             Err(StreamError::TooLong) => return Err(too_long(item)),
             Err(StreamError::Write(e)) => return Err(Error::local("write", &item.path, e)),
         }
@@ -648,7 +646,8 @@ async fn fetch_range(
 }
 
 enum StreamError {
-    Body(reqwest::Error),
+    /// The connection broke mid-body: retried.
+    Body(Error),
     TooLong,
     Write(std::io::Error),
 }

@@ -11,9 +11,10 @@ use super::{Options, Outcome, Progress, Result, Run, SMALL_FILE, Summary};
 use crate::atomic::Commit;
 use crate::error::Error;
 use crate::paths;
-use crate::store::azure::{BlockIds, Body, PutOutcome};
+use crate::store::azure::BlockIds;
+use crate::store::backend::{Body, PutOutcome};
 use crate::store::local::{Tree, walk_files};
-use crate::store::{BlobClient, LocalDir, ObjectMeta, Store};
+use crate::store::{Backend, LocalDir, ObjectMeta, ObjectStore, Store};
 
 /// A local file to upload and the blob name it becomes.
 struct Item {
@@ -220,7 +221,7 @@ fn refuse_symlinks_out_of(root: &Path, files: &[(PathBuf, u64)]) -> Result<(), E
 
 async fn upload_one(run: &Run, store: &Store, item: Item) -> Result<Outcome, Error> {
     let (created, resumed) = match store {
-        Store::Azure(client) => upload_blob(run, client, &item).await?,
+        Store::Azure(client) => upload_object(run, client, &item).await?,
         Store::Local(dir) => (upload_local(run, dir, &item).await?, 0),
     };
     Ok(if created {
@@ -248,9 +249,13 @@ async fn upload_local(run: &Run, dir: &LocalDir, item: &Item) -> Result<bool, Er
     Ok(commit == Commit::Written)
 }
 
-/// Returns whether the blob was created (false: it existed and overwrite was not asked for)
+/// Returns whether the object was created (false: it existed and overwrite was not asked for)
 /// and how many of its bytes an interrupted run had already staged.
-async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(bool, u64), Error> {
+async fn upload_object<O: ObjectStore>(
+    run: &Run,
+    client: &O,
+    item: &Item,
+) -> Result<(bool, u64), Error> {
     let mut resumed = 0;
     let overwrite = run.options.overwrite;
     let read_error = |e| Error::local("read", &item.path, e);
@@ -262,7 +267,7 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(boo
         check_size(item, data.len() as u64)?;
         let md5 = md5_of(&data);
         client
-            .put_blob(&item.name, Body::Bytes(data.into()), md5, overwrite)
+            .put(&item.name, Body::Bytes(data.into()), md5, overwrite)
             .await?
     } else if one_request {
         // Put Blob needs the MD5 before the body: hash first, then stream the file.
@@ -277,7 +282,7 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(boo
             offset: 0,
             len: item.size,
         };
-        client.put_blob(&item.name, body, md5, overwrite).await?
+        client.put(&item.name, body, md5, overwrite).await?
     } else {
         // Blocks go up in parallel from their own offsets while one sequential pass hashes
         // the whole file for the blob's Content-MD5. Their IDs derive from this version of the
@@ -297,7 +302,7 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(boo
         let staged: HashMap<String, u64> = {
             let _permit = run.permit().await;
             client
-                .uncommitted_blocks(&item.name)
+                .staged_blocks(&item.name)
                 .await?
                 .into_iter()
                 .collect()
@@ -350,7 +355,7 @@ async fn upload_blob(run: &Run, client: &BlobClient, item: &Item) -> Result<(boo
         }
         let _permit = run.permit().await;
         client
-            .put_block_list(&item.name, ids, blocks, md5, overwrite)
+            .commit_blocks(&item.name, ids, blocks, md5, overwrite)
             .await?
     };
     if one_request {

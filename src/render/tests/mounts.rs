@@ -73,7 +73,7 @@ fn build_with(
     let exp = experiment(&format!(
         "image: python:3.12-slim\nentryScript: train.py\nactiveDeadlineSeconds: 7200\nscriptParams:\n{params}"
     ));
-    let plan = plan(&exp.spec, stores, CLUSTER).unwrap();
+    let plan = plan(&exp.spec, &crate::store::capabilities(stores), CLUSTER).unwrap();
     let choices = choose_drivers(&plan, stores, ctx, &MountEnvironment::default())
         .map_err(|r| Error::Config(r.to_string()))?;
     let children = build(&exp, &plan, stores, ctx, &choices, now())?;
@@ -161,7 +161,10 @@ fn csi_blob_mounts_get_a_sas_with_exactly_their_permissions() {
         assert_eq!(data["azurestorageaccountname"], "mlstorage");
         let token = &data["azurestorageaccountsastoken"];
         assert_eq!(sas_field(token, "sp"), permissions, "mount-{n}");
-        assert_eq!(plan.mounts[n].permissions().as_str(), permissions);
+        assert_eq!(
+            sas::Permissions::from(plan.mounts[n].permissions()).as_str(),
+            permissions
+        );
         assert_eq!(sas_field(token, "sr"), "c");
         // Like the credentials Secret's: now + activeDeadlineSeconds (2 h) + 1 h.
         assert_eq!(sas_field(token, "se"), "2030-01-01T03:00:00Z");
@@ -170,7 +173,7 @@ fn csi_blob_mounts_get_a_sas_with_exactly_their_permissions() {
             "mlstorage",
             KEY,
             "training-data",
-            plan.mounts[n].permissions(),
+            plan.mounts[n].permissions().into(),
             now() + Duration::hours(3),
         )
         .unwrap();
@@ -489,7 +492,7 @@ fn code_from_a_share_is_read_through_the_share() {
         "image: x\nentryScript: t.py\ncode: {datastore: share-ds, path: code/v1}\nscriptParams: [{name: --w, dataReference: {datastore: share-ds, path: w, mode: mount}}]\n",
     );
     let stores = stores();
-    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
+    let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
     let ctx = BuildContext::default();
     let choices = choose_drivers(&plan, &stores, &ctx, &MountEnvironment::default()).unwrap();
     let c = build(&exp, &plan, &stores, &ctx, &choices, now()).unwrap();
@@ -719,7 +722,7 @@ fn mounts_the_drivers_cannot_make_are_refused_clearly() {
         "image: x\nentryScript: t.py\nscriptParams: [{name: --a, dataReference: {datastore: share-ds, mode: mount}}]\n",
     );
     let stores = stores();
-    let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
+    let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
     let sidecar = [MountChoice {
         driver: MountDriver::Sidecar,
         reason: "test".into(),
@@ -734,7 +737,7 @@ fn a_run_with_mounts_never_outlives_its_mounts_credentials() {
     let ctx = BuildContext::default();
     let deadline_of = |yaml: &str| {
         let exp = experiment(yaml);
-        let plan = plan(&exp.spec, &stores, CLUSTER).unwrap();
+        let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
         let choices = choose_drivers(&plan, &stores, &ctx, &MountEnvironment::default()).unwrap();
         let children = build(&exp, &plan, &stores, &ctx, &choices, now()).unwrap();
         children.run.spec.unwrap().active_deadline_seconds
