@@ -632,7 +632,8 @@ fn parse_endpoint(label: &str, endpoint: &str, account: &str) -> Result<url::Url
     Ok(url)
 }
 
-/// Azure's container name rule (the CRD checks the same with CEL).
+/// Azure's container name rule: the CRD checks it with CEL, and this copy stays for datastores
+/// files, which meet no apiserver (a test holds the two to the same verdicts).
 fn container_name_is_valid(name: &str) -> bool {
     matches!(name, "$root" | "$web" | "$logs")
         || ((3..=63).contains(&name.len())
@@ -786,6 +787,53 @@ metadata: {name: ignored}
             "{err}"
         );
         assert!(!err.contains("TOPSECRET"), "{err}");
+    }
+
+    /// The one Rust copy of a CEL rule must agree with the CRD's rule, evaluated as the
+    /// apiserver would: a datastores file gets the same verdict as `kubectl apply`.
+    #[test]
+    fn the_rust_name_rules_agree_with_the_crds_cel() {
+        use kube::CustomResourceExt;
+        use kube::core::cel::Validator;
+        let crd = crate::api::Datastore::crd();
+        let schema = serde_json::to_value(
+            crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .expect("the CRD has an openAPIV3Schema"),
+        )
+        .unwrap();
+        let accepted = |storage: serde_json::Value| {
+            let object = serde_json::json!({
+                "apiVersion": "datastore.dev/v1alpha1",
+                "kind": "Datastore",
+                "metadata": {"name": "ds"},
+                "spec": storage,
+            });
+            Validator::new().validate(&schema, &object, None).is_ok()
+        };
+        let names = [
+            "data", "a-b", "abc", "$web", "$root", "$logs", "$other", "ab", "Data", "a--b", "-ab",
+            "ab-", "a_b", "../x", "a.b", "0ab",
+        ];
+        let too_long = "a".repeat(64);
+        for name in names.into_iter().chain([too_long.as_str()]) {
+            let blob =
+                serde_json::json!({"azureBlob": {"accountName": "acct", "containerName": name}});
+            assert_eq!(
+                container_name_is_valid(name),
+                accepted(blob),
+                "containerName {name}"
+            );
+            let share = serde_json::json!({"azureFile": {"accountName": "acct", "shareName": name,
+                "credentials": {"secretRef": {"name": "creds"}}}});
+            assert_eq!(
+                container_name_is_valid(name) && !name.starts_with('$'),
+                accepted(share),
+                "shareName {name}"
+            );
+        }
     }
 
     #[test]
