@@ -1,5 +1,7 @@
 //! The error type every user-facing command ends in, and its exit codes (documented in the README).
 
+use crate::reason::Reason;
+
 /// What went wrong, in one sentence that says how to fix it. The variant decides the exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,19 +53,19 @@ impl Error {
         }
     }
 
-    /// A stable machine name for the error kind (JSON output, logs, later metrics and events).
-    pub fn reason(&self) -> &'static str {
+    /// The error's kind as a reason (JSON output, metric labels, conditions).
+    pub fn reason(&self) -> Reason {
         match self {
-            Error::Config(_) => "InvalidConfig",
-            Error::Auth(_) => "AuthFailed",
-            Error::NotFound(_) => "NotFound",
-            Error::Unreachable(_) => "Unreachable",
-            Error::Integrity(_) => "IntegrityError",
-            Error::UnsafeName(_) => "UnsafeBlobName",
-            Error::Service(_) => "StorageError",
-            Error::Local(_) => "LocalIoError",
-            Error::LocalUnwritable(_) => "LocalUnwritable",
-            Error::Partial(_) => "PartialFailure",
+            Error::Config(_) => Reason::InvalidConfig,
+            Error::Auth(_) => Reason::AuthFailed,
+            Error::NotFound(_) => Reason::NotFound,
+            Error::Unreachable(_) => Reason::Unreachable,
+            Error::Integrity(_) => Reason::IntegrityError,
+            Error::UnsafeName(_) => Reason::UnsafeBlobName,
+            Error::Service(_) => Reason::StorageError,
+            Error::Local(_) => Reason::LocalIoError,
+            Error::LocalUnwritable(_) => Reason::LocalUnwritable,
+            Error::Partial(_) => Reason::PartialFailure,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod local;
 pub mod paths;
 pub mod plan;
 pub mod quantity;
+pub mod reason;
 pub mod render;
 pub mod signal;
 pub mod store;

@@ -13,6 +13,7 @@ use kube::{Resource, ResourceExt};
 use super::{Context, ReconcileError};
 use crate::api::{ClusterDatastore, Datastore, DatastoreStatus};
 use crate::error::Error;
+use crate::reason::Reason;
 use crate::store::resolve::{self, Found, Scope};
 use crate::store::{Backend, Store, StoreConfig};
 
@@ -46,15 +47,15 @@ pub async fn reconcile_cluster_datastore(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Check {
     pub ready: bool,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
 }
 
 impl Check {
-    fn not_ready(reason: &str, message: impl Into<String>) -> Check {
+    fn not_ready(reason: Reason, message: impl Into<String>) -> Check {
         Check {
             ready: false,
-            reason: reason.to_string(),
+            reason,
             message: message.into(),
         }
     }
@@ -68,13 +69,13 @@ async fn check(found: &Found, namespace: &str, ctx: &Context) -> Result<Check, R
     };
     let config = match resolve::resolve_found(ctx.client.clone(), found, &scope).await {
         Ok(resolved) => resolved.config,
-        Err(Error::Config(message)) => return Ok(Check::not_ready("InvalidConfig", message)),
+        Err(Error::Config(message)) => return Ok(Check::not_ready(Reason::InvalidConfig, message)),
         Err(e) => return Err(ReconcileError::Resolve(e)),
     };
     match config {
         StoreConfig::Local { .. } => {
             return Ok(Check::not_ready(
-                "LocalOnly",
+                Reason::LocalOnly,
                 "a local directory is only usable by the datastore CLI, not by experiments in the cluster",
             ));
         }
@@ -83,7 +84,7 @@ async fn check(found: &Found, namespace: &str, ctx: &Context) -> Result<Check, R
         StoreConfig::AzureFile(_) => {
             return Ok(Check {
                 ready: true,
-                reason: "CredentialsResolved".to_string(),
+                reason: Reason::CredentialsResolved,
                 message: "the share's credentials resolved; the share itself is reached by the file.csi.azure.com driver when a pod mounts it".to_string(),
             });
         }
@@ -91,12 +92,12 @@ async fn check(found: &Found, namespace: &str, ctx: &Context) -> Result<Check, R
     }
     let store = match Store::new(&config, &ctx.check_tuning) {
         Ok(store) => store,
-        Err(e) => return Ok(Check::not_ready("InvalidConfig", e.to_string())),
+        Err(e) => return Ok(Check::not_ready(Reason::InvalidConfig, e.to_string())),
     };
     Ok(match store.check().await {
         Ok(()) => Check {
             ready: true,
-            reason: "Reachable".to_string(),
+            reason: Reason::Reachable,
             message: "the container answered a listing with these credentials".to_string(),
         },
         Err(e) => Check::not_ready(check_reason(&e), e.to_string()),
@@ -104,11 +105,9 @@ async fn check(found: &Found, namespace: &str, ctx: &Context) -> Result<Check, R
 }
 
 /// The `Ready` reason for a failed check.
-pub fn check_reason(e: &Error) -> &'static str {
+pub fn check_reason(e: &Error) -> Reason {
     match e {
-        Error::Auth(_) => "AuthFailed",
-        Error::NotFound(_) => "ContainerNotFound",
-        Error::Unreachable(_) => "Unreachable",
+        Error::NotFound(_) => Reason::ContainerNotFound,
         other => other.reason(),
     }
 }
@@ -129,7 +128,7 @@ pub fn ready_condition(
     Condition {
         type_: READY.to_string(),
         status: status.to_string(),
-        reason: check.reason.clone(),
+        reason: check.reason.to_string(),
         message: check.message.clone(),
         observed_generation: generation,
         last_transition_time,

@@ -48,7 +48,7 @@ struct ControllerLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
     controller: &'static str,
-    reason: String,
+    reason: &'static str,
 }
 
 /// Every metric of the process, and the registry that encodes them.
@@ -150,7 +150,7 @@ impl Metrics {
             self.failures
                 .get_or_create(&FailureLabels {
                     controller,
-                    reason: error.reason(),
+                    reason: error.reason().as_str(),
                 })
                 .inc();
         }
@@ -189,7 +189,7 @@ impl Metrics {
 
 /// The bytes the upload agents of these pods reported (the newest pod's).
 pub fn uploaded_bytes(pods: &[Pod]) -> u64 {
-    super::progress::upload_totals(pods).bytes
+    super::experiment::progress::upload_totals(pods).bytes
 }
 
 /// `datastore_experiments{phase}`, read from the Experiment controller's cache when scraped.

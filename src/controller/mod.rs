@@ -13,7 +13,6 @@ pub mod experiment;
 pub mod http;
 pub mod leader;
 pub mod metrics;
-pub mod progress;
 pub mod rbac;
 
 use std::net::SocketAddr;
@@ -35,6 +34,7 @@ use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ClusterDatastore, Datastore, Experiment};
+use crate::reason::Reason;
 use crate::render::{
     self, BuildContext, DEFAULT_AGENT_CPU_LIMIT, DEFAULT_AGENT_CPU_REQUEST, DEFAULT_AGENT_IMAGE,
     DEFAULT_AGENT_MEMORY_LIMIT, DEFAULT_AGENT_MEMORY_REQUEST, DEFAULT_OUTPUTS_SIZE,
@@ -394,26 +394,13 @@ impl ReconcileError {
     /// The kind of failure, for the `reason` label of
     /// `datastore_reconcile_failures_total`: `Kube<apiserver reason>` (e.g. `KubeConflict`,
     /// `KubeForbidden`), `KubeRequest` when no answer came, or the resolve error's reason
-    /// (e.g. `AuthFailed`). A bounded set: label values must not grow without limit.
-    pub fn reason(&self) -> String {
+    /// (e.g. `AuthFailed`).
+    pub fn reason(&self) -> Reason {
         match self {
-            ReconcileError::Kube(kube::Error::Api(status)) => {
-                // The apiserver's reasons are CamelCase words; anything else is not a label.
-                let reason: String = status
-                    .reason
-                    .chars()
-                    .filter(char::is_ascii_alphanumeric)
-                    .take(40)
-                    .collect();
-                if reason.is_empty() {
-                    format!("KubeHttp{}", status.code)
-                } else {
-                    format!("Kube{reason}")
-                }
-            }
-            ReconcileError::Kube(kube::Error::SerdeError(_)) => "KubeDecode".to_string(),
-            ReconcileError::Kube(_) => "KubeRequest".to_string(),
-            ReconcileError::Resolve(e) => e.reason().to_string(),
+            ReconcileError::Kube(kube::Error::Api(status)) => Reason::kube(&status.reason),
+            ReconcileError::Kube(kube::Error::SerdeError(_)) => Reason::KubeDecode,
+            ReconcileError::Kube(_) => Reason::KubeRequest,
+            ReconcileError::Resolve(e) => e.reason(),
         }
     }
 }
@@ -897,10 +884,10 @@ mod tests {
         let reason = |e| ReconcileError::Kube(e).reason();
         assert_eq!(reason(api_error(409, "Conflict", "x")), "KubeConflict");
         assert_eq!(reason(api_error(403, "Forbidden", "x")), "KubeForbidden");
-        assert_eq!(reason(api_error(500, "", "x")), "KubeHttp500");
+        assert_eq!(reason(api_error(500, "", "x")), "KubeOther");
         assert_eq!(
             reason(api_error(500, "we\"ird {label}\n", "x")),
-            "Kubeweirdlabel"
+            "KubeOther"
         );
         assert_eq!(
             reason(kube::Error::Service("connection refused".into())),

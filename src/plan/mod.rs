@@ -13,6 +13,7 @@ use crate::api::{
     CodeReference, ComputeTarget, DataReference, ExperimentSpec, Mode, MountDriver, ScriptParam,
 };
 use crate::paths;
+use crate::reason::Reason;
 use crate::store::{Access, Capabilities};
 
 /// Where an executor places data references and code on compute.
@@ -250,33 +251,33 @@ pub enum PlanError {
 }
 
 impl PlanError {
-    /// The variant's name, for condition reasons, events and metrics.
-    pub fn reason(&self) -> &'static str {
+    /// The variant's reason (of the same name), for conditions, events and metrics.
+    pub fn reason(&self) -> Reason {
         match self {
-            PlanError::EmptyParameterName => "EmptyParameterName",
-            PlanError::DuplicateParameter { .. } => "DuplicateParameter",
-            PlanError::ValueAndDataReference { .. } => "ValueAndDataReference",
-            PlanError::NoValueOrDataReference { .. } => "NoValueOrDataReference",
-            PlanError::EmptyCommand => "EmptyCommand",
-            PlanError::EmptyEntryScript => "EmptyEntryScript",
-            PlanError::EntryScriptOutsideSource { .. } => "EntryScriptOutsideSource",
-            PlanError::MissingImage => "MissingImage",
-            PlanError::InvalidDatastorePath { .. } => "InvalidDatastorePath",
-            PlanError::InvalidEnvName { .. } => "InvalidEnvName",
-            PlanError::InvalidEnvValue { .. } => "InvalidEnvValue",
-            PlanError::UnknownDatastore { .. } => "UnknownDatastore",
-            PlanError::MountOnLocalCompute { .. } => "MountOnLocalCompute",
-            PlanError::OverwriteNotUpload { .. } => "OverwriteNotUpload",
-            PlanError::MountOptionNotMount { .. } => "MountOptionNotMount",
-            PlanError::EnvShadowsReference { .. } => "EnvShadowsReference",
-            PlanError::LocalDatastoreOnCluster { .. } => "LocalDatastoreOnCluster",
-            PlanError::AzureFileOnLocalCompute { .. } => "AzureFileOnLocalCompute",
-            PlanError::WriteToReadOnlyDatastore { .. } => "WriteToReadOnlyDatastore",
-            PlanError::SidecarOnAzureFile { .. } => "SidecarOnAzureFile",
-            PlanError::SourceDirectoryOutsideCode { .. } => "SourceDirectoryOutsideCode",
-            PlanError::InvalidPathOnCompute { .. } => "InvalidPathOnCompute",
-            PlanError::PathOnComputeClash { .. } => "PathOnComputeClash",
-            PlanError::EnvVarClash { .. } => "EnvVarClash",
+            PlanError::EmptyParameterName => Reason::EmptyParameterName,
+            PlanError::DuplicateParameter { .. } => Reason::DuplicateParameter,
+            PlanError::ValueAndDataReference { .. } => Reason::ValueAndDataReference,
+            PlanError::NoValueOrDataReference { .. } => Reason::NoValueOrDataReference,
+            PlanError::EmptyCommand => Reason::EmptyCommand,
+            PlanError::EmptyEntryScript => Reason::EmptyEntryScript,
+            PlanError::EntryScriptOutsideSource { .. } => Reason::EntryScriptOutsideSource,
+            PlanError::MissingImage => Reason::MissingImage,
+            PlanError::InvalidDatastorePath { .. } => Reason::InvalidDatastorePath,
+            PlanError::InvalidEnvName { .. } => Reason::InvalidEnvName,
+            PlanError::InvalidEnvValue { .. } => Reason::InvalidEnvValue,
+            PlanError::UnknownDatastore { .. } => Reason::UnknownDatastore,
+            PlanError::MountOnLocalCompute { .. } => Reason::MountOnLocalCompute,
+            PlanError::OverwriteNotUpload { .. } => Reason::OverwriteNotUpload,
+            PlanError::MountOptionNotMount { .. } => Reason::MountOptionNotMount,
+            PlanError::EnvShadowsReference { .. } => Reason::EnvShadowsReference,
+            PlanError::LocalDatastoreOnCluster { .. } => Reason::LocalDatastoreOnCluster,
+            PlanError::AzureFileOnLocalCompute { .. } => Reason::AzureFileOnLocalCompute,
+            PlanError::WriteToReadOnlyDatastore { .. } => Reason::WriteToReadOnlyDatastore,
+            PlanError::SidecarOnAzureFile { .. } => Reason::SidecarOnAzureFile,
+            PlanError::SourceDirectoryOutsideCode { .. } => Reason::SourceDirectoryOutsideCode,
+            PlanError::InvalidPathOnCompute { .. } => Reason::InvalidPathOnCompute,
+            PlanError::PathOnComputeClash { .. } => Reason::PathOnComputeClash,
+            PlanError::EnvVarClash { .. } => Reason::EnvVarClash,
         }
     }
 }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::api::{MountDriver, MountRecord};
 use crate::plan::{ExecutionPlan, Mount};
+use crate::reason::Reason;
 use crate::store::{AzureCredential, StoreConfig};
 
 use super::{BuildContext, csi};
@@ -54,11 +55,11 @@ pub struct MountChoice {
     pub reason: String,
 }
 
-/// Why a mount cannot be mounted here. `reason` is a condition reason.
+/// Why a mount cannot be mounted here.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct MountRefusal {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
     /// Only a change of the spec can lift it (the reference asks for what cannot be done);
     /// otherwise the cluster, the operator or the datastore can.
@@ -106,7 +107,7 @@ fn choose_driver(
         // The planner refuses both before a build.
         Some(StoreConfig::Local { .. }) | None => {
             return Err(refuse(
-                "DatastoreInvalid",
+                Reason::DatastoreInvalid,
                 format!(
                     "datastore {} cannot be mounted in the cluster",
                     mount.datastore
@@ -116,7 +117,7 @@ fn choose_driver(
     };
     if *credential == AzureCredential::Anonymous {
         return Err(refuse(
-            "MountNeedsCredentials",
+            Reason::MountNeedsCredentials,
             no_credentials(&mount.datastore),
         ));
     }
@@ -132,7 +133,7 @@ fn choose_driver(
             return Err(MountRefusal {
                 spec: true,
                 ..refuse(
-                    "CsiCannotMount",
+                    Reason::CsiCannotMount,
                     format!(
                         "{}; use mountDriver: sidecar (a privileged blobfuse2 sidecar mounts it)",
                         csi_cannot.unwrap_or_default()
@@ -165,7 +166,7 @@ fn choose_driver(
                 && let Some(why) = &csi_cannot =>
         {
             return Err(refuse(
-                "CsiCannotMount",
+                Reason::CsiCannotMount,
                 format!(
                     "{why}; the operator's default driver is csi (--default-mount-driver): set mountDriver: sidecar on the reference"
                 ),
@@ -200,7 +201,7 @@ fn choose_driver(
     };
     match choice.driver {
         MountDriver::Csi if csi_installed == Some(false) => Err(refuse(
-            "CsiDriverMissing",
+            Reason::CsiDriverMissing,
             format!(
                 "mounting with csi needs the CSIDriver {csi_driver}, which this cluster does not have; install it (AKS: az aks update --enable-{}-driver){}",
                 if is_share { "file" } else { "blob" },
@@ -218,7 +219,7 @@ fn choose_driver(
             ) =>
         {
             Err(refuse(
-                "PrivilegedForbidden",
+                Reason::PrivilegedForbidden,
                 format!(
                     "the blobfuse2 sidecar must run privileged, which namespace {} forbids ({POD_SECURITY_ENFORCE_LABEL}: {}); use mountDriver: csi with the {BLOB_CSI_DRIVER} driver, or run the experiment in a namespace that allows privileged pods",
                     env.namespace,
@@ -226,9 +227,10 @@ fn choose_driver(
                 ),
             ))
         }
-        MountDriver::Sidecar if ctx.blobfuse_image.is_none() => {
-            Err(refuse("NoBlobfuseImage", NO_BLOBFUSE_IMAGE.to_string()))
-        }
+        MountDriver::Sidecar if ctx.blobfuse_image.is_none() => Err(refuse(
+            Reason::NoBlobfuseImage,
+            NO_BLOBFUSE_IMAGE.to_string(),
+        )),
         _ => Ok(choice),
     }
 }

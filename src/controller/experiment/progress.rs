@@ -3,20 +3,13 @@
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::{Experiment, ExperimentStatus, InputRecord, Phase};
+use crate::api::InputRecord;
 use crate::plan::Transfer;
 use crate::plan::contract::{
     CODE_CONTAINER, MAIN_CONTAINER, download_container, is_download_container,
 };
 use crate::plan::contract::{Report, UploadReport};
-
-/// The condition saying whether the spec is valid and its datastores usable.
-pub const ACCEPTED: &str = "Accepted";
-/// The condition saying whether the experiment succeeded: Unknown while it runs (the reason is
-/// the phase), True when it succeeded, False when it failed or cannot start.
-pub const SUCCEEDED: &str = "Succeeded";
 
 /// How a Job ended, from its terminal conditions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -320,150 +313,6 @@ pub fn upload_totals(pods: &[Pod]) -> UploadReport {
 /// How many outputs the upload left as they were because their blob existed.
 pub fn skipped_outputs(pods: &[Pod]) -> u64 {
     upload_totals(pods).skipped
-}
-
-/// The reason of the experiment's `Succeeded` condition, as last written.
-pub fn succeeded_reason(exp: &Experiment) -> Option<&str> {
-    exp.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == SUCCEEDED)
-        .map(|c| c.reason.as_str())
-}
-
-/// One step of an experiment, as its status reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Step {
-    pub phase: Phase,
-    /// `Accepted` condition: `None` is True, `Some((reason, message))` is False.
-    pub refused: Option<(String, String)>,
-    /// The `Succeeded` condition's reason (CamelCase).
-    pub reason: String,
-    /// What happened, for humans.
-    pub message: String,
-    /// Publish its event as a Warning even though nothing failed.
-    pub warning: bool,
-}
-
-impl Step {
-    pub fn new(phase: Phase, reason: &str, message: impl Into<String>) -> Step {
-        Step {
-            phase,
-            refused: None,
-            reason: reason.to_string(),
-            message: message.into(),
-            warning: false,
-        }
-    }
-
-    pub fn warning(mut self) -> Step {
-        self.warning = true;
-        self
-    }
-
-    /// The spec or its datastores keep the experiment from starting.
-    pub fn refused(phase: Phase, reason: &str, message: impl Into<String>) -> Step {
-        let message = message.into();
-        Step {
-            phase,
-            refused: Some((reason.to_string(), message.clone())),
-            reason: reason.to_string(),
-            message,
-            warning: true,
-        }
-    }
-
-    pub fn finished(&self) -> bool {
-        matches!(self.phase, Phase::Succeeded | Phase::Failed) && self.refused.is_none()
-    }
-}
-
-/// The status after `step`: conditions keep their transition time while their status holds;
-/// the start time is set once, when the run starts, and the completion time when it ends.
-/// Equal to `current` when nothing changed, so an unchanged experiment is not written.
-pub fn next_status(
-    current: &ExperimentStatus,
-    generation: Option<i64>,
-    step: &Step,
-    inputs: Vec<InputRecord>,
-    started: bool,
-    now: &Time,
-) -> ExperimentStatus {
-    let accepted = match &step.refused {
-        None => condition(
-            ACCEPTED,
-            "True",
-            "Accepted",
-            "the spec is valid and every datastore is usable",
-            generation,
-        ),
-        Some((reason, message)) => condition(ACCEPTED, "False", reason, message, generation),
-    };
-    let succeeded = match step.phase {
-        Phase::Succeeded => condition(SUCCEEDED, "True", &step.reason, &step.message, generation),
-        Phase::Failed => condition(SUCCEEDED, "False", &step.reason, &step.message, generation),
-        _ => condition(
-            SUCCEEDED,
-            "Unknown",
-            &step.reason,
-            &step.message,
-            generation,
-        ),
-    };
-    let conditions = [accepted, succeeded]
-        .into_iter()
-        .map(|mut c| {
-            if let Some(old) = current.conditions.iter().find(|o| o.type_ == c.type_)
-                && old.status == c.status
-            {
-                c.last_transition_time = old.last_transition_time.clone();
-            } else {
-                c.last_transition_time = now.clone();
-            }
-            c
-        })
-        .collect();
-    let start_time = current
-        .start_time
-        .clone()
-        .or_else(|| started.then(|| now.clone()));
-    let completion_time = current
-        .completion_time
-        .clone()
-        .or_else(|| step.finished().then(|| now.clone()));
-    ExperimentStatus {
-        phase: Some(step.phase),
-        conditions,
-        observed_generation: generation,
-        start_time,
-        completion_time,
-        message: Some(step.message.clone()),
-        inputs: if inputs.is_empty() {
-            current.inputs.clone()
-        } else {
-            inputs
-        },
-        // Decided when the run started (the driver of each mount), never by progress.
-        mounts: current.mounts.clone(),
-    }
-}
-
-fn condition(
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-) -> Condition {
-    Condition {
-        type_: type_.to_string(),
-        status: status.to_string(),
-        reason: reason.to_string(),
-        message: message.to_string(),
-        observed_generation: generation,
-        last_transition_time: Time(Default::default()),
-    }
 }
 
 #[cfg(test)]

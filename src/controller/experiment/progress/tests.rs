@@ -2,7 +2,7 @@ use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, PodStatus,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use super::*;
@@ -302,118 +302,6 @@ fn failures_name_each_container_that_failed_and_its_message() {
         vec!["the script exited with code 137 (OOMKilled)"]
     );
     assert_eq!(failures(&[]), Vec::<String>::new());
-}
-
-fn at(second: i64) -> Time {
-    Time(Timestamp::from_second(second).unwrap())
-}
-
-#[test]
-fn status_keeps_transition_and_start_times_and_is_unchanged_when_nothing_moved() {
-    let pending = Step::new(Phase::Pending, "Created", "created Job x-run");
-    let first = next_status(
-        &ExperimentStatus::default(),
-        Some(1),
-        &pending,
-        vec![],
-        true,
-        &at(10),
-    );
-    assert_eq!(first.phase, Some(Phase::Pending));
-    assert_eq!(first.start_time, Some(at(10)));
-    assert_eq!(first.completion_time, None);
-    assert_eq!(first.observed_generation, Some(1));
-    let accepted = &first.conditions[0];
-    assert_eq!(
-        (accepted.type_.as_str(), accepted.status.as_str()),
-        (ACCEPTED, "True")
-    );
-    let succeeded = &first.conditions[1];
-    assert_eq!(
-        (
-            succeeded.type_.as_str(),
-            succeeded.status.as_str(),
-            succeeded.reason.as_str()
-        ),
-        (SUCCEEDED, "Unknown", "Created")
-    );
-
-    // The same step later: nothing to write.
-    assert_eq!(
-        next_status(&first, Some(1), &pending, vec![], true, &at(99)),
-        first
-    );
-
-    // Running: the Succeeded condition stays Unknown, so its transition time stays too.
-    let running = Step::new(Phase::Running, "Running", "the script is running");
-    let second = next_status(&first, Some(1), &running, vec![], true, &at(20));
-    assert_eq!(second.conditions[1].reason, "Running");
-    assert_eq!(second.conditions[1].last_transition_time, at(10));
-    assert_eq!(second.start_time, Some(at(10)));
-
-    let done = Step::new(Phase::Succeeded, "Succeeded", "the script succeeded");
-    let third = next_status(&second, Some(1), &done, vec![], true, &at(30));
-    assert_eq!(third.conditions[1].status, "True");
-    assert_eq!(third.conditions[1].last_transition_time, at(30));
-    assert_eq!(third.completion_time, Some(at(30)));
-}
-
-#[test]
-fn a_refusal_is_not_a_start_nor_a_completion() {
-    let refusal = Step::refused(
-        Phase::Failed,
-        "PathOnComputeClash",
-        "parameters --a and --b overlap",
-    );
-    let status = next_status(
-        &ExperimentStatus::default(),
-        Some(2),
-        &refusal,
-        vec![],
-        false,
-        &at(5),
-    );
-    assert_eq!(status.phase, Some(Phase::Failed));
-    assert_eq!(status.start_time, None);
-    assert_eq!(status.completion_time, None, "a fixed spec still runs");
-    let accepted = &status.conditions[0];
-    assert_eq!(
-        (
-            accepted.status.as_str(),
-            accepted.reason.as_str(),
-            accepted.message.as_str()
-        ),
-        (
-            "False",
-            "PathOnComputeClash",
-            "parameters --a and --b overlap"
-        )
-    );
-    assert_eq!(status.conditions[1].status, "False");
-}
-
-#[test]
-fn recorded_inputs_survive_steps_that_report_none() {
-    let record = InputRecord {
-        name: "--data".into(),
-        datastore: "ds".into(),
-        path: "p".into(),
-        files: 1,
-        bytes: 1,
-        digest: "sha256:cc".into(),
-    };
-    let running = Step::new(Phase::Running, "Running", "running");
-    let first = next_status(
-        &ExperimentStatus::default(),
-        None,
-        &running,
-        vec![record.clone()],
-        true,
-        &at(1),
-    );
-    let done = Step::new(Phase::Succeeded, "Succeeded", "done");
-    let second = next_status(&first, None, &done, vec![], true, &at(2));
-    assert_eq!(second.inputs, vec![record]);
 }
 
 #[test]
