@@ -2,8 +2,11 @@
 //! generated `validate_cel` methods (on the spec fragments) and through the CRDs' own
 //! `openAPIV3Schema` (what the apiserver evaluates on `kubectl apply`).
 
-use datastore_operator::api::{ClusterDatastoreSpec, Credentials, DatastoreSpec, crds};
-use kube::core::cel::{ErrorKind, ValidationErrors, Validator};
+mod common;
+
+use common::cel::{crd_schema, messages};
+use datastore_operator::api::{ClusterDatastoreSpec, Credentials, DatastoreSpec};
+use kube::core::cel::Validator;
 use serde_json::{Value, json};
 
 const ONE_KIND: &str = "set exactly one kind of storage: azureBlob, azureFile or local";
@@ -14,24 +17,6 @@ const NOT_BOTH: &str = "set either secretRef or workloadIdentity, not both";
 
 fn blob(account: &str, container: &str) -> Value {
     json!({"accountName": account, "containerName": container})
-}
-
-/// The messages of the failed rules, asserting each is a rule that evaluated to false (not a
-/// compilation or evaluation error, which would mean a broken rule rather than a rejected value).
-fn messages(errors: ValidationErrors) -> Vec<String> {
-    errors
-        .into_vec()
-        .into_iter()
-        .map(|e| {
-            assert_eq!(
-                e.kind,
-                ErrorKind::ValidationFailure,
-                "rule `{}` did not evaluate: {e}",
-                e.rule
-            );
-            e.message
-        })
-        .collect()
 }
 
 fn spec_errors(spec: Value) -> Vec<String> {
@@ -216,19 +201,6 @@ fn credentials_rule_applies_inside_a_datastore_spec() {
 }
 
 // --- The rules as the apiserver sees them: in the CRDs' openAPIV3Schema ---
-
-fn crd_schema(kind: &str) -> Value {
-    let crd = crds()
-        .into_iter()
-        .find(|c| c.spec.names.kind == kind)
-        .unwrap_or_else(|| panic!("no CRD of kind {kind}"));
-    let schema = crd.spec.versions[0]
-        .schema
-        .as_ref()
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .expect("the CRD has an openAPIV3Schema");
-    serde_json::to_value(schema).expect("the schema serializes to JSON")
-}
 
 /// `(rule, message)` pairs of the `x-kubernetes-validations` at a schema node.
 fn rules_at(schema: &Value, path: &[&str]) -> Vec<(String, String)> {

@@ -2,13 +2,15 @@
 //! generated `validate_cel` methods and through the CRD's own `openAPIV3Schema` (what the
 //! apiserver evaluates on `kubectl apply`).
 
+mod common;
+
+use common::cel::messages;
 use datastore_operator::api::{
     DataReference, ExperimentSpec, IMAGE_ON_CLUSTER, MOUNT_ON_LOCAL, PATH_ON_COMPUTE, ScriptParam,
-    Staging, crds,
+    Staging,
 };
 use kube::core::cel::{
-    AnalysisWarning, ErrorKind, ScopeContext, ValidationErrors, Validator, WarningKind,
-    analyze_rule, compile_schema,
+    AnalysisWarning, ScopeContext, Validator, WarningKind, analyze_rule, compile_schema,
 };
 use serde_json::{Value, json};
 
@@ -35,24 +37,6 @@ fn example() -> Value {
             {"name": "--regularization", "value": "0.1"},
         ],
     })
-}
-
-/// The messages of the failed rules, asserting each is a rule that evaluated to false (not a
-/// compilation or evaluation error, which would mean a broken rule rather than a rejected value).
-fn messages(errors: ValidationErrors) -> Vec<String> {
-    errors
-        .into_vec()
-        .into_iter()
-        .map(|e| {
-            assert_eq!(
-                e.kind,
-                ErrorKind::ValidationFailure,
-                "rule `{}` did not evaluate: {e}",
-                e.rule
-            );
-            e.message
-        })
-        .collect()
 }
 
 fn spec_errors(spec: &Value) -> Vec<String> {
@@ -256,16 +240,7 @@ fn field_rules_refuse_empty_and_out_of_range_values() {
 // --- The rules as the apiserver sees them: in the CRD's openAPIV3Schema ---
 
 fn crd_schema() -> Value {
-    let crd = crds()
-        .into_iter()
-        .find(|c| c.spec.names.kind == "Experiment")
-        .expect("an Experiment CRD");
-    let schema = crd.spec.versions[0]
-        .schema
-        .as_ref()
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .expect("the CRD has an openAPIV3Schema");
-    serde_json::to_value(schema).expect("the schema serializes to JSON")
+    common::cel::crd_schema("Experiment")
 }
 
 fn object(spec: Value) -> Value {

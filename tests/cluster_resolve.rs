@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use base64::Engine;
 use common::apiserver::{Exchange, expect, start};
+use common::objects::secret;
 use datastore_operator::error::Error;
 use datastore_operator::store::resolve::{Resolved, Scope, resolve_with_client};
 use datastore_operator::store::{AzureBlobConfig, AzureCredential, Secret, StoreConfig};
@@ -92,17 +92,6 @@ fn cluster_datastore(name: &str, spec: Value) -> Value {
         "kind": "ClusterDatastore",
         "metadata": {"name": name, "uid": format!("uid-{name}"), "resourceVersion": "8"},
         "spec": spec,
-    })
-}
-
-/// A Secret as the apiserver returns it: values base64-encoded under `data`.
-fn secret(ns: &str, name: &str, key: &str, value: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": {"name": name, "namespace": ns, "resourceVersion": "9"},
-        "data": {key: base64::engine::general_purpose::STANDARD.encode(value)},
     })
 }
 

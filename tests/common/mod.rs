@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod cel;
 pub mod cluster;
 pub mod cut;
 pub mod image;
 pub mod node;
+pub mod objects;
 pub mod operator;
 
 use std::os::unix::process::CommandExt;
