@@ -1,5 +1,6 @@
-//! The error type every user-facing command ends in, and its exit codes (documented in the README).
+//! The error type every user-facing command ends in, and its exit code (from `exit`'s table).
 
+use crate::exit;
 use crate::reason::Reason;
 
 /// What went wrong, in one sentence that says how to fix it. The variant decides the exit code.
@@ -41,15 +42,15 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Partial(_) => 1,
-            Error::Config(_) => 3,
-            Error::Auth(_) => 4,
-            Error::NotFound(_) => 5,
-            Error::Unreachable(_) => 6,
-            Error::Integrity(_) => 7,
-            Error::UnsafeName(_) => 8,
-            Error::Service(_) => 9,
-            Error::Local(_) | Error::LocalUnwritable(_) => 10,
+            Error::Partial(_) => exit::PARTIAL,
+            Error::Config(_) => exit::CONFIG,
+            Error::Auth(_) => exit::AUTH,
+            Error::NotFound(_) => exit::NOT_FOUND,
+            Error::Unreachable(_) => exit::UNREACHABLE,
+            Error::Integrity(_) => exit::INTEGRITY,
+            Error::UnsafeName(_) => exit::UNSAFE_NAME,
+            Error::Service(_) => exit::SERVICE,
+            Error::Local(_) | Error::LocalUnwritable(_) => exit::LOCAL,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod atomic;
 pub mod cli;
 pub mod controller;
 pub mod error;
+pub mod exit;
 pub mod local;
 pub mod paths;
 pub mod plan;

@@ -194,7 +194,10 @@ async fn wait_follows_the_phase_to_succeeded() {
 
 #[tokio::test]
 async fn wait_follows_the_phase_to_failed() {
-    assert_eq!(wait_for("Failed").await.exit_code, submit::EXIT_FAILED);
+    assert_eq!(
+        wait_for("Failed").await.exit_code,
+        datastore_operator::exit::EXPERIMENT_FAILED
+    );
 }
 
 #[tokio::test]

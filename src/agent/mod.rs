@@ -204,7 +204,7 @@ async fn download(args: DownloadArgs) -> i32 {
             {
                 tracing::error!(error = %e, "the interruption could not be reported");
             }
-            return 128 + signal;
+            return crate::exit::signaled(signal);
         }
         Ok(Ok((summary, listing))) => {
             let report = Report::of(&listing.blobs);
@@ -276,7 +276,7 @@ async fn upload(args: UploadArgs) -> i32 {
             {
                 tracing::error!(error = %e, "the interruption could not be reported");
             }
-            128 + signal
+            crate::exit::signaled(signal)
         }
     }
 }

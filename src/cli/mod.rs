@@ -240,7 +240,7 @@ where
         signal = crate::signal::interrupted() => {
             bar.finish();
             eprintln!("interrupted: no partial file was left under its final name; run the same command again to finish");
-            return 128 + signal;
+            return crate::exit::signaled(signal);
         }
     };
     bar.finish();

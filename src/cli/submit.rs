@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use super::experiment_file::ExperimentFile;
 use crate::api::{CodeReference, ComputeTarget, Experiment, Phase};
 use crate::error::{Error, Result};
+use crate::exit;
 use crate::store::Store;
 use crate::store::resolve::{OperatorNamespace, Scope, Source};
 use crate::transfer::{self, Options};
@@ -32,10 +33,6 @@ pub const SNAPSHOT_LIMIT: u64 = 300 * 1024 * 1024;
 pub const CLI_MANAGER: &str = "datastore-cli";
 /// Consecutive watch failures `--wait` rides out before it gives up.
 const MAX_WATCH_ERRORS: u32 = 5;
-/// `--wait` exits with this when the Experiment failed.
-pub const EXIT_FAILED: i32 = 1;
-/// `--wait` exits with this when `--timeout` passed first (as timeout(1) does).
-pub const EXIT_TIMEOUT: i32 = 124;
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
@@ -70,7 +67,7 @@ pub async fn run(args: SubmitArgs) -> i32 {
             eprintln!(
                 "error: no Kubernetes cluster is reachable ({e}): point KUBECONFIG at one, or run the Experiment here with `datastore run --local`"
             );
-            return 6;
+            return exit::UNREACHABLE;
         }
     };
     match submit(client, &args).await {
@@ -88,7 +85,7 @@ pub struct Submitted {
     /// The snapshot the Experiment's code comes from, and how many of its files were uploaded
     /// now (0: it was there already).
     pub snapshot: Option<(CodeReference, u64)>,
-    /// 0 when created (and, with `--wait`, Succeeded); see [`EXIT_FAILED`], [`EXIT_TIMEOUT`].
+    /// 0 when created (and, with `--wait`, Succeeded); see [`exit::EXPERIMENT_FAILED`], [`exit::TIMEOUT`].
     pub exit_code: i32,
 }
 
@@ -148,7 +145,7 @@ pub async fn submit(client: Client, args: &SubmitArgs) -> Result<Submitted> {
         created.name_any()
     );
     if !args.wait {
-        return Ok(done(0));
+        return Ok(done(exit::SUCCESS));
     }
     let name = created.name_any();
     let followed = follow(&api, &name);
@@ -161,7 +158,7 @@ pub async fn submit(client: Client, args: &SubmitArgs) -> Result<Submitted> {
                 file.namespace(),
                 file.name()
             );
-            Ok(done(EXIT_TIMEOUT))
+            Ok(done(exit::TIMEOUT))
         }
     }
 }
@@ -349,8 +346,8 @@ async fn follow(api: &Api<Experiment>, name: &str) -> Result<i32> {
             last = Some(now);
         }
         match status.phase {
-            Some(Phase::Succeeded) => return Ok(0),
-            Some(Phase::Failed) => return Ok(EXIT_FAILED),
+            Some(Phase::Succeeded) => return Ok(exit::SUCCESS),
+            Some(Phase::Failed) => return Ok(exit::EXPERIMENT_FAILED),
             _ => {}
         }
     }

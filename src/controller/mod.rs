@@ -34,6 +34,7 @@ use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ClusterDatastore, Datastore, Experiment};
+use crate::exit;
 use crate::reason::Reason;
 use crate::render::{
     self, BuildContext, DEFAULT_AGENT_CPU_LIMIT, DEFAULT_AGENT_CPU_REQUEST, DEFAULT_AGENT_IMAGE,
@@ -454,15 +455,15 @@ where
     Action::requeue(ERROR_RETRY)
 }
 
-/// Runs `datastore controller`; returns the exit code: 0 after SIGTERM or SIGINT, 6 without a
-/// cluster configuration, 3 when `--http-addr` cannot be served, 1 when the leader lease was
-/// lost (Kubernetes restarts the replica as a standby).
+/// Runs `datastore controller`; returns the exit code: success after SIGTERM or SIGINT,
+/// unreachable without a cluster configuration, configuration when `--http-addr` cannot be
+/// served, lease lost when the leader lost its Lease (Kubernetes restarts it as a standby).
 pub async fn run(args: ControllerArgs) -> i32 {
     let no_cluster = |e: &dyn std::fmt::Display| {
         eprintln!(
             "error: no Kubernetes cluster is reachable ({e}): run the controller in a cluster, or point KUBECONFIG at one"
         );
-        6
+        exit::UNREACHABLE
     };
     let config = match kube::Config::infer().await {
         Ok(config) => config,
@@ -488,7 +489,7 @@ pub async fn run(args: ControllerArgs) -> i32 {
                 "error: cannot serve /healthz, /readyz and /metrics on {} ({e}): choose another --http-addr",
                 args.http_addr
             );
-            return 3;
+            return exit::CONFIG;
         }
     };
     let addr = listener.local_addr().unwrap_or(args.http_addr);
@@ -539,7 +540,7 @@ pub async fn run(args: ControllerArgs) -> i32 {
     .await;
 
     let code = match ready {
-        None => 0,
+        None => exit::SUCCESS,
         Some(manager) => {
             let build = BuildContext {
                 default_outputs_size: Quantity(args.default_outputs_size),
@@ -566,7 +567,7 @@ pub async fn run(args: ControllerArgs) -> i32 {
                     metrics.set_leader(true);
                     controllers(shutdown.clone()).await;
                     metrics.set_leader(false);
-                    0
+                    exit::SUCCESS
                 }
                 Some(manager) => {
                     tracing::info!(%identity, lease = leader::LEASE_NAME, "waiting to be the leader");
@@ -580,12 +581,12 @@ pub async fn run(args: ControllerArgs) -> i32 {
                     )
                     .await
                     {
-                        leader::Ended::Shutdown => 0,
+                        leader::Ended::Shutdown => exit::SUCCESS,
                         leader::Ended::Lost(why) => {
                             tracing::error!(
                                 "lost the leader lease: {why}; the controllers stopped and the process exits so that Kubernetes restarts it as a standby"
                             );
-                            1
+                            exit::LEASE_LOST
                         }
                     }
                 }

@@ -59,7 +59,7 @@ impl Finished {
     /// Stopped by `signal` before the run's end (exit 128 + signal, as a shell reports it).
     fn interrupted(signal: i32, kept: Option<(PathBuf, String)>) -> Finished {
         Finished {
-            script: 128 + signal,
+            script: crate::exit::signaled(signal),
             upload_error: None,
             kept,
         }
@@ -384,7 +384,7 @@ fn exit_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status
         .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
+        .or_else(|| status.signal().map(crate::exit::signaled))
         .unwrap_or(1)
 }
 
