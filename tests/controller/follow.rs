@@ -1,5 +1,6 @@
-//! Following a run: the pod running, the pods the cluster refuses and the bounded wait for them
-//! to start, a failed run, and a run Job deleted under it.
+//! Following a run against the scripted apiserver: the reads a pass makes, the pods the cluster
+//! refuses (events) and the bounded wait for them to start (suspend, claim deleted). Which step
+//! each observation leads to is `decide`'s table (src/controller/experiment/decide.rs).
 
 use std::sync::Arc;
 
@@ -115,56 +116,3 @@ async fn a_run_that_does_not_start_in_time_fails_and_suspends_its_job() {
     assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
 }
 
-#[tokio::test]
-async fn a_failed_run_fails_the_experiment_and_keeps_the_outputs() {
-    let exp = running_exp().await;
-    let status = Arc::default();
-    let script = vec![
-        expect(&format!("GET {RUN}")).ok(job(
-            "train-run",
-            condition("Failed", "BackoffLimitExceeded"),
-        )),
-        failed_run_pods(),
-        status_patch(&status, |s| {
-            assert_eq!(s.phase, Some(Phase::Failed));
-            assert!(s.completion_time.is_some());
-            let message = s.message.as_deref().unwrap();
-            assert!(
-                message.contains("the script exited with code 2: ValueError"),
-                "{message}"
-            );
-            assert!(
-                message.contains("kept on PersistentVolumeClaim train-outputs"),
-                "{message}"
-            );
-            let succeeded = s
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "Succeeded")
-                .unwrap();
-            assert_eq!(
-                (succeeded.status.as_str(), succeeded.reason.as_str()),
-                ("False", "RunFailed")
-            );
-        }),
-        event_about("Warning", "RunFailed", "exited with code 2"),
-    ];
-    let action = reconcile_once(&exp, script).await;
-    assert_eq!(action, Action::await_change());
-}
-
-#[tokio::test]
-async fn a_run_job_deleted_mid_run_fails_the_experiment_instead_of_rerunning_it() {
-    let exp = running_exp().await;
-    let status = Arc::default();
-    let script = vec![
-        expect(&format!("GET {RUN}")).not_found(),
-        status_patch(&status, |s| {
-            assert_eq!(s.phase, Some(Phase::Failed));
-            assert!(s.completion_time.is_some());
-        }),
-        event_about("Warning", "RunJobDeleted", "create a new Experiment"),
-    ];
-    let action = reconcile_once(&exp, script).await;
-    assert_eq!(action, Action::await_change());
-}

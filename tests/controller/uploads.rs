@@ -248,34 +248,6 @@ fn upload_pods(skipped: u64) -> Exchange {
 }
 
 #[tokio::test]
-async fn outputs_kept_because_their_blobs_existed_keep_the_pvc() {
-    let exp = uploading(running_exp().await).await;
-    let status = Arc::default();
-    let script = vec![
-        run_completed(),
-        run_pods(terminated(0, "")),
-        expect(&format!("GET {UPLOAD}"))
-            .ok(job("train-upload", condition("Complete", "Completed"))),
-        upload_pods(2),
-        // No DELETE of the PVC: this run's versions of two files live only there.
-        status_patch(&status, |s| {
-            assert_eq!(s.phase, Some(Phase::Succeeded));
-            let message = s.message.as_deref().unwrap();
-            assert!(
-                message.contains("2 output file(s) already existed"),
-                "{message}"
-            );
-            assert!(
-                message.contains("stay on PersistentVolumeClaim train-outputs"),
-                "{message}"
-            );
-        }),
-        event_about("Warning", "OutputsSkipped", "overwrite"),
-    ];
-    assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
-}
-
-#[tokio::test]
 async fn a_failed_run_still_uploads_under_upload_policy_always() {
     let mut exp = running_exp().await;
     exp.spec.upload_policy = datastore_operator::api::UploadPolicy::Always;
@@ -323,46 +295,6 @@ async fn a_failed_run_still_uploads_under_upload_policy_always() {
         }),
         event_about("Warning", "RunFailed", "outputs were uploaded"),
     ]);
-    let action = reconcile_once(&exp, script).await;
-    assert_eq!(action, Action::await_change());
-}
-
-#[tokio::test]
-async fn a_failed_upload_fails_the_experiment_and_keeps_the_pvc() {
-    let exp = uploading(running_exp().await).await;
-    let status = Arc::default();
-    let script = vec![
-        run_completed(),
-        run_pods(terminated(0, "")),
-        expect(&format!("GET {UPLOAD}")).ok(job(
-            "train-upload",
-            condition("Failed", "BackoffLimitExceeded"),
-        )),
-        expect(&format!("GET {PODS}"))
-            .query("labelSelector=batch.kubernetes.io%2Fjob-name%3Dtrain-upload")
-            .ok(pods(vec![pod(
-                vec![],
-                vec![container(
-                    "upload-0",
-                    terminated(4, "the storage account refused the SAS token"),
-                )],
-            )])),
-        status_patch(&status, |s| {
-            assert_eq!(s.phase, Some(Phase::Failed));
-            let message = s.message.as_deref().unwrap();
-            assert!(
-                message
-                    .contains("container upload-0 exited with code 4: the storage account refused"),
-                "{message}"
-            );
-            assert!(
-                message.contains("kept on PersistentVolumeClaim train-outputs"),
-                "{message}"
-            );
-        }),
-        event_about("Warning", "UploadFailed", "upload-0"),
-    ];
-    // No DELETE of the PVC: the script would refuse it.
     let action = reconcile_once(&exp, script).await;
     assert_eq!(action, Action::await_change());
 }

@@ -898,4 +898,178 @@ mod tests {
         );
         assert_eq!(uploaded, 2048);
     }
+
+    #[test]
+    fn the_run_job_of_the_name_decides_how_a_pass_begins() {
+        let mut exp = experiment("");
+        let ours = |uid: &str| {
+            let mut job = job("train-run", None);
+            job.metadata.owner_references = Some(vec![
+                serde_json::from_value(json!({
+                    "apiVersion": "datastore.example.com/v1alpha1", "kind": "Experiment",
+                    "name": "train", "uid": uid, "controller": true,
+                }))
+                .unwrap(),
+            ]);
+            job
+        };
+        assert_eq!(entry(&exp, None), Entry::Start);
+        assert!(matches!(entry(&exp, Some(ours("uid-1"))), Entry::Follow(_)));
+        // A namesake's leftover is neither followed nor adopted: the experiment waits for it.
+        let Entry::Report {
+            step,
+            started,
+            then,
+        } = entry(&exp, Some(ours("uid-0")))
+        else {
+            panic!("a Job that is not ours is reported")
+        };
+        assert_eq!(
+            (step.phase, step.reason, started),
+            (Phase::Pending, Reason::NameConflict, false)
+        );
+        assert_eq!(then, Action::requeue(BLOCKED_RECHECK));
+        // Deleted mid-run: failed, not run again into an outputs volume that may hold outputs.
+        let step = Step::new(Phase::Running, Reason::Running, "the script is running");
+        exp.status = Some(status::next_status(
+            &ExperimentStatus::default(),
+            None,
+            &step,
+            vec![],
+            true,
+            &Time(at(NOW)),
+        ));
+        let Entry::Report {
+            step,
+            started,
+            then,
+        } = entry(&exp, None)
+        else {
+            panic!("a deleted run Job is reported")
+        };
+        assert_eq!(
+            (step.phase, step.reason, started),
+            (Phase::Failed, Reason::RunJobDeleted, true)
+        );
+        assert!(
+            step.message.contains("create a new Experiment"),
+            "{}",
+            step.message
+        );
+        assert_eq!(then, Action::await_change());
+        // A local experiment is `datastore run`'s; a finished or deleted one is history.
+        let mut local = experiment("");
+        local.spec.compute_target = ComputeTarget::Local;
+        assert!(
+            matches!(settled(&local), Some(Entry::Report { step, .. }) if step.reason == Reason::LocalComputeTarget)
+        );
+        exp.status.as_mut().unwrap().completion_time = Some(Time(at(NOW)));
+        assert_eq!(settled(&exp), Some(Entry::Nothing));
+    }
+
+    #[test]
+    fn the_end_says_what_failed_and_where_the_outputs_are() {
+        let exp = experiment(&reference("--out", "blob-ds", "upload"));
+        let step_of = |run: JobSeen, upload: Option<Option<JobSeen>>| match decide(
+            &exp,
+            &Observed {
+                run,
+                inputs: vec![],
+                upload,
+            },
+            at(NOW),
+            START_TIMEOUT,
+        ) {
+            Decision::Report { step, .. } | Decision::Finish { step, .. } => step,
+            other => panic!("{other:?}"),
+        };
+        let script_failed = pod(
+            "run-1",
+            vec![],
+            vec![(
+                "main",
+                json!({"terminated": {"exitCode": 2, "message": "ValueError: no files in /mnt/datastore/training_data"}}),
+            )],
+            None,
+        );
+        // The run failed (uploadPolicy OnSuccess): the script's own words, and the claim kept.
+        let failed = step_of(
+            seen(job("train-run", Some("Failed")), vec![script_failed], None),
+            None,
+        );
+        assert_eq!(
+            (failed.phase, failed.reason),
+            (Phase::Failed, Reason::RunFailed)
+        );
+        assert!(
+            failed
+                .message
+                .contains("the script exited with code 2: ValueError")
+                && failed
+                    .message
+                    .contains("kept on PersistentVolumeClaim train-outputs"),
+            "{}",
+            failed.message
+        );
+        // The upload failed: the agent's words, and the claim kept.
+        let agent_failed = pod(
+            "upload-1",
+            vec![],
+            vec![(
+                "upload-0",
+                json!({"terminated": {"exitCode": 4, "message": "the storage account refused the SAS token"}}),
+            )],
+            None,
+        );
+        let run_ok = || seen(job("train-run", Some("Complete")), vec![], None);
+        let failed = step_of(
+            run_ok(),
+            Some(Some(seen(
+                job("train-upload", Some("Failed")),
+                vec![agent_failed],
+                None,
+            ))),
+        );
+        assert_eq!(
+            (failed.phase, failed.reason),
+            (Phase::Failed, Reason::UploadFailed)
+        );
+        assert!(
+            failed
+                .message
+                .contains("container upload-0 exited with code 4: the storage account refused")
+                && failed
+                    .message
+                    .contains("kept on PersistentVolumeClaim train-outputs"),
+            "{}",
+            failed.message
+        );
+        // Outputs whose blobs existed: kept on the claim, and said with a Warning event.
+        let skipped = pod(
+            "upload-1",
+            vec![],
+            vec![],
+            Some(r#"{"uploaded": 1, "skipped": 2, "identical": 0, "bytes": 10}"#),
+        );
+        let kept = step_of(
+            run_ok(),
+            Some(Some(seen(
+                job("train-upload", Some("Complete")),
+                vec![skipped],
+                None,
+            ))),
+        );
+        assert_eq!(
+            (kept.phase, kept.reason, kept.warning),
+            (Phase::Succeeded, Reason::OutputsSkipped, true)
+        );
+        assert!(
+            kept.message.contains("2 output file(s) already existed")
+                && kept
+                    .message
+                    .contains("stay on PersistentVolumeClaim train-outputs"),
+            "{}",
+            kept.message
+        );
+    }
 }
