@@ -342,7 +342,7 @@ async fn a_failure_writes_the_reason_to_the_report_and_exits_non_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn logs_are_json_lines_and_stdout_is_one_json_summary() {
+async fn logs_are_json_lines_and_stdout_is_progress_lines_then_one_json_summary() {
     let f = Fixture::new().await;
     put(&f, "d/a", b"a").await;
     let o = agent(vec![
@@ -362,7 +362,25 @@ async fn logs_are_json_lines_and_stdout_is_one_json_summary() {
     .await;
     assert_exit(&o, 0);
     let out = stdout(&o);
-    assert_eq!(out.lines().count(), 1, "{out}");
+    let (summary_line, progress) = out
+        .trim()
+        .lines()
+        .collect::<Vec<_>>()
+        .split_last()
+        .map(|(l, p)| (*l, p.to_vec()))
+        .unwrap();
+    assert!(summary_line.contains("\"transferred\":1"), "{out}");
+    // Progress lines (at least the last state, on the end of the transfer) come before it.
+    let last = progress
+        .last()
+        .unwrap_or_else(|| panic!("no progress line: {out}"));
+    for line in &progress {
+        assert!(line.starts_with("{\"progress\":"), "{line}");
+    }
+    assert!(
+        last.contains("\"files\":1,\"filesTotal\":1,\"bytes\":1,\"bytesTotal\":1"),
+        "{last}"
+    );
     assert_eq!(summary(&o)["transferred"], 1);
     let err = stderr(&o);
     assert!(!err.trim().is_empty(), "info logs are written");

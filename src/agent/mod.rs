@@ -7,8 +7,9 @@
 //!   datastore folder; if that fails, the error goes to the termination message, where the
 //!   controller reads why.
 //!
-//! Both print the CLI's JSON summary as one line on stdout; logs are JSON lines on stderr.
-//! There are no progress bars.
+//! While they transfer, both write a progress line (`{"progress": ...}`) on stdout every two
+//! seconds, which the controller reads from the container's log into the Experiment's status;
+//! then the CLI's JSON summary as one line. Logs are JSON lines on stderr.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +20,11 @@ use crate::error::Error;
 use crate::plan::contract::{REPORT_LIMIT, Report, UploadReport, truncate};
 use crate::store::Store;
 use crate::store::resolve::{OperatorNamespace, Scope, Source};
-use crate::transfer::{self, Failed, NoProgress, Options};
+use crate::transfer::{self, Failed, Lines, Options};
+
+/// How often a running agent writes a progress line (`{"progress": ...}`) on stdout: the
+/// controller reads the newest from the container's log.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
@@ -189,7 +194,7 @@ async fn download(args: DownloadArgs) -> i32 {
             &args.path,
             &args.target,
             options,
-            Arc::new(NoProgress),
+            Arc::new(Lines::stdout(PROGRESS_EVERY)),
         )
         .await
     };
@@ -243,7 +248,7 @@ async fn upload(args: UploadArgs) -> i32 {
             &args.src_dir,
             &args.path,
             args.datastore.options(args.overwrite),
-            Arc::new(NoProgress),
+            Arc::new(Lines::stdout(PROGRESS_EVERY)),
         )
         .await
     };

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 pub use download::{FolderListing, download, download_folder};
-pub use progress::{Bar, NoProgress, Progress};
+pub use progress::{Bar, Lines, NoProgress, Progress};
 pub use report::{Output, report};
 pub use upload::upload;
 

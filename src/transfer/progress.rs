@@ -1,9 +1,11 @@
-//! Progress events of a run. The engine reports; the CLI draws bars, the agent logs.
+//! Progress events of a run. The engine reports; the CLI draws bars, the agent writes JSON lines.
 
 use crate::error::Error;
 
 mod bar;
+mod lines;
 pub use bar::Bar;
+pub use lines::{Lines, Snapshot};
 
 pub trait Progress: Send + Sync {
     /// The run will transfer `files` files of `bytes` bytes in all (skipped files excluded).

@@ -115,4 +115,3 @@ async fn a_run_that_does_not_start_in_time_fails_and_suspends_its_job() {
     ];
     assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
 }
-
