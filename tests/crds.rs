@@ -271,6 +271,10 @@ fn the_experiment_crd_has_the_designed_names_and_columns() {
         columns,
         [
             ("Phase", ".status.phase"),
+            ("Transferred", ".status.progress.transferred"),
+            ("%", ".status.progress.percent"),
+            ("ETA", ".status.progress.eta"),
+            ("Rate", ".status.progress.rate"),
             ("Age", ".metadata.creationTimestamp"),
             ("Message", ".status.message"),
         ]

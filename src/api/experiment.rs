@@ -38,6 +38,31 @@ pub const IMAGE_ON_CLUSTER: &str = "image is required on the cluster compute tar
         description = "Where the run is: Pending, Downloading, Running, Uploading, Succeeded or Failed"
     ),
     printcolumn(
+        name = "Transferred",
+        type_ = "string",
+        json_path = ".status.progress.transferred",
+        description = "While Downloading or Uploading: bytes moved of the reference in progress, e.g. 3.2Gi/10Gi"
+    ),
+    printcolumn(
+        name = "%",
+        type_ = "string",
+        json_path = ".status.progress.percent",
+        description = "While Downloading or Uploading: how much of the reference in progress has moved"
+    ),
+    printcolumn(
+        name = "ETA",
+        type_ = "string",
+        json_path = ".status.progress.eta",
+        description = "While Downloading or Uploading: time left at the current rate"
+    ),
+    printcolumn(
+        name = "Rate",
+        type_ = "string",
+        json_path = ".status.progress.rate",
+        priority = 1,
+        description = "While Downloading or Uploading: bytes per second over the last seconds"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -381,6 +406,42 @@ pub struct ExperimentStatus {
     /// How each `mount` reference is mounted, and why that way.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<MountRecord>,
+    /// While Downloading or Uploading: how far the transfer in progress is, as its agent
+    /// container last said (read from its log every few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TransferProgress>,
+}
+
+/// How far one transfer is.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferProgress {
+    /// The reference being transferred, e.g. `--data_folder` (`code` for the code).
+    pub name: String,
+    /// The agent container transferring it, e.g. `download-0`.
+    pub container: String,
+    pub files: i64,
+    pub files_total: i64,
+    pub bytes: i64,
+    pub bytes_total: i64,
+    /// Over the agent's last few seconds.
+    pub bytes_per_second: i64,
+    /// At the current rate; absent while nothing moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<i64>,
+    /// When the agent last said how far it was.
+    pub last_update_time: Time,
+    /// When bytes were last seen moving.
+    pub last_moved_time: Time,
+    /// For `kubectl get`: `3.2Gi/10Gi`.
+    pub transferred: String,
+    /// For `kubectl get`: `32%`.
+    pub percent: String,
+    /// For `kubectl get`: `4m`; absent while nothing moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<String>,
+    /// For `kubectl get -o wide`: `120Mi/s`.
+    pub rate: String,
 }
 
 /// How one `mount` reference is mounted.
@@ -435,4 +496,7 @@ pub struct InputRecord {
     /// A digest of the delivered content (names, sizes and MD5s), identifying exactly which
     /// data the run saw.
     pub digest: String,
+    /// How long the download took, in seconds (from its container's start and end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<i64>,
 }

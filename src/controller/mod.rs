@@ -268,6 +268,20 @@ pub struct ControllerArgs {
     /// before the Experiment fails: `90s`, `15m`, `1h`.
     #[arg(long, env = "DATASTORE_START_TIMEOUT", default_value = "15m", value_parser = duration)]
     pub start_timeout: Duration,
+    /// How often the progress of a transferring Experiment is read from its agent container's
+    /// log into its status (`0s`: never); all Experiments together are read at most
+    /// 10 times a second, so many transfers share the rate.
+    #[arg(long, env = "DATASTORE_PROGRESS_PERIOD", default_value = "10s", value_parser = progress_period)]
+    pub progress_period: Duration,
+}
+
+/// `--progress-period`: like `--start-timeout`, and `0s` turns progress reads off.
+fn progress_period(value: &str) -> Result<Duration, String> {
+    match value {
+        "" => Ok(experiment::DEFAULT_PROGRESS_PERIOD),
+        "0" | "0s" => Ok(Duration::ZERO),
+        _ => duration(value),
+    }
 }
 
 /// `--start-timeout`: a whole number of seconds, minutes or hours (`90s`, `15m`, `1h`); empty
@@ -319,6 +333,8 @@ pub struct Context {
     /// How long a Job's pod may wait to start (unschedulable, refused, an image or a volume
     /// that does not come) before the experiment fails.
     pub start_timeout: Duration,
+    /// How transferring Experiments' progress is read (a period, a rate, a cap on reads at once).
+    pub progress: experiment::ProgressReads,
 }
 
 /// [`Context::start_timeout`] when the operator is not told otherwise: long enough for a node
@@ -345,6 +361,7 @@ impl Context {
             clock: Utc::now,
             start_timeout: DEFAULT_START_TIMEOUT,
             metrics: Arc::default(),
+            progress: experiment::ProgressReads::new(experiment::DEFAULT_PROGRESS_PERIOD),
         }
     }
 
@@ -556,6 +573,7 @@ pub async fn run(args: ControllerArgs) -> i32 {
             let ctx = Arc::new(Context {
                 metrics: metrics.clone(),
                 start_timeout: args.start_timeout,
+                progress: experiment::ProgressReads::new(args.progress_period),
                 ..Context::new(client, namespace, build)
             });
             let controllers = |stop| run_controllers(ctx, stop);

@@ -122,6 +122,12 @@ pub const RULES: &[Rule] = &[
     ),
     cluster(
         "",
+        "pods/log",
+        &["get"],
+        "the newest lines of a running agent container's log (its progress line), at most once per --progress-period per transferring Experiment: status.progress",
+    ),
+    cluster(
+        "",
         "secrets",
         &["get", "create", "patch", "delete"],
         "get: a datastore's credentials Secret; create/patch: the per-Experiment Secrets, applied; delete: those of a start the cluster refused",
@@ -408,6 +414,11 @@ mod tests {
                 "fieldManager=x",
             ),
             ("GET", "/api/v1/namespaces/ml/pods", "labelSelector=x"),
+            (
+                "GET",
+                "/api/v1/namespaces/ml/pods/train-run-x/log",
+                "container=download-0&tailLines=5",
+            ),
             ("GET", "/api/v1/namespaces/ml/secrets/ds-key", ""),
             (
                 "GET",

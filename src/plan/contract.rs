@@ -21,9 +21,42 @@ pub fn download_container(n: usize) -> String {
 
 /// Whether `name` is the container of a download reference.
 pub fn is_download_container(name: &str) -> bool {
-    name.strip_prefix(DOWNLOAD_PREFIX)
-        .is_some_and(|n| n.parse::<usize>().is_ok())
+    matches!(agent_of(name), Some(Agent::Download(_)))
 }
+
+/// The prefix of the upload Job's containers that store upload references.
+const UPLOAD_PREFIX: &str = "upload-";
+
+/// The upload Job's container that stores upload reference `n`.
+pub fn upload_container(n: usize) -> String {
+    format!("{UPLOAD_PREFIX}{n}")
+}
+
+/// What an agent container transfers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Agent {
+    Code,
+    /// Download reference `n` (in the order of `scriptParams`).
+    Download(usize),
+    /// Upload reference `n`.
+    Upload(usize),
+}
+
+/// The agent container `name` is, if it is one.
+pub fn agent_of(name: &str) -> Option<Agent> {
+    let index = |prefix| name.strip_prefix(prefix)?.parse::<usize>().ok();
+    if name == CODE_CONTAINER {
+        Some(Agent::Code)
+    } else if let Some(n) = index(DOWNLOAD_PREFIX) {
+        Some(Agent::Download(n))
+    } else {
+        index(UPLOAD_PREFIX).map(Agent::Upload)
+    }
+}
+
+/// What an agent writes on stdout every few seconds while it transfers (one JSON line each),
+/// read back by the controller from the container's log.
+pub use crate::transfer::progress::Snapshot as ProgressLine;
 
 /// Where an agent writes its report: the container's termination message, which the controller
 /// reads from the pod's status.

@@ -39,7 +39,9 @@ use crate::api::{
     StorageSpec, WorkloadIdentity,
 };
 use crate::error::{Error, Result};
-use crate::plan::contract::{CODE_CONTAINER, MAIN_CONTAINER, REPORT_FILE, download_container};
+use crate::plan::contract::{
+    CODE_CONTAINER, MAIN_CONTAINER, REPORT_FILE, download_container, upload_container,
+};
 use crate::plan::{ExecutionPlan, Transfer};
 use crate::store::{AzureCredential, StoreConfig};
 
@@ -1030,7 +1032,7 @@ pub fn upload_job(
                 }
                 mounts.push(share);
             }
-            agent_container(format!("upload-{n}"), ctx, args, mounts, has_credentials)
+            agent_container(upload_container(n), ctx, args, mounts, has_credentials)
         })
         .collect();
     if has_credentials {

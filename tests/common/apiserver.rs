@@ -29,6 +29,8 @@ enum Reply {
     Echo,
     /// A watch: these events, one JSON object per line, then the end of the stream.
     Events(Vec<Value>),
+    /// Plain text, as the log subresource answers.
+    Text(String),
 }
 
 /// `expect("GET /api/v1/namespaces/ml/pods")`: a request with this method and path (the query
@@ -90,6 +92,11 @@ impl Exchange {
                 .map(|(kind, object)| json!({"type": kind, "object": object}))
                 .collect(),
         );
+        self
+    }
+    /// Answers 200 with plain text (a pod's log).
+    pub fn text(mut self, text: &str) -> Exchange {
+        self.reply = Reply::Text(text.to_string());
         self
     }
     /// The applied object exists already: the apply only patches it.
@@ -219,6 +226,7 @@ async fn serve(
         let (status, reply) = match want.reply {
             Reply::Json(status, value) => (status, serde_json::to_vec(&value).unwrap()),
             Reply::Echo => (StatusCode::OK, serde_json::to_vec(&body).unwrap()),
+            Reply::Text(text) => (StatusCode::OK, text.into_bytes()),
             Reply::Events(events) => (
                 StatusCode::OK,
                 events

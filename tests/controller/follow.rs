@@ -115,3 +115,74 @@ async fn a_run_that_does_not_start_in_time_fails_and_suspends_its_job() {
     ];
     assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
 }
+
+/// While `download-0` runs, a pass reads the newest lines of its log (bounded: a few lines, a
+/// few KiB, with timestamps) and the status carries how far it is; the next look comes within
+/// the progress period.
+#[tokio::test]
+async fn a_download_in_progress_reads_its_agents_log_into_the_status() {
+    let exp = created().await;
+    let status = Arc::default();
+    let line = |bytes: u64| {
+        format!(
+            r#"{{"progress":{{"files":1,"filesTotal":4,"bytes":{bytes},"bytesTotal":10737418240,"bytesPerSecond":104857600,"elapsedSeconds":30}}}}"#
+        )
+    };
+    let log = format!(
+        "2026-11-24T11:59:57.5Z {}\n2026-11-24T11:59:59.5Z {}\n",
+        line(1 << 30),
+        line(3_435_973_837)
+    );
+    let script = vec![
+        expect(&format!("GET {RUN}")).ok(active_job("train-run")),
+        expect(&format!("GET {PODS}"))
+            .query("labelSelector=batch.kubernetes.io%2Fjob-name%3Dtrain-run")
+            .ok(pods(vec![pod(
+                vec![container("download-0", running())],
+                vec![container(
+                    "main",
+                    json!({"waiting": {"reason": "PodInitializing"}}),
+                )],
+            )])),
+        expect(&format!("GET {PODS}/train-run-abcde/log"))
+            .query("container=download-0")
+            .query("tailLines=5")
+            .query("limitBytes=8192")
+            .query("timestamps=true")
+            .text(&log),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Downloading));
+            let p = s.progress.as_ref().expect("progress while downloading");
+            assert_eq!(
+                (
+                    p.name.as_str(),
+                    p.container.as_str(),
+                    p.transferred.as_str(),
+                    p.percent.as_str(),
+                    p.eta.as_deref(),
+                    p.rate.as_str()
+                ),
+                (
+                    "--data_folder",
+                    "download-0",
+                    "3.2Gi/10Gi",
+                    "32%",
+                    Some("2m"),
+                    "100Mi/s"
+                )
+            );
+        }),
+        event_about("Normal", "Downloading", "downloading inputs: 0 of 1 done"),
+    ];
+    // Action has no getter: its Debug form says when (`Some(9.99s)`).
+    let action = format!("{:?}", reconcile_once(&exp, script).await);
+    let seconds: f64 = action
+        .split_once("Some(")
+        .and_then(|(_, rest)| rest.split_once("s)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("a requeue: {action}"));
+    assert!(
+        seconds > 9.0 && seconds <= 10.0,
+        "looked at again within the 10 s progress period: {action}"
+    );
+}

@@ -12,10 +12,12 @@ use super::admit::{LiftedBy, Refusal};
 use super::observe::{JobSeen, Observed, Waiting};
 use super::progress::{self, Outcome, RunStep};
 use super::status::{self, Step};
-use crate::api::{ComputeTarget, Experiment, Mode, Phase, UploadPolicy};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{ComputeTarget, Experiment, Mode, Phase, TransferProgress, UploadPolicy};
 use crate::controller::format_duration;
 use crate::plan::ExecutionPlan;
-use crate::plan::contract;
+use crate::plan::contract::{self, Agent};
 use crate::reason::Reason;
 use crate::render;
 
@@ -310,16 +312,23 @@ pub fn decide(
                         None => "waiting for the run's pod to start".to_string(),
                     },
                 ),
-                RunStep::Downloading { done, total } => Step::new(
-                    Phase::Downloading,
-                    Reason::Downloading,
-                    match &why {
-                        Some(why) => {
-                            format!("downloading inputs: {done} of {total} done; waiting: {why}")
-                        }
-                        None => format!("downloading inputs: {done} of {total} done"),
-                    },
-                ),
+                RunStep::Downloading { done, total } => {
+                    let progress = transfer_progress(exp, run);
+                    Step::new(
+                        Phase::Downloading,
+                        Reason::Downloading,
+                        match &why {
+                            Some(why) => format!(
+                                "downloading inputs: {done} of {total} done; waiting: {why}"
+                            ),
+                            None => format!(
+                                "downloading inputs: {done} of {total} done{}",
+                                stalled(progress.as_ref(), now)
+                            ),
+                        },
+                    )
+                    .with_progress(progress)
+                }
                 RunStep::Running => {
                     Step::new(Phase::Running, Reason::Running, "the script is running")
                 }
@@ -381,14 +390,19 @@ pub fn decide(
                     ),
                 };
             }
+            let progress = transfer_progress(exp, upload);
             let step = Step::new(
                 Phase::Uploading,
                 Reason::Uploading,
                 match why(waiting) {
                     Some(why) => format!("{after_run}; waiting for the upload pod to start: {why}"),
-                    None => format!("{after_run}; uploading its outputs"),
+                    None => format!(
+                        "{after_run}; uploading its outputs{}",
+                        stalled(progress.as_ref(), now)
+                    ),
                 },
-            );
+            )
+            .with_progress(progress);
             Decision::Report {
                 step,
                 then: Action::requeue(patience.recheck),
@@ -465,6 +479,127 @@ pub fn decide(
     }
 }
 
+/// How long a transfer may move no bytes before its status says so.
+pub const STALL_AFTER: Duration = Duration::from_secs(60);
+
+/// How far the transfer in `job`'s newest pod is: from what its agent said this pass, else as
+/// the status last said (a pass that did not read keeps it). `None` when no agent transfers.
+fn transfer_progress(exp: &Experiment, job: &JobSeen) -> Option<TransferProgress> {
+    let container = progress::transferring(&job.pods)?;
+    let last = exp
+        .status
+        .as_ref()
+        .and_then(|s| s.progress.as_ref())
+        .filter(|p| p.container == container);
+    let Some(said) = job.said.as_ref().filter(|s| s.container == container) else {
+        return last.cloned();
+    };
+    let line = &said.line;
+    let moved = match last {
+        Some(p) if line.bytes <= p.bytes.max(0) as u64 => p.last_moved_time.clone(),
+        _ => Time(said.at),
+    };
+    let left = line.bytes_total.saturating_sub(line.bytes);
+    let eta_seconds = (line.bytes_per_second > 0).then(|| left.div_ceil(line.bytes_per_second));
+    let percent = if line.bytes_total == 0 {
+        100
+    } else {
+        (line.bytes.min(line.bytes_total) as u128 * 100 / line.bytes_total as u128) as u64
+    };
+    Some(TransferProgress {
+        name: reference_name(exp, container),
+        container: container.to_string(),
+        files: line.files as i64,
+        files_total: line.files_total as i64,
+        bytes: line.bytes as i64,
+        bytes_total: line.bytes_total as i64,
+        bytes_per_second: line.bytes_per_second as i64,
+        eta_seconds: eta_seconds.map(|s| s as i64),
+        last_update_time: Time(said.at),
+        last_moved_time: moved,
+        transferred: format!(
+            "{}/{}",
+            human_bytes(line.bytes),
+            human_bytes(line.bytes_total)
+        ),
+        percent: format!("{percent}%"),
+        eta: eta_seconds.map(human_duration),
+        rate: format!("{}/s", human_bytes(line.bytes_per_second)),
+    })
+}
+
+/// `; no bytes moved for 3m` once a transfer has not moved for [`STALL_AFTER`].
+fn stalled(progress: Option<&TransferProgress>, now: Timestamp) -> String {
+    let Some(p) = progress else {
+        return String::new();
+    };
+    let still = now.as_second() - p.last_moved_time.0.as_second();
+    if still < STALL_AFTER.as_secs() as i64 {
+        return String::new();
+    }
+    format!(
+        "; {}: no bytes moved for {} (the agent retries, and fails at its timeouts)",
+        p.name,
+        human_duration(still as u64)
+    )
+}
+
+/// The reference an agent container transfers, as the spec names it.
+fn reference_name(exp: &Experiment, container: &str) -> String {
+    let nth = |mode: Mode, n: usize| {
+        exp.spec
+            .script_params
+            .iter()
+            .filter(|p| p.data_reference.as_ref().is_some_and(|r| r.mode == mode))
+            .nth(n)
+            .map(|p| p.name.clone())
+    };
+    match contract::agent_of(container) {
+        Some(Agent::Download(n)) => nth(Mode::Download, n),
+        Some(Agent::Upload(n)) => nth(Mode::Upload, n),
+        Some(Agent::Code) | None => None,
+    }
+    .unwrap_or_else(|| container.to_string())
+}
+
+/// Bytes as `kubectl` shows quantities: `512B`, `3.2Gi`, `120Mi`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["Ki", "Mi", "Gi", "Ti", "Pi"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = "";
+    for u in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = u;
+    }
+    if value < 9.95 {
+        format!("{value:.1}{unit}")
+    } else {
+        format!("{value:.0}{unit}")
+    }
+}
+
+/// Seconds as `kubectl` shows ages: `45s`, `4m`, `1h5m`.
+fn human_duration(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s.div_ceil(60).min(59)),
+        s => {
+            let (h, m) = (s / 3600, (s % 3600) / 60);
+            if m == 0 {
+                format!("{h}h")
+            } else {
+                format!("{h}h{m}m")
+            }
+        }
+    }
+}
+
 /// Why a Job failed: each container of its newest pod that exited non-zero, else the Job's
 /// own reason.
 fn failed_because(pods: &[k8s_openapi::api::core::v1::Pod], job_reason: String) -> String {
@@ -497,6 +632,8 @@ mod tests {
     use super::*;
     use crate::api::ExperimentStatus;
     use crate::controller::experiment::fixtures::{experiment, reference};
+    use crate::controller::experiment::observe::Said;
+    use crate::plan::contract::ProgressLine;
 
     const NOW: i64 = 1_800_000_000;
     const START_TIMEOUT: Duration = Duration::from_secs(900);
@@ -582,6 +719,7 @@ mod tests {
                 since: at(NOW - seconds),
                 why: Some("FailedScheduling: 0/3 nodes are available".into()),
             }),
+            said: None,
         }
     }
 
@@ -1070,6 +1208,127 @@ mod tests {
                     .contains("stay on PersistentVolumeClaim train-outputs"),
             "{}",
             kept.message
+        );
+    }
+
+    #[test]
+    fn sizes_durations_and_rates_read_as_kubectl_shows_them() {
+        assert_eq!(human_bytes(512), "512B");
+        assert_eq!(human_bytes(1536), "1.5Ki");
+        assert_eq!(human_bytes(3_435_973_837), "3.2Gi");
+        assert_eq!(human_bytes(10 << 30), "10Gi");
+        assert_eq!(human_bytes(120 << 20), "120Mi");
+        assert_eq!(human_duration(45), "45s");
+        assert_eq!(human_duration(200), "4m");
+        assert_eq!(human_duration(3600), "1h");
+        assert_eq!(human_duration(3900), "1h5m");
+    }
+
+    /// A run Job whose pod is downloading with `download-0`, and what that agent said.
+    fn downloading_with(said: Option<(u64, u64, i64)>) -> JobSeen {
+        let pods = vec![pod(
+            "run-1",
+            vec![("download-0", running())],
+            vec![("main", json!({"waiting": {"reason": "PodInitializing"}}))],
+            None,
+        )];
+        let mut run = seen(job("train-run", None), pods, None);
+        run.said = said.map(|(bytes, rate, at_second)| Said {
+            container: "download-0".into(),
+            line: ProgressLine {
+                files: 1,
+                files_total: 4,
+                bytes,
+                bytes_total: 10 << 30,
+                bytes_per_second: rate,
+                elapsed_seconds: 30,
+            },
+            at: at(at_second),
+        });
+        run
+    }
+
+    #[test]
+    fn a_download_in_progress_is_in_the_status_with_its_rate_and_time_left() {
+        let mut exp = experiment(&reference("--data_folder", "blob-ds", "download"));
+        let step_of = |exp: &Experiment, run: JobSeen, now: i64| {
+            let seen = Observed {
+                run,
+                inputs: vec![],
+                upload: None,
+            };
+            match decide(exp, &seen, at(now), START_TIMEOUT) {
+                Decision::Report { step, .. } => step,
+                other => panic!("{other:?}"),
+            }
+        };
+        let first = step_of(
+            &exp,
+            downloading_with(Some((3_435_973_837, 100 << 20, NOW - 1))),
+            NOW,
+        );
+        let progress = *first.progress.clone().expect("progress while downloading");
+        assert_eq!(
+            (
+                progress.name.as_str(),
+                progress.transferred.as_str(),
+                progress.percent.as_str(),
+                progress.eta.as_deref(),
+                progress.rate.as_str()
+            ),
+            ("--data_folder", "3.2Gi/10Gi", "32%", Some("2m"), "100Mi/s")
+        );
+        assert_eq!((progress.files, progress.files_total), (1, 4));
+        assert_eq!(progress.last_moved_time, Time(at(NOW - 1)));
+        assert_eq!(first.message, "downloading inputs: 0 of 1 done");
+        exp.status = Some(status::next_status(
+            &ExperimentStatus::default(),
+            None,
+            &first,
+            vec![],
+            true,
+            &Time(at(NOW)),
+        ));
+
+        // A pass that did not read (within the period, or no read free) keeps what was said.
+        let kept = step_of(&exp, downloading_with(None), NOW + 5);
+        assert_eq!(kept.progress.as_deref(), Some(&progress));
+
+        // The same bytes a while later: the time they last moved stays, and after a minute the
+        // message says so (before the agent's timeouts fail it).
+        let stuck = |now| {
+            step_of(
+                &exp,
+                downloading_with(Some((3_435_973_837, 0, now - 1))),
+                now,
+            )
+        };
+        let early = stuck(NOW + 30);
+        assert_eq!(
+            early.progress.as_ref().unwrap().last_moved_time,
+            Time(at(NOW - 1))
+        );
+        assert_eq!(
+            early.progress.as_ref().unwrap().eta,
+            None,
+            "no time left is known while nothing moves"
+        );
+        assert_eq!(early.message, "downloading inputs: 0 of 1 done");
+        let late = stuck(NOW + 120);
+        assert_eq!(
+            late.message,
+            "downloading inputs: 0 of 1 done; --data_folder: no bytes moved for 3m (the agent retries, and fails at its timeouts)"
+        );
+        // Past the downloads, no progress is kept.
+        let script = vec![pod(
+            "run-1",
+            vec![("download-0", exited(0))],
+            vec![("main", running())],
+            None,
+        )];
+        assert_eq!(
+            step_of(&exp, seen(job("train-run", None), script, None), NOW + 130).progress,
+            None
         );
     }
 }

@@ -33,6 +33,7 @@ use decide::{Decision, Entry};
 use status::Record;
 
 pub use decide::{ACTIVE_RECHECK, BLOCKED_RECHECK, REFUSED_RETRY_MAX, REFUSED_RETRY_MIN};
+pub use observe::{DEFAULT_PROGRESS_PERIOD, ProgressReads};
 
 /// Why a step of the pipeline stopped: the experiment is refused (its status says why), or a
 /// request failed (the pass is retried).
@@ -126,6 +127,10 @@ async fn follow(
     match decide::decide(exp, &seen, ctx.now_k8s(), ctx.start_timeout) {
         Decision::Report { step, then } => {
             status::write(exp, ctx, &step, record()).await?;
+            // A transfer is looked at again within the progress period (paced with all others).
+            if step.progress.is_some() && !ctx.progress.period.is_zero() {
+                return Ok(Action::requeue(ctx.progress.next_pass()));
+            }
             Ok(then)
         }
         Decision::GiveUpRun {

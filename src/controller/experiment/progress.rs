@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use crate::api::InputRecord;
 use crate::plan::Transfer;
 use crate::plan::contract::{
-    CODE_CONTAINER, MAIN_CONTAINER, download_container, is_download_container,
+    CODE_CONTAINER, MAIN_CONTAINER, agent_of, download_container, is_download_container,
 };
 use crate::plan::contract::{Report, UploadReport};
 
@@ -162,6 +162,21 @@ pub fn waiting_since(job: &Job, pods: &[Pod]) -> Option<k8s_openapi::jiff::Times
         .max()
 }
 
+/// The agent container of the newest pod that is transferring now (the code or a download in
+/// the run's pod, an upload in the upload Job's; of several uploads running side by side, the
+/// first).
+pub fn transferring(pods: &[Pod]) -> Option<&str> {
+    let status = newest(pods)?.status.as_ref()?;
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        .map(|c| c.name.as_str())
+        .find(|name| agent_of(name).is_some())
+}
+
 /// Why the newest pod is stuck, when Kubernetes says: a container waiting for a reason other
 /// than starting (ImagePullBackOff, CreateContainerConfigError, ...) or a pod that cannot be
 /// scheduled. `None` while it is simply on its way.
@@ -231,8 +246,15 @@ pub fn inputs(pods: &[Pod], downloads: &[Transfer]) -> Vec<InputRecord> {
                 if terminated.exit_code != 0 {
                     return None;
                 }
-                Report::parse(terminated.message.as_deref()?)
+                let seconds = match (&terminated.started_at, &terminated.finished_at) {
+                    (Some(start), Some(end)) => {
+                        Some((end.0.as_second() - start.0.as_second()).max(0))
+                    }
+                    _ => None,
+                };
+                Some((Report::parse(terminated.message.as_deref()?)?, seconds))
             })?;
+            let (report, seconds) = report;
             Some(InputRecord {
                 name: download.param.clone(),
                 datastore: download.datastore.clone(),
@@ -240,6 +262,7 @@ pub fn inputs(pods: &[Pod], downloads: &[Transfer]) -> Vec<InputRecord> {
                 files: report.files as i64,
                 bytes: report.bytes as i64,
                 digest: report.digest,
+                seconds,
             })
         })
         .collect()

@@ -7,7 +7,7 @@ use kube::api::Api;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
-use crate::api::{Experiment, ExperimentStatus, InputRecord, MountRecord, Phase};
+use crate::api::{Experiment, ExperimentStatus, InputRecord, MountRecord, Phase, TransferProgress};
 use crate::controller::{Context, ReconcileError};
 use crate::plan::contract::truncate;
 use crate::reason::Reason;
@@ -19,7 +19,7 @@ pub const ACCEPTED: &str = "Accepted";
 pub const SUCCEEDED: &str = "Succeeded";
 
 /// One step of an experiment, as its status reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Step {
     pub phase: Phase,
     /// `Accepted` condition: `None` is True, `Some((reason, message))` is False.
@@ -30,6 +30,8 @@ pub struct Step {
     pub message: String,
     /// Publish its event as a Warning even though nothing failed.
     pub warning: bool,
+    /// How far the transfer in progress is (Downloading, Uploading).
+    pub progress: Option<Box<TransferProgress>>,
 }
 
 impl Step {
@@ -40,11 +42,17 @@ impl Step {
             reason,
             message: message.into(),
             warning: false,
+            progress: None,
         }
     }
 
     pub fn warning(mut self) -> Step {
         self.warning = true;
+        self
+    }
+
+    pub fn with_progress(mut self, progress: Option<TransferProgress>) -> Step {
+        self.progress = progress.map(Box::new);
         self
     }
 
@@ -57,6 +65,7 @@ impl Step {
             reason,
             message,
             warning: true,
+            progress: None,
         }
     }
 
@@ -126,6 +135,7 @@ pub fn next_status(
         },
         // Decided when the run started (the driver of each mount), never by progress.
         mounts: current.mounts.clone(),
+        progress: step.progress.as_deref().cloned(),
     }
 }
 
@@ -351,6 +361,7 @@ mod tests {
             files: 1,
             bytes: 1,
             digest: "sha256:cc".into(),
+            seconds: None,
         };
         let running = Step::new(Phase::Running, Reason::Running, "running");
         let first = next_status(

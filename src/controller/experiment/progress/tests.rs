@@ -76,6 +76,8 @@ fn terminated(name: &str, exit_code: i32, message: Option<&str>) -> ContainerSta
                 exit_code,
                 message: message.map(str::to_string),
                 reason: Some(if exit_code == 0 { "Completed" } else { "Error" }.into()),
+                started_at: Some(Time(Timestamp::from_second(1_000).unwrap())),
+                finished_at: Some(Time(Timestamp::from_second(1_007).unwrap())),
                 ..Default::default()
             }),
             ..Default::default()
@@ -225,6 +227,7 @@ fn inputs_come_from_the_download_reports_of_successful_init_containers() {
                 files: 2,
                 bytes: 10,
                 digest: "sha256:aa".into(),
+                seconds: Some(7),
             },
             InputRecord {
                 name: "--labels".into(),
@@ -233,6 +236,7 @@ fn inputs_come_from_the_download_reports_of_successful_init_containers() {
                 files: 1,
                 bytes: 3,
                 digest: "sha256:bb".into(),
+                seconds: Some(7),
             },
         ]
     );
