@@ -40,7 +40,11 @@ fn setup() {
                 cluster(),
                 &token,
                 "controller-0",
-                &[&format!("--agent-image={}", node::AGENT_IMAGE)],
+                &[
+                    &format!("--agent-image={}", node::AGENT_IMAGE),
+                    // Progress read every second, so a download of a few seconds shows it.
+                    "--progress-period=1s",
+                ],
             );
         })
         .join()
@@ -308,4 +312,196 @@ spec:
         names.iter().any(|n| n.ends_with("/train.sh")),
         "the snapshot holds the script: {names:?}"
     );
+}
+
+/// A TCP proxy on 127.0.0.1 in front of Azurite that answers its clients at most
+/// `bytes_per_second`, all connections together: a slow storage account.
+async fn throttled_azurite(bytes_per_second: u64) -> String {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = format!("127.0.0.1:{}", common::azurite_port());
+    // The time the bytes sent so far may all have gone out by, at the rate.
+    let paced = Arc::new(Mutex::new(tokio::time::Instant::now()));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (upstream, paced) = (upstream.clone(), paced.clone());
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    let _ = server_write.shutdown().await;
+                });
+                let mut buffer = vec![0u8; 16 * 1024];
+                while let Ok(n) = server_read.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let due = {
+                        let mut paced = paced.lock().unwrap();
+                        let now = tokio::time::Instant::now();
+                        *paced = (*paced).max(now)
+                            + Duration::from_secs_f64(n as f64 / bytes_per_second as f64);
+                        *paced
+                    };
+                    tokio::time::sleep_until(due).await;
+                    if client_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = client_write.shutdown().await;
+            });
+        }
+    });
+    format!("http://127.0.0.1:{port}/{}", common::ACCOUNT)
+}
+
+/// A download that takes seconds (16 MiB from a storage account serving 2 MiB/s): while it
+/// runs, status.progress grows, read from the agent's log through the real apiserver's
+/// pods/log and the node's log endpoint; kubectl's table (the apiserver's Table rendering of
+/// the printer columns) shows it; at the end the input records how long it took.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_download_shows_growing_progress_in_the_status_and_in_kubectl_get() {
+    setup();
+    let client = cluster().admin();
+    let ns = "run-progress";
+    let blobs = prepare(&client, ns).await;
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    blobs
+        .put_blob(
+            "data/files/big.bin",
+            Body::Bytes(big.clone().into()),
+            common::md5(&big),
+            false,
+        )
+        .await
+        .unwrap();
+    let slow = throttled_azurite(2 << 20).await;
+    let mut datastore: serde_json::Value = serde_json::to_value(
+        Api::<datastore_operator::api::Datastore>::namespaced(client.clone(), ns)
+            .get("blob-ds")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    datastore["spec"]["azureBlob"]["endpoint"] = json!(slow);
+    datastore["metadata"] = json!({"name": "blob-ds", "namespace": ns});
+    datastore.as_object_mut().unwrap().remove("status");
+    operator::apply(&client, &datastore).await;
+    operator::apply(&client, &experiment(ns, "slow", "outputs/slow", json!({}))).await;
+
+    let experiments: Api<Experiment> = Api::namespaced(client.clone(), ns);
+    let mut seen: Vec<(i64, i64, String)> = Vec::new();
+    let mut table = None;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download did not end: {seen:?}"
+        );
+        let exp = experiments.get("slow").await.unwrap();
+        let status = exp.status.clone().unwrap_or_default();
+        if status.completion_time.is_some() {
+            break;
+        }
+        if let Some(p) = status.progress.as_ref() {
+            if seen.last().map(|s| s.0) != Some(p.bytes) {
+                seen.push((p.bytes, p.bytes_total, p.transferred.clone()));
+            }
+            if table.is_none() && p.bytes > 0 && p.bytes < p.bytes_total {
+                table = Some(kubectl_get(&client, ns, "slow").await);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let exp = experiments.get("slow").await.unwrap();
+    let status = exp.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Succeeded), "{status:?}");
+    assert_eq!(
+        status.progress, None,
+        "no progress once the transfers are over"
+    );
+    let total = 14 + (16 << 20);
+    assert!(
+        seen.len() >= 2 && seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "progress grew while downloading: {seen:?}"
+    );
+    assert!(seen.iter().all(|s| s.1 == total), "{seen:?}");
+    let input = &status.inputs[0];
+    assert_eq!(input.bytes, total);
+    assert!(
+        input.seconds.is_some_and(|s| s >= 4),
+        "16 MiB at 2 MiB/s take seconds: {input:?}"
+    );
+    let table = table.expect("a table while the download ran");
+    println!("kubectl get exp, while downloading:\n{table}");
+    assert!(
+        table.contains("NAME") && table.contains("TRANSFERRED") && table.contains("ETA"),
+        "{table}"
+    );
+    assert!(
+        table.contains("Downloading") && table.contains("/16Mi"),
+        "{table}"
+    );
+}
+
+/// The apiserver's Table of one Experiment (what `kubectl get` prints), as aligned text.
+async fn kubectl_get(client: &kube::Client, ns: &str, name: &str) -> String {
+    let request = http::Request::get(format!(
+        "/apis/datastore.dev/v1alpha1/namespaces/{ns}/experiments/{name}"
+    ))
+    .header(
+        "Accept",
+        "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+    )
+    .body(Vec::new())
+    .unwrap();
+    let table: serde_json::Value = client.request(request).await.unwrap();
+    let columns: Vec<(String, i64)> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_uppercase(),
+                c["priority"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let cells: Vec<String> = table["rows"][0]["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| match c {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "<none>".into(),
+            other => other.to_string(),
+        })
+        .collect();
+    // What `kubectl get` shows: priority-0 columns only.
+    let shown: Vec<(String, String)> = columns
+        .into_iter()
+        .zip(cells)
+        .filter(|((_, priority), _)| *priority == 0)
+        .map(|((name, _), cell)| (name, cell))
+        .collect();
+    let widths: Vec<usize> = shown
+        .iter()
+        .map(|(n, c)| n.len().max(c.len()) + 3)
+        .collect();
+    let line = |pick: &dyn Fn(&(String, String)) -> String| {
+        shown
+            .iter()
+            .zip(&widths)
+            .map(|(col, w)| format!("{:<w$}", pick(col), w = *w))
+            .collect::<String>()
+            .trim_end()
+            .to_string()
+    };
+    format!("{}\n{}", line(&|c| c.0.clone()), line(&|c| c.1.clone()))
 }

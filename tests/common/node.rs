@@ -4,7 +4,9 @@
 //! podman (runc, cgroupfs), as a kubelet would: init containers in order, then the containers;
 //! volumes bind-mounted at their paths (emptyDir and claims as directories, Secrets as files),
 //! the termination message file read back, and the pod's status written through the API. A
-//! pod being deleted is removed once its containers are gone.
+//! pod being deleted is removed once its containers are gone. Containers' output is logged as
+//! it comes, with timestamps, and served as a kubelet serves it (HTTPS
+//! `/containerLogs/<ns>/<pod>/<container>`), so the apiserver's `pods/log` works.
 //!
 //! Images: the operator's image is built from the binary under test with the Dockerfile's own
 //! layout (tests/common/image.rs: binary path, user, entrypoint), `FROM scratch` with the
@@ -151,6 +153,8 @@ pub fn start(cluster: &'static Cluster) {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
+            let port = serve_logs(&cluster.dir);
+            KUBELET_PORT.set(port).unwrap();
             runtime.block_on(async move {
                 let client = cluster.admin();
                 register(&client).await;
@@ -199,6 +203,9 @@ async fn heartbeat(client: &kube::Client) {
         json!({"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage": "500Gi"});
     let status = json!({"status": {
         "capacity": capacity, "allocatable": capacity,
+        // Where the apiserver reaches this node's log endpoint (pods/log).
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": KUBELET_PORT.get().copied().unwrap_or(10250)}},
         "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                         "message": "the e2e node runs pods with podman",
                         "lastHeartbeatTime": now, "lastTransitionTime": now}],
@@ -494,7 +501,8 @@ async fn run_pod(
         let image = c.image.clone().unwrap_or_default();
         init_statuses[i] = running_status(c, &image, &started);
         write("Pending", &init_statuses, &statuses).await?;
-        let (code, message) = run_container(dir, &pod_dir, &spec, c, &volumes).await?;
+        let (code, message) =
+            run_container(dir, &pod_dir, (&ns, &name), &spec, c, &volumes).await?;
         init_statuses[i] = terminated(c, &image, code, &message, &started);
         if code != 0 {
             return write("Failed", &init_statuses, &statuses).await;
@@ -506,7 +514,8 @@ async fn run_pod(
         let image = c.image.clone().unwrap_or_default();
         statuses[i] = running_status(c, &image, &started);
         write("Running", &init_statuses, &statuses).await?;
-        let (code, message) = run_container(dir, &pod_dir, &spec, c, &volumes).await?;
+        let (code, message) =
+            run_container(dir, &pod_dir, (&ns, &name), &spec, c, &volumes).await?;
         statuses[i] = terminated(c, &image, code, &message, &started);
         failed |= code != 0;
     }
@@ -531,6 +540,7 @@ fn chown_group(path: &Path, gid: u32) {
 async fn run_container(
     dir: &Path,
     pod_dir: &Path,
+    (namespace, pod_name): (&str, &str),
     pod: &k8s_openapi::api::core::v1::PodSpec,
     c: &Container,
     volumes: &BTreeMap<String, PathBuf>,
@@ -616,7 +626,11 @@ async fn run_container(
     cmd.arg(&image);
     args.extend(c.args.iter().flatten().cloned());
     cmd.args(&args);
-    let output = tokio::task::spawn_blocking(move || cmd.output())
+    let log = log_dir.join("log");
+    LOGS.lock()
+        .unwrap()
+        .insert(format!("{namespace}/{pod_name}/{}", c.name), log.clone());
+    let output = tokio::task::spawn_blocking(move || logged(cmd, &log))
         .await
         .unwrap()
         .map_err(|e| format!("podman: {e}"))?;
@@ -639,4 +653,141 @@ async fn run_container(
         message = format!("{message}{}", String::from_utf8_lossy(&output.stderr));
     }
     Ok((code, message))
+}
+
+/// The port of this node's log endpoint.
+static KUBELET_PORT: OnceLock<u16> = OnceLock::new();
+
+/// Each container's log file, by `<namespace>/<pod>/<container>`.
+static LOGS: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+
+/// Runs `cmd` to its end like `Command::output`, also appending each line of its stdout and
+/// stderr to `log` as it comes, prefixed by its time as the kubelet's log files have it.
+fn logged(mut cmd: Command, log: &Path) -> std::io::Result<std::process::Output> {
+    use std::io::{BufRead, Write};
+    use std::process::Stdio;
+    let file = Arc::new(Mutex::new(std::fs::File::create(log)?));
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let copy = |from: Box<dyn std::io::Read + Send>| {
+        let file = file.clone();
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut reader = std::io::BufReader::new(from);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                all.extend_from_slice(&line);
+                let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+                let mut f = file.lock().unwrap();
+                let _ = write!(f, "{at} ");
+                let _ = f.write_all(&line);
+                if !line.ends_with(b"\n") {
+                    let _ = f.write_all(b"\n");
+                }
+                line.clear();
+            }
+            all
+        })
+    };
+    let out = copy(Box::new(child.stdout.take().unwrap()));
+    let err = copy(Box::new(child.stderr.take().unwrap()));
+    let status = child.wait()?;
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    })
+}
+
+/// Serves the containers' logs over HTTPS on a free 127.0.0.1 port, as a kubelet does for the
+/// apiserver (`GET /containerLogs/<ns>/<pod>/<container>?tailLines=&limitBytes=&timestamps=`),
+/// with the apiserver's own serving certificate (the apiserver does not verify a kubelet's
+/// without --kubelet-certificate-authority). One request per connection.
+fn serve_logs(dir: &Path) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pki = dir.join("pki");
+    let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(pki.join("apiserver.crt"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(pki.join("apiserver.key")).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let connection = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(connection, stream);
+                let _ = answer_log_request(&mut tls);
+            });
+        }
+    });
+    port
+}
+
+fn answer_log_request<S: std::io::Read + std::io::Write>(stream: &mut S) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        if stream.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let target = head.split_whitespace().nth(1).unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|p| p.strip_prefix(&format!("{name}=")))
+            .map(str::to_string)
+    };
+    let file = path
+        .strip_prefix("/containerLogs/")
+        .and_then(|key| LOGS.lock().unwrap().get(key).cloned());
+    let (status, body) = match file.map(std::fs::read_to_string) {
+        Some(Ok(text)) => {
+            let mut lines: Vec<&str> = text.lines().collect();
+            if let Some(n) = param("tailLines").and_then(|n| n.parse::<usize>().ok()) {
+                lines = lines.split_off(lines.len().saturating_sub(n));
+            }
+            let timestamps = param("timestamps").as_deref() == Some("true");
+            let mut body: Vec<u8> = lines
+                .iter()
+                .map(|l| {
+                    if timestamps {
+                        l
+                    } else {
+                        l.split_once(' ').map_or(*l, |(_, rest)| rest)
+                    }
+                })
+                .flat_map(|l| format!("{l}\n").into_bytes())
+                .collect();
+            if let Some(n) = param("limitBytes").and_then(|n| n.parse::<usize>().ok()) {
+                body.truncate(n);
+            }
+            ("200 OK", body)
+        }
+        _ => ("404 Not Found", b"no such container log\n".to_vec()),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(&body)?;
+    stream.flush()
 }

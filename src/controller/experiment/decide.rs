@@ -206,8 +206,13 @@ pub fn retry_after(exp: &Experiment, now: Timestamp) -> Duration {
 /// What a pass of a started run does.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
-    /// Say `step`, then look again as `then` says.
-    Report { step: Step, then: Action },
+    /// Say `step`, then look again as `then` says; while an agent transfers (`transfer`), within
+    /// the progress period.
+    Report {
+        step: Step,
+        then: Action,
+        transfer: bool,
+    },
     /// The run's pod did not start within the start timeout: suspend the run Job (its pods go,
     /// it stays as the record), delete the outputs claim when no script ever ran on it, say `step`.
     GiveUpRun { step: Step, delete_outputs: bool },
@@ -336,6 +341,7 @@ pub fn decide(
             return Decision::Report {
                 step,
                 then: Action::requeue(patience.recheck),
+                transfer: progress::transferring(&run.pods).is_some(),
             };
         }
         Outcome::Succeeded => Ok(()),
@@ -362,6 +368,7 @@ pub fn decide(
         return Decision::Report {
             step,
             then: Action::await_change(),
+            transfer: false,
         };
     };
     let Some(upload) = upload else {
@@ -406,6 +413,7 @@ pub fn decide(
             Decision::Report {
                 step,
                 then: Action::requeue(patience.recheck),
+                transfer: progress::transferring(&upload.pods).is_some(),
             }
         }
         Outcome::Succeeded => {
@@ -475,6 +483,7 @@ pub fn decide(
                 ),
             ),
             then: Action::await_change(),
+            transfer: false,
         },
     }
 }
@@ -726,7 +735,7 @@ mod tests {
     /// What a case expects: the decision's kind, and its (last) step's phase and reason.
     fn summary(decision: &Decision) -> (&'static str, Phase, Reason, Option<Action>) {
         match decision {
-            Decision::Report { step, then } => {
+            Decision::Report { step, then, .. } => {
                 ("report", step.phase, step.reason, Some(then.clone()))
             }
             Decision::GiveUpRun { step, .. } => ("give up run", step.phase, step.reason, None),

@@ -125,10 +125,14 @@ async fn follow(
     let seen = observe::run(exp, ctx, run).await?;
     let record = || Record::started(seen.inputs.clone());
     match decide::decide(exp, &seen, ctx.now_k8s(), ctx.start_timeout) {
-        Decision::Report { step, then } => {
+        Decision::Report {
+            step,
+            then,
+            transfer,
+        } => {
             status::write(exp, ctx, &step, record()).await?;
             // A transfer is looked at again within the progress period (paced with all others).
-            if step.progress.is_some() && !ctx.progress.period.is_zero() {
+            if transfer && !ctx.progress.period.is_zero() {
                 return Ok(Action::requeue(ctx.progress.next_pass()));
             }
             Ok(then)

@@ -72,6 +72,8 @@ impl Lines {
         let writer = std::thread::spawn(move || {
             let begun = Instant::now();
             let mut rate = Rate::default();
+            // The first line's rate is the average since the writer began.
+            rate.sample(begun, 0);
             loop {
                 let last = !matches!(
                     stopped.recv_timeout(every),
