@@ -47,6 +47,7 @@ fn args(fx: &Fixture, experiment: PathBuf, wait: bool) -> SubmitArgs {
             name: "datastore-operator".into(),
         },
         wait,
+        progress: Default::default(),
         timeout: 30,
     }
 }

@@ -108,12 +108,8 @@ pub struct Common {
     /// Block size in MiB for large files (at least 8).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(8..=4000))]
     pub block_size_mib: u64,
-    /// Show progress (default: when stderr is a terminal).
-    #[arg(long, overrides_with = "no_progress")]
-    pub progress: bool,
-    /// Never show progress.
-    #[arg(long)]
-    pub no_progress: bool,
+    #[command(flatten)]
+    pub progress: ProgressFlags,
     /// How the closing summary is printed.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -121,7 +117,7 @@ pub struct Common {
 
 impl Common {
     fn show_progress(&self) -> bool {
-        show_progress(self.progress, self.no_progress)
+        self.progress.show()
     }
 
     fn options(&self) -> Options {
@@ -176,9 +172,22 @@ impl Cli {
     }
 }
 
-/// `--progress` / `--no-progress`, else whether stderr is a terminal.
-fn show_progress(progress: bool, no_progress: bool) -> bool {
-    !no_progress && (progress || std::io::stderr().is_terminal())
+/// `--progress` / `--no-progress`: whether transfers draw their progress.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct ProgressFlags {
+    /// Show transfer progress (default: when stderr is a terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+    /// Never show transfer progress.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl ProgressFlags {
+    /// As the flags say, else whether stderr is a terminal.
+    pub fn show(&self) -> bool {
+        !self.no_progress && (self.progress || std::io::stderr().is_terminal())
+    }
 }
 
 /// Runs a command; returns the process exit code.

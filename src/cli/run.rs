@@ -34,12 +34,8 @@ pub struct RunArgs {
     /// Requests in flight at most, per transfer.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=512))]
     pub concurrency: u16,
-    /// Show transfer progress (default: when stderr is a terminal).
-    #[arg(long, overrides_with = "no_progress")]
-    pub progress: bool,
-    /// Never show transfer progress.
-    #[arg(long)]
-    pub no_progress: bool,
+    #[command(flatten)]
+    pub progress: super::ProgressFlags,
 }
 
 /// Runs `datastore run`; returns the script's exit code, or the error's when it did not run or
@@ -89,6 +85,6 @@ async fn setup(args: &RunArgs) -> Result<LocalRun> {
         datastores,
         work_dir: args.work_dir.clone(),
         concurrency: args.concurrency as usize,
-        show_progress: super::show_progress(args.progress, args.no_progress),
+        show_progress: args.progress.show(),
     })
 }

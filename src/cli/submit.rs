@@ -17,12 +17,12 @@ use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use super::experiment_file::ExperimentFile;
-use crate::api::{CodeReference, ComputeTarget, Experiment, Phase};
+use crate::api::{CodeReference, ComputeTarget, Experiment, Phase, TransferProgress};
 use crate::error::{Error, Result};
 use crate::exit;
 use crate::store::Store;
 use crate::store::resolve::{OperatorNamespace, Scope, Source};
-use crate::transfer::{self, Options};
+use crate::transfer::{self, Options, Progress};
 
 /// Where snapshots live in the datastore: `snapshots/<sha256 hex>`.
 pub const SNAPSHOTS: &str = "snapshots";
@@ -51,9 +51,12 @@ pub struct SubmitArgs {
     pub namespace: Option<String>,
     #[command(flatten)]
     pub operator_namespace: OperatorNamespace,
-    /// Follow the Experiment until it ends; exit 0 when it Succeeded, 1 when it Failed.
+    /// Follow the Experiment until it ends, drawing its transfers' progress; exit 0 when it
+    /// Succeeded, 11 when it Failed.
     #[arg(long)]
     pub wait: bool,
+    #[command(flatten)]
+    pub progress: super::ProgressFlags,
     /// With --wait: give up after this many seconds (exit 124).
     #[arg(long, default_value_t = 24 * 3600)]
     pub timeout: u64,
@@ -148,7 +151,11 @@ pub async fn submit(client: Client, args: &SubmitArgs) -> Result<Submitted> {
         return Ok(done(exit::SUCCESS));
     }
     let name = created.name_any();
-    let followed = follow(&api, &name);
+    let drawing = Drawing::new({
+        let show = args.progress.show();
+        move || transfer::Bar::new(show)
+    });
+    let followed = follow(&api, &name, drawing);
     match tokio::time::timeout(Duration::from_secs(args.timeout), followed).await {
         Ok(result) => result.map(done),
         Err(_) => {
@@ -307,7 +314,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Prints each new phase and message of Experiment `name` until it ends; returns the exit code.
-async fn follow(api: &Api<Experiment>, name: &str) -> Result<i32> {
+async fn follow<D: Draw>(
+    api: &Api<Experiment>,
+    name: &str,
+    mut drawing: Drawing<D>,
+) -> Result<i32> {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     // The watcher retries with a capped backoff; the caller's timeout bounds the whole wait.
     let mut changes = watcher(api.clone(), config)
@@ -338,13 +349,14 @@ async fn follow(api: &Api<Experiment>, name: &str) -> Result<i32> {
         let Some(status) = exp.status else { continue };
         let now = (status.phase, status.message.clone());
         if last.as_ref() != Some(&now) {
-            eprintln!(
+            drawing.note(&format!(
                 "{name}: {} {}",
                 status.phase.map_or("-".to_string(), |p| format!("{p:?}")),
                 status.message.as_deref().unwrap_or_default()
-            );
+            ));
             last = Some(now);
         }
+        drawing.update(status.progress.as_ref());
         match status.phase {
             Some(Phase::Succeeded) => return Ok(exit::SUCCESS),
             Some(Phase::Failed) => return Ok(exit::EXPERIMENT_FAILED),
@@ -354,4 +366,154 @@ async fn follow(api: &Api<Experiment>, name: &str) -> Result<i32> {
     Err(Error::Unreachable(
         "the watch on the Experiment ended before it did".to_string(),
     ))
+}
+
+/// What draws one transfer's progress: the CLI's bar (or its lines off a terminal).
+trait Draw: Progress {
+    fn finish(&self);
+    /// Prints `line` without breaking the drawing.
+    fn note(&self, line: &str);
+}
+
+impl Draw for transfer::Bar {
+    fn finish(&self) {
+        transfer::Bar::finish(self)
+    }
+
+    fn note(&self, line: &str) {
+        transfer::Bar::note(self, line)
+    }
+}
+
+/// Draws an Experiment's `status.progress` as the CLI draws its own transfers: a drawing per
+/// reference transferred, moved on by what each new status adds.
+struct Drawing<D> {
+    make: Box<dyn Fn() -> D + Send>,
+    /// The container drawn, its drawing, and the bytes and files drawn so far.
+    current: Option<(String, D, i64, i64)>,
+}
+
+impl<D: Draw> Drawing<D> {
+    fn new(make: impl Fn() -> D + Send + 'static) -> Self {
+        Drawing {
+            make: Box::new(make),
+            current: None,
+        }
+    }
+
+    fn update(&mut self, progress: Option<&TransferProgress>) {
+        let Some(p) = progress else {
+            return self.finish();
+        };
+        if self.current.as_ref().map(|c| &c.0) != Some(&p.container) {
+            self.finish();
+            let drawn = (self.make)();
+            drawn.start(p.files_total.max(0) as u64, p.bytes_total.max(0) as u64);
+            self.current = Some((p.container.clone(), drawn, 0, 0));
+        }
+        let (_, drawn, bytes, files) = self.current.as_mut().expect("just set");
+        if p.bytes > *bytes {
+            drawn.bytes((p.bytes - *bytes) as u64);
+            *bytes = p.bytes;
+        }
+        while *files < p.files {
+            drawn.file_done();
+            *files += 1;
+        }
+    }
+
+    fn note(&self, line: &str) {
+        match &self.current {
+            Some((_, drawn, ..)) => drawn.note(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some((_, drawn, ..)) = self.current.take() {
+            drawn.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Records what it is told.
+    #[derive(Clone, Default)]
+    struct Recorded(Arc<Mutex<Vec<String>>>);
+
+    impl Progress for Recorded {
+        fn start(&self, files: u64, bytes: u64) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("start {files} {bytes}"));
+        }
+        fn bytes(&self, n: u64) {
+            self.0.lock().unwrap().push(format!("bytes {n}"));
+        }
+        fn file_done(&self) {
+            self.0.lock().unwrap().push("file".into());
+        }
+    }
+
+    impl Draw for Recorded {
+        fn finish(&self) {
+            self.0.lock().unwrap().push("finish".into());
+        }
+        fn note(&self, line: &str) {
+            self.0.lock().unwrap().push(format!("note {line}"));
+        }
+    }
+
+    fn progress(container: &str, files: i64, bytes: i64) -> TransferProgress {
+        let t = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default());
+        TransferProgress {
+            name: "--data".into(),
+            container: container.into(),
+            files,
+            files_total: 2,
+            bytes,
+            bytes_total: 100,
+            bytes_per_second: 0,
+            eta_seconds: None,
+            last_update_time: t.clone(),
+            last_moved_time: t,
+            transferred: String::new(),
+            percent: String::new(),
+            eta: None,
+            rate: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_status_progress_is_drawn_as_the_cli_draws_a_transfer() {
+        let record = Recorded::default();
+        let made = record.clone();
+        let mut drawing = Drawing::new(move || made.clone());
+        drawing.update(Some(&progress("download-0", 0, 30)));
+        drawing.update(Some(&progress("download-0", 1, 80)));
+        drawing.update(Some(&progress("download-0", 1, 80)));
+        drawing.note("train: Downloading 1 of 2 done");
+        drawing.update(Some(&progress("download-1", 0, 10)));
+        drawing.update(None);
+        assert_eq!(
+            *record.0.lock().unwrap(),
+            [
+                "start 2 100",
+                "bytes 30",
+                "bytes 50",
+                "file",
+                "note train: Downloading 1 of 2 done",
+                "finish",
+                "start 2 100",
+                "bytes 10",
+                "finish",
+            ]
+        );
+    }
 }
