@@ -16,7 +16,8 @@ use crate::error::Error;
 use crate::paths;
 use crate::store::{Backend, LocalDir, ObjectMeta, ObjectStore, Store};
 
-/// Bytes gathered before one positional write: few syscalls, bounded memory per request.
+/// Bytes gathered for one positional write, at most (unless one piece is larger): few syscalls,
+/// and one buffer of this size per request in flight.
 const WRITE_BATCH: usize = 512 * 1024;
 
 struct Item {
@@ -580,11 +581,23 @@ async fn fetch_range<O: ObjectStore>(
                     .chunk(&mut body, name)
                     .await
                     .map_err(StreamError::Body)?;
-                if let Some(chunk) = &chunk {
-                    batch.extend_from_slice(chunk);
-                }
                 let done = chunk.is_none();
-                if (batch.len() >= WRITE_BATCH || done) && !batch.is_empty() {
+                let mut chunk = chunk.unwrap_or_default();
+                // A piece that would take the batch past WRITE_BATCH waits for the batch to be
+                // written: extending would reallocate the batch at twice the size, kept for
+                // every later batch of the range (pieces grow to hundreds of KiB when the
+                // reader lags). At most two writes per piece: the batch, then with the piece.
+                loop {
+                    let fits = batch.is_empty() || batch.len() + chunk.len() <= WRITE_BATCH;
+                    if fits {
+                        batch.extend_from_slice(&chunk);
+                        // Let go of the connection's read buffer before waiting for the disk,
+                        // so that the connection reads on into it rather than into a new one.
+                        chunk = Bytes::new();
+                    }
+                    if batch.is_empty() || (fits && batch.len() < WRITE_BATCH && !done) {
+                        break;
+                    }
                     let n = batch.len() as u64;
                     if offset + n > end {
                         return Err(StreamError::TooLong);
@@ -621,6 +634,9 @@ async fn fetch_range<O: ObjectStore>(
                             j.record(fetch.index, offset).map_err(StreamError::Write)?;
                             recorded = offset;
                         }
+                    }
+                    if chunk.is_empty() {
+                        break;
                     }
                 }
                 if done {
