@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod api;
 pub mod atomic;
+pub mod cache;
 pub mod cli;
 pub mod controller;
 pub mod error;

@@ -14,6 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["api"],
     &["store"],
     &["transfer"],
+    &["cache"],
     &["plan"],
     &["render"],
     &["agent", "local", "controller"],
