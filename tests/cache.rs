@@ -93,7 +93,12 @@ async fn setup() -> (BlobClient, Store, Arc<AtomicUsize>, String) {
     put(&blobs, "data/sub/b.bin", &vec![7u8; 300_000]).await;
     put(&blobs, "other/c.txt", b"not in the folder\n").await;
     let (port, reads) = counting_proxy().await;
-    (blobs, store_at(port, &container, common::KEY), reads, container)
+    (
+        blobs,
+        store_at(port, &container, common::KEY),
+        reads,
+        container,
+    )
 }
 
 fn read(path: &Path) -> Vec<u8> {
@@ -116,7 +121,10 @@ async fn a_second_fetch_reads_nothing_and_a_changed_blob_is_a_new_entry() {
     assert_eq!(reads.load(Ordering::SeqCst), 2, "one read per file");
     // Read-only: the tree is shared.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(first.path.join("a.txt")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(first.path.join("a.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o222, 0, "{mode:o}");
 
     let second = fetch().await.unwrap();
@@ -175,7 +183,10 @@ async fn eviction_removes_the_least_recently_used_entry_not_in_use() {
     let most = fetch("most").await.unwrap();
     assert!(!data_path.exists(), "the least recently used goes first");
     assert!(!more_path.exists(), "and the next, until the rest fits");
-    assert!(most.path.exists(), "never the one just fetched while in use");
+    assert!(
+        most.path.exists(),
+        "never the one just fetched while in use"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -219,6 +219,59 @@ async fn against_azurite_the_script_sees_the_blobs_and_its_outputs_become_blobs(
     assert!(!root.exists(), "{} was left behind", root.display());
 }
 
+/// `--cache-dir`: the first run downloads its data into the cache, the second reads it from
+/// there (no download) and the script sees the same files; the cached tree is read-only.
+#[tokio::test]
+async fn a_second_run_with_the_cache_reads_its_data_from_the_cache() {
+    let fx = Fixture::new().await;
+    let files = [
+        ("data/a.txt", bytes(10, 1)),
+        ("data/sub/b.bin", bytes(300_000, 2)),
+    ];
+    let src = fx.path("src");
+    write_tree(&src, &files);
+    assert_exit(
+        &fx.cli(&[
+            "upload",
+            "--datastore",
+            "blob",
+            "--src-dir",
+            src.to_str().unwrap(),
+        ]),
+        0,
+    );
+    let cache = fx.path("cache");
+    let run = |name: &str| {
+        let exp = experiment(fx.dir.path(), "blob", name, "OnSuccess", COPY_THEN_EXIT);
+        fx.cli(&[
+            "run",
+            exp.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ])
+    };
+    let first = run("cached-1");
+    assert_exit(&first, 0);
+    assert!(
+        stderr(&first).contains("downloaded into the cache --data"),
+        "{}",
+        stderr(&first)
+    );
+    let second = run("cached-2");
+    assert_exit(&second, 0);
+    assert!(
+        stderr(&second).contains("from the cache --data"),
+        "{}",
+        stderr(&second)
+    );
+    for run in ["cached-1", "cached-2"] {
+        let seen = fx.client.list(&format!("outputs/{run}/")).await.unwrap();
+        assert_eq!(seen.len(), 2, "{run}: {seen:?}");
+    }
+    let entries: Vec<_> = std::fs::read_dir(cache.join("entries")).unwrap().collect();
+    assert_eq!(entries.len(), 1, "one entry for one unchanged folder");
+}
+
 #[tokio::test]
 async fn the_script_s_exit_code_is_passed_through_and_its_outputs_wait_under_on_success() {
     let fx = Fixture::new().await;

@@ -3,8 +3,8 @@
 //! processes on one machine (`datastore run` on a laptop; the node plugin on a node).
 //!
 //! Layout under the root:
-//! - `entries/<key>/`: a published tree, read-only, with `.manifest.json` (what it holds,
-//!   written before the tree is published; its mtime is the entry's last use);
+//! - `entries/<key>/tree/`: a published tree, read-only, and `entries/<key>/manifest.json`
+//!   (what it holds, written before the entry is published; its mtime is the last use);
 //! - `staging/<key>-<random>/`: a download in progress; the rename into `entries/` publishes
 //!   it atomically, so a half-written entry is never under `entries/`;
 //! - `locks/<key>`: held (flock, exclusive) by the one process downloading `<key>`: two
@@ -36,7 +36,8 @@ use crate::paths;
 use crate::store::{Backend, ObjectMeta, Store};
 use crate::transfer::{self, Options, Progress};
 
-const MANIFEST: &str = ".manifest.json";
+const MANIFEST: &str = "manifest.json";
+const TREE: &str = "tree";
 
 /// What a published entry holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,19 +168,20 @@ impl Cache {
                 .collect(),
         };
         let text = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
-        let manifest_path = tree.join(MANIFEST);
+        let manifest_path = staging.join(MANIFEST);
         std::fs::create_dir_all(&tree).map_err(|e| Error::local("create", &tree, e))?;
         std::fs::write(&manifest_path, text)
             .map_err(|e| Error::local("write", &manifest_path, e))?;
         make_read_only(&tree);
         let target = self.entry_dir(key);
         // An entry found broken is out of the way already (see `hit`).
-        std::fs::rename(&tree, &target).map_err(|e| Error::local("publish", &target, e))?;
-        remove_tree(staging);
-        let lease = open_lock(&target.join(MANIFEST))?;
+        std::fs::rename(staging, &target).map_err(|e| Error::local("publish", &target, e))?;
+        let manifest_path = target.join(MANIFEST);
+        let lease =
+            File::open(&manifest_path).map_err(|e| Error::local("open", &manifest_path, e))?;
         flock(&lease, libc::LOCK_SH, &target).await?;
         Ok(Entry {
-            path: target,
+            path: target.join(TREE),
             key: key.to_string(),
             hit: false,
             files: manifest.files.len() as u64,
@@ -208,7 +210,7 @@ impl Cache {
             .and_then(|text| serde_json::from_slice(&text).ok());
         let intact = manifest.as_ref().is_some_and(|m| {
             m.files.iter().all(|(name, size)| {
-                std::fs::symlink_metadata(dir.join(name))
+                std::fs::symlink_metadata(dir.join(TREE).join(name))
                     .is_ok_and(|meta| meta.is_file() && meta.len() == *size)
             })
         });
@@ -221,7 +223,7 @@ impl Cache {
         // Its last use, for eviction.
         let _ = lease.set_modified(SystemTime::now());
         Ok(Some(Entry {
-            path: dir,
+            path: dir.join(TREE),
             key: key.to_string(),
             hit: true,
             files: manifest.files.len() as u64,
@@ -347,11 +349,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Opens (creating) the lock file of a key.
 fn open_lock(path: &Path) -> Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
-        .write(!path.ends_with(MANIFEST))
-        .create(!path.ends_with(MANIFEST))
+        .write(true)
+        .create(true)
         .truncate(false)
         .open(path)
         .map_err(|e| Error::local("open the lock", path, e))

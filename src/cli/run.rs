@@ -36,6 +36,46 @@ pub struct RunArgs {
     pub concurrency: u16,
     #[command(flatten)]
     pub progress: super::ProgressFlags,
+    /// Serve download references from a cache of downloaded folders: a folder whose listing
+    /// (names, sizes, MD5s) has not changed since an earlier run is not downloaded again, and
+    /// the script reads it from the cache, read-only.
+    #[arg(long)]
+    pub cache: bool,
+    /// Where the cache is (implies --cache) [default: $XDG_CACHE_HOME/datastore, else
+    /// ~/.cache/datastore].
+    #[arg(long, env = "DATASTORE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// How much the cache keeps of folders no run uses, least recently used out first.
+    #[arg(long, default_value = "20Gi", value_parser = cache_size)]
+    pub cache_size: u64,
+}
+
+/// `--cache-size`: a quantity of bytes (`20Gi`, `500Mi`).
+fn cache_size(value: &str) -> std::result::Result<u64, String> {
+    crate::quantity::bytes(value).ok_or_else(|| {
+        format!("`{value}` is not a size: write a whole number with a suffix such as 500Mi or 20Gi")
+    })
+}
+
+/// Where the cache is, when asked for.
+fn cache_dir(args: &RunArgs) -> Result<Option<PathBuf>> {
+    if let Some(dir) = args.cache_dir.clone().filter(|d| !d.as_os_str().is_empty()) {
+        return Ok(Some(dir));
+    }
+    if !args.cache {
+        return Ok(None);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .ok_or_else(|| {
+            Error::Config(
+                "--cache needs a place: set --cache-dir (neither XDG_CACHE_HOME nor HOME is set)"
+                    .into(),
+            )
+        })?;
+    Ok(Some(base.join("datastore")))
 }
 
 /// Runs `datastore run`; returns the script's exit code, or the error's when it did not run or
@@ -86,5 +126,8 @@ async fn setup(args: &RunArgs) -> Result<LocalRun> {
         work_dir: args.work_dir.clone(),
         concurrency: args.concurrency as usize,
         show_progress: args.progress.show(),
+        cache: cache_dir(args)?
+            .map(|dir| crate::cache::Cache::open(&dir, args.cache_size))
+            .transpose()?,
     })
 }

@@ -13,6 +13,7 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 
 use crate::api::{ComputeTarget, Experiment, UploadPolicy};
+use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::plan::{self, ExecutionPlan, Roots, Transfer};
 use crate::store::azure::Tuning;
@@ -31,6 +32,8 @@ pub struct LocalRun {
     pub work_dir: Option<PathBuf>,
     pub concurrency: usize,
     pub show_progress: bool,
+    /// Where download references come from when their folder is cached (`--cache`).
+    pub cache: Option<Cache>,
 }
 
 /// How a run ended.
@@ -172,8 +175,68 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
         ..Options::default()
     };
 
-    for download in plan.code.iter().chain(&plan.downloads) {
+    // The cached trees the script reads: leased until the run ends, so no eviction takes them.
+    let mut leases = Vec::new();
+    let code = plan.code.iter().map(|d| (true, d));
+    for (is_code, download) in code.chain(plan.downloads.iter().map(|d| (false, d))) {
         let bar = Arc::new(Bar::new(run.show_progress));
+        let store = &stores[&download.datastore];
+        // The code's folder is the script's working directory, which it may write to: never
+        // a read-only cached tree. A local datastore is here already.
+        let cached = !is_code && matches!(store, Store::Azure(_));
+        if let (Some(cache), true) = (&run.cache, cached) {
+            let result = interruptible(cache.fetch(
+                store,
+                &download.remote_path,
+                options(false),
+                bar.clone(),
+            ))
+            .await;
+            bar.finish();
+            let Ok(result) = result else {
+                say("interrupted while downloading: the script did not run");
+                work.discard();
+                return Ok(Finished::interrupted(result.unwrap_err(), None));
+            };
+            let linked = result.and_then(|entry| {
+                let local = Path::new(&download.local_path);
+                if let Some(parent) = local.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| Error::local("create", parent, e))?;
+                }
+                std::os::unix::fs::symlink(&entry.path, local)
+                    .map_err(|e| Error::local("link the cached folder at", local, e))?;
+                Ok(entry)
+            });
+            match linked {
+                Ok(entry) => {
+                    say(format_args!(
+                        "{} {}: {} at {} ({} files, {}; cache entry {})",
+                        if entry.hit {
+                            "from the cache"
+                        } else {
+                            "downloaded into the cache"
+                        },
+                        download.param,
+                        remote(download),
+                        download.local_path,
+                        entry.files,
+                        indicatif::HumanBytes(entry.bytes),
+                        entry.path.display()
+                    ));
+                    leases.push(entry);
+                }
+                Err(e) => {
+                    work.discard();
+                    return Err(e.with_message(format!(
+                        "downloading {} ({}) into the cache failed, so the script did not run: {e}",
+                        download.param,
+                        remote(download),
+                    )));
+                }
+            }
+            continue;
+        }
         let result = interruptible(transfer::download_folder(
             &stores[&download.datastore],
             &download.remote_path,
