@@ -6,6 +6,7 @@ pub mod atomic;
 pub mod cache;
 pub mod cli;
 pub mod controller;
+pub mod csi;
 pub mod error;
 pub mod exit;
 pub mod local;

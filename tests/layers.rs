@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["cache"],
     &["plan"],
     &["render"],
-    &["agent", "local", "controller"],
+    &["agent", "local", "controller", "csi"],
     &["cli"],
 ];
 

@@ -191,7 +191,11 @@ impl Cache {
     }
 
     /// The entry `key` when it is published and intact (leased and marked used); a broken one
-    /// is removed.
+    /// is removed. For a caller that fetched it (and so listed it) already.
+    pub fn lease(&self, key: &str) -> Result<Option<Entry>> {
+        self.hit(key)
+    }
+
     fn hit(&self, key: &str) -> Result<Option<Entry>> {
         let dir = self.entry_dir(key);
         let manifest_path = dir.join(MANIFEST);

@@ -59,6 +59,8 @@ pub enum Command {
     Agent(crate::agent::AgentArgs),
     /// Run the operator: reconcile Experiments, Datastores and ClusterDatastores until SIGTERM.
     Controller(crate::controller::ControllerArgs),
+    /// Serve the CSI node plugin that mounts datastore folders from the node's download cache.
+    CsiNode(crate::csi::CsiNodeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -166,7 +168,7 @@ impl Cli {
     pub fn log_filter(&self) -> &str {
         match (&self.log_level, &self.command) {
             (Some(level), _) if !level.trim().is_empty() => level,
-            (_, Command::Controller(_)) => "info",
+            (_, Command::Controller(_) | Command::CsiNode(_)) => "info",
             (_, _) => "warn",
         }
     }
@@ -198,6 +200,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Submit(args) => submit::run(args).await,
         Command::Agent(args) => crate::agent::run(args).await,
         Command::Controller(args) => crate::controller::run(args).await,
+        Command::CsiNode(args) => crate::csi::run(args).await,
         Command::Crds => {
             print!("{}", crate::api::crds_yaml());
             0

@@ -1,0 +1,330 @@
+//! The CSI node plugin (`datastore csi-node`) over its unix socket, against a real Azurite
+//! reached through a proxy that counts blob reads. The plugin runs in a private mount
+//! namespace (`unshare --mount`), so its bind mounts vanish with it; the test looks at them
+//! through `/proc/<pid>/root`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bpfman_csi::v1 as csi;
+use csi::node_client::NodeClient;
+use datastore_operator::store::azure::Body;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A proxy in front of Azurite that counts blob reads (GETs that are not listings) and delays
+/// each answer by `delay`.
+async fn proxy(delay: Duration) -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counted = reads.clone();
+    let upstream = format!("127.0.0.1:{}", common::azurite_port());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (upstream, counted) = (upstream.clone(), counted.clone());
+            tokio::spawn(async move {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    while let Ok(n) = server_read.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                        if client_write.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut buffer = vec![0u8; 64 * 1024];
+                while let Ok(n) = client_read.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buffer[..n]);
+                    counted.fetch_add(
+                        text.lines()
+                            .filter(|l| l.starts_with("GET ") && !l.contains("comp=list"))
+                            .count(),
+                        Ordering::SeqCst,
+                    );
+                    if server_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, reads)
+}
+
+/// The plugin, in a mount namespace of its own, serving on a socket in `dir`.
+struct Plugin {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Plugin {
+    fn start(dir: &Path) -> Plugin {
+        let socket = dir.join("csi.sock");
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--"])
+            .arg(env!("CARGO_BIN_EXE_datastore"))
+            .args(["csi-node", "--node-id", "node-1", "--cache-size", "1Gi"])
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .spawn()
+            .expect("unshare runs (util-linux)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the plugin did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Plugin { child, socket }
+    }
+
+    async fn node(&self) -> NodeClient<Channel> {
+        let socket = self.socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                tokio::net::UnixStream::connect(socket.clone())
+            }))
+            .await
+            .unwrap();
+        NodeClient::new(channel)
+    }
+
+    /// `path` as the plugin's mount namespace sees it.
+    fn seen(&self, path: &Path) -> PathBuf {
+        Path::new(&format!("/proc/{}/root", self.child.id())).join(path.strip_prefix("/").unwrap())
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn publish(
+    volume: &str,
+    target: &Path,
+    attributes: &HashMap<String, String>,
+    key: &str,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(csi::VolumeCapability {
+            access_mode: Some(csi::volume_capability::AccessMode { mode: 2 }),
+            access_type: Some(csi::volume_capability::AccessType::Mount(
+                csi::volume_capability::MountVolume::default(),
+            )),
+        }),
+        readonly: true,
+        secrets: HashMap::from([("accountKey".to_string(), key.to_string())]),
+        volume_context: attributes.clone(),
+        ..Default::default()
+    }
+}
+
+/// Publishes until the plugin answers other than `Unavailable` (the kubelet's retries).
+async fn publish_until_ready(
+    node: &mut NodeClient<Channel>,
+    request: csi::NodePublishVolumeRequest,
+) -> (Result<(), tonic::Status>, usize) {
+    for attempt in 1..=60 {
+        match node.node_publish_volume(request.clone()).await {
+            Err(status) if status.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = attempt;
+            }
+            other => return (other.map(|_| ()), attempt),
+        }
+    }
+    panic!("still unavailable after 60 attempts")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_published_folder_comes_from_the_cache_read_only_and_a_second_pod_reads_no_blob() {
+    let container = common::unique_container();
+    let blobs = common::client(&container);
+    blobs.create_container().await.unwrap();
+    for (name, data) in [
+        ("data/a.txt", &b"alpha\n"[..]),
+        ("data/sub/b.csv", b"x,y\n"),
+    ] {
+        blobs
+            .put_blob(
+                name,
+                Body::Bytes(data.to_vec().into()),
+                common::md5(data),
+                false,
+            )
+            .await
+            .unwrap();
+    }
+    let (port, reads) = proxy(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(dir.path());
+    let mut node = plugin.node().await;
+    let attributes = HashMap::from([
+        ("accountName".to_string(), common::ACCOUNT.to_string()),
+        ("containerName".to_string(), container.clone()),
+        (
+            "endpoint".to_string(),
+            format!("http://127.0.0.1:{port}/{}", common::ACCOUNT),
+        ),
+        ("path".to_string(), "data".to_string()),
+    ]);
+
+    let first = dir.path().join("pods/one/volume");
+    let (published, _) = publish_until_ready(
+        &mut node,
+        publish("vol-1", &first, &attributes, common::KEY),
+    )
+    .await;
+    published.unwrap();
+    assert_eq!(
+        std::fs::read(plugin.seen(&first).join("a.txt")).unwrap(),
+        b"alpha\n"
+    );
+    assert_eq!(
+        std::fs::read(plugin.seen(&first).join("sub/b.csv")).unwrap(),
+        b"x,y\n"
+    );
+    let write = std::fs::write(plugin.seen(&first).join("new.txt"), b"x");
+    assert!(write.is_err(), "a published tree is read-only");
+    assert_eq!(reads.load(Ordering::SeqCst), 2);
+
+    // Another pod, the same folder: mounted from the cache, no blob read.
+    let second = dir.path().join("pods/two/volume");
+    let (published, attempts) = publish_until_ready(
+        &mut node,
+        publish("vol-2", &second, &attributes, common::KEY),
+    )
+    .await;
+    published.unwrap();
+    assert_eq!(attempts, 1, "a hit is answered in the first call");
+    assert_eq!(
+        std::fs::read(plugin.seen(&second).join("a.txt")).unwrap(),
+        b"alpha\n"
+    );
+    assert_eq!(reads.load(Ordering::SeqCst), 2, "a hit reads no blob");
+
+    // Publishing again is a repeat, not an error.
+    node.node_publish_volume(publish("vol-2", &second, &attributes, common::KEY))
+        .await
+        .unwrap();
+
+    // Credentials that cannot list the folder get nothing, though the tree is cached.
+    let third = dir.path().join("pods/three/volume");
+    let wrong = "d3Jvbmcga2V5IGZvciB0aGlzIGFjY291bnQ=";
+    let (refused, _) =
+        publish_until_ready(&mut node, publish("vol-3", &third, &attributes, wrong)).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(!plugin.seen(&third).join("a.txt").exists());
+
+    // Unpublish: unmounted and removed; a repeat is fine.
+    for _ in 0..2 {
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: "vol-1".into(),
+            target_path: first.display().to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(!plugin.seen(&first).exists());
+    assert!(
+        plugin.seen(&second).join("a.txt").exists(),
+        "the other pod keeps its volume"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_download_is_retried_by_the_kubelet_not_held_in_one_call() {
+    let container = common::unique_container();
+    let blobs = common::client(&container);
+    blobs.create_container().await.unwrap();
+    let data = vec![3u8; 2 << 20];
+    blobs
+        .put_blob(
+            "data/big.bin",
+            Body::Bytes(data.clone().into()),
+            common::md5(&data),
+            false,
+        )
+        .await
+        .unwrap();
+    // Every piece of every answer waits 200 ms: the download takes well over the 5 s a
+    // publish call waits.
+    let (port, _) = proxy(Duration::from_millis(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(dir.path());
+    let mut node = plugin.node().await;
+    let attributes = HashMap::from([
+        ("accountName".to_string(), common::ACCOUNT.to_string()),
+        ("containerName".to_string(), container.clone()),
+        (
+            "endpoint".to_string(),
+            format!("http://127.0.0.1:{port}/{}", common::ACCOUNT),
+        ),
+        ("path".to_string(), "data".to_string()),
+    ]);
+    let target = dir.path().join("pods/slow/volume");
+    let started = Instant::now();
+    let first = node
+        .node_publish_volume(publish("vol-slow", &target, &attributes, common::KEY))
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), Code::Unavailable, "{first:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "one call is bounded"
+    );
+    let (published, attempts) = publish_until_ready(
+        &mut node,
+        publish("vol-slow", &target, &attributes, common::KEY),
+    )
+    .await;
+    published.unwrap();
+    assert!(attempts >= 1);
+    assert_eq!(
+        std::fs::read(plugin.seen(&target).join("big.bin")).unwrap(),
+        data
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_publish_lacks_is_an_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(dir.path());
+    let mut node = plugin.node().await;
+    let attributes = HashMap::from([("accountName".to_string(), "a".to_string())]);
+    let target = dir.path().join("t");
+    let mut no_volume = publish("", &target, &attributes, "k");
+    no_volume.volume_id.clear();
+    let mut no_target = publish("v", &target, &attributes, "k");
+    no_target.target_path.clear();
+    let mut no_capability = publish("v", &target, &attributes, "k");
+    no_capability.volume_capability = None;
+    let no_container = publish("v", &target, &attributes, "k");
+    for request in [no_volume, no_target, no_capability, no_container] {
+        let status = node.node_publish_volume(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+}
