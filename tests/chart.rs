@@ -44,6 +44,7 @@ mount: {defaultDriver: csi, sidecarMemory: 2Gi, sidecarCpu: 1500m}
 agent: {resources: {requests: {cpu: 250m, memory: 256Mi}, limits: {cpu: "4", memory: 1Gi}}}
 startTimeout: 1h
 progressPeriod: 30s
+nodeCache: {enabled: true, hostPath: /mnt/datastore-cache, size: 200Gi, kubeletDir: /var/lib/kubelet}
 staging: {size: 200Gi}
 outputs: {size: 50Gi, storageClassName: managed-csi-premium}
 logLevel: debug
@@ -1183,5 +1184,55 @@ fn deploy_is_the_chart_rendered_with_default_values() {
         out.status.success(),
         "kubernetes-validate refused deploy/:\n{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `nodeCache.enabled`: the CSIDriver serves ephemeral volumes only, the DaemonSet runs the
+/// plugin with the cache's size on every node (the only privileged pod of the release), and
+/// the controller's Service does not select its pods. Off by default.
+#[test]
+fn the_node_cache_is_an_opt_in_daemonset_and_csidriver() {
+    let default = render(None);
+    assert!(default.of_kind("DaemonSet").is_empty() && default.of_kind("CSIDriver").is_empty());
+
+    let rendered = render(Some(EVERY_OPTION));
+    let driver = rendered.one("CSIDriver");
+    assert_eq!(driver["metadata"]["name"], datastore_operator::csi::DRIVER);
+    assert_eq!(driver["spec"]["volumeLifecycleModes"], json!(["Ephemeral"]));
+    assert_eq!(driver["spec"]["attachRequired"], false);
+
+    let daemonset = rendered.one("DaemonSet");
+    let pod = &daemonset["spec"]["template"];
+    let plugin = &pod["spec"]["containers"][0];
+    assert_eq!(
+        plugin["args"],
+        json!([
+            "csi-node",
+            "--endpoint=unix:///csi/csi.sock",
+            "--cache-dir=/cache",
+            "--cache-size=200Gi"
+        ])
+    );
+    assert_eq!(plugin["securityContext"]["privileged"], true);
+    let cache = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "cache")
+        .unwrap();
+    assert_eq!(cache["hostPath"]["path"], "/mnt/datastore-cache");
+    // The controller's pods stay unprivileged.
+    let controller = controller(&rendered.deployment());
+    assert_ne!(
+        controller.security_context.and_then(|s| s.privileged),
+        Some(true)
+    );
+    // The controller's Service selects none of the node plugin's pods.
+    let service = rendered.one("Service");
+    let selector = service["spec"]["selector"].as_object().unwrap();
+    let labels = pod["metadata"]["labels"].as_object().unwrap();
+    assert!(
+        !selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "{selector:?} selects {labels:?}"
     );
 }
