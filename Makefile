@@ -14,6 +14,10 @@ HELM_SDK     := $(VENV)/.helm-python-sdk-$(HELM_SDK_VER)
 # Kubernetes release tests/cluster/go.mod pins (tests/common/cluster.rs reads the same line).
 K8S_E2E      := $(shell awk '$$1 == "k8s.io/kubernetes" {print $$2}' tests/cluster/go.mod)
 KUBE         := $(TOOLS)/k8s-$(K8S_E2E)/kube
+# csi-sanity, the CSI conformance suite the CSI node plugin's tests run, built from Go modules:
+# the csi-test release tests/csi/go.mod pins (tests/common/csi.rs reads the same line).
+CSI_TEST_VER := $(shell awk '{sub(/^require[ \t]+/, "")} $$1 == "github.com/kubernetes-csi/csi-test/v5" {print $$2; exit}' tests/csi/go.mod)
+CSI_SANITY   := $(TOOLS)/csi-sanity-$(CSI_TEST_VER)/csi-sanity
 VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE        := ghcr.io/datastore-operator/datastore:$(VERSION)
 # The blobfuse2 sidecar image the chart's blobfuseImage names (images/blobfuse2).
@@ -69,7 +73,11 @@ $(HELM_SDK): $(KVALIDATE)
 $(KUBE): tests/cluster/go.mod tests/cluster/go.sum $(wildcard tests/cluster/*.go) tests/cluster/build.sh
 	bash tests/cluster/build.sh $@
 
-test-deps: $(AZURITE) $(KVALIDATE) $(HELM_SDK) $(KUBE)
+# About a minute and ~20 MB of modules the first time, then cached by version.
+$(CSI_SANITY): tests/csi/go.mod tests/csi/go.sum $(wildcard tests/csi/*.go) tests/csi/build.sh
+	bash tests/csi/build.sh $@
+
+test-deps: $(AZURITE) $(KVALIDATE) $(HELM_SDK) $(KUBE) $(CSI_SANITY)
 
 # Just the end-to-end scenarios on the real control plane, from the working tree as it is.
 e2e: $(AZURITE) $(KUBE)

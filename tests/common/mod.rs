@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod cel;
 pub mod cluster;
+pub mod csi;
 pub mod cut;
 pub mod image;
 pub mod node;
