@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use bpfman_csi::v1 as csi;
 use csi::node_client::NodeClient;
 use datastore_operator::store::azure::Body;
+use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -78,6 +80,7 @@ impl Plugin {
     fn start(dir: &Path) -> Plugin {
         let socket = dir.join("csi.sock");
         let child = Command::new("unshare")
+            .process_group(0)
             .args(["--mount", "--propagation", "private", "--"])
             .arg(env!("CARGO_BIN_EXE_datastore"))
             .args(["csi-node", "--node-id", "node-1", "--cache-size", "1Gi"])
@@ -94,16 +97,26 @@ impl Plugin {
         Plugin { child, socket }
     }
 
+    /// A client of the plugin's Node service, once it accepts connections.
     async fn node(&self) -> NodeClient<Channel> {
-        let socket = self.socket.clone();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                tokio::net::UnixStream::connect(socket.clone())
-            }))
-            .await
-            .unwrap();
-        NodeClient::new(channel)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let socket = self.socket.clone();
+            let connected = tonic::transport::Endpoint::try_from("http://[::]:50051")
+                .unwrap()
+                .connect_with_connector(tower::service_fn(move |_| {
+                    tokio::net::UnixStream::connect(socket.clone())
+                }))
+                .await;
+            match connected {
+                Ok(channel) => return NodeClient::new(channel),
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the plugin does not accept connections: {e}"),
+            }
+        }
     }
 
     /// `path` as the plugin's mount namespace sees it.
@@ -113,8 +126,11 @@ impl Plugin {
 }
 
 impl Drop for Plugin {
+    /// Kills its whole process group: a shell that restarts the plugin, and the plugin.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }
@@ -326,5 +342,232 @@ async fn what_a_publish_lacks_is_an_invalid_argument() {
     for request in [no_volume, no_target, no_capability, no_container] {
         let status = node.node_publish_volume(request).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+}
+
+/// csi-sanity, the CSI community's conformance suite, against the plugin: every spec that
+/// applies to a node-only driver of ephemeral volumes (tests/csi/README.md lists them).
+#[test]
+fn csi_sanity_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(dir.path());
+    let out = common::csi::csi_sanity(&plugin.socket, &dir.path().join("sanity"), &[]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && report.contains("SUCCESS!"),
+        "csi-sanity failed:\n{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("10 Passed"), "{report}");
+}
+
+/// A restart of the plugin keeps the pods' bind mounts (the kubelet does not publish them
+/// again) but not its leases: the new process finds the mounted trees in its mount table and
+/// leases them, so eviction does not empty a running pod's volume.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_restart_a_mounted_tree_is_still_never_evicted() {
+    let container = common::unique_container();
+    let blobs = common::client(&container);
+    blobs.create_container().await.unwrap();
+    let data = vec![9u8; 200_000];
+    for name in ["a/one.bin", "b/two.bin"] {
+        blobs
+            .put_blob(
+                name,
+                Body::Bytes(data.clone().into()),
+                common::md5(&data),
+                false,
+            )
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    // One mount namespace for both runs of the plugin: a shell restarts it when it dies.
+    let script = format!(
+        "while true; do {} csi-node --node-id n --cache-size 100Ki --endpoint=unix://{} --cache-dir {}; done",
+        env!("CARGO_BIN_EXE_datastore"),
+        socket.display(),
+        dir.path().join("cache").display()
+    );
+    let shell = Command::new("unshare")
+        .process_group(0)
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .spawn()
+        .unwrap();
+    let plugin = Plugin {
+        child: shell,
+        socket: socket.clone(),
+    };
+    let wait_for_socket = || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the plugin did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for_socket();
+    let attributes = |path: &str| {
+        HashMap::from([
+            ("accountName".to_string(), common::ACCOUNT.to_string()),
+            ("containerName".to_string(), container.clone()),
+            ("endpoint".to_string(), common::endpoint()),
+            ("path".to_string(), path.to_string()),
+        ])
+    };
+    let first = dir.path().join("pods/a/volume");
+    let mut node = plugin.node().await;
+    let (published, _) = publish_until_ready(
+        &mut node,
+        publish("vol-a", &first, &attributes("a"), common::KEY),
+    )
+    .await;
+    published.unwrap();
+
+    // Kill the plugin (not the shell): it restarts in the same mount namespace.
+    let pids = Command::new("pgrep")
+        .args(["-P", &plugin.child.id().to_string()])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pids.stdout).trim().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The new run replaces the socket file the killed one left; `node` waits until it answers.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Another folder, over the 100 KiB the cache keeps: eviction runs, and spares `a`.
+    let second = dir.path().join("pods/b/volume");
+    let mut node = plugin.node().await;
+    let (published, _) = publish_until_ready(
+        &mut node,
+        publish("vol-b", &second, &attributes("b"), common::KEY),
+    )
+    .await;
+    published.unwrap();
+    assert_eq!(
+        std::fs::read(plugin.seen(&first).join("one.bin")).unwrap(),
+        data
+    );
+    // Once unpublished, it is evictable again.
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: "vol-a".into(),
+        target_path: first.display().to_string(),
+    })
+    .await
+    .unwrap();
+}
+
+/// The node cache's numbers (not a timed test: `cargo test --release --test csi -- --ignored
+/// --nocapture`): W1 (10,000 x 16 KiB) and W2 (16 x 64 MiB), a miss (NodePublishVolume until
+/// mounted) against `datastore download` of the same folder, then a hit.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn numbers_of_a_miss_and_a_hit_against_a_download() {
+    let container = common::unique_container();
+    let blobs = Arc::new(common::client(&container));
+    blobs.create_container().await.unwrap();
+    let workloads: [(&str, usize, usize); 2] = [("w1", 10_000, 16 << 10), ("w2", 16, 64 << 20)];
+    for (name, files, size) in workloads {
+        let data = Arc::new(vec![5u8; size]);
+        let md5 = common::md5(&data);
+        let puts = (0..files).map(|i| {
+            let (blobs, data) = (blobs.clone(), data.clone());
+            async move {
+                blobs
+                    .put_blob(
+                        &format!("{name}/f{i:05}"),
+                        Body::Bytes(data.to_vec().into()),
+                        md5,
+                        false,
+                    )
+                    .await
+                    .unwrap()
+            }
+        });
+        futures::stream::iter(puts)
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let datastores = dir.path().join("datastores.yaml");
+    std::fs::write(
+        &datastores,
+        format!(
+            "apiVersion: datastore.dev/v1alpha1\nkind: Datastore\nmetadata: {{name: blob}}\nspec:\n  azureBlob: {{accountName: {}, containerName: {container}, endpoint: \"{}\", credentials: {{secretRef: {{name: k}}}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: k}}\nstringData: {{accountKey: \"{}\"}}\n",
+            common::ACCOUNT,
+            common::endpoint(),
+            common::KEY
+        ),
+    )
+    .unwrap();
+    let plugin = Plugin::start(dir.path());
+    let mut node = plugin.node().await;
+    for (name, _, _) in workloads {
+        let started = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_datastore"))
+            .args([
+                "download",
+                "--datastore",
+                "blob",
+                "--prefix",
+                name,
+                "--datastores",
+            ])
+            .arg(&datastores)
+            .arg("--target-path")
+            .arg(dir.path().join(format!("download-{name}")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let download = started.elapsed();
+        let attributes = HashMap::from([
+            ("accountName".to_string(), common::ACCOUNT.to_string()),
+            ("containerName".to_string(), container.clone()),
+            ("endpoint".to_string(), common::endpoint()),
+            ("path".to_string(), name.to_string()),
+        ]);
+        let started = Instant::now();
+        let target = dir.path().join(format!("pods/{name}-1/volume"));
+        let (published, _) = publish_until_ready(
+            &mut node,
+            publish(&format!("{name}-1"), &target, &attributes, common::KEY),
+        )
+        .await;
+        published.unwrap();
+        let miss = started.elapsed();
+        let started = Instant::now();
+        let target = dir.path().join(format!("pods/{name}-2/volume"));
+        let (published, _) = publish_until_ready(
+            &mut node,
+            publish(&format!("{name}-2"), &target, &attributes, common::KEY),
+        )
+        .await;
+        published.unwrap();
+        let hit = started.elapsed();
+        println!(
+            "{name}: datastore download {:.2} s; miss (publish until mounted) {:.2} s ({:.2}x); hit {:.3} s",
+            download.as_secs_f64(),
+            miss.as_secs_f64(),
+            miss.as_secs_f64() / download.as_secs_f64(),
+            hit.as_secs_f64()
+        );
     }
 }

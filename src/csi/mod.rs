@@ -83,6 +83,13 @@ pub async fn run(args: CsiNodeArgs) -> i32 {
         }
     };
     let plugin = Plugin::new(cache, args.node_id);
+    let adopted = plugin.adopt_mounts();
+    if adopted > 0 {
+        tracing::info!(
+            adopted,
+            "leased the cached trees still mounted from before a restart"
+        );
+    }
     tracing::info!(socket = %socket.display(), driver = DRIVER, "serving CSI");
     let served = tonic::transport::Server::builder()
         .add_service(csi::identity_server::IdentityServer::new(plugin.clone()))
@@ -113,6 +120,9 @@ pub struct Plugin {
     fetches: Arc<Mutex<HashMap<String, Fetch>>>,
     /// Per volume: the entry its target shows (leased while published).
     published: Arc<Mutex<HashMap<String, (PathBuf, Entry)>>>,
+    /// Per target: the entries of mounts a previous run of the plugin published (found in
+    /// the mount table at start), leased until they are unpublished.
+    adopted: Arc<Mutex<HashMap<PathBuf, Entry>>>,
 }
 
 /// A fetch in the background: a receiver of its outcome.
@@ -125,8 +135,68 @@ impl Plugin {
             node_id,
             fetches: Arc::default(),
             published: Arc::default(),
+            adopted: Arc::default(),
         }
     }
+
+    /// Leases the trees that are still mounted from an earlier run of the plugin (a restart
+    /// keeps the pods' bind mounts but not the leases), so eviction spares them. Returns how
+    /// many.
+    pub fn adopt_mounts(&self) -> usize {
+        let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return 0;
+        };
+        let mut adopted = self.adopted.lock().expect("not poisoned");
+        for (key, target) in cached_mounts(&table) {
+            if let Ok(Some(lease)) = self.cache.lease(&key) {
+                adopted.insert(target, lease);
+            }
+        }
+        adopted.len()
+    }
+}
+
+/// The mounts of cached trees in a mount table (`/proc/self/mountinfo`): each entry's key and
+/// where it is mounted. A bind mount's root is the tree's path on its file system, which ends
+/// in `entries/<key>/tree` whatever the cache directory is called there.
+fn cached_mounts(mountinfo: &str) -> Vec<(String, PathBuf)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let root = fields.nth(3)?;
+            let mount_point = fields.next()?;
+            let key = root
+                .strip_suffix("/tree")?
+                .rsplit_once("/entries/")
+                .map(|(_, key)| key)?;
+            let is_key = key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit());
+            // The mount table escapes spaces and the like as octal (`\040`).
+            is_key.then(|| (key.to_string(), PathBuf::from(unescape(mount_point))))
+        })
+        .collect()
+}
+
+fn unescape(field: &str) -> String {
+    let mut out = Vec::new();
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|digits| std::str::from_utf8(digits).ok())
+            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
+        if bytes[i] == b'\\'
+            && let Some(code) = octal
+        {
+            out.push(code);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tonic::async_trait]
@@ -258,6 +328,7 @@ impl csi::node_server::Node for Plugin {
             .lock()
             .expect("not poisoned")
             .remove(&r.volume_id);
+        self.adopted.lock().expect("not poisoned").remove(target);
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
@@ -452,5 +523,31 @@ fn unmount(target: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir(target) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mounted_cached_trees_are_found_in_the_mount_table() {
+        let key = "ab".repeat(32);
+        let table = format!(
+            "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+             612 29 8:1 /var/lib/datastore/cache/entries/{key}/tree /var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/data/mount ro,relatime shared:1 - ext4 /dev/sda1 rw\n\
+             613 29 8:1 /cache/entries/{key}/tree /tmp/a\\040b ro - ext4 /dev/sda1 rw\n\
+             614 29 8:1 /cache/entries/not-a-key/tree /tmp/c ro - ext4 /dev/sda1 rw\n"
+        );
+        assert_eq!(
+            cached_mounts(&table),
+            [
+                (
+                    key.clone(),
+                    PathBuf::from("/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/data/mount")
+                ),
+                (key, PathBuf::from("/tmp/a b")),
+            ]
+        );
     }
 }
