@@ -7,55 +7,13 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::proxy::{self, Pace, Proxy};
 
 use datastore_operator::cache::Cache;
 use datastore_operator::store::azure::{Body, Tuning};
 use datastore_operator::store::{AzureBlobConfig, AzureCredential, BlobClient, Secret, Store};
 use datastore_operator::transfer::{NoProgress, Options};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A proxy in front of Azurite that counts the requests reading a blob (GETs that are not
-/// listings).
-async fn counting_proxy() -> (u16, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let reads = Arc::new(AtomicUsize::new(0));
-    let counted = reads.clone();
-    let upstream = format!("127.0.0.1:{}", common::azurite_port());
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let (upstream, counted) = (upstream.clone(), counted.clone());
-            tokio::spawn(async move {
-                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-                });
-                let mut buffer = vec![0u8; 64 * 1024];
-                while let Ok(n) = client_read.read(&mut buffer).await {
-                    if n == 0 {
-                        break;
-                    }
-                    // Request lines start a packet on a kept-alive connection, near enough
-                    // for a count: bodies of reads are empty.
-                    let text = String::from_utf8_lossy(&buffer[..n]);
-                    counted.fetch_add(
-                        text.lines()
-                            .filter(|l| l.starts_with("GET ") && !l.contains("comp=list"))
-                            .count(),
-                        Ordering::SeqCst,
-                    );
-                    if server_write.write_all(&buffer[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (port, reads)
-}
 
 fn store_at(port: u16, container: &str, key: &str) -> Store {
     let config = AzureBlobConfig {
@@ -85,20 +43,16 @@ async fn put(blobs: &BlobClient, name: &str, data: &[u8]) {
 
 /// A container holding `data/{a.txt, sub/b.bin}`, and a store reaching it through a counting
 /// proxy.
-async fn setup() -> (BlobClient, Store, Arc<AtomicUsize>, String) {
+async fn setup() -> (BlobClient, Store, Proxy, String) {
     let container = common::unique_container();
     let blobs = common::client(&container);
     blobs.create_container().await.unwrap();
     put(&blobs, "data/a.txt", b"alpha\n").await;
     put(&blobs, "data/sub/b.bin", &vec![7u8; 300_000]).await;
     put(&blobs, "other/c.txt", b"not in the folder\n").await;
-    let (port, reads) = counting_proxy().await;
-    (
-        blobs,
-        store_at(port, &container, common::KEY),
-        reads,
-        container,
-    )
+    let proxy = proxy::start(Pace::default()).await;
+    let store = store_at(proxy.port, &container, common::KEY);
+    (blobs, store, proxy, container)
 }
 
 fn read(path: &Path) -> Vec<u8> {
@@ -107,7 +61,7 @@ fn read(path: &Path) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_fetch_reads_nothing_and_a_changed_blob_is_a_new_entry() {
-    let (blobs, store, reads, _) = setup().await;
+    let (blobs, store, proxy, _) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(dir.path(), 1 << 30).unwrap();
     let fetch = || cache.fetch(&store, "data", Options::default(), Arc::new(NoProgress));
@@ -118,7 +72,7 @@ async fn a_second_fetch_reads_nothing_and_a_changed_blob_is_a_new_entry() {
     assert_eq!(read(&first.path.join("a.txt")), b"alpha\n");
     assert_eq!(read(&first.path.join("sub/b.bin")), vec![7u8; 300_000]);
     assert!(!first.path.join("c.txt").exists() && !first.path.join("other").exists());
-    assert_eq!(reads.load(Ordering::SeqCst), 2, "one read per file");
+    assert_eq!(proxy.reads(), 2, "one read per file");
     // Read-only: the tree is shared.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(first.path.join("a.txt"))
@@ -130,7 +84,7 @@ async fn a_second_fetch_reads_nothing_and_a_changed_blob_is_a_new_entry() {
     let second = fetch().await.unwrap();
     assert!(second.hit);
     assert_eq!(second.path, first.path);
-    assert_eq!(reads.load(Ordering::SeqCst), 2, "a hit reads no blob");
+    assert_eq!(proxy.reads(), 2, "a hit reads no blob");
 
     put(&blobs, "data/a.txt", b"beta\n").await;
     let changed = fetch().await.unwrap();
@@ -141,14 +95,14 @@ async fn a_second_fetch_reads_nothing_and_a_changed_blob_is_a_new_entry() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_fetches_download_once() {
-    let (_, store, reads, _) = setup().await;
+    let (_, store, proxy, _) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(dir.path(), 1 << 30).unwrap();
     let fetch = || cache.fetch(&store, "data", Options::default(), Arc::new(NoProgress));
     let (a, b, c) = tokio::join!(fetch(), fetch(), fetch());
     let entries = [a.unwrap(), b.unwrap(), c.unwrap()];
     assert_eq!(entries.iter().filter(|e| !e.hit).count(), 1, "{entries:?}");
-    assert_eq!(reads.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.reads(), 2);
     // Another process's view: the same root opened again (a restart) serves it too.
     drop(entries);
     let reopened = Cache::open(dir.path(), 1 << 30).unwrap();
@@ -157,7 +111,7 @@ async fn concurrent_fetches_download_once() {
         .await
         .unwrap();
     assert!(again.hit);
-    assert_eq!(reads.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.reads(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -191,7 +145,7 @@ async fn eviction_removes_the_least_recently_used_entry_not_in_use() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broken_entry_is_replaced_not_served() {
-    let (_, store, reads, _) = setup().await;
+    let (_, store, proxy, _) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(dir.path(), 1 << 30).unwrap();
     let fetch = || cache.fetch(&store, "data", Options::default(), Arc::new(NoProgress));
@@ -203,12 +157,12 @@ async fn a_broken_entry_is_replaced_not_served() {
     let again = fetch().await.unwrap();
     assert!(!again.hit);
     assert_eq!(read(&again.path.join("sub/b.bin")), vec![7u8; 300_000]);
-    assert_eq!(reads.load(Ordering::SeqCst), 4);
+    assert_eq!(proxy.reads(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_that_cannot_list_the_folder_get_nothing() {
-    let (_, store, reads, container) = setup().await;
+    let (_, store, proxy, container) = setup().await;
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(dir.path(), 1 << 30).unwrap();
     let cached = cache
@@ -216,11 +170,11 @@ async fn credentials_that_cannot_list_the_folder_get_nothing() {
         .await
         .unwrap();
     assert!(cached.path.exists());
-    let (port, _) = counting_proxy().await;
+    let other = proxy::start(Pace::default()).await;
     let wrong = "d3Jvbmcga2V5IGZvciB0aGlzIGFjY291bnQ=";
     let err = cache
         .fetch(
-            &store_at(port, &container, wrong),
+            &store_at(other.port, &container, wrong),
             "data",
             Options::default(),
             Arc::new(NoProgress),
@@ -228,5 +182,5 @@ async fn credentials_that_cannot_list_the_folder_get_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(), 4, "{err}");
-    assert_eq!(reads.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.reads(), 2);
 }

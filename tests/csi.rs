@@ -10,65 +10,15 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bpfman_csi::v1 as csi;
+use common::proxy::{self, Pace};
 use csi::node_client::NodeClient;
 use datastore_operator::store::azure::Body;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::Channel;
-
-/// A proxy in front of Azurite that counts blob reads (GETs that are not listings) and delays
-/// each answer by `delay`.
-async fn proxy(delay: Duration) -> (u16, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let reads = Arc::new(AtomicUsize::new(0));
-    let counted = reads.clone();
-    let upstream = format!("127.0.0.1:{}", common::azurite_port());
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let (upstream, counted) = (upstream.clone(), counted.clone());
-            tokio::spawn(async move {
-                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                tokio::spawn(async move {
-                    let mut buffer = vec![0u8; 64 * 1024];
-                    while let Ok(n) = server_read.read(&mut buffer).await {
-                        if n == 0 {
-                            break;
-                        }
-                        tokio::time::sleep(delay).await;
-                        if client_write.write_all(&buffer[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-                let mut buffer = vec![0u8; 64 * 1024];
-                while let Ok(n) = client_read.read(&mut buffer).await {
-                    if n == 0 {
-                        break;
-                    }
-                    let text = String::from_utf8_lossy(&buffer[..n]);
-                    counted.fetch_add(
-                        text.lines()
-                            .filter(|l| l.starts_with("GET ") && !l.contains("comp=list"))
-                            .count(),
-                        Ordering::SeqCst,
-                    );
-                    if server_write.write_all(&buffer[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (port, reads)
-}
 
 /// The plugin, in a mount namespace of its own, serving on a socket in `dir`.
 struct Plugin {
@@ -193,17 +143,14 @@ async fn a_published_folder_comes_from_the_cache_read_only_and_a_second_pod_read
             .await
             .unwrap();
     }
-    let (port, reads) = proxy(Duration::ZERO).await;
+    let proxy = proxy::start(Pace::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let plugin = Plugin::start(dir.path());
     let mut node = plugin.node().await;
     let attributes = HashMap::from([
         ("accountName".to_string(), common::ACCOUNT.to_string()),
         ("containerName".to_string(), container.clone()),
-        (
-            "endpoint".to_string(),
-            format!("http://127.0.0.1:{port}/{}", common::ACCOUNT),
-        ),
+        ("endpoint".to_string(), proxy.endpoint()),
         ("path".to_string(), "data".to_string()),
     ]);
 
@@ -224,7 +171,7 @@ async fn a_published_folder_comes_from_the_cache_read_only_and_a_second_pod_read
     );
     let write = std::fs::write(plugin.seen(&first).join("new.txt"), b"x");
     assert!(write.is_err(), "a published tree is read-only");
-    assert_eq!(reads.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.reads(), 2);
 
     // Another pod, the same folder: mounted from the cache, no blob read.
     let second = dir.path().join("pods/two/volume");
@@ -239,7 +186,7 @@ async fn a_published_folder_comes_from_the_cache_read_only_and_a_second_pod_read
         std::fs::read(plugin.seen(&second).join("a.txt")).unwrap(),
         b"alpha\n"
     );
-    assert_eq!(reads.load(Ordering::SeqCst), 2, "a hit reads no blob");
+    assert_eq!(proxy.reads(), 2, "a hit reads no blob");
 
     // Publishing again is a repeat, not an error.
     node.node_publish_volume(publish("vol-2", &second, &attributes, common::KEY))
@@ -288,17 +235,18 @@ async fn a_slow_download_is_retried_by_the_kubelet_not_held_in_one_call() {
         .unwrap();
     // Every piece of every answer waits 200 ms: the download takes well over the 5 s a
     // publish call waits.
-    let (port, _) = proxy(Duration::from_millis(200)).await;
+    let proxy = proxy::start(Pace {
+        delay: Duration::from_millis(200),
+        ..Pace::default()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let plugin = Plugin::start(dir.path());
     let mut node = plugin.node().await;
     let attributes = HashMap::from([
         ("accountName".to_string(), common::ACCOUNT.to_string()),
         ("containerName".to_string(), container.clone()),
-        (
-            "endpoint".to_string(),
-            format!("http://127.0.0.1:{port}/{}", common::ACCOUNT),
-        ),
+        ("endpoint".to_string(), proxy.endpoint()),
         ("path".to_string(), "data".to_string()),
     ]);
     let target = dir.path().join("pods/slow/volume");

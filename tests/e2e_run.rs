@@ -314,53 +314,6 @@ spec:
     );
 }
 
-/// A TCP proxy on 127.0.0.1 in front of Azurite that answers its clients at most
-/// `bytes_per_second`, all connections together: a slow storage account.
-async fn throttled_azurite(bytes_per_second: u64) -> String {
-    use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let upstream = format!("127.0.0.1:{}", common::azurite_port());
-    // The time the bytes sent so far may all have gone out by, at the rate.
-    let paced = Arc::new(Mutex::new(tokio::time::Instant::now()));
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let (upstream, paced) = (upstream.clone(), paced.clone());
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-                    let _ = server_write.shutdown().await;
-                });
-                let mut buffer = vec![0u8; 16 * 1024];
-                while let Ok(n) = server_read.read(&mut buffer).await {
-                    if n == 0 {
-                        break;
-                    }
-                    let due = {
-                        let mut paced = paced.lock().unwrap();
-                        let now = tokio::time::Instant::now();
-                        *paced = (*paced).max(now)
-                            + Duration::from_secs_f64(n as f64 / bytes_per_second as f64);
-                        *paced
-                    };
-                    tokio::time::sleep_until(due).await;
-                    if client_write.write_all(&buffer[..n]).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = client_write.shutdown().await;
-            });
-        }
-    });
-    format!("http://127.0.0.1:{port}/{}", common::ACCOUNT)
-}
-
 /// A download that takes seconds (16 MiB from a storage account serving 2 MiB/s): while it
 /// runs, status.progress grows, read from the agent's log through the real apiserver's
 /// pods/log and the node's log endpoint; kubectl's table (the apiserver's Table rendering of
@@ -381,7 +334,11 @@ async fn a_slow_download_shows_growing_progress_in_the_status_and_in_kubectl_get
         )
         .await
         .unwrap();
-    let slow = throttled_azurite(2 << 20).await;
+    let slow = common::proxy::start(common::proxy::Pace {
+        bytes_per_second: Some(2 << 20),
+        ..Default::default()
+    })
+    .await;
     let mut datastore: serde_json::Value = serde_json::to_value(
         Api::<datastore_operator::api::Datastore>::namespaced(client.clone(), ns)
             .get("blob-ds")
@@ -389,7 +346,7 @@ async fn a_slow_download_shows_growing_progress_in_the_status_and_in_kubectl_get
             .unwrap(),
     )
     .unwrap();
-    datastore["spec"]["azureBlob"]["endpoint"] = json!(slow);
+    datastore["spec"]["azureBlob"]["endpoint"] = json!(slow.endpoint());
     datastore["metadata"] = json!({"name": "blob-ds", "namespace": ns});
     datastore.as_object_mut().unwrap().remove("status");
     operator::apply(&client, &datastore).await;

@@ -11,6 +11,7 @@ pub mod image;
 pub mod node;
 pub mod objects;
 pub mod operator;
+pub mod proxy;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
