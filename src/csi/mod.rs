@@ -126,7 +126,9 @@ pub struct Plugin {
 }
 
 /// A fetch in the background: a receiver of its outcome.
-type Fetch = tokio::sync::watch::Receiver<Option<Result<Arc<Entry>, String>>>;
+/// The outcome is the entry's key, not the entry: the fetch's lease ends with it, so a volume
+/// whose pod went away before it was published holds nothing.
+type Fetch = tokio::sync::watch::Receiver<Option<Result<String, String>>>;
 
 impl Plugin {
     pub fn new(cache: Cache, node_id: String) -> Plugin {
@@ -291,7 +293,7 @@ impl csi::node_server::Node for Plugin {
         // A lease of its own for the published volume: the tree stays while the pod uses it.
         let lease = self
             .cache
-            .lease(&fetched.key)
+            .lease(&fetched)
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| {
                 Status::unavailable("the cached tree went before it was mounted; retry")
@@ -368,10 +370,10 @@ impl csi::node_server::Node for Plugin {
 }
 
 impl Plugin {
-    /// The volume's tree: from a fetch that ended, else one started (or running) in the
-    /// background, waited for a little. `Unavailable` while it runs; a failed fetch is
-    /// answered once and forgotten, so the kubelet's retry starts it again.
-    async fn fetched(&self, volume: &str, folder: Folder) -> Result<Arc<Entry>, Status> {
+    /// The cache key of the volume's tree: from a fetch that ended, else one started (or
+    /// running) in the background, waited for a little. `Unavailable` while it runs; an
+    /// ended fetch is answered once and forgotten, so the kubelet's retry starts it again.
+    async fn fetched(&self, volume: &str, folder: Folder) -> Result<String, Status> {
         let mut outcome = {
             let mut fetches = self.fetches.lock().expect("not poisoned");
             fetches
@@ -383,7 +385,7 @@ impl Plugin {
                         let result = folder.fetch(&cache).await;
                         let _ = tx.send(Some(
                             result
-                                .map(Arc::new)
+                                .map(|entry| entry.key.clone())
                                 .map_err(|e| format!("{}: {e}", e.reason())),
                         ));
                     });
