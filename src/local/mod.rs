@@ -183,90 +183,29 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
         let store = &stores[&download.datastore];
         // The code's folder is the script's working directory, which it may write to: never
         // a read-only cached tree. A local datastore is here already.
-        let cached = !is_code && matches!(store, Store::Azure(_));
-        if let (Some(cache), true) = (&run.cache, cached) {
-            let result = interruptible(cache.fetch(
-                store,
-                &download.remote_path,
-                options(false),
-                bar.clone(),
-            ))
-            .await;
-            bar.finish();
-            let Ok(result) = result else {
-                say("interrupted while downloading: the script did not run");
-                work.discard();
-                return Ok(Finished::interrupted(result.unwrap_err(), None));
-            };
-            let linked = result.and_then(|entry| {
-                let local = Path::new(&download.local_path);
-                if let Some(parent) = local.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| Error::local("create", parent, e))?;
-                }
-                std::os::unix::fs::symlink(&entry.path, local)
-                    .map_err(|e| Error::local("link the cached folder at", local, e))?;
-                Ok(entry)
-            });
-            match linked {
-                Ok(entry) => {
-                    say(format_args!(
-                        "{} {}: {} at {} ({} files, {}; cache entry {})",
-                        if entry.hit {
-                            "from the cache"
-                        } else {
-                            "downloaded into the cache"
-                        },
-                        download.param,
-                        remote(download),
-                        download.local_path,
-                        entry.files,
-                        indicatif::HumanBytes(entry.bytes),
-                        entry.path.display()
-                    ));
-                    leases.push(entry);
-                }
-                Err(e) => {
-                    work.discard();
-                    return Err(e.with_message(format!(
-                        "downloading {} ({}) into the cache failed, so the script did not run: {e}",
-                        download.param,
-                        remote(download),
-                    )));
-                }
-            }
-            continue;
-        }
-        let result = interruptible(transfer::download_folder(
-            &stores[&download.datastore],
-            &download.remote_path,
-            Path::new(&download.local_path),
-            options(false),
-            bar.clone(),
-        ))
-        .await;
+        let cache = run
+            .cache
+            .as_ref()
+            .filter(|_| !is_code && matches!(store, Store::Azure(_)));
+        let delivered =
+            interruptible(deliver(store, download, cache, options(false), bar.clone())).await;
         bar.finish();
-        let Ok(result) = result else {
+        let Ok(delivered) = delivered else {
             say("interrupted while downloading: the script did not run");
             work.discard();
-            return Ok(Finished::interrupted(result.unwrap_err(), None));
+            return Ok(Finished::interrupted(delivered.unwrap_err(), None));
         };
-        match result {
-            Ok((summary, listing)) => say(format_args!(
-                "downloaded {}: {} into {} ({} files, {})",
-                download.param,
-                remote(download),
-                download.local_path,
-                listing.blobs.len(),
-                indicatif::HumanBytes(summary.bytes)
-            )),
-            Err(failed) => {
+        match delivered {
+            Ok((said, lease)) => {
+                say(said);
+                leases.extend(lease);
+            }
+            Err(e) => {
                 work.discard();
-                return Err(failed.error.with_message(format!(
-                    "downloading {} ({}) failed, so the script did not run: {}",
+                return Err(e.with_message(format!(
+                    "downloading {} ({}) failed, so the script did not run: {e}",
                     download.param,
                     remote(download),
-                    failed.error
                 )));
             }
         }
@@ -350,6 +289,57 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
         upload_error,
         kept,
     })
+}
+
+/// Brings one download reference to its path: from `cache` when given (a link to the cached,
+/// read-only tree, leased while the run lasts), else downloaded into the work directory. What
+/// to say about it, and the lease.
+async fn deliver(
+    store: &Store,
+    download: &Transfer,
+    cache: Option<&Cache>,
+    options: Options,
+    bar: Arc<Bar>,
+) -> Result<(String, Option<crate::cache::Entry>)> {
+    let local = Path::new(&download.local_path);
+    let Some(cache) = cache else {
+        let (summary, listing) =
+            transfer::download_folder(store, &download.remote_path, local, options, bar)
+                .await
+                .map_err(|failed| failed.error)?;
+        let said = format!(
+            "downloaded {}: {} into {} ({} files, {})",
+            download.param,
+            remote(download),
+            download.local_path,
+            listing.blobs.len(),
+            indicatif::HumanBytes(summary.bytes)
+        );
+        return Ok((said, None));
+    };
+    let entry = cache
+        .fetch(store, &download.remote_path, options, bar)
+        .await?;
+    if let Some(parent) = local.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::local("create", parent, e))?;
+    }
+    std::os::unix::fs::symlink(&entry.path, local)
+        .map_err(|e| Error::local("link the cached folder at", local, e))?;
+    let said = format!(
+        "{} {}: {} at {} ({} files, {}; cache entry {})",
+        if entry.hit {
+            "from the cache"
+        } else {
+            "downloaded into the cache"
+        },
+        download.param,
+        remote(download),
+        download.local_path,
+        entry.files,
+        indicatif::HumanBytes(entry.bytes),
+        entry.path.display()
+    );
+    Ok((said, Some(entry)))
 }
 
 fn report_upload(upload: &Transfer, summary: &Summary) {
