@@ -110,14 +110,14 @@ impl Cache {
         let source = format!("{}/{}", client.describe(), paths::normalize(folder));
         let listed = list_folder(store, folder).await?;
         let key = key_of(&source, &listed);
-        if let Some(entry) = self.hit(&key)? {
+        if let Some(entry) = self.lease(&key)? {
             return Ok(entry);
         }
         // One download per key at a time; whoever waited finds the entry published.
         let lock = self.root.join("locks").join(&key);
         let single = open_lock(&lock)?;
         flock(&single, libc::LOCK_EX, &lock).await?;
-        if let Some(entry) = self.hit(&key)? {
+        if let Some(entry) = self.lease(&key)? {
             return Ok(entry);
         }
         let staging = self
@@ -174,7 +174,7 @@ impl Cache {
             .map_err(|e| Error::local("write", &manifest_path, e))?;
         make_read_only(&tree);
         let target = self.entry_dir(key);
-        // An entry found broken is out of the way already (see `hit`).
+        // An entry found broken is out of the way already (see `lease`).
         std::fs::rename(staging, &target).map_err(|e| Error::local("publish", &target, e))?;
         let manifest_path = target.join(MANIFEST);
         let lease =
@@ -191,12 +191,8 @@ impl Cache {
     }
 
     /// The entry `key` when it is published and intact (leased and marked used); a broken one
-    /// is removed. For a caller that fetched it (and so listed it) already.
+    /// is removed. Only for a caller that listed the folder itself (the key says so).
     pub fn lease(&self, key: &str) -> Result<Option<Entry>> {
-        self.hit(key)
-    }
-
-    fn hit(&self, key: &str) -> Result<Option<Entry>> {
         let dir = self.entry_dir(key);
         let manifest_path = dir.join(MANIFEST);
         let Ok(lease) = File::open(&manifest_path) else {

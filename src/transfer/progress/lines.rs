@@ -3,7 +3,7 @@
 //! (it reads the newest line of the container's log). The closing summary line follows as before.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,7 @@ pub struct Lines {
 
 #[derive(Default)]
 struct Counts {
-    started: AtomicU64,
+    started: AtomicBool,
     files: AtomicU64,
     files_total: AtomicU64,
     bytes: AtomicU64,
@@ -79,7 +79,7 @@ impl Lines {
                     stopped.recv_timeout(every),
                     Err(mpsc::RecvTimeoutError::Timeout)
                 );
-                if shared.started.load(Ordering::Relaxed) == 1 {
+                if shared.started.load(Ordering::Relaxed) {
                     let bytes = shared.bytes.load(Ordering::Relaxed);
                     let snapshot = Snapshot {
                         files: shared.files.load(Ordering::Relaxed),
@@ -121,7 +121,7 @@ impl Progress for Lines {
     fn start(&self, files: u64, bytes: u64) {
         self.counts.files_total.store(files, Ordering::Relaxed);
         self.counts.bytes_total.store(bytes, Ordering::Relaxed);
-        self.counts.started.store(1, Ordering::Relaxed);
+        self.counts.started.store(true, Ordering::Relaxed);
     }
 
     fn bytes(&self, n: u64) {
