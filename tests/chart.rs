@@ -502,6 +502,7 @@ fn the_controller_pod_is_restricted_and_follows_the_process_contract() {
         ("DATASTORE_LOG", "info"),
         ("DATASTORE_LOG_FORMAT", "json"),
         ("DATASTORE_LEADER_ELECTION", "true"),
+        ("DATASTORE_CACHE_DOWNLOADS", "false"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -144,6 +144,7 @@ async fn a_datastore_in_the_namespace_and_its_secret() {
                 credential_source: "Secret default/blob-creds".into(),
                 read_only: false,
             }),
+            cache_downloads: false,
         }
     );
 }
@@ -152,6 +153,7 @@ async fn a_datastore_in_the_namespace_and_its_secret() {
 async fn a_cluster_datastore_reads_its_secret_from_the_operator_namespace() {
     let mut spec = azure_spec("sharedstore", "datasets", "shared-creds");
     spec["azureBlob"]["endpoint"] = json!("https://sharedstore.blob.core.chinacloudapi.cn");
+    spec["cacheDownloads"] = json!(true);
     let resolved = resolve(
         "shared",
         vec![
@@ -181,6 +183,7 @@ async fn a_cluster_datastore_reads_its_secret_from_the_operator_namespace() {
                 credential_source: format!("Secret {OPERATOR_NS}/shared-creds"),
                 read_only: false,
             }),
+            cache_downloads: true,
         }
     );
 }

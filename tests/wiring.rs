@@ -116,6 +116,7 @@ fn render(
         datastores,
         &BuildContext::default(),
         &[],
+        &[],
         Utc::now(),
     )
     .unwrap();

@@ -61,6 +61,11 @@ pub struct DownloadArgs {
     /// The most the staging volume may hold (a quantity such as 10Gi: its emptyDir sizeLimit).
     #[arg(long, requires = "staging_dir", value_parser = staging_size)]
     pub staging_size: Option<u64>,
+    /// The target is the node cache's tree of the folder (the read-only volume of the CSI
+    /// driver cache.datastore.dev): check it against the folder's listing instead of
+    /// downloading, and report when the node cached it.
+    #[arg(long, conflicts_with = "staging_dir")]
+    pub cached: bool,
 }
 
 fn staging_size(text: &str) -> Result<u64, String> {
@@ -183,6 +188,9 @@ pub async fn run(args: AgentArgs) -> i32 {
 }
 
 async fn download(args: DownloadArgs) -> i32 {
+    if args.cached {
+        return check_cached(args).await;
+    }
     let work = async {
         let store = args.datastore.store().await?;
         let mut options = args.datastore.options(false);
@@ -238,6 +246,39 @@ async fn download(args: DownloadArgs) -> i32 {
         }
     };
     crate::transfer::report(crate::transfer::Output::Json, result)
+}
+
+/// `download --cached`: the report of the node cache's tree, checked against the listing. It
+/// reads no file (a hit stays as fast as a listing); the node plugin verified the download.
+async fn check_cached(args: DownloadArgs) -> i32 {
+    let checked = async {
+        let store = args.datastore.store().await?;
+        crate::cache::check_tree(&store, &args.path, &args.target).await
+    };
+    let (text, code) = match checked.await {
+        Ok((listing, published)) => {
+            let mut report = Report::of(&listing);
+            report.cached_at = Some(
+                k8s_openapi::jiff::Timestamp::try_from(published)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+            );
+            tracing::info!(files = report.files, bytes = report.bytes, digest = %report.digest, cached_at = ?report.cached_at, "checked the node cache's tree");
+            let text = serde_json::to_string(&report).expect("a report serializes");
+            println!("{text}");
+            (text, 0)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the node cache's tree does not match the folder");
+            (e.to_string(), e.exit_code())
+        }
+    };
+    if let Some(path) = &args.report
+        && let Err(e) = write_report(path, &text)
+    {
+        tracing::error!(error = %e, "the outcome could not be reported");
+    }
+    code
 }
 
 async fn upload(args: UploadArgs) -> i32 {

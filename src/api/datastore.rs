@@ -140,6 +140,11 @@ pub struct StorageSpec {
     /// it are refused, and so are uploads by the CLI.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+    /// Serve `download` references of this datastore from the node cache unless they say
+    /// `cache: false` (in the cluster: where it has the node cache; `datastore run`: its
+    /// download cache).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_downloads: bool,
 }
 
 /// An Azure Blob Storage container.

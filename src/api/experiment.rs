@@ -246,7 +246,8 @@ pub struct ScriptParam {
     cel,
     validation = Rule::new("!has(self.overwrite) || !self.overwrite || self.mode == 'upload'").message("overwrite applies to upload references only"),
     validation = Rule::new("!has(self.readOnly) || self.mode == 'mount'").message("readOnly applies to mount references only; download references are always read-only for the script"),
-    validation = Rule::new("!has(self.mountDriver) || self.mode == 'mount'").message("mountDriver applies to mount references only")
+    validation = Rule::new("!has(self.mountDriver) || self.mode == 'mount'").message("mountDriver applies to mount references only"),
+    validation = Rule::new("!has(self.cache) || self.mode == 'download'").message("cache applies to download references only")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DataReference {
@@ -284,6 +285,13 @@ pub struct DataReference {
     /// container next to the script, which must run privileged; Azure Blob only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_driver: Option<MountDriver>,
+    /// For `download`: serve the folder from the node cache (the CSI driver
+    /// `cache.datastore.dev`, where the cluster has it): the first run on a node downloads it,
+    /// every later run there with the same data gets it at once, read-only. `false` always
+    /// downloads into the pod. Absent means the datastore's `cacheDownloads`, else the
+    /// operator's default. On the local compute target: `datastore run`'s download cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
 }
 
 impl DataReference {
@@ -499,4 +507,21 @@ pub struct InputRecord {
     /// How long the download took, in seconds (from its container's start and end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<i64>,
+    /// `Hit` when the node cache held this data before the run's pod was created, `Miss` when
+    /// the node cache downloaded it for the pod; absent when it was downloaded into the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheResult>,
+    /// Why the node cache served it or not, when the reference, its datastore or the operator
+    /// asked for the cache, e.g. `served from the node cache: cache: true on the reference`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_reason: Option<String>,
+}
+
+/// Whether the node cache held a download reference's data when the run's pod was created.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheResult {
+    /// The node had the data: the pod got it at once.
+    Hit,
+    /// The node cache downloaded the data while the pod waited.
+    Miss,
 }

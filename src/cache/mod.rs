@@ -176,6 +176,14 @@ impl Cache {
         let target = self.entry_dir(key);
         // An entry found broken is out of the way already (see `lease`).
         std::fs::rename(staging, &target).map_err(|e| Error::local("publish", &target, e))?;
+        // The tree's own mtime says when it was published: a pod reading it through the node
+        // plugin reports it, and the controller tells a hit (published before the pod) from a
+        // miss. Nothing writes into a published tree, so it stays.
+        if let Err(e) =
+            File::open(target.join(TREE)).and_then(|t| t.set_modified(SystemTime::now()))
+        {
+            tracing::warn!(entry = %target.display(), error = %e, "the tree's publication time could not be set");
+        }
         let manifest_path = target.join(MANIFEST);
         let lease =
             File::open(&manifest_path).map_err(|e| Error::local("open", &manifest_path, e))?;
@@ -301,6 +309,61 @@ impl Cache {
             }
         }
     }
+}
+
+/// A published tree as a pod sees it (the node plugin's bind mount at `tree`), checked against
+/// the folder's listing now with the pod's own credentials: every listed file is there with its
+/// size, and nothing else. The listing, and when the tree was published.
+pub async fn check_tree(
+    store: &Store,
+    folder: &str,
+    tree: &Path,
+) -> Result<(Vec<ObjectMeta>, SystemTime)> {
+    let listed = list_folder(store, folder).await?;
+    let differs = |what: String| {
+        Error::Integrity(format!(
+            "the node cache's copy of {folder:?} at {} differs from the folder now ({what}): the folder changed after the node cached it; run again",
+            tree.display()
+        ))
+    };
+    for blob in &listed {
+        match std::fs::symlink_metadata(tree.join(&blob.name)) {
+            Ok(meta) if meta.is_file() && meta.len() == blob.size => {}
+            Ok(meta) => {
+                return Err(differs(format!(
+                    "{} has {} bytes, the folder {}",
+                    blob.name,
+                    meta.len(),
+                    blob.size
+                )));
+            }
+            Err(_) => return Err(differs(format!("{} is missing", blob.name))),
+        }
+    }
+    let files = count_files(tree).map_err(|e| Error::local("read", tree, e))?;
+    if files != listed.len() {
+        return Err(differs(format!(
+            "it holds {files} files, the folder {}",
+            listed.len()
+        )));
+    }
+    let published = std::fs::metadata(tree)
+        .and_then(|m| m.modified())
+        .map_err(|e| Error::local("read", tree, e))?;
+    Ok((listed, published))
+}
+
+fn count_files(dir: &Path) -> std::io::Result<usize> {
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            files += count_files(&entry.path())?;
+        } else {
+            files += 1;
+        }
+    }
+    Ok(files)
 }
 
 /// The folder's files, named relative to it (as the download names them).

@@ -1,7 +1,7 @@
 //! An Experiment read from a YAML file, and its datastores resolved: what `plan`, `run` and
 //! `submit` start from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use kube::ResourceExt;
@@ -68,16 +68,21 @@ impl ExperimentFile {
     }
 }
 
-/// Every datastore `spec` uses, resolved from `source` (a datastores file or the cluster).
+/// Every datastore `spec` uses, resolved from `source` (a datastores file or the cluster), and
+/// the names of those whose `cacheDownloads` is set.
 pub async fn resolve_datastores(
     spec: &ExperimentSpec,
     source: &Source,
     scope: &Scope,
-) -> Result<BTreeMap<String, StoreConfig>> {
+) -> Result<(BTreeMap<String, StoreConfig>, BTreeSet<String>)> {
     let mut datastores = BTreeMap::new();
+    let mut cache_downloads = BTreeSet::new();
     for (_, name) in spec.datastore_uses() {
         let resolved = resolve::resolve(name, source, scope).await?;
+        if resolved.cache_downloads {
+            cache_downloads.insert(name.to_string());
+        }
         datastores.insert(name.to_string(), resolved.config);
     }
-    Ok(datastores)
+    Ok((datastores, cache_downloads))
 }

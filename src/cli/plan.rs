@@ -58,7 +58,7 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
         operator_namespace: args.operator.operator_namespace.name.clone(),
     };
     let source = Source::pick(args.datastores.clone());
-    let datastores = resolve_datastores(&exp.spec, &source, &scope).await?;
+    let (datastores, cache_downloads) = resolve_datastores(&exp.spec, &source, &scope).await?;
 
     let plan = plan::plan(&exp.spec, &crate::store::capabilities(&datastores), CLUSTER)
         .map_err(|e| Error::Config(format!("{}: {e}", args.experiment.display())))?;
@@ -70,7 +70,10 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
     };
     let mounts = render::choose_drivers(&plan, &datastores, &ctx, &env)
         .map_err(|refusal| Error::Config(refusal.to_string()))?;
-    let children = render::build(&exp, &plan, &datastores, &ctx, &mounts, Utc::now())?;
+    // Downloads that ask for the node cache are rendered as downloads into the pod, and their
+    // annotation says the cluster's node cache is not known here.
+    let caches = render::choose_caches(&plan, &datastores, &cache_downloads, &ctx, &env);
+    let children = render::build(&exp, &plan, &datastores, &ctx, &mounts, &caches, Utc::now())?;
 
     let mut docs = Vec::new();
     docs.extend(children.credentials.as_ref().map(to_yaml));

@@ -38,7 +38,8 @@ pub struct RunArgs {
     pub progress: super::ProgressFlags,
     /// Serve download references from a cache of downloaded folders: a folder whose listing
     /// (names, sizes, MD5s) has not changed since an earlier run is not downloaded again, and
-    /// the script reads it from the cache, read-only.
+    /// the script reads it from the cache, read-only. A reference's `cache` (or its datastore's
+    /// `cacheDownloads`) decides for itself.
     #[arg(long)]
     pub cache: bool,
     /// Where the cache is (implies --cache) [default: $XDG_CACHE_HOME/datastore, else
@@ -57,12 +58,18 @@ fn cache_size(value: &str) -> std::result::Result<u64, String> {
     })
 }
 
-/// Where the cache is, when asked for.
-fn cache_dir(args: &RunArgs) -> Result<Option<PathBuf>> {
+fn cache_dir_given(args: &RunArgs) -> bool {
+    args.cache_dir
+        .as_ref()
+        .is_some_and(|d| !d.as_os_str().is_empty())
+}
+
+/// Where the cache is, when asked for: by the flags, or (`wanted`) by a reference or datastore.
+fn cache_dir(args: &RunArgs, wanted: bool) -> Result<Option<PathBuf>> {
     if let Some(dir) = args.cache_dir.clone().filter(|d| !d.as_os_str().is_empty()) {
         return Ok(Some(dir));
     }
-    if !args.cache {
+    if !args.cache && !wanted {
         return Ok(None);
     }
     let base = std::env::var_os("XDG_CACHE_HOME")
@@ -118,7 +125,13 @@ async fn setup(args: &RunArgs) -> Result<LocalRun> {
         operator_namespace: args.operator_namespace.name.clone(),
     };
     let source = Source::pick(args.datastores.clone());
-    let datastores = resolve_datastores(&file.exp.spec, &source, &scope).await?;
+    let (datastores, cache_downloads) = resolve_datastores(&file.exp.spec, &source, &scope).await?;
+    let asked = file.exp.spec.script_params.iter().any(|p| {
+        p.data_reference
+            .as_ref()
+            .is_some_and(|r| r.cache == Some(true))
+    });
+    let cache_all = args.cache || cache_dir_given(args);
     Ok(LocalRun {
         exp: file.exp,
         base_dir: file.dir,
@@ -126,8 +139,10 @@ async fn setup(args: &RunArgs) -> Result<LocalRun> {
         work_dir: args.work_dir.clone(),
         concurrency: args.concurrency as usize,
         show_progress: args.progress.show(),
-        cache: cache_dir(args)?
+        cache: cache_dir(args, asked || !cache_downloads.is_empty())?
             .map(|dir| crate::cache::Cache::open(&dir, args.cache_size))
             .transpose()?,
+        cache_all,
+        cache_downloads,
     })
 }

@@ -72,6 +72,18 @@ pub struct OperatorArgs {
         value_parser = mount_driver
     )]
     pub default_mount_driver: DefaultMountDriver,
+    /// Serve download references from the node cache (the CSI driver cache.datastore.dev, where
+    /// the cluster has it) unless they say `cache: false` or their datastore decides.
+    #[arg(
+        long,
+        env = "DATASTORE_CACHE_DOWNLOADS",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true
+    )]
+    pub cache_downloads: bool,
     /// The blobfuse2 sidecar's memory limit (a Kubernetes quantity); its block cache is sized
     /// under it.
     #[arg(
@@ -110,6 +122,7 @@ impl OperatorArgs {
                 .clone()
                 .filter(|image| !image.is_empty()),
             default_mount_driver: self.default_mount_driver,
+            cache_downloads: self.cache_downloads,
             sidecar_memory: self.sidecar_memory.clone(),
             sidecar_cpu: self.sidecar_cpu.clone(),
             agent_resources: render::compute_resources(
@@ -1051,6 +1064,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(set.default_mount_driver, DefaultMountDriver::Sidecar);
+        assert!(!defaults.cache_downloads);
+        assert!(parse(&["--cache-downloads"]).unwrap().cache_downloads);
+        assert!(!parse(&["--cache-downloads=false"]).unwrap().cache_downloads);
         assert_eq!(set.sidecar_memory.0, "2Gi");
         assert_eq!(
             set.blobfuse_image.as_deref(),

@@ -46,6 +46,7 @@ pub struct Rule {
 /// The name of the leader-election Lease, in the operator's namespace.
 pub use super::leader::LEASE_NAME;
 
+use crate::plan::contract::NODE_CACHE_DRIVER;
 use crate::render::{BLOB_CSI_DRIVER, FILE_CSI_DRIVER};
 
 const fn cluster(
@@ -149,8 +150,8 @@ pub const RULES: &[Rule] = &[
         group: "storage.k8s.io",
         resource: "csidrivers",
         verbs: &["get"],
-        names: &[BLOB_CSI_DRIVER, FILE_CSI_DRIVER],
-        why: "whether the cluster has the Azure Blob and Azure Files CSI drivers decides (and records) how a mount reference is mounted; read by name when an Experiment with mounts or an Azure Files datastore starts",
+        names: &[BLOB_CSI_DRIVER, FILE_CSI_DRIVER, NODE_CACHE_DRIVER],
+        why: "whether the cluster has the Azure Blob and Azure Files CSI drivers decides (and records) how a mount reference is mounted, and whether it has the node cache's, whether a download reference asking for it is served from it; read by name when an Experiment with mounts, an Azure Files datastore or such a download starts",
     },
     cluster(
         "",
@@ -445,6 +446,11 @@ mod tests {
             (
                 "GET",
                 "/apis/storage.k8s.io/v1/csidrivers/file.csi.azure.com",
+                "",
+            ),
+            (
+                "GET",
+                "/apis/storage.k8s.io/v1/csidrivers/cache.datastore.dev",
                 "",
             ),
             ("POST", "/apis/events.k8s.io/v1/namespaces/ml/events", ""),

@@ -28,7 +28,7 @@ use crate::store::{AzureBlobConfig, AzureCredential, BlobClient, Secret, Store};
 use crate::transfer::{NoProgress, Options};
 
 /// The driver's name, as the CSIDriver object and the pods' inline volumes name it.
-pub const DRIVER: &str = "cache.datastore.dev";
+pub const DRIVER: &str = crate::plan::contract::NODE_CACHE_DRIVER;
 
 /// How long a NodePublishVolume waits for its tree before answering `Unavailable`: a hit (a
 /// listing) is well within it.

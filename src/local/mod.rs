@@ -7,7 +7,7 @@
 //! refuses `mount`, a path or entryScript that leaves its folder, a bad env), the work
 //! directory, the script's folder and its program, and every datastore's reachability.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -32,8 +32,13 @@ pub struct LocalRun {
     pub work_dir: Option<PathBuf>,
     pub concurrency: usize,
     pub show_progress: bool,
-    /// Where download references come from when their folder is cached (`--cache`).
+    /// The download cache, when anything asks for it.
     pub cache: Option<Cache>,
+    /// Downloads whose reference does not say (`cache`) use the cache: `--cache`.
+    pub cache_all: bool,
+    /// The datastores whose `cacheDownloads` is set: their downloads use the cache unless the
+    /// reference says `cache: false`.
+    pub cache_downloads: BTreeSet<String>,
 }
 
 /// How a run ended.
@@ -183,10 +188,13 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
         let store = &stores[&download.datastore];
         // The code's folder is the script's working directory, which it may write to: never
         // a read-only cached tree. A local datastore is here already.
+        let wanted = download
+            .cache
+            .unwrap_or(run.cache_all || run.cache_downloads.contains(&download.datastore));
         let cache = run
             .cache
             .as_ref()
-            .filter(|_| !is_code && matches!(store, Store::Azure(_)));
+            .filter(|_| wanted && !is_code && matches!(store, Store::Azure(_)));
         let delivered =
             interruptible(deliver(store, download, cache, options(false), bar.clone())).await;
         bar.finish();

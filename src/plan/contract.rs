@@ -54,6 +54,16 @@ pub fn agent_of(name: &str) -> Option<Agent> {
     }
 }
 
+/// The CSI driver of the node cache (`datastore csi-node`): the run pod's inline volume of a
+/// cached download reference names it, and so does the CSIDriver object the chart creates.
+pub const NODE_CACHE_DRIVER: &str = "cache.datastore.dev";
+
+/// The run pod's annotation saying why download container `container` does or does not read
+/// from the node cache (present only when the cache was asked for).
+pub fn cache_annotation(container: &str) -> String {
+    format!("datastore.dev/cache.{container}")
+}
+
 /// What an agent writes on stdout every few seconds while it transfers (one JSON line each),
 /// read back by the controller from the container's log.
 pub use crate::transfer::progress::Snapshot as ProgressLine;
@@ -74,6 +84,10 @@ pub struct Report {
     pub bytes: u64,
     /// `sha256:<hex>` over the sorted lines `<relative name>\t<size>\t<content-md5 hex or empty>\n`.
     pub digest: String,
+    /// From the node cache: when the node cache published the tree the pod reads (RFC 3339);
+    /// the controller compares it with the pod's creation to tell a hit from a miss.
+    #[serde(default, rename = "cachedAt", skip_serializing_if = "Option::is_none")]
+    pub cached_at: Option<String>,
 }
 
 impl Report {
@@ -83,6 +97,7 @@ impl Report {
             files: blobs.len() as u64,
             bytes: blobs.iter().map(|b| b.size).sum(),
             digest: digest(blobs),
+            cached_at: None,
         }
     }
 

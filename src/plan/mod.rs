@@ -128,6 +128,8 @@ pub struct Transfer {
     pub overwrite: bool,
     /// The absolute path on compute.
     pub local_path: String,
+    /// Downloads: the reference's `cache` (absent: the datastore's or the operator's default).
+    pub cache: Option<bool>,
 }
 
 /// Why an experiment cannot be planned: one sentence that says how to fix it. The variant name
@@ -363,6 +365,7 @@ pub fn plan(
             remote_path: planned.path.clone(),
             local_path: planned.path_on_compute.clone(),
             overwrite: reference.overwrite,
+            cache: reference.cache,
         };
         let needed = match planned.mode {
             Mode::Download => {
@@ -543,6 +546,8 @@ fn plan_code(
         remote_path,
         overwrite: false,
         local_path: code_root.to_string(),
+        // The script may write next to its code: never a read-only cached tree.
+        cache: Some(false),
     });
     let granted = plan.permissions.entry(code.datastore.clone()).or_default();
     *granted = granted.union(Access::READ);

@@ -116,6 +116,7 @@ fn the_example_is_planned_as_the_issue_describes() {
             remote_path: "data/files".into(),
             local_path: "/mnt/datastore/training_data".into(),
             overwrite: false,
+            cache: None,
         }]
     );
     assert_eq!(
@@ -126,6 +127,7 @@ fn the_example_is_planned_as_the_issue_describes() {
             remote_path: "outputs/run1".into(),
             local_path: "/mnt/datastore/outputs".into(),
             overwrite: false,
+            cache: None,
         }]
     );
     // Download and upload on one datastore: the union, and nothing more (no delete, no add).
@@ -792,6 +794,7 @@ fn code_from_a_datastore_is_downloaded_first_and_becomes_the_working_directory()
             remote_path: "snapshots/sha256-ab".into(),
             overwrite: false,
             local_path: "/mnt/code".into(),
+            cache: Some(false),
         })
     );
     assert_eq!(planned.working_dir.as_deref(), Some("/mnt/code"));

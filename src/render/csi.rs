@@ -208,7 +208,7 @@ pub fn file_mount_options(read_only: bool) -> String {
     options.join(",")
 }
 
-fn csi_volume(
+pub(super) fn csi_volume(
     name: &str,
     driver: &str,
     read_only: bool,

@@ -46,9 +46,11 @@ use crate::plan::{ExecutionPlan, Transfer};
 use crate::store::{AzureCredential, StoreConfig};
 
 pub mod blobfuse;
+pub mod cached;
 pub mod csi;
 mod mount;
 pub mod volumes;
+pub use cached::{CacheChoice, CachedVolumes, choose_caches};
 pub use mount::{
     BLOB_CSI_DRIVER, DefaultMountDriver, FILE_CSI_DRIVER, MountChoice, MountEnvironment,
     MountRefusal, POD_SECURITY_ENFORCE_LABEL, choose_drivers, mount_records,
@@ -120,6 +122,9 @@ pub struct BuildContext {
     pub agent_resources: ResourceRequirements,
     /// The staging volume's size when the spec gives none.
     pub default_staging_size: Quantity,
+    /// Whether download references are served from the node cache when neither they nor their
+    /// datastore say (`--cache-downloads`).
+    pub cache_downloads: bool,
 }
 
 /// The blobfuse2 sidecar's memory limit when the operator is not told otherwise.
@@ -176,6 +181,7 @@ impl Default for BuildContext {
                 DEFAULT_AGENT_MEMORY_LIMIT,
             ),
             default_staging_size: Quantity(DEFAULT_STAGING_SIZE.to_string()),
+            cache_downloads: false,
         }
     }
 }
@@ -209,13 +215,16 @@ pub fn check_name(exp: &Experiment) -> Result<()> {
 }
 
 /// Builds every child of `exp`. `mounts` are the drivers of the plan's mounts
-/// ([`choose_drivers`]); `now` is when minted credentials start to count down.
+/// ([`choose_drivers`]), `caches` which downloads the node cache serves ([`choose_caches`];
+/// missing ones are downloaded into the pod); `now` is when minted credentials start to count
+/// down.
 pub fn build(
     exp: &Experiment,
     plan: &ExecutionPlan,
     datastores: &BTreeMap<String, StoreConfig>,
     ctx: &BuildContext,
     mounts: &[MountChoice],
+    caches: &[CacheChoice],
     now: DateTime<Utc>,
 ) -> Result<Children> {
     assert_eq!(mounts.len(), plan.mounts.len(), "one driver per mount");
@@ -232,14 +241,29 @@ pub fn build(
         mounts,
         sas_expiry(now, Some(deadline)),
     )?;
+    let cached = cached::cached_volumes(
+        exp,
+        plan,
+        datastores,
+        caches,
+        sas_expiry(now, Some(deadline)),
+    )?;
     let datastores_file = render_credentials(plan, datastores, now, Some(deadline))?;
     let has_credentials = datastores_file.is_some();
     Ok(Children {
         credentials: datastores_file.map(|file| credentials_secret(exp, file)),
         outputs: outputs_pvc(exp, plan, ctx),
-        run: run_job(exp, plan, datastores, ctx, &storage, has_credentials),
+        run: run_job(
+            exp,
+            plan,
+            datastores,
+            ctx,
+            &storage,
+            &cached,
+            has_credentials,
+        ),
         upload: upload_job(exp, plan, datastores, ctx, &storage, has_credentials),
-        volume_secrets: storage.secrets,
+        volume_secrets: storage.secrets.into_iter().chain(cached.secrets).collect(),
     })
 }
 
@@ -505,9 +529,9 @@ fn container_security(agent: bool) -> SecurityContext {
 
 /// The volume download references are staged on (`spec.staging`): an emptyDir of at most the
 /// staging size on the node's disk (the default), a generic ephemeral volume of that size from
-/// a StorageClass, or an existing claim. `None` without downloads.
-fn staging_volume(exp: &Experiment, plan: &ExecutionPlan, ctx: &BuildContext) -> Option<Volume> {
-    if plan.downloads.is_empty() {
+/// a StorageClass, or an existing claim. `None` when nothing is downloaded into the pod.
+fn staging_volume(exp: &Experiment, staged: bool, ctx: &BuildContext) -> Option<Volume> {
+    if !staged {
         return None;
     }
     let staging = exp.spec.staging.clone().unwrap_or_default();
@@ -660,15 +684,16 @@ fn agent_container(
 // The run Job
 
 /// Job `<exp>-run`: an init container `code` when the code comes from a datastore, one
-/// `download-<n>` per download reference, a blobfuse2 sidecar `mount-<n>` per mount it mounts,
-/// then `main` with every folder in place. An agent container copying from a share mounts it
-/// read-only.
+/// `download-<n>` per download reference (for one the node cache serves, a check of its volume
+/// `cache-<n>`), a blobfuse2 sidecar `mount-<n>` per mount it mounts, then `main` with every
+/// folder in place. An agent container copying from a share mounts it read-only.
 pub fn run_job(
     exp: &Experiment,
     plan: &ExecutionPlan,
     datastores: &BTreeMap<String, StoreConfig>,
     ctx: &BuildContext,
     storage: &StorageVolumes,
+    cached: &CachedVolumes,
     has_credentials: bool,
 ) -> Job {
     let spec = &exp.spec;
@@ -689,15 +714,23 @@ pub fn run_job(
             None,
             code,
             false,
+            false,
         )
     });
+    // A download the node cache serves is its read-only volume, which its container checks.
     let references = plan.downloads.iter().enumerate().map(|(n, download)| {
+        let (volume, sub_path) = match cached.volumes.get(&n) {
+            Some(volume) => (volume.name.clone(), None),
+            None => (STAGING_VOLUME.to_string(), Some(staging_sub_path(exp, n))),
+        };
+        let from_cache = cached.volumes.contains_key(&n);
         (
             download_container(n),
-            STAGING_VOLUME.to_string(),
-            Some(staging_sub_path(exp, n)),
+            volume,
+            sub_path,
             download,
             true,
+            from_cache,
         )
     });
     if plan.code.is_some() {
@@ -707,11 +740,13 @@ pub fn run_job(
             ..Default::default()
         });
     }
-    let staging = staging_volume(exp, plan, ctx);
+    let staging = staging_volume(exp, plan.downloads.len() > cached.volumes.len(), ctx);
     let staging_size = staging_size(exp, ctx);
     let on_node_disk = staging.as_ref().is_some_and(|v| v.empty_dir.is_some());
     volumes.extend(staging);
-    for (name, volume, sub_path, download, read_only_for_main) in code.chain(references) {
+    volumes.extend(cached.volumes.values().cloned());
+    for (name, volume, sub_path, download, read_only_for_main, from_cache) in code.chain(references)
+    {
         let staged = sub_path.is_some();
         let mount = |read_only: bool| VolumeMount {
             name: volume.clone(),
@@ -720,7 +755,7 @@ pub fn run_job(
             read_only: read_only.then_some(true),
             ..Default::default()
         };
-        let mut agent_mounts = vec![mount(false)];
+        let mut agent_mounts = vec![mount(from_cache)];
         let mut args: Vec<String> = vec![
             "agent".into(),
             "download".into(),
@@ -735,6 +770,9 @@ pub fn run_job(
             "--report".into(),
             REPORT_FILE.into(),
         ];
+        if from_cache {
+            args.push("--cached".into());
+        }
         if staged {
             // The whole staging volume, to measure what earlier downloads left of it.
             agent_mounts.push(VolumeMount {
@@ -851,6 +889,13 @@ pub fn run_job(
     );
     if let Some(job) = run.spec.as_mut() {
         job.pod_failure_policy = Some(retry_disruptions());
+        if !cached.annotations.is_empty()
+            && let Some(meta) = job.template.metadata.as_mut()
+        {
+            meta.annotations
+                .get_or_insert_with(BTreeMap::new)
+                .extend(cached.annotations.clone());
+        }
     }
     run
 }

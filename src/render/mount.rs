@@ -33,14 +33,17 @@ pub enum DefaultMountDriver {
     Sidecar,
 }
 
-/// What the controller learned about the cluster that decides how mounts are mounted. `None`
-/// is "not known" (e.g. `datastore plan` without a cluster).
+/// What the controller learned about the cluster that decides how mounts are mounted and which
+/// downloads the node cache serves. `None` is "not known" (e.g. `datastore plan` without a
+/// cluster).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MountEnvironment {
     /// Whether the CSIDriver object `blob.csi.azure.com` exists.
     pub blob_csi: Option<bool>,
     /// Whether the CSIDriver object `file.csi.azure.com` exists.
     pub file_csi: Option<bool>,
+    /// Whether the CSIDriver object of the node cache (`cache.datastore.dev`) exists.
+    pub node_cache: Option<bool>,
     /// The experiment namespace's `pod-security.kubernetes.io/enforce` label (`None`: absent
     /// or not known).
     pub pod_security_enforce: Option<String>,
@@ -306,6 +309,7 @@ mod tests {
             file_csi: Some(true),
             pod_security_enforce: enforce.map(String::from),
             namespace: "team-a".into(),
+            node_cache: None,
         }
     }
 

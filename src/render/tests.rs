@@ -75,7 +75,16 @@ fn children(yaml: &str) -> (Experiment, ExecutionPlan, Children) {
     let exp = experiment(yaml);
     let stores = datastores();
     let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
-    let children = build(&exp, &plan, &stores, &BuildContext::default(), &[], now()).unwrap();
+    let children = build(
+        &exp,
+        &plan,
+        &stores,
+        &BuildContext::default(),
+        &[],
+        &[],
+        now(),
+    )
+    .unwrap();
     (exp, plan, children)
 }
 
@@ -421,7 +430,16 @@ fn pods_whose_agents_use_workload_identity_are_labelled_for_the_webhook() {
     };
     let build_with = |stores: &BTreeMap<String, StoreConfig>| {
         let plan = plan(&exp.spec, &crate::store::capabilities(stores), CLUSTER).unwrap();
-        build(&exp, &plan, stores, &BuildContext::default(), &[], now()).unwrap()
+        build(
+            &exp,
+            &plan,
+            stores,
+            &BuildContext::default(),
+            &[],
+            &[],
+            now(),
+        )
+        .unwrap()
     };
     // blob-ds (download and upload) with an identity: both pods.
     let mut stores = datastores();
@@ -858,6 +876,7 @@ scriptParams:
         &BTreeMap::new(),
         &BuildContext::default(),
         &StorageVolumes::default(),
+        &CachedVolumes::default(),
         false,
     );
     let main = &pod(&job).containers[0];
@@ -905,10 +924,28 @@ fn a_name_too_long_for_the_job_labels_is_refused() {
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN));
     let stores = datastores();
     let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
-    let children = build(&exp, &plan, &stores, &BuildContext::default(), &[], now()).unwrap();
+    let children = build(
+        &exp,
+        &plan,
+        &stores,
+        &BuildContext::default(),
+        &[],
+        &[],
+        now(),
+    )
+    .unwrap();
     assert_eq!(children.upload.unwrap().metadata.name.unwrap().len(), 63);
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
-    let err = build(&exp, &plan, &stores, &BuildContext::default(), &[], now()).unwrap_err();
+    let err = build(
+        &exp,
+        &plan,
+        &stores,
+        &BuildContext::default(),
+        &[],
+        &[],
+        now(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("choose a shorter name"), "{err}");
 }
 
@@ -976,4 +1013,5 @@ fn code_from_a_datastore_is_fetched_by_the_first_init_container_into_the_working
     );
 }
 
+mod cached;
 mod mounts;

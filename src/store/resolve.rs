@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Secret as K8sSecret;
 use kube::ResourceExt;
 
 use super::{AzureBlobConfig, AzureCredential, AzureFileConfig, Secret, StoreConfig};
-use crate::api::{AzureBlobSpec, ClusterDatastore, Credentials, Datastore, Storage};
+use crate::api::{AzureBlobSpec, ClusterDatastore, Credentials, Datastore, Storage, StorageSpec};
 use crate::error::{Error, Result};
 use crate::yaml::{self, YamlError};
 
@@ -66,6 +66,8 @@ pub struct Resolved {
     /// `Datastore default/blob-ds` or `ClusterDatastore shared`.
     pub label: String,
     pub config: StoreConfig,
+    /// Its `spec.cacheDownloads`: download references of it read from the cache by default.
+    pub cache_downloads: bool,
 }
 
 pub async fn resolve(name: &str, source: &Source, scope: &Scope) -> Result<Resolved> {
@@ -175,7 +177,12 @@ impl Catalog {
                 .storage
                 .kind()
                 .map_err(|why| Error::Config(format!("{label} in {}: {why}", self.origin)))?;
-            return self.config(&label, storage, ds.spec.storage.read_only, &scope.namespace);
+            return self
+                .config(&label, storage, ds.spec.storage.read_only, &scope.namespace)
+                .map(|r| Resolved {
+                    cache_downloads: ds.spec.storage.cache_downloads,
+                    ..r
+                });
         }
         if let Some(cds) = self
             .cluster_datastores
@@ -188,12 +195,17 @@ impl Catalog {
                 .storage
                 .kind()
                 .map_err(|why| Error::Config(format!("{label} in {}: {why}", self.origin)))?;
-            return self.config(
-                &label,
-                storage,
-                cds.spec.storage.read_only,
-                &scope.operator_namespace,
-            );
+            return self
+                .config(
+                    &label,
+                    storage,
+                    cds.spec.storage.read_only,
+                    &scope.operator_namespace,
+                )
+                .map(|r| Resolved {
+                    cache_downloads: cds.spec.storage.cache_downloads,
+                    ..r
+                });
         }
         let mut known: Vec<String> = self
             .datastores
@@ -249,6 +261,7 @@ impl Catalog {
                 secret,
                 &self.base_dir,
             )?,
+            cache_downloads: false,
         })
     }
 }
@@ -311,12 +324,16 @@ impl Found {
         }
     }
 
+    fn storage_spec(&self) -> &StorageSpec {
+        match self {
+            Found::Namespaced(d) => &d.spec.storage,
+            Found::Cluster(d) => &d.spec.storage,
+        }
+    }
+
     /// Its `spec.readOnly`.
     pub fn read_only(&self) -> bool {
-        match self {
-            Found::Namespaced(d) => d.spec.storage.read_only,
-            Found::Cluster(d) => d.spec.storage.read_only,
-        }
+        self.storage_spec().read_only
     }
 
     /// Where its credentials Secret lives.
@@ -397,7 +414,11 @@ pub async fn resolve_found(client: kube::Client, found: &Found, scope: &Scope) -
         secret.as_ref(),
         Path::new("."),
     )?;
-    Ok(Resolved { label, config })
+    Ok(Resolved {
+        label,
+        config,
+        cache_downloads: found.storage_spec().cache_downloads,
+    })
 }
 
 /// One sentence with the fix for a failed apiserver call.

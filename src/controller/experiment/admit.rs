@@ -12,6 +12,8 @@ use crate::reason::Reason;
 use crate::render::{self, BuildContext, Children, MountEnvironment};
 use crate::store::{self, StoreConfig};
 
+use super::dereference::World;
+
 /// Why an experiment does not move on, in its `Accepted` condition.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
@@ -66,15 +68,17 @@ pub fn name(exp: &Experiment) -> Result<(), Refusal> {
         .map_err(|e| Refusal::new(Reason::NameTooLong, e.to_string(), LiftedBy::Spec))
 }
 
-/// The run's objects, each mount's driver chosen from what the cluster has (`env`).
+/// The run's objects, each mount's driver and whether the node cache serves each download
+/// chosen from what the cluster has (`env`).
 pub fn run(
     exp: &Experiment,
     plan: ExecutionPlan,
-    datastores: &BTreeMap<String, StoreConfig>,
+    world: &World,
     env: &MountEnvironment,
     build: &BuildContext,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Admitted, Refusal> {
+    let datastores = &world.datastores;
     if let Some(refusal) = missing_file_driver(&plan, datastores, env) {
         return Err(refusal);
     }
@@ -90,8 +94,9 @@ pub fn run(
         };
         Refusal::new(r.reason, r.message, lifted_by)
     })?;
+    let caches = render::choose_caches(&plan, datastores, &world.cache_downloads, build, env);
     // E.g. an account key that is not base64: the datastore's to fix, not the spec's.
-    let children = render::build(exp, &plan, datastores, build, &choices, now)
+    let children = render::build(exp, &plan, datastores, build, &choices, &caches, now)
         .map_err(|e| Refusal::new(Reason::DatastoreInvalid, e.to_string(), LiftedBy::Cluster))?;
     Ok(Admitted {
         mounts: render::mount_records(&plan, &choices),
@@ -157,7 +162,7 @@ pub fn upload(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Upload, Refusal> {
     plan.mounts.clear();
-    let children = render::build(exp, &plan, datastores, build, &[], now)
+    let children = render::build(exp, &plan, datastores, build, &[], &[], now)
         .map_err(|e| Refusal::new(Reason::DatastoreInvalid, e.to_string(), LiftedBy::Cluster))?;
     let job = children
         .upload
@@ -273,7 +278,7 @@ mod tests {
             reason: "requested by the reference (mountDriver: sidecar)".into(),
         };
         let now = chrono::Utc::now();
-        assert!(render::build(&exp, &plan, &stores, &ctx, &[sidecar], now).is_err());
+        assert!(render::build(&exp, &plan, &stores, &ctx, &[sidecar], &[], now).is_err());
         // ...but the upload needs none of it.
         let upload = upload(&exp, plan, &stores, &ctx, now).unwrap();
         let names: Vec<_> = upload

@@ -3,7 +3,7 @@
 //! missing, not allowed here or unusable is a [`Refusal`]; apiserver failures are errors
 //! (retried).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::storage::v1::CSIDriver;
@@ -17,8 +17,9 @@ use crate::api::Experiment;
 use crate::controller::{Context, ReconcileError};
 use crate::error::Error;
 use crate::plan::ExecutionPlan;
+use crate::plan::contract::NODE_CACHE_DRIVER;
 use crate::reason::Reason;
-use crate::render::{self, MountEnvironment};
+use crate::render::{self, MountEnvironment, cached};
 use crate::store::StoreConfig;
 use crate::store::resolve::{self, Found, Scope};
 
@@ -27,6 +28,8 @@ use crate::store::resolve::{self, Found, Scope};
 #[derive(Debug, Default)]
 pub struct World {
     pub datastores: BTreeMap<String, StoreConfig>,
+    /// The datastores whose `cacheDownloads` is set.
+    pub cache_downloads: BTreeSet<String>,
     pub namespace_labels: Option<BTreeMap<String, String>>,
 }
 
@@ -78,6 +81,9 @@ pub async fn datastores(exp: &Experiment, ctx: &Context) -> Result<World, Stop> 
         }
         match resolve::resolve_found(ctx.client.clone(), &found, &scope).await {
             Ok(r) => {
+                if r.cache_downloads {
+                    world.cache_downloads.insert(name.to_string());
+                }
                 world.datastores.insert(name.to_string(), r.config);
             }
             Err(Error::Config(message)) => return Err(waits(Reason::DatastoreInvalid, message)),
@@ -100,9 +106,10 @@ async fn namespace_labels<'w>(
     Ok(world.namespace_labels.as_ref().expect("just read"))
 }
 
-/// What decides how the plan's mounts are mounted: whether the CSIDrivers their datastores need
-/// exist, and the namespace's Pod Security level. Nothing is asked without mounts (nor for the
-/// file driver, without Azure Files datastores). A CSIDriver the controller may not read is "not
+/// What decides how the plan's mounts are mounted and which downloads the node cache serves:
+/// whether the CSIDrivers they need exist, and the namespace's Pod Security level. Nothing is
+/// asked without mounts (nor for the file driver without Azure Files datastores, nor for the
+/// node cache's driver without a download asking for it). A CSIDriver the controller may not read is "not
 /// known" (with a warning): the choice then says it was not checked.
 pub async fn mount_environment(
     exp: &Experiment,
@@ -121,6 +128,12 @@ pub async fn mount_environment(
     }
     if file {
         env.file_csi = csi_driver_exists(exp, ctx, render::FILE_CSI_DRIVER).await?;
+    }
+    let cache_asked = plan.downloads.iter().any(|d| {
+        cached::asks_for_cache(d, world.cache_downloads.contains(&d.datastore), &ctx.build)
+    });
+    if cache_asked {
+        env.node_cache = csi_driver_exists(exp, ctx, NODE_CACHE_DRIVER).await?;
     }
     if plan.mounts.is_empty() {
         return Ok(env);
@@ -167,7 +180,7 @@ async fn csi_driver_exists(
         Err(kube::Error::Api(status)) if status.code == 403 => {
             tracing::warn!(
                 experiment = %exp.name_any(),
-                "cannot read CSIDriver {name} ({}): the controller's ClusterRole needs get on csidrivers (storage.k8s.io); the mount driver is chosen without knowing whether the cluster has it",
+                "cannot read CSIDriver {name} ({}): the controller's ClusterRole needs get on csidrivers (storage.k8s.io); mounts and cached downloads are decided without knowing whether the cluster has it",
                 status.message
             );
             Ok(None)

@@ -92,7 +92,7 @@ async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError
         let plan = admit::plan(exp, &world.datastores)?;
         admit::name(exp)?;
         let env = dereference::mount_environment(exp, ctx, &plan, &mut world).await?;
-        let admitted = admit::run(exp, plan, &world.datastores, &env, &ctx.build, ctx.now())?;
+        let admitted = admit::run(exp, plan, &world, &env, &ctx.build, ctx.now())?;
         apply::run(exp, ctx, &admitted.children).await?;
         Ok::<_, Stop>(admitted)
     };

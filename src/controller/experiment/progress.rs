@@ -4,10 +4,10 @@
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
-use crate::api::InputRecord;
+use crate::api::{CacheResult, InputRecord};
 use crate::plan::Transfer;
 use crate::plan::contract::{
-    CODE_CONTAINER, MAIN_CONTAINER, agent_of, download_container, is_download_container,
+    self, CODE_CONTAINER, MAIN_CONTAINER, agent_of, download_container, is_download_container,
 };
 use crate::plan::contract::{Report, UploadReport};
 
@@ -252,20 +252,41 @@ pub fn inputs(pods: &[Pod], downloads: &[Transfer]) -> Vec<InputRecord> {
                     }
                     _ => None,
                 };
-                Some((Report::parse(terminated.message.as_deref()?)?, seconds))
+                let report = Report::parse(terminated.message.as_deref()?)?;
+                Some((report, seconds, pod))
             })?;
-            let (report, seconds) = report;
+            let (report, seconds, pod) = report;
             Some(InputRecord {
                 name: download.param.clone(),
                 datastore: download.datastore.clone(),
                 path: download.remote_path.clone(),
                 files: report.files as i64,
                 bytes: report.bytes as i64,
+                cache: cache_result(report.cached_at.as_deref(), pod),
+                cache_reason: pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(&contract::cache_annotation(&container)))
+                    .cloned(),
                 digest: report.digest,
                 seconds,
             })
         })
         .collect()
+}
+
+/// A hit when the node cache published the tree before the pod was created (the pod found it
+/// there); a miss when it was published after (the pod waited for its download). `None` for a
+/// download into the pod.
+fn cache_result(cached_at: Option<&str>, pod: &Pod) -> Option<CacheResult> {
+    let cached_at: k8s_openapi::jiff::Timestamp = cached_at?.parse().ok()?;
+    let created = pod.metadata.creation_timestamp.as_ref()?.0;
+    Some(if cached_at < created {
+        CacheResult::Hit
+    } else {
+        CacheResult::Miss
+    })
 }
 
 /// Why the pods of a failed Job failed, for humans: each container that exited non-zero, with

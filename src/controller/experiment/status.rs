@@ -362,6 +362,8 @@ mod tests {
             bytes: 1,
             digest: "sha256:cc".into(),
             seconds: None,
+            cache: None,
+            cache_reason: None,
         };
         let running = Step::new(Phase::Running, Reason::Running, "running");
         let first = next_status(

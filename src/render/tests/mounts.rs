@@ -76,7 +76,7 @@ fn build_with(
     let plan = plan(&exp.spec, &crate::store::capabilities(stores), CLUSTER).unwrap();
     let choices = choose_drivers(&plan, stores, ctx, &MountEnvironment::default())
         .map_err(|r| Error::Config(r.to_string()))?;
-    let children = build(&exp, &plan, stores, ctx, &choices, now())?;
+    let children = build(&exp, &plan, stores, ctx, &choices, &[], now())?;
     Ok((exp, plan, children))
 }
 
@@ -495,7 +495,7 @@ fn code_from_a_share_is_read_through_the_share() {
     let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
     let ctx = BuildContext::default();
     let choices = choose_drivers(&plan, &stores, &ctx, &MountEnvironment::default()).unwrap();
-    let c = build(&exp, &plan, &stores, &ctx, &choices, now()).unwrap();
+    let c = build(&exp, &plan, &stores, &ctx, &choices, &[], now()).unwrap();
     let pod = pod(&c.run);
     let code = &pod.init_containers.as_ref().unwrap()[0];
     assert_eq!(code.name, CODE_CONTAINER);
@@ -727,7 +727,7 @@ fn mounts_the_drivers_cannot_make_are_refused_clearly() {
         driver: MountDriver::Sidecar,
         reason: "test".into(),
     }];
-    let err = build(&exp, &plan, &stores, &sidecar_ctx(), &sidecar, now()).unwrap_err();
+    let err = build(&exp, &plan, &stores, &sidecar_ctx(), &sidecar, &[], now()).unwrap_err();
     assert!(err.to_string().contains("Azure Files share"), "{err}");
 }
 
@@ -739,7 +739,7 @@ fn a_run_with_mounts_never_outlives_its_mounts_credentials() {
         let exp = experiment(yaml);
         let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
         let choices = choose_drivers(&plan, &stores, &ctx, &MountEnvironment::default()).unwrap();
-        let children = build(&exp, &plan, &stores, &ctx, &choices, now()).unwrap();
+        let children = build(&exp, &plan, &stores, &ctx, &choices, &[], now()).unwrap();
         children.run.spec.unwrap().active_deadline_seconds
     };
     let head = "image: python:3.12-slim\nentryScript: train.py\n";

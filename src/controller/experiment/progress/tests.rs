@@ -201,6 +201,7 @@ fn transfer(param: &str, path: &str) -> Transfer {
         remote_path: path.into(),
         local_path: format!("/mnt/datastore/{path}"),
         overwrite: false,
+        cache: None,
     }
 }
 
@@ -228,6 +229,8 @@ fn inputs_come_from_the_download_reports_of_successful_init_containers() {
                 bytes: 10,
                 digest: "sha256:aa".into(),
                 seconds: Some(7),
+                cache: None,
+                cache_reason: None,
             },
             InputRecord {
                 name: "--labels".into(),
@@ -237,6 +240,8 @@ fn inputs_come_from_the_download_reports_of_successful_init_containers() {
                 bytes: 3,
                 digest: "sha256:bb".into(),
                 seconds: Some(7),
+                cache: None,
+                cache_reason: None,
             },
         ]
     );
@@ -423,4 +428,59 @@ fn a_pod_waits_to_start_until_an_agent_or_the_script_runs() {
         waiting_since(&job, &[pod(vec![], vec![terminated("main", 1, None)])]),
         None
     );
+}
+
+#[test]
+fn a_cached_input_is_a_hit_when_the_node_cached_it_before_the_pod_was_created() {
+    let downloads = [transfer("--data", "data"), transfer("--labels", "labels")];
+    // The pod was created at second 1000 (1970-01-01T00:16:40Z).
+    let report = |cached_at: &str| {
+        format!(r#"{{"files":2,"bytes":10,"digest":"sha256:aa","cachedAt":"{cached_at}"}}"#)
+    };
+    let (before, after) = (
+        report("1970-01-01T00:16:39Z"),
+        report("1970-01-01T00:16:41Z"),
+    );
+    let mut p = pod(
+        "p",
+        1_000,
+        vec![
+            terminated("download-0", 0, Some(&before)),
+            terminated("download-1", 0, Some(&after)),
+        ],
+        vec![running("main")],
+    );
+    let why = "served from the node cache: cache: true on the reference";
+    p.metadata.annotations = Some(
+        [
+            (contract::cache_annotation("download-0"), why.to_string()),
+            (contract::cache_annotation("download-1"), why.to_string()),
+        ]
+        .into(),
+    );
+    let inputs = inputs(std::slice::from_ref(&p), &downloads);
+    let seen: Vec<_> = inputs
+        .iter()
+        .map(|i| (i.cache, i.cache_reason.as_deref()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some(CacheResult::Hit), Some(why)),
+            (Some(CacheResult::Miss), Some(why))
+        ]
+    );
+    // A download into the pod says nothing of the cache.
+    let plain = pod(
+        "p",
+        1_000,
+        vec![terminated("download-0", 0, Some(REPORT_A))],
+        vec![],
+    );
+    assert_eq!(inputs_of(&plain, &downloads[..1]), (None, None));
+}
+
+fn inputs_of(p: &Pod, downloads: &[Transfer]) -> (Option<CacheResult>, Option<String>) {
+    let record = inputs(std::slice::from_ref(p), downloads).remove(0);
+    (record.cache, record.cache_reason)
 }
