@@ -189,6 +189,79 @@ async fn an_experiment_creates_its_run_on_the_real_apiserver_with_the_charts_rba
     );
 }
 
+/// A download reference asking for the node cache, in a namespace that enforces `restricted`,
+/// where the cluster has the CSIDriver `cache.datastore.dev` (created here as the chart's
+/// `nodeCache` creates it): the controller, with only the chart's RBAC, renders the driver's
+/// read-only inline volume with the run's read+list SAS Secret as its `nodePublishSecretRef`
+/// instead of staging, the pod says why, and Pod Security `restricted` admits the pod (the Job
+/// controller made it). No kubelet publishes the volume here: the node plugin's side is
+/// tests/csi.rs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_download_is_admitted_in_a_restricted_namespace() {
+    let client = admin();
+    let ns = "e2e-cache";
+    namespace(
+        &client,
+        ns,
+        json!({"pod-security.kubernetes.io/enforce": "restricted"}),
+    )
+    .await;
+    common::operator::apply(
+        &client,
+        &json!({"apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver",
+                "metadata": {"name": datastore_operator::plan::contract::NODE_CACHE_DRIVER},
+                "spec": {"attachRequired": false, "podInfoOnMount": true,
+                         "volumeLifecycleModes": ["Ephemeral"], "fsGroupPolicy": "None"}}),
+    )
+    .await;
+    let container = blob_datastore(&client, ns).await;
+    let mut exp = seed_experiment(ns, "cached", "blob-ds");
+    exp["spec"]["scriptParams"][0]["dataReference"]["cache"] = json!(true);
+    common::operator::apply(&client, &exp).await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod = eventually("the run's pod", WAIT, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels("batch.kubernetes.io/job-name=cached-run"))
+                .await
+                .ok()?;
+            list.items.into_iter().next()
+        }
+    })
+    .await;
+    let spec = pod.spec.unwrap();
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "cache-0")
+        .expect("the cached download's volume");
+    let csi = volume.csi.as_ref().unwrap();
+    assert_eq!(csi.driver, "cache.datastore.dev");
+    assert_eq!(csi.read_only, Some(true));
+    let attributes = csi.volume_attributes.clone().unwrap();
+    assert_eq!(attributes["containerName"], container);
+    assert_eq!(attributes["path"], "data/files");
+    let secret = &csi.node_publish_secret_ref.as_ref().unwrap().name;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let sas = secrets.get(secret).await.unwrap().data.unwrap()["sasToken"].clone();
+    let sas = String::from_utf8(sas.0).unwrap();
+    assert!(sas.contains("sp=rl&"), "read and list only: {sas}");
+    assert!(
+        spec.volumes.iter().flatten().all(|v| v.name != "staging"),
+        "nothing is staged in the pod"
+    );
+    let annotations = pod.metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("datastore.dev/cache.download-0")
+            .map(String::as_str),
+        Some("served from the node cache: cache: true on the reference")
+    );
+}
+
 /// The CRDs' schemas and CEL rules, enforced by the apiserver itself.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_apiserver_enforces_the_crds_rules() {
@@ -238,6 +311,15 @@ async fn the_apiserver_enforces_the_crds_rules() {
     .await;
     assert!(
         message.contains("staging.claimName names a volume that exists"),
+        "{message}"
+    );
+    let message = refused(json!({
+        "image": "i", "entryScript": "t.py",
+        "scriptParams": [{"name": "--d", "dataReference": {"datastore": "ds", "mode": "upload", "cache": true}}],
+    }))
+    .await;
+    assert!(
+        message.contains("cache applies to download references only"),
         "{message}"
     );
     let message = refused(json!({"image": "", "entryScript": "t.py"})).await;
