@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
@@ -270,6 +270,59 @@ async fn a_second_run_with_the_cache_reads_its_data_from_the_cache() {
     }
     let entries: Vec<_> = std::fs::read_dir(cache.join("entries")).unwrap().collect();
     assert_eq!(entries.len(), 1, "one entry for one unchanged folder");
+
+    // The reference decides for itself: `cache: false` downloads despite --cache-dir...
+    let with_reference_cache = |name: &str, cache: bool| {
+        let exp = experiment(fx.dir.path(), "blob", name, "OnSuccess", COPY_THEN_EXIT);
+        let yaml = std::fs::read_to_string(&exp).unwrap().replace(
+            "path: data, mode: download}",
+            &format!("path: data, mode: download, cache: {cache}}}"),
+        );
+        std::fs::write(&exp, yaml).unwrap();
+        exp
+    };
+    let exp = with_reference_cache("uncached", false);
+    let out = run_with(&fx, &exp, &["--cache-dir", cache.to_str().unwrap()], None);
+    assert_exit(&out, 0);
+    assert!(
+        stderr(&out).contains("downloaded --data"),
+        "{}",
+        stderr(&out)
+    );
+    // ...and `cache: true` uses the default cache ($XDG_CACHE_HOME/datastore) without flags.
+    let xdg = fx.path("xdg");
+    let exp = with_reference_cache("asked", true);
+    let first = run_with(&fx, &exp, &[], Some(&xdg));
+    assert_exit(&first, 0);
+    assert!(
+        stderr(&first).contains("downloaded into the cache --data"),
+        "{}",
+        stderr(&first)
+    );
+    assert!(xdg.join("datastore/entries").is_dir());
+    let second = run_with(&fx, &exp, &[], Some(&xdg));
+    assert!(
+        stderr(&second).contains("from the cache --data"),
+        "{}",
+        stderr(&second)
+    );
+}
+
+/// `datastore run <exp> <flags>` on the fixture's datastores, with `$XDG_CACHE_HOME` set when
+/// given.
+fn run_with(fx: &Fixture, exp: &Path, flags: &[&str], xdg: Option<&Path>) -> Output {
+    let ds = fx.datastores();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_datastore"));
+    command
+        .args(["run", exp.to_str().unwrap()])
+        .args(flags)
+        .args(["--datastores", ds.to_str().unwrap(), "--no-progress"])
+        .env_remove("DATASTORE_CONFIG")
+        .env_remove("DATASTORE_CACHE_DIR");
+    if let Some(xdg) = xdg {
+        command.env("XDG_CACHE_HOME", xdg);
+    }
+    command.output().unwrap()
 }
 
 #[tokio::test]
