@@ -7,13 +7,16 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use common::proxy::{self, Pace, Proxy};
 
 use datastore_operator::cache::Cache;
+use datastore_operator::plan::contract::Report;
 use datastore_operator::store::azure::{Body, Tuning};
 use datastore_operator::store::{AzureBlobConfig, AzureCredential, BlobClient, Secret, Store};
 use datastore_operator::transfer::{NoProgress, Options};
+use k8s_openapi::jiff::Timestamp;
 
 fn store_at(port: u16, container: &str, key: &str) -> Store {
     let config = AzureBlobConfig {
@@ -183,4 +186,144 @@ async fn credentials_that_cannot_list_the_folder_get_nothing() {
         .unwrap_err();
     assert_eq!(err.exit_code(), 4, "{err}");
     assert_eq!(proxy.reads(), 2);
+}
+
+/// `datastore agent download` (the real binary), `--cached` or not, of the fixture's `blob`
+/// datastore's `folder` into `target`: asserts its exit code, returns the report's text.
+async fn download_report(
+    f: &common::Fixture,
+    folder: &str,
+    target: &Path,
+    cached: bool,
+    code: i32,
+) -> String {
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let mut args: Vec<String> = [
+        "agent",
+        "download",
+        "--datastores",
+        f.datastores().to_str().unwrap(),
+        "--datastore",
+        "blob",
+        "--path",
+        folder,
+        "--target",
+        target.to_str().unwrap(),
+        "--report",
+        report.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .into();
+    if cached {
+        args.push("--cached".into());
+    }
+    let out = tokio::task::spawn_blocking(move || {
+        common::datastore(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    common::assert_exit(&out, code);
+    std::fs::read_to_string(report.path()).unwrap()
+}
+
+fn parse_report(text: &str) -> Report {
+    Report::parse(text).unwrap_or_else(|| panic!("a report: {text:?}"))
+}
+
+/// Copies the files under `from` into `to` (created), keeping their relative names.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_tree_is_checked_against_the_listing_and_reported_with_when_it_was_cached() {
+    let f = common::Fixture::new().await;
+    let big = common::bytes(300_000, 3);
+    let files: [(&str, &[u8]); 3] = [
+        ("a.txt", b"alpha\n"),
+        ("b.txt", b"bravo, a little longer\n"),
+        ("sub/c.bin", &big),
+    ];
+    for (name, data) in files {
+        put(&f.client, &format!("data/{name}"), data).await;
+    }
+    put(&f.client, "other/d.txt", b"not in the folder\n").await;
+    let bytes_n: u64 = files.iter().map(|(_, data)| data.len() as u64).sum();
+
+    // The node plugin's side: the folder fetched into a cache publishes its tree.
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+    let store = store_at(common::azurite_port(), &f.container, common::KEY);
+    let before = SystemTime::now();
+    let entry = cache
+        .fetch(&store, "data", Options::default(), Arc::new(NoProgress))
+        .await
+        .unwrap();
+    let after = SystemTime::now();
+    assert!(!entry.hit);
+    // Written before the entry was published (see the cache's layout), and not touched since.
+    let manifest_written = std::fs::metadata(entry.path.parent().unwrap().join("manifest.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    // The pod's side: the tree checked against the listing, reported as a download would.
+    let cached = parse_report(&download_report(&f, "data", &entry.path, true, 0).await);
+    let fresh = tempfile::tempdir().unwrap();
+    let downloaded = parse_report(&download_report(&f, "data", fresh.path(), false, 0).await);
+    assert_eq!(downloaded.cached_at, None, "{downloaded:?}");
+    assert_eq!((cached.files, cached.bytes), (3, bytes_n), "{cached:?}");
+    assert_eq!(
+        (cached.files, cached.bytes, &cached.digest),
+        (downloaded.files, downloaded.bytes, &downloaded.digest)
+    );
+    assert_eq!(cached.digest, common::expected_digest(&files));
+    // When it was cached: the publication, within the fetch, after its manifest was written.
+    let cached_at: Timestamp = cached
+        .cached_at
+        .as_deref()
+        .expect("cachedAt")
+        .parse()
+        .unwrap();
+    let cached_at = SystemTime::from(cached_at);
+    let slack = Duration::from_secs(1);
+    assert!(
+        before - slack <= cached_at && cached_at <= after + slack,
+        "{cached_at:?} not within {before:?}..{after:?}"
+    );
+    assert!(
+        cached_at >= manifest_written,
+        "stamped at publication ({cached_at:?}), not when the tree was written (its manifest {manifest_written:?})"
+    );
+
+    // A tree holding a file the folder does not list is refused; the same tree without it is not.
+    let copy = tempfile::tempdir().unwrap();
+    copy_tree(&entry.path, copy.path());
+    let same = parse_report(&download_report(&f, "data", copy.path(), true, 0).await);
+    assert_eq!(same.digest, cached.digest);
+    std::fs::write(copy.path().join("sub/stray.txt"), b"not listed\n").unwrap();
+    let refused = download_report(&f, "data", copy.path(), true, 7).await;
+    assert!(
+        refused.contains("differs from the folder now")
+            && refused.contains("it holds 4 files, the folder 3"),
+        "{refused}"
+    );
+
+    // The folder changes after the node cached it: its tree no longer matches.
+    put(&f.client, "data/b.txt", b"bravo\n").await;
+    let refused = download_report(&f, "data", &entry.path, true, 7).await;
+    assert!(Report::parse(&refused).is_none(), "{refused}");
+    assert!(
+        refused.contains("differs from the folder now")
+            && refused.contains("b.txt has 23 bytes, the folder 6"),
+        "{refused}"
+    );
 }

@@ -49,24 +49,7 @@ impl Plugin {
 
     /// A client of the plugin's Node service, once it accepts connections.
     async fn node(&self) -> NodeClient<Channel> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let socket = self.socket.clone();
-            let connected = tonic::transport::Endpoint::try_from("http://[::]:50051")
-                .unwrap()
-                .connect_with_connector(tower::service_fn(move |_| {
-                    tokio::net::UnixStream::connect(socket.clone())
-                }))
-                .await;
-            match connected {
-                Ok(channel) => return NodeClient::new(channel),
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("the plugin does not accept connections: {e}"),
-            }
-        }
+        common::csi::node_client(&self.socket).await
     }
 
     /// `path` as the plugin's mount namespace sees it.

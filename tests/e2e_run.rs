@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::cluster::cluster;
 use common::node::{self, STANDIN_IMAGE};
 use common::operator::{self, eventually};
-use datastore_operator::api::{Experiment, Phase};
+use datastore_operator::api::{CacheResult, Experiment, Phase};
 use datastore_operator::store::azure::Body;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
@@ -461,4 +461,50 @@ async fn kubectl_get(client: &kube::Client, ns: &str, name: &str) -> String {
             .to_string()
     };
     format!("{}\n{}", line(&|c| c.0.clone()), line(&|c| c.1.clone()))
+}
+
+/// A download served from the node cache, published through the node plugin under test by the
+/// e2e node as a kubelet publishes it (the Secret's SAS, the volume's attributes): the first
+/// Experiment's pod waits while the node caches the folder (a `Miss`), the second on the same
+/// node gets it at once (a `Hit`); both scripts read the same files, and the digests agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_download_is_a_miss_then_a_hit_on_the_same_node() {
+    setup();
+    let client = cluster().admin();
+    let ns = "run-cache";
+    let blobs = prepare(&client, ns).await;
+    operator::apply(
+        &client,
+        &json!({"apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver",
+                "metadata": {"name": datastore_operator::plan::contract::NODE_CACHE_DRIVER},
+                "spec": {"attachRequired": false, "podInfoOnMount": true,
+                         "volumeLifecycleModes": ["Ephemeral"], "fsGroupPolicy": "None"}}),
+    )
+    .await;
+    let experiments: Api<Experiment> = Api::namespaced(client.clone(), ns);
+    let mut seen = Vec::new();
+    for (name, expected) in [
+        ("cached-1", CacheResult::Miss),
+        ("cached-2", CacheResult::Hit),
+    ] {
+        let mut exp = experiment(ns, name, &format!("outputs/{name}"), json!({}));
+        exp["spec"]["scriptParams"][0]["dataReference"]["cache"] = json!(true);
+        operator::apply(&client, &exp).await;
+        let status = finished(&experiments, name).await.status.unwrap();
+        assert_eq!(status.phase, Some(Phase::Succeeded), "{status:?}");
+        let input = &status.inputs[0];
+        assert_eq!((input.files, input.bytes), (2, 14), "{input:?}");
+        assert_eq!(input.cache, Some(expected), "{name}: {input:?}");
+        assert_eq!(
+            input.cache_reason.as_deref(),
+            Some("served from the node cache: cache: true on the reference")
+        );
+        assert_eq!(
+            blob(&blobs, &format!("outputs/{name}/seen.txt")).await,
+            b"./a.txt\n./sub/b.csv\n",
+            "the script sees the folder's files, and only them"
+        );
+        seen.push(input.digest.clone());
+    }
+    assert_eq!(seen[0], seen[1], "the same data, the same digest");
 }

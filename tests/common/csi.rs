@@ -4,6 +4,32 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use bpfman_csi::v1::node_client::NodeClient;
+use tonic::transport::Channel;
+
+/// A client of the Node service of the CSI plugin listening on the unix socket `socket`, once it
+/// accepts connections (within 10 s).
+pub async fn node_client(socket: &Path) -> NodeClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let socket = socket.to_path_buf();
+        let connected = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                tokio::net::UnixStream::connect(socket.clone())
+            }))
+            .await;
+        match connected {
+            Ok(channel) => return NodeClient::new(channel),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the CSI plugin does not accept connections: {e}"),
+        }
+    }
+}
 
 /// The csi-test release, as tests/csi/go.mod pins it; the Makefile reads the same line.
 fn csi_test_version() -> String {

@@ -11,8 +11,12 @@
 //! Images: the operator's image is built from the binary under test with the Dockerfile's own
 //! layout (tests/common/image.rs: binary path, user, entrypoint), `FROM scratch` with the
 //! shared libraries it links; the user's image is a stand-in holding busybox. Nothing is
-//! pulled. What it cannot do (native sidecars, CSI volumes, generic ephemeral volumes,
-//! `valueFrom` variables) fails the pod saying so.
+//! pulled. CSI inline volumes of the node cache (`cache.datastore.dev`) are published as a
+//! kubelet publishes them: through the node plugin under test (`datastore csi-node`, started
+//! on first use in this machine's mount namespace), with the `nodePublishSecretRef` Secret's
+//! data and the pod's information, retried while it answers `Unavailable`, and unpublished when
+//! the pod's containers have ended. What it cannot do (native sidecars, other CSI drivers,
+//! generic ephemeral volumes, `valueFrom` variables) fails the pod saying so.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -364,12 +368,154 @@ fn waiting_status(c: &Container, image: &str) -> serde_json::Value {
            "state": {"waiting": {"reason": "PodInitializing"}}})
 }
 
-/// Sets up the pod's volumes and runs its containers; `Err` is why it cannot run here.
+/// The node cache's plugin, started once: its socket.
+fn node_plugin(dir: &Path) -> &'static Path {
+    static SOCKET: OnceLock<PathBuf> = OnceLock::new();
+    SOCKET.get_or_init(|| {
+        let socket = dir.join("csi-node.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_datastore"));
+        cmd.args(["csi-node", "--node-id", NODE, "--cache-size", "1Gi"])
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .arg("--cache-dir")
+            .arg(dir.join("node-cache"));
+        super::cluster::spawn_logged(cmd, &dir.join("csi-node.log"));
+        socket
+    })
+}
+
+/// A published CSI volume: what NodeUnpublishVolume needs.
+struct Published {
+    volume_id: String,
+    target: PathBuf,
+}
+
+/// Publishes the node cache's inline volume `v` of `pod` at `target`, as the kubelet does: the
+/// Secret's data, the volume's attributes with the pod's information, read-only as the volume
+/// says; retried while the plugin answers `Unavailable` (at most 5 minutes).
+async fn publish(
+    client: &kube::Client,
+    dir: &Path,
+    pod: &Pod,
+    v: &k8s_openapi::api::core::v1::Volume,
+    target: &Path,
+) -> Result<Published, String> {
+    use bpfman_csi::v1 as csi;
+    let source = v.csi.as_ref().expect("a CSI volume");
+    if source.driver != datastore_operator::plan::contract::NODE_CACHE_DRIVER {
+        return Err(format!(
+            "volume {} is of the CSI driver {}, which the e2e node does not run",
+            v.name, source.driver
+        ));
+    }
+    let ns = pod.metadata.namespace.clone().unwrap();
+    let uid = pod.metadata.uid.clone().unwrap();
+    let mut secrets = std::collections::HashMap::new();
+    if let Some(reference) = &source.node_publish_secret_ref {
+        let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let secret = api
+            .get(&reference.name)
+            .await
+            .map_err(|e| format!("Secret {} of volume {}: {e}", reference.name, v.name))?;
+        for (key, value) in secret.data.iter().flatten() {
+            secrets.insert(key.clone(), String::from_utf8_lossy(&value.0).to_string());
+        }
+    }
+    let mut context: std::collections::HashMap<String, String> = source
+        .volume_attributes
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    // podInfoOnMount, as the chart's CSIDriver asks.
+    for (key, value) in [
+        (
+            "csi.storage.k8s.io/pod.name",
+            pod.metadata.name.clone().unwrap(),
+        ),
+        ("csi.storage.k8s.io/pod.namespace", ns.clone()),
+        ("csi.storage.k8s.io/pod.uid", uid.clone()),
+        ("csi.storage.k8s.io/ephemeral", "true".into()),
+    ] {
+        context.insert(key.into(), value);
+    }
+    let volume_id = format!("csi-{uid}-{}", v.name);
+    let request = csi::NodePublishVolumeRequest {
+        volume_id: volume_id.clone(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(csi::VolumeCapability {
+            access_mode: Some(csi::volume_capability::AccessMode { mode: 2 }),
+            access_type: Some(csi::volume_capability::AccessType::Mount(
+                csi::volume_capability::MountVolume::default(),
+            )),
+        }),
+        readonly: source.read_only == Some(true),
+        secrets,
+        volume_context: context,
+        ..Default::default()
+    };
+    let mut node = super::csi::node_client(node_plugin(dir)).await;
+    for _ in 0..300 {
+        match node.node_publish_volume(request.clone()).await {
+            Ok(_) => {
+                return Ok(Published {
+                    volume_id,
+                    target: target.to_path_buf(),
+                });
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(status) => {
+                return Err(format!(
+                    "MountVolume.SetUp failed for volume {}: {}",
+                    v.name,
+                    status.message()
+                ));
+            }
+        }
+    }
+    Err(format!(
+        "volume {} was not published within 5 minutes",
+        v.name
+    ))
+}
+
+async fn unpublish(dir: &Path, published: Vec<Published>) {
+    for p in published {
+        let mut node = super::csi::node_client(node_plugin(dir)).await;
+        let request = bpfman_csi::v1::NodeUnpublishVolumeRequest {
+            volume_id: p.volume_id,
+            target_path: p.target.display().to_string(),
+        };
+        if let Err(status) = node.node_unpublish_volume(request).await {
+            log(
+                dir,
+                &format!("unpublish {}: {}", p.target.display(), status.message()),
+            );
+        }
+    }
+}
+
+/// Sets up the pod's volumes and runs its containers; `Err` is why it cannot run here. The node
+/// cache's volumes are unpublished once the containers have ended.
 async fn run_pod(
     client: &kube::Client,
     api: &Api<Pod>,
     pod: &Pod,
     dir: &Path,
+) -> Result<(), String> {
+    let mut published = Vec::new();
+    let outcome = run_published(client, api, pod, dir, &mut published).await;
+    unpublish(dir, published).await;
+    outcome
+}
+
+async fn run_published(
+    client: &kube::Client,
+    api: &Api<Pod>,
+    pod: &Pod,
+    dir: &Path,
+    published: &mut Vec<Published>,
 ) -> Result<(), String> {
     let name = pod.metadata.name.clone().unwrap();
     let ns = pod.metadata.namespace.clone().unwrap();
@@ -453,9 +599,16 @@ async fn run_pod(
                 }
             }
             p
+        } else if v.csi.is_some() {
+            // The kubelet's `.../volumes/kubernetes.io~csi/<name>/mount`; the plugin creates it.
+            let target = pod_dir.join("volumes").join(&v.name).join("mount");
+            published.push(publish(client, dir, pod, v, &target).await?);
+            // A read-only tree, shared by pods of any group (fsGroupPolicy: None).
+            volumes.insert(v.name.clone(), target);
+            continue;
         } else {
             return Err(format!(
-                "volume {} is of a kind the e2e node cannot provide (only emptyDir, persistentVolumeClaim, secret, projected)",
+                "volume {} is of a kind the e2e node cannot provide (only emptyDir, persistentVolumeClaim, secret, projected, and CSI volumes of cache.datastore.dev)",
                 v.name
             ));
         };
