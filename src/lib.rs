@@ -15,6 +15,7 @@ pub mod plan;
 pub mod quantity;
 pub mod reason;
 pub mod render;
+pub mod serve;
 pub mod signal;
 pub mod store;
 pub mod transfer;

@@ -368,7 +368,7 @@ fn every_rule_compiles_and_stays_within_the_cost_budget() {
         .collect();
     assert_eq!(
         found.len(),
-        14,
+        15,
         "the rules written in src/api/experiment.rs: {listed:?}"
     );
     for (path, rule, node) in found {
@@ -440,6 +440,25 @@ fn overwrite_applies_to_upload_references_only() {
         spec_errors(&spec),
         vec!["overwrite applies to upload references only"]
     );
+}
+
+// --- DataReference: cache is for downloads ---
+
+#[test]
+fn cache_applies_to_download_references_only() {
+    let reference = |mode: &str, cache: bool| json!({"datastore": "blob-ds", "path": "data", "mode": mode, "cache": cache});
+    for cache in [true, false] {
+        assert!(DataReference::validate_cel(&reference("download", cache), None).is_ok());
+    }
+    for mode in ["upload", "mount"] {
+        let errors = DataReference::validate_cel(&reference(mode, true), None)
+            .map_or_else(messages, |()| Vec::new());
+        assert_eq!(
+            errors,
+            vec!["cache applies to download references only"],
+            "{mode}"
+        );
+    }
 }
 
 // --- DataReference: readOnly and mountDriver are for mounts ---

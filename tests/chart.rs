@@ -1215,6 +1215,9 @@ fn the_node_cache_is_an_opt_in_daemonset_and_csidriver() {
         ])
     );
     assert_eq!(plugin["securityContext"]["privileged"], true);
+    // Its metrics and health on the plugin's default --http-addr port.
+    assert_eq!(plugin["ports"][0]["containerPort"], 9810);
+    assert_eq!(plugin["livenessProbe"]["httpGet"]["path"], "/healthz");
     let cache = pod["spec"]["volumes"]
         .as_array()
         .unwrap()

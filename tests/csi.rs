@@ -24,16 +24,20 @@ use tonic::transport::Channel;
 struct Plugin {
     child: Child,
     socket: PathBuf,
+    /// Where it serves /metrics.
+    http: u16,
 }
 
 impl Plugin {
     fn start(dir: &Path) -> Plugin {
         let socket = dir.join("csi.sock");
+        let http = common::free_port();
         let child = Command::new("unshare")
             .process_group(0)
             .args(["--mount", "--propagation", "private", "--"])
             .arg(env!("CARGO_BIN_EXE_datastore"))
             .args(["csi-node", "--node-id", "node-1", "--cache-size", "1Gi"])
+            .arg(format!("--http-addr=127.0.0.1:{http}"))
             .arg(format!("--endpoint=unix://{}", socket.display()))
             .arg("--cache-dir")
             .arg(dir.join("cache"))
@@ -44,12 +48,22 @@ impl Plugin {
             assert!(Instant::now() < deadline, "the plugin did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Plugin { child, socket }
+        Plugin {
+            child,
+            socket,
+            http,
+        }
     }
 
     /// A client of the plugin's Node service, once it accepts connections.
     async fn node(&self) -> NodeClient<Channel> {
         common::csi::node_client(&self.socket).await
+    }
+
+    /// What it serves on /metrics.
+    async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.http);
+        reqwest::get(&url).await.unwrap().text().await.unwrap()
     }
 
     /// `path` as the plugin's mount namespace sees it.
@@ -203,6 +217,27 @@ async fn a_published_folder_comes_from_the_cache_read_only_and_a_second_pod_read
         plugin.seen(&second).join("a.txt").exists(),
         "the other pod keeps its volume"
     );
+
+    // The node's metrics, after one more hit: one miss, two hits (the refused publish is
+    // neither), their bytes, and the one cached tree.
+    let fourth = dir.path().join("pods/four/volume");
+    let (published, _) = publish_until_ready(
+        &mut node,
+        publish("vol-4", &fourth, &attributes, common::KEY),
+    )
+    .await;
+    published.unwrap();
+    let metrics = plugin.metrics().await;
+    for line in [
+        "datastore_node_cache_misses_total 1",
+        "datastore_node_cache_hits_total 2",
+        "datastore_node_cache_downloaded_bytes_total 10",
+        "datastore_node_cache_hit_bytes_total 20",
+        "datastore_node_cache_entries 1",
+        "datastore_node_cache_size_bytes 10",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -313,8 +348,9 @@ async fn after_a_restart_a_mounted_tree_is_still_never_evicted() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("csi.sock");
     // One mount namespace for both runs of the plugin: a shell restarts it when it dies.
+    let http = common::free_port();
     let script = format!(
-        "while true; do {} csi-node --node-id n --cache-size 100Ki --endpoint=unix://{} --cache-dir {}; done",
+        "while true; do {} csi-node --node-id n --cache-size 100Ki --http-addr=127.0.0.1:{http} --endpoint=unix://{} --cache-dir {}; done",
         env!("CARGO_BIN_EXE_datastore"),
         socket.display(),
         dir.path().join("cache").display()
@@ -335,6 +371,7 @@ async fn after_a_restart_a_mounted_tree_is_still_never_evicted() {
     let plugin = Plugin {
         child: shell,
         socket: socket.clone(),
+        http,
     };
     let wait_for_socket = || {
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -8,7 +8,9 @@ use std::path::Path;
 /// Top-level modules from the bottom up; a module may import those on lower lines only.
 /// Modules on one line are siblings and import none of each other.
 const LAYERS: &[&[&str]] = &[
-    &["atomic", "exit", "quantity", "reason", "signal", "yaml"],
+    &[
+        "atomic", "exit", "quantity", "reason", "serve", "signal", "yaml",
+    ],
     &["paths"],
     &["error"],
     &["api"],

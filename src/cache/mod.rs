@@ -240,24 +240,34 @@ impl Cache {
         }))
     }
 
+    /// The published entries: last use, bytes, directory.
+    fn entries(&self) -> Vec<(SystemTime, u64, PathBuf)> {
+        std::fs::read_dir(self.root.join("entries"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let dir = e.path();
+                let manifest = dir.join(MANIFEST);
+                let used = std::fs::metadata(&manifest).ok()?.modified().ok()?;
+                let bytes = std::fs::read(&manifest)
+                    .ok()
+                    .and_then(|t| serde_json::from_slice::<Manifest>(&t).ok())
+                    .map_or(0, |m| m.bytes());
+                Some((used, bytes, dir))
+            })
+            .collect()
+    }
+
+    /// How many entries the cache holds, and their bytes.
+    pub fn usage(&self) -> (usize, u64) {
+        let entries = self.entries();
+        (entries.len(), entries.iter().map(|e| e.1).sum())
+    }
+
     /// Removes least recently used entries not in use until the rest fit the limit.
     pub fn evict(&self) {
-        let mut entries: Vec<(SystemTime, u64, PathBuf)> =
-            std::fs::read_dir(self.root.join("entries"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| {
-                    let dir = e.path();
-                    let manifest = dir.join(MANIFEST);
-                    let used = std::fs::metadata(&manifest).ok()?.modified().ok()?;
-                    let bytes = std::fs::read(&manifest)
-                        .ok()
-                        .and_then(|t| serde_json::from_slice::<Manifest>(&t).ok())
-                        .map_or(0, |m| m.bytes());
-                    Some((used, bytes, dir))
-                })
-                .collect();
+        let mut entries = self.entries();
         let mut total: u64 = entries.iter().map(|e| e.1).sum();
         entries.sort();
         for (_, bytes, dir) in entries {

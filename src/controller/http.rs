@@ -1,31 +1,10 @@
-//! The controller's one HTTP server (`--http-addr`): `GET /healthz` (liveness: 200 while the
-//! process runs), `GET /readyz` (200 once the apiserver answered and the CRDs are there, else 503
-//! with the reason), `GET /metrics` (Prometheus, OpenMetrics text). Anything else is a 404.
-//!
-//! Bounded: requests are tiny (a 16 KiB read buffer, headers within 5 s), each connection lives
-//! at most a minute, and at most 64 are served at once (more are closed at once).
+//! What the controller's HTTP server (`--http-addr`, [`crate::serve`]) answers: `GET /readyz`
+//! is 200 once the apiserver answered and the CRDs are there, else 503 with the reason;
+//! `GET /metrics` its metrics.
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-
-use super::metrics::{CONTENT_TYPE, Metrics};
-
-const MAX_CONNECTIONS: usize = 64;
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-const MAX_BUFFER: usize = 16 * 1024;
+use super::metrics::Metrics;
 
 /// Where start-up is; `/readyz` answers from it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,102 +64,38 @@ impl Health {
     }
 }
 
-/// Serves `listener` until `stop` is cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // E.g. out of file descriptors: wait rather than spin.
-                    tracing::warn!(error = %e, "cannot accept a connection on the health/metrics server");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue; // dropped: closed at once
-        };
-        let (health, metrics) = (health.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let answer = respond(&request, &health, &metrics);
-                async move { Ok::<_, Infallible>(answer) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_BUFFER)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
-            drop(slot);
-        });
-    }
+/// The controller's answers: its readiness and its metrics.
+pub struct Endpoints {
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
 }
 
-fn respond(
-    request: &Request<Incoming>,
-    health: &Health,
-    metrics: &Metrics,
-) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    if !matches!(path, "/healthz" | "/readyz" | "/metrics") {
-        return text(
-            StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n",
-        );
+impl crate::serve::Endpoints for Endpoints {
+    fn ready(&self) -> Result<(), String> {
+        self.health.ready()
     }
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        let mut answer = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
-        answer
-            .headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
-        return answer;
-    }
-    match path {
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => match health.ready() {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("not ready: {}\n", one_line(&why)),
-            ),
-        },
-        _ => {
-            let mut answer = text(StatusCode::OK, &metrics.encode());
-            answer.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static(CONTENT_TYPE),
-            );
-            answer
-        }
-    }
-}
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .expect("a valid response")
-}
-
-/// `s` on one line (an error's message can hold newlines).
-pub fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+
     use super::*;
+    use crate::serve::{CONTENT_TYPE, serve};
+
+    fn endpoints(health: Arc<Health>) -> Arc<Endpoints> {
+        Arc::new(Endpoints {
+            health,
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
 
     #[test]
     fn readiness_reports_each_change_once_and_shutting_down_is_final() {
@@ -201,11 +116,6 @@ mod tests {
         assert!(health.ready().unwrap_err().starts_with("shutting down"));
     }
 
-    #[test]
-    fn one_line_joins_lines() {
-        assert_eq!(one_line("a\nb  c\r\n"), "a b c");
-    }
-
     /// Requests over a real socket: routes, methods, and the bounded header read.
     #[tokio::test]
     async fn routes_answer_and_the_rest_is_not_found() {
@@ -213,9 +123,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let health = Arc::new(Health::default());
-        let metrics = Arc::new(Metrics::new());
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, health.clone(), metrics, stop.clone()));
+        let server = tokio::spawn(serve(listener, endpoints(health.clone()), stop.clone()));
         let ask = |request: &'static str| async move {
             let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
             socket.write_all(request.as_bytes()).await.unwrap();
@@ -274,12 +183,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve(
-            listener,
-            Arc::default(),
-            Arc::new(Metrics::new()),
-            stop.clone(),
-        ));
+        tokio::spawn(serve(listener, endpoints(Arc::default()), stop.clone()));
         let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut answer = Vec::new();
         // With time paused, this returns only if the server closes the connection on its own.

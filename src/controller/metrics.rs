@@ -29,9 +29,6 @@ use prometheus_client::registry::{Registry, Unit};
 use super::ReconcileError;
 use crate::api::{Experiment, ExperimentStatus, Phase};
 
-/// The content type of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
 /// Reconcile durations are mostly API round trips; datastore checks can take seconds.
 const DURATION_BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

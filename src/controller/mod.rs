@@ -525,10 +525,13 @@ pub async fn run(args: ControllerArgs) -> i32 {
     let addr = listener.local_addr().unwrap_or(args.http_addr);
     tracing::info!("serving /healthz, /readyz and /metrics on http://{addr}");
     let stop_server = CancellationToken::new();
-    let server = tokio::spawn(http::serve(
+    let endpoints = Arc::new(http::Endpoints {
+        health: health.clone(),
+        metrics: metrics.clone(),
+    });
+    let server = tokio::spawn(crate::serve::serve(
         listener,
-        health.clone(),
-        metrics.clone(),
+        endpoints,
         stop_server.clone(),
     ));
 
@@ -562,7 +565,7 @@ pub async fn run(args: ControllerArgs) -> i32 {
                     format!(
                         "cannot get or create Lease {} in namespace {namespace} ({}): the namespace must exist and the controller's ServiceAccount needs get, create and patch on leases there",
                         leader::LEASE_NAME,
-                        http::one_line(&e.to_string())
+                        crate::serve::one_line(&e.to_string())
                     )
                 })
         }
@@ -657,7 +660,7 @@ where
                 return Some(value);
             }
             Err(why) => {
-                let why = http::one_line(&why);
+                let why = crate::serve::one_line(&why);
                 if health.set(Readiness::Waiting(why.clone())) {
                     tracing::warn!("waiting: {why}");
                 }

@@ -22,6 +22,9 @@ use clap::Args;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{Cache, Entry};
+use metrics::Metrics;
+
+mod metrics;
 use crate::error::Error;
 use crate::store::azure::Tuning;
 use crate::store::{AzureBlobConfig, AzureCredential, BlobClient, Secret, Store};
@@ -52,6 +55,9 @@ pub struct CsiNodeArgs {
     /// How much the cache keeps of trees no pod uses, least recently used out first.
     #[arg(long, default_value = "100Gi", value_parser = size)]
     pub cache_size: u64,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, env = "DATASTORE_HTTP_ADDR", default_value = "0.0.0.0:9810")]
+    pub http_addr: std::net::SocketAddr,
 }
 
 fn size(value: &str) -> Result<u64, String> {
@@ -82,7 +88,23 @@ pub async fn run(args: CsiNodeArgs) -> i32 {
             return crate::exit::CONFIG;
         }
     };
+    let http = match tokio::net::TcpListener::bind(args.http_addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!(
+                "error: cannot serve /healthz, /readyz and /metrics on {} ({e}): choose another --http-addr",
+                args.http_addr
+            );
+            return crate::exit::CONFIG;
+        }
+    };
     let plugin = Plugin::new(cache, args.node_id);
+    let stop_http = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::serve::serve(
+        http,
+        plugin.metrics.clone(),
+        stop_http.clone(),
+    ));
     let adopted = plugin.adopt_mounts();
     if adopted > 0 {
         tracing::info!(
@@ -102,6 +124,7 @@ pub async fn run(args: CsiNodeArgs) -> i32 {
         )
         .await;
     let _ = std::fs::remove_file(&socket);
+    stop_http.cancel();
     match served {
         Ok(()) => crate::exit::SUCCESS,
         Err(e) => {
@@ -123,17 +146,20 @@ pub struct Plugin {
     /// Per target: the entries of mounts a previous run of the plugin published (found in
     /// the mount table at start), leased until they are unpublished.
     adopted: Arc<Mutex<HashMap<PathBuf, Entry>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// A fetch in the background: a receiver of its outcome.
-/// The outcome is the entry's key, not the entry: the fetch's lease ends with it, so a volume
-/// whose pod went away before it was published holds nothing.
-type Fetch = tokio::sync::watch::Receiver<Option<Result<String, String>>>;
+/// The outcome is the entry's key (and whether it was a hit), not the entry: the fetch's lease
+/// ends with it, so a volume whose pod went away before it was published holds nothing.
+type Fetch = tokio::sync::watch::Receiver<Option<Result<(String, bool), String>>>;
 
 impl Plugin {
     pub fn new(cache: Cache, node_id: String) -> Plugin {
+        let cache = Arc::new(cache);
         Plugin {
-            cache: Arc::new(cache),
+            metrics: Arc::new(Metrics::new(cache.clone())),
+            cache,
             node_id,
             fetches: Arc::default(),
             published: Arc::default(),
@@ -289,7 +315,7 @@ impl csi::node_server::Node for Plugin {
             };
         }
         let folder = Folder::of(&r.volume_context, &r.secrets)?;
-        let fetched = self.fetched(&r.volume_id, folder).await?;
+        let (fetched, hit) = self.fetched(&r.volume_id, folder).await?;
         // A lease of its own for the published volume: the tree stays while the pod uses it.
         let lease = self
             .cache
@@ -304,6 +330,7 @@ impl csi::node_server::Node for Plugin {
                 target.display()
             ))
         })?;
+        self.metrics.published(hit, lease.bytes);
         self.published
             .lock()
             .expect("not poisoned")
@@ -370,10 +397,11 @@ impl csi::node_server::Node for Plugin {
 }
 
 impl Plugin {
-    /// The cache key of the volume's tree: from a fetch that ended, else one started (or
-    /// running) in the background, waited for a little. `Unavailable` while it runs; an
-    /// ended fetch is answered once and forgotten, so the kubelet's retry starts it again.
-    async fn fetched(&self, volume: &str, folder: Folder) -> Result<String, Status> {
+    /// The cache key of the volume's tree, and whether it was cached before: from a fetch that
+    /// ended, else one started (or running) in the background, waited for a little.
+    /// `Unavailable` while it runs; an ended fetch is answered once and forgotten, so the
+    /// kubelet's retry starts it again.
+    async fn fetched(&self, volume: &str, folder: Folder) -> Result<(String, bool), Status> {
         let mut outcome = {
             let mut fetches = self.fetches.lock().expect("not poisoned");
             fetches
@@ -385,7 +413,7 @@ impl Plugin {
                         let result = folder.fetch(&cache).await;
                         let _ = tx.send(Some(
                             result
-                                .map(|entry| entry.key.clone())
+                                .map(|entry| (entry.key.clone(), entry.hit))
                                 .map_err(|e| format!("{}: {e}", e.reason())),
                         ));
                     });

@@ -375,6 +375,7 @@ fn node_plugin(dir: &Path) -> &'static Path {
         let socket = dir.join("csi-node.sock");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_datastore"));
         cmd.args(["csi-node", "--node-id", NODE, "--cache-size", "1Gi"])
+            .arg(format!("--http-addr=127.0.0.1:{}", super::free_port()))
             .arg(format!("--endpoint=unix://{}", socket.display()))
             .arg("--cache-dir")
             .arg(dir.join("node-cache"));
