@@ -6,6 +6,11 @@ Workloads (at --scale 1):
   W2  16 x 64 MiB files
   W3  1 x 1 GiB file
 
+Then the node cache (the CSI node plugin, `datastore csi-node`) on W1 and W2: a miss
+(NodePublishVolume until mounted) against `datastore download` of the same folder, then a hit,
+by the ignored test `numbers_of_a_miss_and_a_hit_against_a_download` of tests/csi.rs (release
+build; it needs root for its private mount namespace). --no-node-cache skips it.
+
 For every workload and every tool: a fresh Azurite (disk persistence in a temp dir, loopback
 only, telemetry off), a fresh container, an upload of the generated data, a download of it into
 a fresh empty directory, and a check that the files arrived (names, sizes, sampled contents)
@@ -773,6 +778,46 @@ def print_report(results: list[Result], workloads: dict[str, Workload], tools: l
 
 # --------------------------------------------------------------------------------------------
 
+NODE_CACHE_LINE = re.compile(
+    r"^(w\d): datastore download ([\d.]+) s; miss \(publish until mounted\) ([\d.]+) s \(([\d.]+)x\); "
+    r"hit ([\d.]+) s$")
+
+
+def bench_node_cache(timeout: float) -> dict:
+    """The node cache's numbers from tests/csi.rs's ignored numbers test, and its targets: a hit
+    under one second, a miss within 10% of `datastore download` of the same data."""
+    cmd = ["cargo", "test", "--release", "--test", "csi", "--", "--ignored", "--nocapture",
+           "numbers_of_a_miss_and_a_hit_against_a_download"]
+    log("node cache: " + " ".join(cmd))
+    try:
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "rows": []}
+    rows = []
+    for line in out.stdout.splitlines():
+        m = NODE_CACHE_LINE.match(line.strip())
+        if m:
+            download, miss, ratio, hit = (float(m[i]) for i in (2, 3, 4, 5))
+            rows.append({"workload": m[1].upper(), "download_s": download, "miss_s": miss,
+                         "miss_ratio": ratio, "hit_s": hit,
+                         "hit_under_1s": hit < 1.0, "miss_within_10pct": ratio <= 1.10})
+    error = None
+    if out.returncode != 0 or not rows:
+        error = f"exit {out.returncode}: {(out.stderr or out.stdout).strip()[-2000:]}"
+    return {"error": error, "rows": rows}
+
+
+def print_node_cache(node_cache: dict) -> None:
+    print("Node cache (NodePublishVolume until mounted; download = `datastore download` of the same folder):")
+    if node_cache.get("error"):
+        print(f"  FAILED: {node_cache['error']}")
+    for r in node_cache["rows"]:
+        print(f"  {r['workload']}: download {r['download_s']:.2f} s; miss {r['miss_s']:.2f} s "
+              f"({r['miss_ratio']:.2f}x) [{'PASS' if r['miss_within_10pct'] else 'FAIL'} within 10%]; "
+              f"hit {r['hit_s']:.3f} s [{'PASS' if r['hit_under_1s'] else 'FAIL'} under 1 s]")
+    print()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="W1,W2,W3", help="comma list of W1,W2,W3 (default all)")
@@ -798,6 +843,8 @@ def main() -> int:
                          "using the CPU (0: do not wait; after one timeout the run stops waiting)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per transfer (default 1800)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--no-node-cache", action="store_true",
+                    help="skip the node cache's numbers (tests/csi.rs, release build, needs root)")
     args = ap.parse_args()
 
     t_start = time.monotonic()
@@ -878,11 +925,14 @@ def main() -> int:
 
     results = aggregate(runs)
     targets = evaluate_targets(results) if "ours" in tools else []
+    node_cache = None if args.no_node_cache else bench_node_cache(args.timeout)
     meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
     print_report(results, workloads, tools, targets, meta)
+    if node_cache is not None:
+        print_node_cache(node_cache)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "results": [r.to_json() for r in results], "targets": targets},
-                                    indent=2) + "\n")
+    args.json.write_text(json.dumps({"meta": meta, "results": [r.to_json() for r in results], "targets": targets,
+                                     "node_cache": node_cache}, indent=2) + "\n")
     log(f"wrote {args.json}; total {meta['elapsed_s']:.0f} s" + (f"; kept {workdir}" if args.keep else ""))
     noisy = [r for r in runs if r.other_cores > NOISY_CORES]
     for r in noisy:
@@ -892,7 +942,11 @@ def main() -> int:
             f"{NOISY_CORES} cores (see 'other'); the comparison is unreliable, rerun on a quiet machine")
     if any(not r.ok for r in results):
         return 1
-    if args.strict and any(not t["passed"] for t in targets):
+    if node_cache and node_cache["error"]:
+        return 1
+    node_cache_missed = node_cache and any(
+        not (r["hit_under_1s"] and r["miss_within_10pct"]) for r in node_cache["rows"])
+    if args.strict and (any(not t["passed"] for t in targets) or node_cache_missed):
         return 1
     return 0
 

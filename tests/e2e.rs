@@ -206,14 +206,7 @@ async fn a_cached_download_is_admitted_in_a_restricted_namespace() {
         json!({"pod-security.kubernetes.io/enforce": "restricted"}),
     )
     .await;
-    common::operator::apply(
-        &client,
-        &json!({"apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver",
-                "metadata": {"name": datastore_operator::plan::contract::NODE_CACHE_DRIVER},
-                "spec": {"attachRequired": false, "podInfoOnMount": true,
-                         "volumeLifecycleModes": ["Ephemeral"], "fsGroupPolicy": "None"}}),
-    )
-    .await;
+    common::operator::node_cache_driver(&client).await;
     let container = blob_datastore(&client, ns).await;
     let mut exp = seed_experiment(ns, "cached", "blob-ds");
     exp["spec"]["scriptParams"][0]["dataReference"]["cache"] = json!(true);

@@ -473,14 +473,7 @@ async fn a_cached_download_is_a_miss_then_a_hit_on_the_same_node() {
     let client = cluster().admin();
     let ns = "run-cache";
     let blobs = prepare(&client, ns).await;
-    operator::apply(
-        &client,
-        &json!({"apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver",
-                "metadata": {"name": datastore_operator::plan::contract::NODE_CACHE_DRIVER},
-                "spec": {"attachRequired": false, "podInfoOnMount": true,
-                         "volumeLifecycleModes": ["Ephemeral"], "fsGroupPolicy": "None"}}),
-    )
-    .await;
+    operator::node_cache_driver(&client).await;
     let experiments: Api<Experiment> = Api::namespaced(client.clone(), ns);
     let mut seen = Vec::new();
     for (name, expected) in [

@@ -33,6 +33,19 @@ pub fn documents(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The CSIDriver of the node cache, as the chart's `nodeCache` creates it (its DaemonSet is the
+/// e2e node's part).
+pub async fn node_cache_driver(client: &kube::Client) {
+    apply(
+        client,
+        &serde_json::json!({"apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver",
+                "metadata": {"name": datastore_operator::plan::contract::NODE_CACHE_DRIVER},
+                "spec": {"attachRequired": false, "podInfoOnMount": true,
+                         "volumeLifecycleModes": ["Ephemeral"], "fsGroupPolicy": "None"}}),
+    )
+    .await;
+}
+
 /// Server-side applies `object` as the admin, whatever its kind.
 pub async fn apply(client: &kube::Client, object: &serde_json::Value) {
     let (group, version) = match object["apiVersion"].as_str().unwrap().split_once('/') {

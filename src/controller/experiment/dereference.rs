@@ -109,8 +109,8 @@ async fn namespace_labels<'w>(
 /// What decides how the plan's mounts are mounted and which downloads the node cache serves:
 /// whether the CSIDrivers they need exist, and the namespace's Pod Security level. Nothing is
 /// asked without mounts (nor for the file driver without Azure Files datastores, nor for the
-/// node cache's driver without a download asking for it). A CSIDriver the controller may not read is "not
-/// known" (with a warning): the choice then says it was not checked.
+/// node cache's driver without a download asking for it). A CSIDriver the controller may not
+/// read is "not known" (with a warning): the choice then says it was not checked.
 pub async fn mount_environment(
     exp: &Experiment,
     ctx: &Context,
