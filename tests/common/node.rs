@@ -163,12 +163,12 @@ pub fn start(cluster: &'static Cluster) {
                 let client = cluster.admin();
                 register(&client).await;
                 tx.send(()).unwrap();
-                let running = Arc::new(Mutex::new(BTreeSet::new()));
+                let runs = Arc::new(Mutex::new(Runs::default()));
                 loop {
                     heartbeat(&client).await;
                     for _ in 0..20 {
                         provision(&client, &cluster.dir).await;
-                        pods(&client, &cluster.dir, &running).await;
+                        pods(&client, &cluster.dir, &runs).await;
                         tokio::time::sleep(Duration::from_millis(250)).await;
                     }
                 }
@@ -291,7 +291,16 @@ async fn provision(client: &kube::Client, dir: &Path) {
 }
 
 /// Runs the pods newly bound to this node; removes those being deleted.
-async fn pods(client: &kube::Client, dir: &Path, running: &Arc<Mutex<BTreeSet<String>>>) {
+/// The pods this node runs and has run, by uid. A pod runs once, as under a kubelet with
+/// `restartPolicy: Never`: a list taken just before a run ended still shows the pod unfinished,
+/// and must not start it again.
+#[derive(Default)]
+struct Runs {
+    running: BTreeSet<String>,
+    ended: BTreeSet<String>,
+}
+
+async fn pods(client: &kube::Client, dir: &Path, runs: &Arc<Mutex<Runs>>) {
     let pods: Api<Pod> = Api::all(client.clone());
     let selector = format!("spec.nodeName={NODE}");
     let Ok(list) = pods.list(&ListParams::default().fields(&selector)).await else {
@@ -301,7 +310,10 @@ async fn pods(client: &kube::Client, dir: &Path, running: &Arc<Mutex<BTreeSet<St
         let uid = pod.metadata.uid.clone().unwrap();
         let ns = pod.metadata.namespace.clone().unwrap();
         let name = pod.metadata.name.clone().unwrap();
-        let busy = running.lock().unwrap().contains(&uid);
+        let (busy, ended) = {
+            let runs = runs.lock().unwrap();
+            (runs.running.contains(&uid), runs.ended.contains(&uid))
+        };
         if pod.metadata.deletion_timestamp.is_some() {
             if !busy {
                 let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -312,11 +324,11 @@ async fn pods(client: &kube::Client, dir: &Path, running: &Arc<Mutex<BTreeSet<St
             continue;
         }
         let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-        if busy || matches!(phase.as_deref(), Some("Succeeded" | "Failed")) {
+        if busy || ended || matches!(phase.as_deref(), Some("Succeeded" | "Failed")) {
             continue;
         }
-        running.lock().unwrap().insert(uid.clone());
-        let (client, dir, running) = (client.clone(), dir.to_path_buf(), running.clone());
+        runs.lock().unwrap().running.insert(uid.clone());
+        let (client, dir, runs) = (client.clone(), dir.to_path_buf(), runs.clone());
         tokio::spawn(async move {
             let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
             let outcome = run_pod(&client, &api, &pod, &dir).await;
@@ -328,7 +340,9 @@ async fn pods(client: &kube::Client, dir: &Path, running: &Arc<Mutex<BTreeSet<St
                     .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
                     .await;
             }
-            running.lock().unwrap().remove(&uid);
+            let mut runs = runs.lock().unwrap();
+            runs.running.remove(&uid);
+            runs.ended.insert(uid);
         });
     }
 }
