@@ -380,6 +380,64 @@ spec:
     assert_valid(dir.path(), &printed);
 }
 
+/// Downloads served from the node cache (`--node-cache`: as for a cluster with its CSIDriver):
+/// the driver's inline volume with its SAS Secret, and the pod's annotation saying why; without
+/// the flag, the same reference is a download into the pod whose annotation says the cluster's
+/// driver is not known.
+#[test]
+fn cached_downloads_render_valid_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("cached.yaml");
+    std::fs::write(
+        &exp,
+        r#"apiVersion: datastore.dev/v1alpha1
+kind: Experiment
+metadata: {name: cached, namespace: ml}
+spec:
+  image: python:3.12-slim
+  entryScript: train.py
+  scriptParams:
+    - {name: --data, dataReference: {datastore: workspace-ds, path: data/files, mode: download, cache: true}}
+    - {name: --labels, dataReference: {datastore: workspace-ds, path: labels, mode: download}}
+"#,
+    )
+    .unwrap();
+    let datastores = datastores_file(dir.path());
+    let out = plan(&[exp.to_str().unwrap(), "--node-cache"], &datastores);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let expect = |k: &str, n: &str| (k.to_string(), n.to_string());
+    assert_eq!(
+        objects(&printed),
+        [
+            expect("Secret", "cached-credentials"),
+            expect("Secret", "cached-cache-0"),
+            expect("Job", "cached-run"),
+        ]
+    );
+    assert!(printed.contains("driver: cache.datastore.dev"), "{printed}");
+    assert!(
+        printed.contains(
+            "datastore.dev/cache.download-0: \"served from the node cache: cache: true on the reference\""
+        ),
+        "{printed}"
+    );
+    assert_valid(dir.path(), &printed);
+
+    let out = plan(&[exp.to_str().unwrap()], &datastores);
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !printed.contains("driver: cache.datastore.dev"),
+        "{printed}"
+    );
+    assert!(printed.contains("is not known"), "{printed}");
+    assert_valid(dir.path(), &printed);
+}
+
 /// The README's mount example (examples/experiment-mount.yaml on examples/datastores-azure.yaml)
 /// with a blobfuse2 image: a CSI Blob mount, a blobfuse2 native sidecar, an Azure Files mount, a
 /// download from and an upload to the share. Rendered by the planner and builders `datastore

@@ -28,6 +28,11 @@ pub struct PlanArgs {
     /// The namespace the Experiment is in [default: the file's, else `default`].
     #[arg(short, long)]
     pub namespace: Option<String>,
+    /// Render as for a cluster that has the node cache (the CSIDriver cache.datastore.dev):
+    /// downloads that ask for it become its volumes. Without it nothing is known of the cluster,
+    /// and they are rendered as downloads into the pod.
+    #[arg(long)]
+    pub node_cache: bool,
     #[command(flatten)]
     pub operator: crate::controller::OperatorArgs,
 }
@@ -63,15 +68,15 @@ pub async fn render(args: &PlanArgs) -> Result<String> {
     let plan = plan::plan(&exp.spec, &crate::store::capabilities(&datastores), CLUSTER)
         .map_err(|e| Error::Config(format!("{}: {e}", args.experiment.display())))?;
     let ctx = args.operator.build_context();
-    // Offline, nothing is known about the cluster's CSI drivers or Pod Security labels.
+    // Offline, nothing is known about the cluster's CSI drivers or Pod Security labels, but
+    // what the flag says.
     let env = MountEnvironment {
         namespace: scope.namespace.clone(),
+        node_cache: args.node_cache.then_some(true),
         ..Default::default()
     };
     let mounts = render::choose_drivers(&plan, &datastores, &ctx, &env)
         .map_err(|refusal| Error::Config(refusal.to_string()))?;
-    // Downloads that ask for the node cache are rendered as downloads into the pod, and their
-    // annotation says the cluster's node cache is not known here.
     let caches = render::choose_caches(&plan, &datastores, &cache_downloads, &ctx, &env);
     let children = render::build(&exp, &plan, &datastores, &ctx, &mounts, &caches, Utc::now())?;
 
