@@ -108,8 +108,9 @@ impl Cache {
             ));
         };
         let source = format!("{}/{}", client.describe(), paths::normalize(folder));
-        let listed = list_folder(store, folder).await?;
-        let key = key_of(&source, &listed);
+        let prefix = transfer::folder_prefix(folder);
+        let blobs = store.list(&prefix).await?;
+        let key = key_of(&source, &relative(&blobs, &prefix));
         if let Some(entry) = self.lease(&key)? {
             return Ok(entry);
         }
@@ -125,7 +126,9 @@ impl Cache {
             .join("staging")
             .join(format!("{key}-{:016x}", rand::random::<u64>()));
         let result = self
-            .download(store, folder, &source, &key, &staging, options, progress)
+            .download(
+                store, folder, blobs, &source, &key, &staging, options, progress,
+            )
             .await;
         if result.is_err() {
             remove_tree(&staging);
@@ -137,10 +140,13 @@ impl Cache {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Downloads the listed `blobs` (the versions the key names: a blob replaced since is an
+    /// `Integrity` error) into `staging`, and publishes them as entry `key`.
     async fn download(
         &self,
         store: &Store,
         folder: &str,
+        blobs: Vec<ObjectMeta>,
         source: &str,
         key: &str,
         staging: &Path,
@@ -148,17 +154,10 @@ impl Cache {
         progress: Arc<dyn Progress>,
     ) -> Result<Entry> {
         let tree = staging.join("tree");
-        let (_, listing) = transfer::download_folder(store, folder, &tree, options, progress)
-            .await
-            .map_err(|failed| failed.error)?;
-        // The folder may have changed since it was listed: publish what was downloaded under
-        // the key of its own listing.
-        let downloaded = key_of(source, &listing.blobs);
-        if downloaded != key {
-            return Err(Error::Integrity(format!(
-                "the folder {folder:?} changed while it was downloaded into the cache; run again"
-            )));
-        }
+        let (_, listing) =
+            transfer::download_listed(store, folder, blobs, &tree, options, progress)
+                .await
+                .map_err(|failed| failed.error)?;
         let manifest = Manifest {
             source: source.to_string(),
             files: listing
@@ -329,7 +328,8 @@ pub async fn check_tree(
     folder: &str,
     tree: &Path,
 ) -> Result<(Vec<ObjectMeta>, SystemTime)> {
-    let listed = list_folder(store, folder).await?;
+    let prefix = transfer::folder_prefix(folder);
+    let listed = relative(&store.list(&prefix).await?, &prefix);
     let differs = |what: String| {
         Error::Integrity(format!(
             "the node cache's copy of {folder:?} at {} differs from the folder now ({what}): the folder changed after the node cached it; run again",
@@ -376,23 +376,15 @@ fn count_files(dir: &Path) -> std::io::Result<usize> {
     Ok(files)
 }
 
-/// The folder's files, named relative to it (as the download names them).
-async fn list_folder(store: &Store, folder: &str) -> Result<Vec<ObjectMeta>> {
-    let folder = paths::normalize(folder);
-    let prefix = if folder.is_empty() {
-        String::new()
-    } else {
-        format!("{folder}/")
-    };
-    Ok(store
-        .list(&prefix)
-        .await?
-        .into_iter()
+/// The listed files under `prefix`, named relative to it (as the download names them).
+fn relative(blobs: &[ObjectMeta], prefix: &str) -> Vec<ObjectMeta> {
+    blobs
+        .iter()
         .filter_map(|b| {
-            let name = b.name.strip_prefix(&prefix)?.to_string();
-            Some(ObjectMeta { name, ..b })
+            let name = b.name.strip_prefix(prefix)?.to_string();
+            Some(ObjectMeta { name, ..b.clone() })
         })
-        .collect())
+        .collect()
 }
 
 /// The cache key of a listing from `source` (see the module's documentation).

@@ -59,14 +59,34 @@ pub async fn download_folder(
     options: Options,
     progress: Arc<dyn Progress>,
 ) -> Result<(Summary, FolderListing)> {
-    let run = Run::new(options, progress);
+    let blobs = store.list(&folder_prefix(folder)).await?;
+    download_listed(store, folder, blobs, target_dir, options, progress).await
+}
+
+/// The prefix of a folder's objects: `data/files/` (`""`: the whole container).
+pub fn folder_prefix(folder: &str) -> String {
     let folder = paths::normalize(folder);
-    let prefix = if folder.is_empty() {
+    if folder.is_empty() {
         String::new()
     } else {
         format!("{folder}/")
-    };
-    let blobs = store.list(&prefix).await?;
+    }
+}
+
+/// [`download_folder`] of a listing taken already (`blobs`: what `list` returned for the
+/// folder's prefix), e.g. the one a cache keyed the folder by: the reads are of exactly the
+/// listed versions (a blob replaced since is an `Integrity` error).
+pub async fn download_listed(
+    store: &Store,
+    folder: &str,
+    blobs: Vec<ObjectMeta>,
+    target_dir: &Path,
+    options: Options,
+    progress: Arc<dyn Progress>,
+) -> Result<(Summary, FolderListing)> {
+    let run = Run::new(options, progress);
+    let prefix = folder_prefix(folder);
+    let folder = paths::normalize(folder);
     let items = plan(blobs, target_dir, Layout::RelativeTo(&prefix))?;
     if let Some(room) = &run.options.room {
         let listed: u64 = items.iter().map(|i| i.meta.size).sum();

@@ -20,7 +20,7 @@ use hash::Hashers;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-pub use download::{FolderListing, download, download_folder};
+pub use download::{FolderListing, download, download_folder, download_listed, folder_prefix};
 pub use progress::{Bar, Lines, NoProgress, Progress};
 pub use report::{Output, report};
 pub use upload::upload;
