@@ -88,20 +88,13 @@ fn publish(
     attributes: &HashMap<String, String>,
     key: &str,
 ) -> csi::NodePublishVolumeRequest {
-    csi::NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(csi::VolumeCapability {
-            access_mode: Some(csi::volume_capability::AccessMode { mode: 2 }),
-            access_type: Some(csi::volume_capability::AccessType::Mount(
-                csi::volume_capability::MountVolume::default(),
-            )),
-        }),
-        readonly: true,
-        secrets: HashMap::from([("accountKey".to_string(), key.to_string())]),
-        volume_context: attributes.clone(),
-        ..Default::default()
-    }
+    common::csi::publish_request(
+        volume,
+        target,
+        attributes.clone(),
+        HashMap::from([("accountKey".to_string(), key.to_string())]),
+        true,
+    )
 }
 
 /// A volume's attributes: folder `path` of `container`, reached at `endpoint`.

@@ -707,31 +707,17 @@ pub fn run_job(
     // are read-only for the script.
     // The code on an emptyDir of its own (it is small: `datastore submit` caps it); the
     // downloads on the staging volume, a folder each, measured against its size.
-    let code = plan.code.iter().map(|code| {
-        (
-            CODE_CONTAINER.to_string(),
-            CODE_CONTAINER.to_string(),
-            None,
-            code,
-            false,
-            false,
-        )
-    });
+    let code = plan
+        .code
+        .iter()
+        .map(|code| (CODE_CONTAINER.to_string(), code, Landing::Code));
     // A download the node cache serves is its read-only volume, which its container checks.
     let references = plan.downloads.iter().enumerate().map(|(n, download)| {
-        let (volume, sub_path) = match cached.volumes.get(&n) {
-            Some(volume) => (volume.name.clone(), None),
-            None => (STAGING_VOLUME.to_string(), Some(staging_sub_path(exp, n))),
+        let landing = match cached.volumes.get(&n) {
+            Some(volume) => Landing::Cached(volume.name.clone()),
+            None => Landing::Staged(staging_sub_path(exp, n)),
         };
-        let from_cache = cached.volumes.contains_key(&n);
-        (
-            download_container(n),
-            volume,
-            sub_path,
-            download,
-            true,
-            from_cache,
-        )
+        (download_container(n), download, landing)
     });
     if plan.code.is_some() {
         volumes.push(Volume {
@@ -745,9 +731,14 @@ pub fn run_job(
     let on_node_disk = staging.as_ref().is_some_and(|v| v.empty_dir.is_some());
     volumes.extend(staging);
     volumes.extend(cached.volumes.values().cloned());
-    for (name, volume, sub_path, download, read_only_for_main, from_cache) in code.chain(references)
-    {
-        let staged = sub_path.is_some();
+    for (name, download, landing) in code.chain(references) {
+        let (volume, sub_path) = match &landing {
+            Landing::Code => (CODE_CONTAINER.to_string(), None),
+            Landing::Staged(sub_path) => (STAGING_VOLUME.to_string(), Some(sub_path.clone())),
+            Landing::Cached(volume) => (volume.clone(), None),
+        };
+        let staged = matches!(landing, Landing::Staged(_));
+        let from_cache = matches!(landing, Landing::Cached(_));
         let mount = |read_only: bool| VolumeMount {
             name: volume.clone(),
             mount_path: download.local_path.clone(),
@@ -809,7 +800,7 @@ pub fn run_job(
                 .insert("ephemeral-storage".to_string(), size.clone());
         }
         init_containers.push(container);
-        main_mounts.push(mount(read_only_for_main));
+        main_mounts.push(mount(!matches!(landing, Landing::Code)));
     }
     volumes.extend(share_volumes);
     // The sidecars last: their mounts are up when `main` starts, not during the downloads.
@@ -898,6 +889,16 @@ pub fn run_job(
         }
     }
     run
+}
+
+/// Where an init container's folder lands in the run pod.
+enum Landing {
+    /// The code's own emptyDir.
+    Code,
+    /// This folder (its `subPath`) of the staging volume.
+    Staged(String),
+    /// This read-only volume of the node cache, already filled.
+    Cached(String),
 }
 
 /// A pod lost to a disruption (preemption, eviction, a node drained: the `DisruptionTarget`

@@ -75,17 +75,17 @@ fn children(yaml: &str) -> (Experiment, ExecutionPlan, Children) {
     let exp = experiment(yaml);
     let stores = datastores();
     let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
-    let children = build(
-        &exp,
-        &plan,
-        &stores,
-        &BuildContext::default(),
-        &[],
-        &[],
-        now(),
-    )
-    .unwrap();
+    let children = build_default(&exp, &plan, &stores).unwrap();
     (exp, plan, children)
+}
+
+/// Every child, with the operator's defaults, no mounts and nothing cached.
+fn build_default(
+    exp: &Experiment,
+    plan: &ExecutionPlan,
+    stores: &BTreeMap<String, StoreConfig>,
+) -> Result<Children> {
+    build(exp, plan, stores, &BuildContext::default(), &[], &[], now())
 }
 
 fn check_meta(meta: &ObjectMeta, name: &str) {
@@ -430,16 +430,7 @@ fn pods_whose_agents_use_workload_identity_are_labelled_for_the_webhook() {
     };
     let build_with = |stores: &BTreeMap<String, StoreConfig>| {
         let plan = plan(&exp.spec, &crate::store::capabilities(stores), CLUSTER).unwrap();
-        build(
-            &exp,
-            &plan,
-            stores,
-            &BuildContext::default(),
-            &[],
-            &[],
-            now(),
-        )
-        .unwrap()
+        build_default(&exp, &plan, stores).unwrap()
     };
     // blob-ds (download and upload) with an identity: both pods.
     let mut stores = datastores();
@@ -924,28 +915,10 @@ fn a_name_too_long_for_the_job_labels_is_refused() {
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN));
     let stores = datastores();
     let plan = plan(&exp.spec, &crate::store::capabilities(&stores), CLUSTER).unwrap();
-    let children = build(
-        &exp,
-        &plan,
-        &stores,
-        &BuildContext::default(),
-        &[],
-        &[],
-        now(),
-    )
-    .unwrap();
+    let children = build_default(&exp, &plan, &stores).unwrap();
     assert_eq!(children.upload.unwrap().metadata.name.unwrap().len(), 63);
     exp.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
-    let err = build(
-        &exp,
-        &plan,
-        &stores,
-        &BuildContext::default(),
-        &[],
-        &[],
-        now(),
-    )
-    .unwrap_err();
+    let err = build_default(&exp, &plan, &stores).unwrap_err();
     assert!(err.to_string().contains("choose a shorter name"), "{err}");
 }
 

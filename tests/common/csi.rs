@@ -6,8 +6,36 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
+use bpfman_csi::v1 as csi;
 use bpfman_csi::v1::node_client::NodeClient;
 use tonic::transport::Channel;
+
+/// A NodePublishVolume request of a mount volume (single-node writer, as the kubelet asks for
+/// an ephemeral inline volume) with `context` (the volume's attributes) and `secrets`.
+pub fn publish_request(
+    volume_id: &str,
+    target: &Path,
+    context: HashMap<String, String>,
+    secrets: HashMap<String, String>,
+    readonly: bool,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(csi::VolumeCapability {
+            access_mode: Some(csi::volume_capability::AccessMode { mode: 2 }),
+            access_type: Some(csi::volume_capability::AccessType::Mount(
+                csi::volume_capability::MountVolume::default(),
+            )),
+        }),
+        readonly,
+        secrets,
+        volume_context: context,
+        ..Default::default()
+    }
+}
 
 /// A client of the Node service of the CSI plugin listening on the unix socket `socket`, once it
 /// accepts connections (within 10 s).

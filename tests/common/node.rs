@@ -414,7 +414,6 @@ async fn publish(
     v: &k8s_openapi::api::core::v1::Volume,
     target: &Path,
 ) -> Result<Published, String> {
-    use bpfman_csi::v1 as csi;
     let source = v.csi.as_ref().expect("a CSI volume");
     if source.driver != datastore_operator::plan::contract::NODE_CACHE_DRIVER {
         return Err(format!(
@@ -454,20 +453,13 @@ async fn publish(
         context.insert(key.into(), value);
     }
     let volume_id = format!("csi-{uid}-{}", v.name);
-    let request = csi::NodePublishVolumeRequest {
-        volume_id: volume_id.clone(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(csi::VolumeCapability {
-            access_mode: Some(csi::volume_capability::AccessMode { mode: 2 }),
-            access_type: Some(csi::volume_capability::AccessType::Mount(
-                csi::volume_capability::MountVolume::default(),
-            )),
-        }),
-        readonly: source.read_only == Some(true),
+    let request = super::csi::publish_request(
+        &volume_id,
+        target,
+        context,
         secrets,
-        volume_context: context,
-        ..Default::default()
-    };
+        source.read_only == Some(true),
+    );
     let mut node = super::csi::node_client(node_plugin(dir)).await;
     for _ in 0..300 {
         match node.node_publish_volume(request.clone()).await {
