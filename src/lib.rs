@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cli;
 pub mod controller;
 pub mod csi;
+pub mod duration;
 pub mod error;
 pub mod exit;
 pub mod local;

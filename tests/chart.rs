@@ -44,6 +44,7 @@ mount: {defaultDriver: csi, sidecarMemory: 2Gi, sidecarCpu: 1500m}
 agent: {resources: {requests: {cpu: 250m, memory: 256Mi}, limits: {cpu: "4", memory: 1Gi}}}
 startTimeout: 1h
 progressPeriod: 30s
+retryBudget: 10m
 nodeCache: {enabled: true, hostPath: /mnt/datastore-cache, size: 200Gi, kubeletDir: /var/lib/kubelet}
 staging: {size: 200Gi}
 outputs: {size: 50Gi, storageClassName: managed-csi-premium}
@@ -349,6 +350,7 @@ fn values_schema_refuses_mistyped_values_at_install_time() {
         ("mount: {sidecarCpu: two}", "/mount/sidecarCpu"),
         ("startTimeout: 15min", "/startTimeout"),
         ("progressPeriod: 10", "/progressPeriod"),
+        ("retryBudget: 5min", "/retryBudget"),
         (
             "agent: {resources: {limits: {memory: 1.5Gi}}}",
             "/agent/resources/limits/memory",
@@ -497,6 +499,7 @@ fn the_controller_pod_is_restricted_and_follows_the_process_contract() {
         ("DATASTORE_AGENT_MEMORY_LIMIT", DEFAULT_AGENT_MEMORY_LIMIT),
         ("DATASTORE_START_TIMEOUT", "15m"),
         ("DATASTORE_PROGRESS_PERIOD", "10s"),
+        ("DATASTORE_RETRY_BUDGET", "5m"),
         ("DATASTORE_STAGING_SIZE", DEFAULT_STAGING_SIZE),
         ("DATASTORE_OUTPUTS_SIZE", DEFAULT_OUTPUTS_SIZE),
         ("DATASTORE_LOG", "info"),
@@ -739,6 +742,7 @@ fn every_option_reaches_the_objects() {
         ("DATASTORE_AGENT_MEMORY_LIMIT", "1Gi"),
         ("DATASTORE_START_TIMEOUT", "1h"),
         ("DATASTORE_PROGRESS_PERIOD", "30s"),
+        ("DATASTORE_RETRY_BUDGET", "10m"),
         ("DATASTORE_STAGING_SIZE", "200Gi"),
         ("DATASTORE_OUTPUTS_SIZE", "50Gi"),
         ("DATASTORE_OUTPUTS_STORAGE_CLASS", "managed-csi-premium"),

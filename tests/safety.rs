@@ -290,7 +290,7 @@ async fn an_interrupted_download_leaves_only_complete_files_and_a_rerun_finishes
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn throttling_is_retried_a_bounded_number_of_times() {
+async fn throttling_is_retried_within_the_retry_budget_honouring_retry_after() {
     // Throttled twice, then an empty listing: the run succeeds after three requests.
     let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let c = calls.clone();
@@ -314,7 +314,37 @@ async fn throttling_is_retried_a_bounded_number_of_times() {
     assert_exit(&ok, 0);
     assert_eq!(server.requests().len(), 3);
 
-    // Always throttled: the run gives up after the bounded attempts, with the service's code.
+    // Throttled once with Retry-After: 2, then answered: the second request waits as asked.
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let c = calls.clone();
+    let server = FakeServer::start(Arc::new(move |_| {
+        if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 1 {
+            (
+                503,
+                vec![
+                    ("x-ms-error-code".into(), "ServerBusy".into()),
+                    ("Retry-After".into(), "2".into()),
+                ],
+                vec![],
+            )
+        } else {
+            (200, vec![], listing_xml(&[]))
+        }
+    }))
+    .await;
+    let ds = fake_datastores(dir.path(), server.port);
+    let started = std::time::Instant::now();
+    let waited = download_fake(ds, target.clone(), &[]).await;
+    assert_exit(&waited, 0);
+    assert_eq!(server.requests().len(), 2);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "Retry-After honoured: {:?}",
+        started.elapsed()
+    );
+
+    // Always throttled: the run gives up once the budget is spent, with the service's code
+    // and the budget in its message.
     let server = FakeServer::start(Arc::new(|_| {
         (
             503,
@@ -324,14 +354,21 @@ async fn throttling_is_retried_a_bounded_number_of_times() {
     }))
     .await;
     let ds = fake_datastores(dir.path(), server.port);
-    let failed = download_fake(ds, target, &[]).await;
+    let started = std::time::Instant::now();
+    let failed = download_fake(ds, target, &["--retry-budget", "3s"]).await;
+    let took = started.elapsed();
     assert_exit(&failed, 9);
+    let err = stderr(&failed);
     assert!(
-        stderr(&failed).contains("ServerBusy"),
-        "{}",
-        stderr(&failed)
+        err.contains("ServerBusy") && err.contains("retry budget of 3s"),
+        "{err}"
     );
-    assert_eq!(server.requests().len(), 5, "five attempts, no more");
+    let tries = server.requests().len();
+    assert!((3..=12).contains(&tries), "{tries} tries in 3s");
+    assert!(
+        took >= std::time::Duration::from_secs(1) && took < std::time::Duration::from_secs(15),
+        "{took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

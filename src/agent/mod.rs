@@ -19,7 +19,9 @@ use clap::{Args, Subcommand};
 use crate::error::Error;
 use crate::plan::contract::{REPORT_LIMIT, Report, UploadReport, truncate};
 use crate::store::Store;
+use crate::store::azure::Tuning;
 use crate::store::resolve::{OperatorNamespace, Scope, Source};
+use crate::store::retry::RetryBudget;
 use crate::transfer::{self, Failed, Lines, Options};
 
 /// How often a running agent writes a progress line (`{"progress": ...}`) on stdout: the
@@ -152,16 +154,28 @@ pub struct DatastoreArgs {
     pub namespace: String,
     #[command(flatten)]
     pub operator_namespace: OperatorNamespace,
+    #[command(flatten)]
+    pub retry: RetryBudget,
 }
 
 impl DatastoreArgs {
-    async fn store(&self) -> Result<Store, Error> {
+    fn tuning(&self) -> Tuning {
+        Tuning::transfer(self.concurrency as usize, self.retry.retry_budget)
+    }
+
+    /// The store, and progress lines that also say while it is unreachable.
+    async fn store(&self) -> Result<(Store, Arc<Lines>), Error> {
         let scope = Scope {
             namespace: self.namespace.clone(),
             operator_namespace: self.operator_namespace.name.clone(),
         };
         let source = Source::File(self.datastores.clone());
-        Store::open(&self.datastore, &source, &scope, self.concurrency as usize).await
+        let tuning = self.tuning();
+        let store = Store::open(&self.datastore, &source, &scope, &tuning).await?;
+        Ok((
+            store,
+            Arc::new(Lines::stdout(PROGRESS_EVERY, Some(tuning.outage))),
+        ))
     }
 
     fn options(&self, overwrite: bool) -> Options {
@@ -192,19 +206,12 @@ async fn download(args: DownloadArgs) -> i32 {
         return check_cached(args).await;
     }
     let work = async {
-        let store = args.datastore.store().await?;
+        let (store, lines) = args.datastore.store().await?;
         let mut options = args.datastore.options(false);
         if let Some(dir) = &args.staging_dir {
             options.room = Some(staging_room(dir, args.staging_size)?);
         }
-        transfer::download_folder(
-            &store,
-            &args.path,
-            &args.target,
-            options,
-            Arc::new(Lines::stdout(PROGRESS_EVERY)),
-        )
-        .await
+        transfer::download_folder(&store, &args.path, &args.target, options, lines).await
     };
     let result = match interruptible(work).await {
         Err(Interrupted(signal)) => {
@@ -252,7 +259,7 @@ async fn download(args: DownloadArgs) -> i32 {
 /// reads no file (a hit stays as fast as a listing); the node plugin verified the download.
 async fn check_cached(args: DownloadArgs) -> i32 {
     let checked = async {
-        let store = args.datastore.store().await?;
+        let (store, _) = args.datastore.store().await?;
         crate::cache::check_tree(&store, &args.path, &args.target).await
     };
     let (text, code) = match checked.await {
@@ -283,15 +290,9 @@ async fn check_cached(args: DownloadArgs) -> i32 {
 
 async fn upload(args: UploadArgs) -> i32 {
     let work = async {
-        let store = args.datastore.store().await?;
-        transfer::upload(
-            &store,
-            &args.src_dir,
-            &args.path,
-            args.datastore.options(args.overwrite),
-            Arc::new(Lines::stdout(PROGRESS_EVERY)),
-        )
-        .await
+        let (store, lines) = args.datastore.store().await?;
+        let options = args.datastore.options(args.overwrite);
+        transfer::upload(&store, &args.src_dir, &args.path, options, lines).await
     };
     match interruptible(work).await {
         Ok(result) => {

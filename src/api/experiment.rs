@@ -450,6 +450,21 @@ pub struct TransferProgress {
     pub eta: Option<String>,
     /// For `kubectl get -o wide`: `120Mi/s`.
     pub rate: String,
+    /// While storage fails every request and the agent retries, as the agent last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_unreachable: Option<StorageUnreachable>,
+}
+
+/// Storage has failed every request of a transfer for a while; its agent retries until the
+/// operator's retry budget is spent.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageUnreachable {
+    pub seconds: i64,
+    /// How long the agent retries before the transfer fails.
+    pub budget_seconds: i64,
+    /// The last fault, e.g. `Connection refused (os error 111)` or `503 ServerBusy`.
+    pub cause: String,
 }
 
 /// How one `mount` reference is mounted.

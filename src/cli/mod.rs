@@ -13,7 +13,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::error::Error;
 use crate::store::Store;
+use crate::store::azure::Tuning;
 use crate::store::resolve::{OperatorNamespace, Scope, Source};
+use crate::store::retry::RetryBudget;
 use crate::transfer::{self, Failed, Options, Output, Summary};
 
 #[derive(Parser, Debug)]
@@ -112,6 +114,8 @@ pub struct Common {
     pub block_size_mib: u64,
     #[command(flatten)]
     pub progress: ProgressFlags,
+    #[command(flatten)]
+    pub retry: RetryBudget,
     /// How the closing summary is printed.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -133,13 +137,13 @@ impl Common {
         }
     }
 
-    async fn store(&self) -> Result<Store, Error> {
+    async fn store(&self, tuning: &Tuning) -> Result<Store, Error> {
         let scope = Scope {
             namespace: self.namespace.clone(),
             operator_namespace: self.operator_namespace.name.clone(),
         };
         let source = Source::pick(self.datastores.clone());
-        Store::open(&self.datastore, &source, &scope, self.concurrency as usize).await
+        Store::open(&self.datastore, &source, &scope, tuning).await
     }
 }
 
@@ -241,11 +245,15 @@ where
     F: FnOnce(Store, Arc<dyn transfer::Progress>) -> Fut,
     Fut: Future<Output = transfer::Result<Summary>>,
 {
-    let store = match common.store().await {
+    let tuning = Tuning::transfer(common.concurrency as usize, common.retry.retry_budget);
+    let store = match common.store(&tuning).await {
         Ok(store) => store,
         Err(error) => return transfer::report(common.output, Err(Failed::from(error))),
     };
-    let bar = Arc::new(transfer::Bar::new(common.show_progress()));
+    let bar = Arc::new(transfer::Bar::new(
+        common.show_progress(),
+        Some(tuning.outage),
+    ));
     let result = tokio::select! {
         result = run(store, bar.clone()) => result,
         // Dropping the transfer removes its temporary files: nothing partial is left.

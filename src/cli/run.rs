@@ -36,6 +36,8 @@ pub struct RunArgs {
     pub concurrency: u16,
     #[command(flatten)]
     pub progress: super::ProgressFlags,
+    #[command(flatten)]
+    pub retry: crate::store::retry::RetryBudget,
     /// Serve download references from a cache of downloaded folders: a folder whose listing
     /// (names, sizes, MD5s) has not changed since an earlier run is not downloaded again, and
     /// the script reads it from the cache, read-only. A reference's `cache` (or its datastore's
@@ -138,6 +140,7 @@ async fn setup(args: &RunArgs) -> Result<LocalRun> {
         datastores,
         work_dir: args.work_dir.clone(),
         concurrency: args.concurrency as usize,
+        retry_budget: args.retry.retry_budget,
         show_progress: args.progress.show(),
         cache: cache_dir(args, asked || !cache_downloads.is_empty())?
             .map(|dir| crate::cache::Cache::open(&dir, args.cache_size))

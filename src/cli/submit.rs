@@ -21,6 +21,7 @@ use crate::api::{CodeReference, ComputeTarget, Experiment, Phase, TransferProgre
 use crate::error::{Error, Result};
 use crate::exit;
 use crate::store::Store;
+use crate::store::azure::Tuning;
 use crate::store::resolve::{OperatorNamespace, Scope, Source};
 use crate::transfer::{self, Options, Progress};
 
@@ -153,7 +154,7 @@ pub async fn submit(client: Client, args: &SubmitArgs) -> Result<Submitted> {
     let name = created.name_any();
     let drawing = Drawing::new({
         let show = args.progress.show();
-        move || transfer::Bar::new(show)
+        move || transfer::Bar::new(show, None)
     });
     let followed = follow(&api, &name, drawing);
     match tokio::time::timeout(Duration::from_secs(args.timeout), followed).await {
@@ -231,7 +232,8 @@ async fn snapshot(
         operator_namespace: args.operator_namespace.name.clone(),
     };
     let source = Source::pick(args.datastores.clone());
-    let store = Store::open(&datastore, &source, &scope, 16).await?;
+    let tuning = Tuning::transfer(16, crate::store::retry::DEFAULT_BUDGET);
+    let store = Store::open(&datastore, &source, &scope, &tuning).await?;
     let summary = transfer::upload(
         &store,
         folder,
@@ -487,6 +489,7 @@ mod tests {
             percent: String::new(),
             eta: None,
             rate: String::new(),
+            storage_unreachable: None,
         }
     }
 

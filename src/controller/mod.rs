@@ -44,6 +44,8 @@ use crate::render::{
 };
 use crate::store::azure::Tuning;
 use crate::store::resolve::OperatorNamespace;
+use crate::store::retry::Outage;
+use crate::store::retry::RetryBudget;
 use http::{Health, Readiness};
 use metrics::Metrics;
 
@@ -109,6 +111,9 @@ pub struct OperatorArgs {
     /// The memory each agent container is limited to.
     #[arg(long, env = "DATASTORE_AGENT_MEMORY_LIMIT", default_value = DEFAULT_AGENT_MEMORY_LIMIT, value_parser = memory)]
     pub agent_memory_limit: String,
+    /// Handed to every agent container: how long it rides through a storage outage.
+    #[command(flatten)]
+    pub retry: RetryBudget,
 }
 
 impl OperatorArgs {
@@ -123,6 +128,7 @@ impl OperatorArgs {
                 .filter(|image| !image.is_empty()),
             default_mount_driver: self.default_mount_driver,
             cache_downloads: self.cache_downloads,
+            retry_budget: self.retry.retry_budget,
             sidecar_memory: self.sidecar_memory.clone(),
             sidecar_cpu: self.sidecar_cpu.clone(),
             agent_resources: render::compute_resources(
@@ -297,37 +303,12 @@ fn progress_period(value: &str) -> Result<Duration, String> {
     }
 }
 
-/// `--start-timeout`: a whole number of seconds, minutes or hours (`90s`, `15m`, `1h`); empty
-/// is the default.
+/// `--start-timeout`: as [`crate::duration::parse`] reads it; empty is the default.
 fn duration(value: &str) -> Result<Duration, String> {
     if value.is_empty() {
         return Ok(DEFAULT_START_TIMEOUT);
     }
-    let (number, unit) = value.split_at(value.len().saturating_sub(1));
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => 0,
-    };
-    match number.parse::<u64>() {
-        Ok(n) if scale > 0 && n > 0 => Ok(Duration::from_secs(n * scale)),
-        _ => Err(format!(
-            "`{value}` is not a duration: write a whole number of seconds, minutes or hours such as 90s, 15m or 1h"
-        )),
-    }
-}
-
-/// A duration as `--start-timeout` takes it: `2h`, `15m`, `90s`.
-pub(crate) fn format_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if s > 0 && s.is_multiple_of(3600) {
-        format!("{}h", s / 3600)
-    } else if s > 0 && s.is_multiple_of(60) {
-        format!("{}m", s / 60)
-    } else {
-        format!("{s}s")
-    }
+    crate::duration::parse(value)
 }
 
 /// What every reconcile needs.
@@ -366,7 +347,8 @@ impl Context {
             operator_namespace,
             build,
             check_tuning: Tuning {
-                max_attempts: 2,
+                // A check says what it finds now; the next reconcile looks again.
+                outage: Outage::new(Duration::from_secs(1)),
                 base_timeout: Duration::from_secs(10),
                 pool_size: 1,
                 ..Tuning::default()
@@ -1110,9 +1092,6 @@ mod tests {
         assert_eq!(duration("15m"), Ok(Duration::from_secs(900)));
         assert_eq!(duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(duration(""), Ok(DEFAULT_START_TIMEOUT));
-        for text in ["90s", "15m", "2h"] {
-            assert_eq!(format_duration(duration(text).unwrap()), text);
-        }
         for bad in ["15", "0m", "1.5h", "m", "15min", "-1s"] {
             let error = duration(bad).unwrap_err();
             assert!(error.contains("is not a duration"), "{bad}: {error}");

@@ -31,6 +31,8 @@ pub struct LocalRun {
     /// whose outputs all reached their datastores.
     pub work_dir: Option<PathBuf>,
     pub concurrency: usize,
+    /// How long a transfer rides through a storage outage (`--retry-budget`).
+    pub retry_budget: std::time::Duration,
     pub show_progress: bool,
     /// The download cache, when anything asks for it.
     pub cache: Option<Cache>,
@@ -155,10 +157,7 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
         ));
     }
 
-    let tuning = Tuning {
-        pool_size: run.concurrency,
-        ..Tuning::default()
-    };
+    let tuning = Tuning::transfer(run.concurrency, run.retry_budget);
     let mut stores = BTreeMap::new();
     for name in plan.permissions.keys() {
         let store = Store::new(&run.datastores[name], &tuning)?;
@@ -184,7 +183,7 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
     let mut leases = Vec::new();
     let code = plan.code.iter().map(|d| (true, d));
     for (is_code, download) in code.chain(plan.downloads.iter().map(|d| (false, d))) {
-        let bar = Arc::new(Bar::new(run.show_progress));
+        let bar = Arc::new(Bar::new(run.show_progress, Some(tuning.outage.clone())));
         let store = &stores[&download.datastore];
         // The code's folder is the script's working directory, which it may write to: never
         // a read-only cached tree. A local datastore is here already.
@@ -241,7 +240,7 @@ pub async fn execute(run: &LocalRun, prepared: Prepared) -> Result<Finished> {
     let mut kept_outputs = Vec::new();
     if upload_now {
         for upload in &plan.uploads {
-            let bar = Arc::new(Bar::new(run.show_progress));
+            let bar = Arc::new(Bar::new(run.show_progress, Some(tuning.outage.clone())));
             let result = interruptible(transfer::upload(
                 &stores[&upload.datastore],
                 Path::new(&upload.local_path),

@@ -125,6 +125,8 @@ pub struct BuildContext {
     /// Whether download references are served from the node cache when neither they nor their
     /// datastore say (`--cache-downloads`).
     pub cache_downloads: bool,
+    /// How long agent containers ride through a storage outage (`--retry-budget`).
+    pub retry_budget: std::time::Duration,
 }
 
 /// The blobfuse2 sidecar's memory limit when the operator is not told otherwise.
@@ -182,6 +184,7 @@ impl Default for BuildContext {
             ),
             default_staging_size: Quantity(DEFAULT_STAGING_SIZE.to_string()),
             cache_downloads: false,
+            retry_budget: crate::store::retry::DEFAULT_BUDGET,
         }
     }
 }
@@ -754,6 +757,8 @@ pub fn run_job(
             datastores_path(),
             "--datastore".into(),
             download.datastore.clone(),
+            "--retry-budget".into(),
+            crate::duration::format(ctx.retry_budget),
             "--path".into(),
             download.remote_path.clone(),
             "--target".into(),
@@ -1061,6 +1066,8 @@ pub fn upload_job(
                 datastores_path(),
                 "--datastore".into(),
                 upload.datastore.clone(),
+                "--retry-budget".into(),
+                crate::duration::format(ctx.retry_budget),
                 "--src-dir".into(),
                 upload.local_path.clone(),
                 "--path".into(),

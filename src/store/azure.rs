@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use super::backend::{Backend, Hashes, ObjectStore};
 pub use super::backend::{Body, PutOutcome};
+use super::retry::{self, Outage, Retries};
 use super::{AzureBlobConfig, AzureCredential, ObjectMeta, shared_key};
 use crate::error::{Error, Result};
 
@@ -27,12 +28,17 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 const PATH: &AsciiSet = &UNRESERVED.remove(b'/');
+/// Reads of one body, the first included: a connection broken mid-body is read again from the
+/// last byte written (each read rides through an outage within the retry budget).
+const BODY_READS: u32 = 5;
 
 /// Knobs shared by every request of a run.
 #[derive(Clone, Debug)]
 pub struct Tuning {
-    /// Attempts per request, the first included.
-    pub max_attempts: u32,
+    /// How long storage may fail a request with transient faults before it gives up, and the
+    /// outage clock of the clients made with this tuning, which progress reports read (see
+    /// [`retry`]).
+    pub outage: Outage,
     /// Time allowed for a request with no payload.
     pub base_timeout: Duration,
     /// The slowest throughput a payload may move at before its request times out: a request
@@ -42,10 +48,22 @@ pub struct Tuning {
     pub pool_size: usize,
 }
 
+impl Tuning {
+    /// A transfer's tuning: `concurrency` requests in flight, transient faults retried for
+    /// `retry_budget`.
+    pub fn transfer(concurrency: usize, retry_budget: Duration) -> Tuning {
+        Tuning {
+            pool_size: concurrency,
+            outage: Outage::new(retry_budget),
+            ..Tuning::default()
+        }
+    }
+}
+
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            max_attempts: 5,
+            outage: Outage::default(),
             base_timeout: Duration::from_secs(30),
             min_throughput: 256 * 1024,
             pool_size: 16,
@@ -85,11 +103,18 @@ enum Failure {
         status: StatusCode,
         code: String,
         message: String,
+        /// The service's `Retry-After`, on 429 and 503.
+        retry_after: Option<Duration>,
     },
     Transport(String, bool),
     Body(std::io::Error),
     /// The blob name has a `.` or `..` segment; it was not sent.
     DotSegment,
+    /// A transient fault that lasted past the retry budget.
+    OutOfBudget {
+        last: Box<Failure>,
+        budget: Duration,
+    },
 }
 
 impl Failure {
@@ -99,7 +124,19 @@ impl Failure {
                 matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
             }
             Failure::Transport(_, retryable) => *retryable,
-            Failure::Body(_) | Failure::DotSegment => false,
+            Failure::Body(_) | Failure::DotSegment | Failure::OutOfBudget { .. } => false,
+        }
+    }
+
+    /// A transient fault in a few words, for the progress reports: `503 ServerBusy`, or the
+    /// transport's own words (`Connection refused (os error 111)`).
+    fn cause(&self) -> String {
+        match self {
+            Failure::Status { status, code, .. } => format!("{} {code}", status.as_u16()),
+            Failure::Transport(msg, _) => msg.clone(),
+            Failure::Body(e) => e.to_string(),
+            Failure::DotSegment => "a `.` or `..` segment".into(),
+            Failure::OutOfBudget { last, .. } => last.cause(),
         }
     }
 }
@@ -442,13 +479,13 @@ impl BlobClient {
         t.base_timeout + Duration::from_secs_f64(len as f64 / t.min_throughput.max(1) as f64)
     }
 
-    pub fn max_attempts(&self) -> u32 {
-        self.inner.tuning.max_attempts.max(1)
-    }
-
-    /// Turns a body read error into the error the user sees.
+    /// Turns a body read error into the error the user sees (the engine reads the range again).
     pub fn body_error(&self, name: &str, err: reqwest::Error) -> Error {
-        self.error(transport(err), Some(name))
+        let failure = transport(err);
+        if failure.retryable() {
+            self.inner.tuning.outage.failed(&failure.cause());
+        }
+        self.error(failure, Some(name))
     }
 
     async fn send(
@@ -465,8 +502,8 @@ impl BlobClient {
             .0
     }
 
-    /// Sends with bounded retries and backoff (`len` sizes the timeout); also says how many
-    /// attempts it took.
+    /// Sends, retrying transient faults within the retry budget (`len` sizes the timeout);
+    /// also says how many attempts it took.
     async fn send_counted(
         &self,
         method: Method,
@@ -476,21 +513,54 @@ impl BlobClient {
         body: &Body,
         len: u64,
     ) -> (Result<reqwest::Response, Failure>, u32) {
-        let attempts = self.max_attempts();
-        let mut attempt = 1;
+        let tuning = &self.inner.tuning;
+        let mut retries = Retries::new(&tuning.outage);
         loop {
             match self
                 .send_once(&method, blob, &query, headers.clone(), body, len)
                 .await
             {
-                Ok(resp) => return (Ok(resp), attempt),
-                Err(f) if f.retryable() && attempt < attempts => {
-                    let delay = backoff(attempt);
-                    tracing::debug!(?f, attempt, ?delay, blob, "retrying request");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
+                Ok(resp) => {
+                    tuning.outage.answered();
+                    return (Ok(resp), retries.attempts());
                 }
-                Err(f) => return (Err(f), attempt),
+                Err(f) if f.retryable() => {
+                    let retry_after = match &f {
+                        Failure::Status { retry_after, .. } => *retry_after,
+                        _ => None,
+                    };
+                    match retries.after_failure(&f.cause(), retry_after) {
+                        Some(delay) => {
+                            tracing::debug!(
+                                ?f,
+                                attempts = retries.attempts(),
+                                ?delay,
+                                blob,
+                                "retrying request"
+                            );
+                            tokio::time::sleep(delay).await;
+                        }
+                        None => {
+                            let failing_for = retries.failing_for();
+                            tracing::debug!(
+                                ?f,
+                                ?failing_for,
+                                blob,
+                                "giving up: the retry budget is spent"
+                            );
+                            let last = Box::new(f);
+                            let budget = tuning.outage.budget();
+                            return (
+                                Err(Failure::OutOfBudget { last, budget }),
+                                retries.attempts(),
+                            );
+                        }
+                    }
+                }
+                Err(f) => {
+                    tuning.outage.answered();
+                    return (Err(f), retries.attempts());
+                }
             }
         }
     }
@@ -569,6 +639,7 @@ impl BlobClient {
         if status.is_success() {
             return Ok(resp);
         }
+        let retry_after = retry::retry_after(resp.headers());
         let code = resp
             .headers()
             .get("x-ms-error-code")
@@ -586,6 +657,7 @@ impl BlobClient {
             status,
             code,
             message,
+            retry_after,
         })
     }
 
@@ -612,6 +684,7 @@ impl BlobClient {
                 status: StatusCode::UNAUTHORIZED,
                 code: "WorkloadIdentityTokenFailed".into(),
                 message: e,
+                retry_after: None,
             })?;
         *cache = Some((token.clone(), Instant::now() + ttl));
         Ok(token)
@@ -619,6 +692,13 @@ impl BlobClient {
 
     /// One sentence with the fix, naming the datastore's container and, where it helps, the blob.
     fn error(&self, f: Failure, blob: Option<&str>) -> Error {
+        if let Failure::OutOfBudget { last, budget } = f {
+            let error = self.error(*last, blob);
+            return error.with_message(format!(
+                "{error}; it kept failing for the retry budget of {} (--retry-budget, or the operator's retryBudget): run again once storage answers, or allow a longer budget",
+                crate::duration::format(budget)
+            ));
+        }
         let cfg = &self.inner.cfg;
         let what = self.describe();
         // Blob names and the service's words reach a terminal: control characters escaped.
@@ -629,10 +709,12 @@ impl BlobClient {
                 status,
                 code,
                 message,
+                retry_after,
             } => Failure::Status {
                 status,
                 code: crate::paths::display_name(&code).into_owned(),
                 message: crate::paths::display_name(&message).into_owned(),
+                retry_after,
             },
             f => f,
         };
@@ -642,6 +724,7 @@ impl BlobClient {
                 status,
                 code,
                 message,
+                ..
             } => match (status.as_u16(), code.as_str()) {
                 (_, "WorkloadIdentityTokenFailed") => Error::Auth(format!(
                     "cannot get a storage token for workload identity client '{}': {message}; check that the pod's service account is federated with that identity and has a Storage Blob Data role on account '{}'",
@@ -726,6 +809,7 @@ impl BlobClient {
             Failure::Body(e) => {
                 Error::Local(format!("cannot read the local file to send{on_blob}: {e}"))
             }
+            Failure::OutOfBudget { .. } => unreachable!("unwrapped above"),
         }
     }
 }
@@ -772,12 +856,6 @@ fn transport(e: reqwest::Error) -> Failure {
     Failure::Transport(msg, retryable)
 }
 
-fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(250) * 2u32.saturating_pow(attempt - 1);
-    let capped = base.min(Duration::from_secs(8));
-    capped.mul_f64(0.5 + rand::random::<f64>() * 0.5)
-}
-
 impl Backend for BlobClient {
     fn read_only(&self) -> bool {
         self.config().read_only
@@ -803,7 +881,7 @@ impl ObjectStore for BlobClient {
         body.chunk().await.map_err(|e| self.body_error(name, e))
     }
     fn attempts(&self) -> u32 {
-        self.max_attempts()
+        BODY_READS
     }
     async fn put(
         &self,
@@ -1121,12 +1199,5 @@ mod tests {
         let (a, b) = (BlockIds::new(), BlockIds::new());
         assert_eq!(a.id(0).len(), a.id(49_999).len());
         assert_ne!(a.id(0), b.id(0));
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) <= Duration::from_millis(250));
-        assert!(backoff(10) <= Duration::from_secs(8));
-        assert!(backoff(10) >= Duration::from_secs(4));
     }
 }

@@ -4,6 +4,7 @@ pub mod azure;
 pub mod backend;
 pub mod local;
 pub mod resolve;
+pub mod retry;
 pub mod sas;
 pub mod shared_key;
 
@@ -249,20 +250,16 @@ pub enum Store {
 }
 
 impl Store {
-    /// Finds the datastore `name` and opens a client for it, sized for `concurrency` requests.
+    /// Finds the datastore `name` and opens a client for it.
     pub async fn open(
         name: &str,
         source: &resolve::Source,
         scope: &resolve::Scope,
-        concurrency: usize,
+        tuning: &azure::Tuning,
     ) -> crate::error::Result<Self> {
         let resolved = resolve::resolve(name, source, scope).await?;
         tracing::info!(datastore = %resolved.label, "resolved");
-        let tuning = azure::Tuning {
-            pool_size: concurrency,
-            ..azure::Tuning::default()
-        };
-        Store::new(&resolved.config, &tuning)
+        Store::new(&resolved.config, tuning)
     }
 
     pub fn new(config: &StoreConfig, tuning: &azure::Tuning) -> crate::error::Result<Self> {

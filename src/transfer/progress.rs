@@ -5,7 +5,7 @@ use crate::error::Error;
 mod bar;
 mod lines;
 pub use bar::Bar;
-pub use lines::{Lines, Snapshot};
+pub use lines::{Lines, Snapshot, Unreachable};
 
 pub trait Progress: Send + Sync {
     /// The run will transfer `files` files of `bytes` bytes in all (skipped files excluded).

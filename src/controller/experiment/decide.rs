@@ -14,8 +14,10 @@ use super::progress::{self, Outcome, RunStep};
 use super::status::{self, Step};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::api::{ComputeTarget, Experiment, Mode, Phase, TransferProgress, UploadPolicy};
-use crate::controller::format_duration;
+use crate::api::{
+    ComputeTarget, Experiment, Mode, Phase, StorageUnreachable, TransferProgress, UploadPolicy,
+};
+use crate::duration::format as format_duration;
 use crate::plan::ExecutionPlan;
 use crate::plan::contract::{self, Agent};
 use crate::reason::Reason;
@@ -534,14 +536,30 @@ fn transfer_progress(exp: &Experiment, job: &JobSeen) -> Option<TransferProgress
         percent: format!("{percent}%"),
         eta: eta_seconds.map(human_duration),
         rate: format!("{}/s", human_bytes(line.bytes_per_second)),
+        storage_unreachable: line.unreachable.as_ref().map(|u| StorageUnreachable {
+            seconds: u.seconds as i64,
+            budget_seconds: u.budget_seconds as i64,
+            cause: u.cause.clone(),
+        }),
     })
 }
 
-/// `; no bytes moved for 3m` once a transfer has not moved for [`STALL_AFTER`].
+/// `; --data_folder: storage unreachable for 40s, retrying (up to 5m): <fault>` while the
+/// agent rides through an outage, else `; --data_folder: no bytes moved for 3m` once a transfer
+/// has not moved for [`STALL_AFTER`].
 fn stalled(progress: Option<&TransferProgress>, now: Timestamp) -> String {
     let Some(p) = progress else {
         return String::new();
     };
+    if let Some(down) = &p.storage_unreachable {
+        return format!(
+            "; {}: storage unreachable for {}, retrying (up to {}): {}",
+            p.name,
+            human_duration(down.seconds.max(0) as u64),
+            human_duration(down.budget_seconds.max(0) as u64),
+            down.cause
+        );
+    }
     let still = now.as_second() - p.last_moved_time.0.as_second();
     if still < STALL_AFTER.as_secs() as i64 {
         return String::new();
@@ -1251,6 +1269,7 @@ mod tests {
                 bytes_total: 10 << 30,
                 bytes_per_second: rate,
                 elapsed_seconds: 30,
+                unreachable: None,
             },
             at: at(at_second),
         });
@@ -1339,5 +1358,31 @@ mod tests {
             step_of(&exp, seen(job("train-run", None), script, None), NOW + 130).progress,
             None
         );
+    }
+
+    #[test]
+    fn a_transfer_riding_through_a_storage_outage_says_so() {
+        let exp = experiment(&reference("--data_folder", "blob-ds", "download"));
+        let mut run = downloading_with(Some((1 << 20, 0, NOW - 1)));
+        run.said.as_mut().unwrap().line.unreachable =
+            Some(crate::transfer::progress::Unreachable {
+                seconds: 40,
+                budget_seconds: 300,
+                cause: "Connection refused (os error 111)".into(),
+            });
+        let seen = Observed {
+            run,
+            inputs: vec![],
+            upload: None,
+        };
+        let Decision::Report { step, .. } = decide(&exp, &seen, at(NOW), START_TIMEOUT) else {
+            panic!("a report while downloading")
+        };
+        assert_eq!(
+            step.message,
+            "downloading inputs: 0 of 1 done; --data_folder: storage unreachable for 40s, retrying (up to 5m): Connection refused (os error 111)"
+        );
+        let down = step.progress.unwrap().storage_unreachable.unwrap();
+        assert_eq!((down.seconds, down.budget_seconds), (40, 300));
     }
 }

@@ -391,6 +391,7 @@ mod tests {
             percent: String::new(),
             eta: None,
             rate: String::new(),
+            storage_unreachable: None,
         };
         let mut with = |p| {
             exp.status = Some(crate::api::ExperimentStatus {

@@ -10,15 +10,61 @@ use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::Progress;
 use crate::error::Error;
+use crate::store::retry::{Outage, Unanswered};
 
 /// How often a progress line is written when stderr is not a terminal.
 const LINE_EVERY: Duration = Duration::from_secs(2);
+/// How often a bar looks whether storage is unreachable.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Bar {
     bar: Option<ProgressBar>,
     counts: Arc<Counts>,
-    /// Line mode: dropping the sender stops the line writer; the handle waits for its last line.
+    /// Dropping the sender stops the writer of lines (and notes of outages); the handle waits
+    /// for its last line.
     lines: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+/// When a progress display says that storage is unreachable: once an outage has lasted
+/// [`OutageNotes::AFTER`] (a lone reset retried at once is not news), then every
+/// [`OutageNotes::EVERY`], and once more when storage answers again.
+#[derive(Default)]
+struct OutageNotes {
+    /// When the current outage was last reported.
+    noted: Option<Duration>,
+}
+
+impl OutageNotes {
+    const AFTER: Duration = Duration::from_secs(2);
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn next(&mut self, now: Option<Unanswered>, budget: Duration) -> Option<String> {
+        let Some(down) = now else {
+            return self
+                .noted
+                .take()
+                .map(|_| "storage answers again: resuming".to_string());
+        };
+        // A new outage began after an answer between two looks: its clock restarted.
+        if self.noted.is_some_and(|noted| down.for_ < noted) {
+            self.noted = None;
+        }
+        let budget = crate::duration::format(budget);
+        let note = match self.noted {
+            None if down.for_ >= Self::AFTER => format!(
+                "storage unreachable ({}): retrying for up to {budget}",
+                down.cause
+            ),
+            Some(noted) if down.for_ >= noted + Self::EVERY => format!(
+                "storage unreachable for {}s, retrying (up to {budget}): {}",
+                down.for_.as_secs(),
+                down.cause
+            ),
+            _ => return None,
+        };
+        self.noted = Some(down.for_);
+        Some(note)
+    }
 }
 
 #[derive(Default)]
@@ -54,11 +100,14 @@ impl Counts {
 }
 
 impl Bar {
-    pub fn new(show: bool) -> Self {
+    /// A bar on a terminal, else lines when `show`; either also notes while `outage` (the
+    /// transfer's stores) has storage unreachable.
+    pub fn new(show: bool, outage: Option<Outage>) -> Self {
         let counts = Arc::new(Counts::default());
         let mut bar = None;
         let mut lines = None;
-        if show && std::io::stderr().is_terminal() {
+        let terminal = std::io::stderr().is_terminal();
+        if show && terminal {
             let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr_with_hz(8));
             b.set_style(
                 ProgressStyle::with_template("{bytes}/{total_bytes} [{wide_bar}] {binary_bytes_per_sec}, ETA {eta} · files {msg}")
@@ -66,15 +115,36 @@ impl Bar {
                     .progress_chars("=> "),
             );
             bar = Some(b);
-        } else if show {
+        }
+        if show && (!terminal || outage.is_some()) {
             let (stop, stopped) = mpsc::channel::<()>();
             let counts = counts.clone();
             let started = Instant::now();
+            let drawn = bar.clone();
+            let every = if terminal { WATCH_EVERY } else { LINE_EVERY };
             let writer = std::thread::spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(LINE_EVERY) {
-                    eprintln!("{}", counts.line(started));
+                let mut notes = OutageNotes::default();
+                let say = |line: &str| match &drawn {
+                    Some(bar) => bar.suspend(|| eprintln!("{line}")),
+                    None => eprintln!("{line}"),
+                };
+                loop {
+                    let last = !matches!(
+                        stopped.recv_timeout(every),
+                        Err(mpsc::RecvTimeoutError::Timeout)
+                    );
+                    if let Some(outage) = &outage
+                        && let Some(note) = notes.next(outage.current(), outage.budget())
+                    {
+                        say(&note);
+                    }
+                    if drawn.is_none() {
+                        say(&counts.line(started));
+                    }
+                    if last {
+                        return;
+                    }
                 }
-                eprintln!("{}", counts.line(started));
             });
             lines = Some((stop, writer));
         }
@@ -143,5 +213,49 @@ impl Progress for Bar {
             Some(bar) => bar.suspend(|| eprintln!("error: {error}")),
             None => eprintln!("error: {error}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn down(seconds: u64) -> Option<Unanswered> {
+        Some(Unanswered {
+            for_: Duration::from_secs(seconds),
+            cause: "Connection refused (os error 111)".into(),
+        })
+    }
+
+    #[test]
+    fn an_outage_is_noted_once_it_lasts_then_every_ten_seconds_then_its_end() {
+        let budget = Duration::from_secs(300);
+        let mut notes = OutageNotes::default();
+        assert_eq!(notes.next(None, budget), None);
+        assert_eq!(notes.next(down(1), budget), None, "a blip is not news");
+        assert_eq!(
+            notes.next(down(2), budget).as_deref(),
+            Some("storage unreachable (Connection refused (os error 111)): retrying for up to 5m")
+        );
+        assert_eq!(notes.next(down(5), budget), None);
+        assert_eq!(
+            notes.next(down(12), budget).as_deref(),
+            Some(
+                "storage unreachable for 12s, retrying (up to 5m): Connection refused (os error 111)"
+            )
+        );
+        assert_eq!(
+            notes.next(None, budget).as_deref(),
+            Some("storage answers again: resuming")
+        );
+        assert_eq!(notes.next(None, budget), None);
+        // A new outage seen after one look missed the answer between them starts over.
+        notes.next(down(30), budget);
+        assert!(
+            notes
+                .next(down(3), budget)
+                .unwrap()
+                .starts_with("storage unreachable (")
+        );
     }
 }

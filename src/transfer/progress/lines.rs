@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::Progress;
+use crate::store::retry::Outage;
 
 /// How far a transfer is, as one progress line says.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Snapshot {
     pub files: u64,
@@ -22,23 +23,41 @@ pub struct Snapshot {
     /// Over the last few seconds (0 while nothing moves).
     pub bytes_per_second: u64,
     pub elapsed_seconds: u64,
+    /// While storage fails every request and the agent retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<Unreachable>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Line {
+/// Storage has failed every request for `seconds`; the agent retries within its budget.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Unreachable {
+    pub seconds: u64,
+    pub budget_seconds: u64,
+    /// The last fault, e.g. `Connection refused (os error 111)` or `503 ServerBusy`.
+    pub cause: String,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    progress: &'a Snapshot,
+}
+
+#[derive(Deserialize)]
+struct ParsedLine {
     progress: Snapshot,
 }
 
 impl Snapshot {
     /// The progress line for this snapshot.
     pub fn line(&self) -> String {
-        serde_json::to_string(&Line { progress: *self }).expect("a snapshot serializes")
+        serde_json::to_string(&Line { progress: self }).expect("a snapshot serializes")
     }
 
     /// The snapshot a line holds, if it is a progress line (a log line may also be the
     /// closing summary, or a warning).
     pub fn parse(line: &str) -> Option<Snapshot> {
-        serde_json::from_str::<Line>(line.trim())
+        serde_json::from_str::<ParsedLine>(line.trim())
             .ok()
             .map(|l| l.progress)
     }
@@ -64,8 +83,12 @@ struct Counts {
 
 impl Lines {
     /// Writes a line to `out` every `every` once the transfer has started, and a last one when
-    /// dropped.
-    pub fn new(every: Duration, mut out: impl FnMut(&str) + Send + 'static) -> Lines {
+    /// dropped; each says whether `outage` (the transfer's store) has storage unreachable.
+    pub fn new(
+        every: Duration,
+        outage: Option<Outage>,
+        mut out: impl FnMut(&str) + Send + 'static,
+    ) -> Lines {
         let counts = Arc::new(Counts::default());
         let (stop, stopped) = mpsc::channel::<()>();
         let shared = counts.clone();
@@ -88,6 +111,14 @@ impl Lines {
                         bytes_total: shared.bytes_total.load(Ordering::Relaxed),
                         bytes_per_second: rate.sample(Instant::now(), bytes),
                         elapsed_seconds: begun.elapsed().as_secs(),
+                        unreachable: outage.as_ref().and_then(|o| {
+                            let down = o.current()?;
+                            Some(Unreachable {
+                                seconds: down.for_.as_secs(),
+                                budget_seconds: o.budget().as_secs(),
+                                cause: down.cause,
+                            })
+                        }),
                     };
                     out(&snapshot.line());
                 }
@@ -103,8 +134,8 @@ impl Lines {
     }
 
     /// Lines on stdout.
-    pub fn stdout(every: Duration) -> Lines {
-        Self::new(every, |line| println!("{line}"))
+    pub fn stdout(every: Duration, outage: Option<Outage>) -> Lines {
+        Self::new(every, outage, |line| println!("{line}"))
     }
 }
 
@@ -167,13 +198,32 @@ mod tests {
             bytes_total: 10 << 30,
             bytes_per_second: 100 << 20,
             elapsed_seconds: 31,
+            unreachable: None,
         };
         let line = snapshot.line();
         assert_eq!(
             line,
             r#"{"progress":{"files":3,"filesTotal":10,"bytes":3221225472,"bytesTotal":10737418240,"bytesPerSecond":104857600,"elapsedSeconds":31}}"#
         );
-        assert_eq!(Snapshot::parse(&format!("{line}\n")), Some(snapshot));
+        assert_eq!(
+            Snapshot::parse(&format!("{line}\n")),
+            Some(snapshot.clone())
+        );
+        // While storage fails, the line says so, and a line without it still parses.
+        let waiting = Snapshot {
+            unreachable: Some(Unreachable {
+                seconds: 40,
+                budget_seconds: 300,
+                cause: "Connection refused (os error 111)".into(),
+            }),
+            ..snapshot
+        };
+        let line = waiting.line();
+        assert!(
+            line.contains(r#""unreachable":{"seconds":40,"budgetSeconds":300,"cause":"Connection refused (os error 111)"}"#),
+            "{line}"
+        );
+        assert_eq!(Snapshot::parse(&line), Some(waiting));
         assert_eq!(Snapshot::parse(r#"{"transferred":3,"bytes":10}"#), None);
         assert_eq!(Snapshot::parse("WARN retrying"), None);
     }
@@ -182,7 +232,7 @@ mod tests {
     fn lines_follow_the_transfer_and_end_with_its_last_state() {
         let written = Arc::new(Mutex::new(Vec::new()));
         let sink = written.clone();
-        let lines = Lines::new(Duration::from_millis(20), move |l| {
+        let lines = Lines::new(Duration::from_millis(20), None, move |l| {
             sink.lock().unwrap().push(Snapshot::parse(l).unwrap())
         });
         std::thread::sleep(Duration::from_millis(60));
