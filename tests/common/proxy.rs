@@ -1,6 +1,6 @@
 //! A TCP proxy on 127.0.0.1 in front of Azurite, for what a test must see or shape of the
-//! traffic: it counts the requests that read a blob (GETs that are not listings), and can slow
-//! the answers down (a delay per piece, or a rate shared by all connections).
+//! traffic: it counts the requests that read a blob (GETs that are not listings) and those that
+//! get a blob's properties (HEADs), and can slow the answers down (a delay per piece, or a rate shared by all connections).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,8 @@ pub struct Proxy {
     pub port: u16,
     /// Blob reads seen so far.
     pub reads: Arc<AtomicUsize>,
+    /// Get Blob Properties requests seen so far.
+    pub heads: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -32,6 +34,10 @@ impl Proxy {
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
     }
+
+    pub fn heads(&self) -> usize {
+        self.heads.load(Ordering::SeqCst)
+    }
 }
 
 /// Starts a proxy in front of this binary's Azurite, on the current tokio runtime.
@@ -39,13 +45,19 @@ pub async fn start(pace: Pace) -> Proxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let reads = Arc::new(AtomicUsize::new(0));
-    let counted = reads.clone();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let (counted, counted_heads) = (reads.clone(), heads.clone());
     let upstream = format!("127.0.0.1:{}", super::azurite_port());
     // The time the bytes sent so far may all have gone out by, at the rate.
     let paced = Arc::new(Mutex::new(tokio::time::Instant::now()));
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let (upstream, counted, paced) = (upstream.clone(), counted.clone(), paced.clone());
+            let (upstream, counted, counted_heads, paced) = (
+                upstream.clone(),
+                counted.clone(),
+                counted_heads.clone(),
+                paced.clone(),
+            );
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                     return;
@@ -89,6 +101,10 @@ pub async fn start(pace: Pace) -> Proxy {
                             .count(),
                         Ordering::SeqCst,
                     );
+                    counted_heads.fetch_add(
+                        text.lines().filter(|l| l.starts_with("HEAD ")).count(),
+                        Ordering::SeqCst,
+                    );
                     if server_write.write_all(&buffer[..n]).await.is_err() {
                         break;
                     }
@@ -97,5 +113,5 @@ pub async fn start(pace: Pace) -> Proxy {
             });
         }
     });
-    Proxy { port, reads }
+    Proxy { port, reads, heads }
 }
