@@ -1,7 +1,7 @@
 //! The download cache against a real Azurite, reached through a proxy that counts the blob
 //! reads: a hit reads nothing, a changed blob is a new entry, concurrent fetches download once,
 //! eviction spares what is in use, a restart keeps the entries, a broken entry is replaced,
-//! and credentials that cannot list the folder get nothing.
+//! and credentials that cannot list the folder, or may list but not read it, get nothing.
 
 mod common;
 
@@ -14,22 +14,41 @@ use common::proxy::{self, Pace, Proxy};
 use datastore_operator::cache::Cache;
 use datastore_operator::plan::contract::Report;
 use datastore_operator::store::azure::{Body, Tuning};
+use datastore_operator::store::sas::Permissions;
 use datastore_operator::store::{AzureBlobConfig, AzureCredential, BlobClient, Secret, Store};
 use datastore_operator::transfer::{NoProgress, Options};
 use k8s_openapi::jiff::Timestamp;
 
 fn store_at(port: u16, container: &str, key: &str) -> Store {
+    store_with(
+        port,
+        container,
+        AzureCredential::AccountKey(Secret::new(key)),
+    )
+}
+
+fn store_with(port: u16, container: &str, credential: AzureCredential) -> Store {
     let config = AzureBlobConfig {
         account: common::ACCOUNT.into(),
         container: container.into(),
         endpoint: format!("http://127.0.0.1:{port}/{}", common::ACCOUNT)
             .parse()
             .unwrap(),
-        credential: AzureCredential::AccountKey(Secret::new(key)),
+        credential,
         credential_source: "test".into(),
         read_only: false,
     };
     Store::Azure(BlobClient::new(config, Tuning::default()).unwrap())
+}
+
+/// A store reaching `container` through port `port` with a container SAS of `permissions`.
+fn sas_store_at(port: u16, container: &str, permissions: Permissions) -> Store {
+    let token = common::sas(container, permissions);
+    store_with(
+        port,
+        container,
+        AzureCredential::SasToken(Secret::new(token)),
+    )
 }
 
 async fn put(blobs: &BlobClient, name: &str, data: &[u8]) {
@@ -186,6 +205,60 @@ async fn credentials_that_cannot_list_the_folder_get_nothing() {
         .unwrap_err();
     assert_eq!(err.exit_code(), 4, "{err}");
     assert_eq!(proxy.reads(), 2);
+}
+
+/// Issue 27's case: a SAS that may only list (`l`) cannot download the folder; once an account
+/// key has cached it, that SAS must not be served the cached tree either, though its listing
+/// names the entry. A hit proves read access with the caller's credentials: one Get Blob
+/// Properties for a container SAS, whatever the number of files.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sas_that_may_only_list_is_not_served_a_folder_another_credential_cached() {
+    let (_, store, proxy, container) = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+    let fetch = |store| cache.fetch(store, "data", Options::default(), Arc::new(NoProgress));
+    let list_only = sas_store_at(proxy.port, &container, common::LIST_ONLY);
+    let err = fetch(&list_only).await.unwrap_err();
+    assert_eq!(err.exit_code(), 4, "it cannot download the folder: {err}");
+
+    let cached = fetch(&store).await.unwrap();
+    assert!(!cached.hit);
+    let (reads, heads) = (proxy.reads(), proxy.heads());
+    let err = fetch(&list_only).await.unwrap_err();
+    assert_eq!(err.exit_code(), 4, "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("blob 'data/a.txt'")
+            && message.contains("may list the folder but not read it")
+            && message.contains("read (r)"),
+        "{message}"
+    );
+    assert_eq!(proxy.reads(), reads, "nothing was read for it");
+    assert_eq!(proxy.heads(), heads + 1, "one proof, refused");
+
+    // Read and list: the same tree, after one proof for the two files, without a blob read.
+    let read_list = sas_store_at(proxy.port, &container, common::READ_LIST);
+    let hit = fetch(&read_list).await.unwrap();
+    assert!(hit.hit);
+    assert_eq!(hit.path, cached.path);
+    assert_eq!(proxy.reads(), reads, "a hit reads no blob");
+    assert_eq!(proxy.heads(), heads + 2, "one proof for the two files");
+
+    // An empty folder has nothing to read, so nothing to prove: a list-only SAS gets it, from
+    // the cache too, with no request but the listing.
+    let empty = || {
+        cache.fetch(
+            &list_only,
+            "empty",
+            Options::default(),
+            Arc::new(NoProgress),
+        )
+    };
+    let missed = empty().await.unwrap();
+    let heads = proxy.heads();
+    let hit = empty().await.unwrap();
+    assert!(!missed.hit && hit.hit);
+    assert_eq!((hit.files, hit.bytes, proxy.heads()), (0, 0, heads));
 }
 
 /// `datastore agent download` (the real binary), `--cached` or not, of the fixture's `blob`

@@ -123,8 +123,8 @@ async fn publish_until_ready(
     panic!("still unavailable after 60 attempts")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_published_folder_comes_from_the_cache_read_only_and_a_second_pod_reads_no_blob() {
+/// A new container holding `data/a.txt` and `data/sub/b.csv`.
+async fn container_with_a_folder() -> String {
     let container = common::unique_container();
     let blobs = common::client(&container);
     blobs.create_container().await.unwrap();
@@ -142,6 +142,12 @@ async fn a_published_folder_comes_from_the_cache_read_only_and_a_second_pod_read
             .await
             .unwrap();
     }
+    container
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_published_folder_comes_from_the_cache_read_only_and_a_second_pod_reads_no_blob() {
+    let container = container_with_a_folder().await;
     let proxy = proxy::start(Pace::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let plugin = Plugin::start(dir.path());
@@ -231,6 +237,67 @@ async fn a_published_folder_comes_from_the_cache_read_only_and_a_second_pod_read
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
+}
+
+/// Issue 27's case on a shared node: a pod whose Secret holds a SAS that may only list (`l`) is
+/// not served the folder another pod's volume cached, though its listing names the entry: its
+/// publish is PermissionDenied and nothing is mounted. A SAS that reads and lists is served it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sas_that_may_only_list_is_not_served_a_folder_another_volume_cached() {
+    let container = container_with_a_folder().await;
+    let proxy = proxy::start(Pace::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = Plugin::start(dir.path());
+    let mut node = plugin.node().await;
+    let attributes = volume_attributes(&container, &proxy.endpoint(), "data");
+    let cached = dir.path().join("pods/key/volume");
+    let (published, _) = publish_until_ready(
+        &mut node,
+        publish("vol-key", &cached, &attributes, common::KEY),
+    )
+    .await;
+    published.unwrap();
+    let reads = proxy.reads();
+    let with_sas = |volume: &str, target: &Path, permissions| {
+        common::csi::publish_request(
+            volume,
+            target,
+            attributes.clone(),
+            HashMap::from([("sasToken".to_string(), common::sas(&container, permissions))]),
+            true,
+        )
+    };
+
+    let refused_target = dir.path().join("pods/list-only/volume");
+    let (refused, _) = publish_until_ready(
+        &mut node,
+        with_sas("vol-list-only", &refused_target, common::LIST_ONLY),
+    )
+    .await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("may list the folder but not read it"),
+        "{refused:?}"
+    );
+    assert!(!plugin.seen(&refused_target).join("a.txt").exists());
+    assert_eq!(proxy.reads(), reads);
+
+    let served = dir.path().join("pods/read-list/volume");
+    let (published, attempts) = publish_until_ready(
+        &mut node,
+        with_sas("vol-read-list", &served, common::READ_LIST),
+    )
+    .await;
+    published.unwrap();
+    assert_eq!(attempts, 1, "a hit");
+    assert_eq!(
+        std::fs::read(plugin.seen(&served).join("a.txt")).unwrap(),
+        b"alpha\n"
+    );
+    assert_eq!(proxy.reads(), reads, "a hit reads no blob");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
-use datastore_operator::store::sas::{Permissions, container_sas};
+use datastore_operator::store::sas::Permissions;
 
 // Exit codes, as documented in the README and src/error.rs.
 const CONFIG: i32 = 3;
@@ -85,17 +85,6 @@ async fn fixture_with_source() -> (Fixture, String) {
     write_tree(&f.path("src"), &[("a.txt", b"hello".to_vec())]);
     let src = f.path("src").to_str().unwrap().to_string();
     (f, src)
-}
-
-fn sas(container: &str, permissions: Permissions) -> String {
-    container_sas(
-        ACCOUNT,
-        KEY,
-        container,
-        permissions,
-        chrono::Utc::now() + chrono::Duration::hours(1),
-    )
-    .expect("the development key is base64")
 }
 
 const RACWL: Permissions = Permissions {

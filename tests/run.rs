@@ -308,6 +308,57 @@ async fn a_second_run_with_the_cache_reads_its_data_from_the_cache() {
     );
 }
 
+/// Issue 27's case through `datastore run --cache`: once an account-key run has cached the
+/// folder, a run whose datastore holds a SAS that may only list (`l`) is refused (exit 4, an
+/// auth failure) instead of being served the cached tree: its script never runs.
+#[tokio::test]
+async fn a_run_whose_sas_may_only_list_is_not_served_the_cached_folder() {
+    let fx = Fixture::new().await;
+    let src = fx.path("src");
+    write_tree(&src, &[("data/private.txt", bytes(10, 1))]);
+    assert_exit(
+        &fx.cli(&[
+            "upload",
+            "--datastore",
+            "blob",
+            "--src-dir",
+            src.to_str().unwrap(),
+        ]),
+        0,
+    );
+    let cache = fx.path("cache");
+    let run = |name: &str| {
+        let exp = experiment(fx.dir.path(), "blob", name, "OnSuccess", COPY_THEN_EXIT);
+        fx.cli(&[
+            "run",
+            exp.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ])
+    };
+    assert_exit(&run("by-key"), 0);
+
+    let token = sas(&fx.container, LIST_ONLY);
+    fx.write_datastores(
+        &fx.container,
+        &endpoint(),
+        &format!("sasToken: \"{token}\""),
+    );
+    let refused = run("list-only");
+    assert_exit(&refused, 4);
+    // Exit 4 alone could also be the outputs' upload, which this SAS may not do either.
+    assert!(
+        !stdout(&refused).contains("copied"),
+        "the script read the cached folder: {}",
+        stdout(&refused)
+    );
+    assert!(
+        stderr(&refused).contains("may list the folder but not read it"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
 /// `datastore run <exp> <flags>` on the fixture's datastores, with `$XDG_CACHE_HOME` set when
 /// given.
 fn run_with(fx: &Fixture, exp: &Path, flags: &[&str], xdg: Option<&Path>) -> Output {

@@ -17,9 +17,11 @@
 //!
 //! The key is a SHA-256 over the source (the store's description and the folder) and each
 //! listed file's name, size and Content-MD5 (or, without one, its ETag). Whoever fetches lists
-//! the folder with their own credentials first: the cache never hands a tree to someone who
-//! could not list it. An entry whose files are missing or of another size (tampered with, or a
-//! disk error) is removed and downloaded again, never served.
+//! the folder with their own credentials first, and a hit also proves with them that they may
+//! read what they listed ([`Backend::prove_read`]: list is not read; a miss reads every file
+//! itself): the cache never hands a tree to someone who could not download it. An empty folder
+//! has nothing to read and nothing to prove. An entry whose files are missing or of another
+//! size (tampered with, or a disk error) is removed and downloaded again, never served.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -111,14 +113,14 @@ impl Cache {
         let prefix = transfer::folder_prefix(folder);
         let blobs = store.list(&prefix).await?;
         let key = key_of(&source, &relative(&blobs, &prefix));
-        if let Some(entry) = self.lease(&key)? {
+        if let Some(entry) = self.hit(store, folder, &blobs, &key).await? {
             return Ok(entry);
         }
         // One download per key at a time; whoever waited finds the entry published.
         let lock = self.root.join("locks").join(&key);
         let single = open_lock(&lock)?;
         flock(&single, libc::LOCK_EX, &lock).await?;
-        if let Some(entry) = self.lease(&key)? {
+        if let Some(entry) = self.hit(store, folder, &blobs, &key).await? {
             return Ok(entry);
         }
         let staging = self
@@ -137,6 +139,27 @@ impl Cache {
         drop(single);
         self.evict();
         Ok(entry)
+    }
+
+    /// The published entry `key` of the listed `blobs`, once `store`'s credentials proved they
+    /// may read them (before the entry is touched); `None` when there is none (or it is broken).
+    async fn hit(
+        &self,
+        store: &Store,
+        folder: &str,
+        blobs: &[ObjectMeta],
+        key: &str,
+    ) -> Result<Option<Entry>> {
+        if !self.entry_dir(key).join(MANIFEST).exists() {
+            return Ok(None);
+        }
+        store.prove_read(blobs).await.map_err(|e| match e {
+            Error::Auth(why) => Error::Auth(format!(
+                "the cache holds {folder:?}, and these credentials may list the folder but not read it ({why}): a cached copy goes only to credentials that could download it; give the SAS read (r), or the identity a role that reads blobs"
+            )),
+            e => e,
+        })?;
+        self.lease(key)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -198,7 +221,9 @@ impl Cache {
     }
 
     /// The entry `key` when it is published and intact (leased and marked used); a broken one
-    /// is removed. Only for a caller that listed the folder itself (the key says so).
+    /// is removed. Hands the tree to anyone who has the key: [`Cache::fetch`] proves the
+    /// caller's access first; the node plugin leases again what a fetch proved, and what pods
+    /// still mount.
     pub fn lease(&self, key: &str) -> Result<Option<Entry>> {
         let dir = self.entry_dir(key);
         let manifest_path = dir.join(MANIFEST);
@@ -322,7 +347,10 @@ impl Cache {
 
 /// A published tree as a pod sees it (the node plugin's bind mount at `tree`), checked against
 /// the folder's listing now with the pod's own credentials: every listed file is there with its
-/// size, and nothing else. The listing, and when the tree was published.
+/// size, and nothing else. The listing, and when the tree was published. It proves no read: it
+/// hands over nothing (the kubelet mounted the tree already), and the node plugin proved read
+/// when it published the volume, with the volume Secret's SAS: the datastore's own SAS, as in
+/// the pod's credentials, or one minted with read and list (src/render/cached.rs).
 pub async fn check_tree(
     store: &Store,
     folder: &str,

@@ -30,6 +30,10 @@ pub trait Backend: Sync {
     fn check(&self) -> impl Future<Output = Result<()>> + Send;
     /// Every object whose name starts with `prefix`.
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<ObjectMeta>>> + Send;
+    /// Proves the credentials may read the `listed` objects, not only list them: what a cache
+    /// checks before it hands over its copy of them. With as few requests as the backend's
+    /// permissions allow (Azure: [`super::AzureCredential::read_proofs`]).
+    fn prove_read(&self, listed: &[ObjectMeta]) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// A backend reached through requests: ranged reads of a listed version, single-request puts,

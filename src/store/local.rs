@@ -128,6 +128,14 @@ impl Backend for LocalDir {
             .await
             .expect("listing does not panic")
     }
+    /// File permissions are per file: each listed file is opened.
+    async fn prove_read(&self, listed: &[ObjectMeta]) -> Result<()> {
+        for object in listed {
+            let path = self.path_of(&object.name)?;
+            std::fs::File::open(&path).map_err(|e| Error::local("read", &path, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// The bytes of the files below `dir` (what [`walk_files`] finds); 0 when it does not exist.

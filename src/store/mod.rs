@@ -60,6 +60,37 @@ impl AzureCredential {
             AzureCredential::Anonymous => "anonymous access",
         }
     }
+
+    /// The listed blobs whose reads prove that this credential may read every listed blob, not
+    /// only list them (what a cache must know before it hands over its copy). One suffices
+    /// where permissions hold alike over the whole scope the listing was in: an account key;
+    /// a service or account SAS (its permissions cover its account or container; a blob's own
+    /// SAS cannot list); anonymous access that lists (container-level public access, which
+    /// reads too). Workload identity (Azure AD) and a user delegation SAS (`skoid`, bounded by
+    /// its signer's Azure AD role) may be limited per path: ABAC conditions, and on a
+    /// hierarchical-namespace account POSIX ACLs per file and directory; a directory's SAS
+    /// (`sr=d`) covers one directory, which the folder may be wider than. Then every blob is
+    /// proven. The one blob is the first by name: the same one for every caller.
+    pub fn read_proofs<'a>(&self, listed: &'a [ObjectMeta]) -> Vec<&'a ObjectMeta> {
+        let per_path = match self {
+            AzureCredential::AccountKey(_) | AzureCredential::Anonymous => false,
+            AzureCredential::SasToken(token) => token
+                .expose()
+                .trim_start_matches('?')
+                .split('&')
+                .any(|field| field.starts_with("skoid=") || field == "sr=d"),
+            AzureCredential::WorkloadIdentity { .. } => true,
+        };
+        if per_path {
+            listed.iter().collect()
+        } else {
+            listed
+                .iter()
+                .min_by(|a, b| a.name.cmp(&b.name))
+                .into_iter()
+                .collect()
+        }
+    }
 }
 
 /// Everything needed to talk to one Azure Blob container.
@@ -306,6 +337,12 @@ impl Backend for Store {
             Store::Local(l) => Backend::list(l, prefix).await,
         }
     }
+    async fn prove_read(&self, listed: &[ObjectMeta]) -> crate::error::Result<()> {
+        match self {
+            Store::Azure(c) => Backend::prove_read(c, listed).await,
+            Store::Local(l) => Backend::prove_read(l, listed).await,
+        }
+    }
 }
 
 /// One object in a listing: what the skip and verify decisions need, nothing more.
@@ -317,4 +354,56 @@ pub struct ObjectMeta {
     /// The version listed (Azure's ETag): reads are pinned to it, so a blob replaced while it
     /// downloads fails instead of mixing versions. `None` for local files.
     pub etag: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(names: &[&str]) -> Vec<ObjectMeta> {
+        names
+            .iter()
+            .map(|name| ObjectMeta {
+                name: name.to_string(),
+                size: 1,
+                md5: None,
+                etag: None,
+            })
+            .collect()
+    }
+
+    fn names(proofs: Vec<&ObjectMeta>) -> Vec<&str> {
+        proofs.iter().map(|o| o.name.as_str()).collect()
+    }
+
+    #[test]
+    fn one_read_proves_a_key_or_a_container_sas_and_every_blob_is_proven_where_access_is_per_path()
+    {
+        let blobs = listed(&["data/b", "data/a", "data/c/d"]);
+        let sas = |token: &str| AzureCredential::SasToken(Secret::new(token));
+        for one in [
+            fixtures::key(),
+            AzureCredential::Anonymous,
+            sas("sv=2021-08-06&sr=c&sp=rl&se=2030-01-01&sig=x"),
+            // An account SAS, with or without the leading `?`.
+            sas("?sv=2021-08-06&ss=b&srt=co&sp=rl&se=2030-01-01&sig=x"),
+        ] {
+            assert_eq!(names(one.read_proofs(&blobs)), ["data/a"], "{one:?}");
+        }
+        for every in [
+            AzureCredential::WorkloadIdentity {
+                client_id: "c".into(),
+            },
+            sas("sv=2021-08-06&sr=c&sp=rl&skoid=o&sktid=t&sig=x"),
+            sas("sv=2021-08-06&sr=d&sdd=1&sp=rl&sig=x"),
+        ] {
+            assert_eq!(
+                names(every.read_proofs(&blobs)),
+                ["data/b", "data/a", "data/c/d"],
+                "{every:?}"
+            );
+        }
+        // An empty folder: nothing to read, nothing to prove.
+        assert!(fixtures::key().read_proofs(&[]).is_empty());
+    }
 }

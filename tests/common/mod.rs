@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use datastore_operator::store::azure::Tuning;
+use datastore_operator::store::sas::{Permissions, container_sas};
 use datastore_operator::store::{AzureBlobConfig, AzureCredential, BlobClient, Secret};
 
 /// Azurite's well-known development account (public, documented).
@@ -126,6 +127,34 @@ pub fn client_with(container: &str, credential: AzureCredential) -> BlobClient {
 pub fn client(container: &str) -> BlobClient {
     client_with(container, AzureCredential::AccountKey(Secret::new(KEY)))
 }
+
+/// A SAS token for `container` with `permissions`, valid for an hour.
+pub fn sas(container: &str, permissions: Permissions) -> String {
+    container_sas(
+        ACCOUNT,
+        KEY,
+        container,
+        permissions,
+        chrono::Utc::now() + chrono::Duration::hours(1),
+    )
+    .expect("the development key is base64")
+}
+
+/// Only list (`l`): the blobs' names and properties, never their contents.
+pub const LIST_ONLY: Permissions = Permissions {
+    read: false,
+    add: false,
+    create: false,
+    write: false,
+    delete: false,
+    list: true,
+};
+
+/// Read and list (`rl`): what a download needs.
+pub const READ_LIST: Permissions = Permissions {
+    read: true,
+    ..LIST_ONLY
+};
 
 /// A scratch directory with a container of its own and a datastores file naming it `blob`
 /// (and `local`, a local datastore in `<dir>/localstore`).

@@ -1,7 +1,7 @@
 //! A TCP proxy on 127.0.0.1 in front of Azurite, for what a test must see or shape of the
-//! traffic: it counts the requests that read a blob (GETs that are not listings) and the bytes
-//! it passes on, and can slow the traffic down (a delay per piece of an answer, or a rate
-//! shared by all connections, each way).
+//! traffic: it counts the requests that read a blob (GETs that are not listings), those that
+//! get a blob's properties (HEADs) and the bytes it passes on, and can slow the traffic down (a
+//! delay per piece of an answer, or a rate shared by all connections, each way).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,8 @@ pub struct Proxy {
     pub reads: Arc<AtomicUsize>,
     /// Bytes passed on so far, both ways.
     pub moved: Arc<AtomicU64>,
+    /// Get Blob Properties requests seen so far.
+    pub heads: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -36,6 +38,10 @@ impl Proxy {
 
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
+    }
+
+    pub fn heads(&self) -> usize {
+        self.heads.load(Ordering::SeqCst)
     }
 
     pub fn moved(&self) -> u64 {
@@ -67,16 +73,18 @@ pub async fn start_to(upstream_port: u16, pace: Pace) -> Proxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let reads = Arc::new(AtomicUsize::new(0));
+    let heads = Arc::new(AtomicUsize::new(0));
     let moved = Arc::new(AtomicU64::new(0));
-    let (counted, counted_bytes) = (reads.clone(), moved.clone());
+    let (counted, counted_heads, counted_bytes) = (reads.clone(), heads.clone(), moved.clone());
     let upstream = format!("127.0.0.1:{upstream_port}");
     let paced = Arc::new(Mutex::new(tokio::time::Instant::now()));
     let paced_up = Arc::new(Mutex::new(tokio::time::Instant::now()));
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let (upstream, counted, paced, paced_up) = (
+            let (upstream, counted, counted_heads, paced, paced_up) = (
                 upstream.clone(),
                 counted.clone(),
+                counted_heads.clone(),
                 paced.clone(),
                 paced_up.clone(),
             );
@@ -116,6 +124,10 @@ pub async fn start_to(upstream_port: u16, pace: Pace) -> Proxy {
                             .count(),
                         Ordering::SeqCst,
                     );
+                    counted_heads.fetch_add(
+                        text.lines().filter(|l| l.starts_with("HEAD ")).count(),
+                        Ordering::SeqCst,
+                    );
                     pace_to(pace.upload_bytes_per_second, &paced_up, n).await;
                     if server_write.write_all(&buffer[..n]).await.is_err() {
                         break;
@@ -126,5 +138,10 @@ pub async fn start_to(upstream_port: u16, pace: Pace) -> Proxy {
             });
         }
     });
-    Proxy { port, reads, moved }
+    Proxy {
+        port,
+        reads,
+        heads,
+        moved,
+    }
 }
