@@ -62,7 +62,7 @@ pub const TABLE: &[(i32, &str)] = &[
     ),
     (
         SERVICE,
-        "another storage service error (after bounded retries)",
+        "another storage service error (transient ones after the retry budget)",
     ),
     (
         LOCAL,

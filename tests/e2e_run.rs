@@ -44,6 +44,8 @@ fn setup() {
                     &format!("--agent-image={}", node::AGENT_IMAGE),
                     // Progress read every second, so a download of a few seconds shows it.
                     "--progress-period=1s",
+                    // Past the 60 s outages the tests ride through, short of their wait.
+                    "--retry-budget=90s",
                 ],
             );
         })
@@ -55,14 +57,24 @@ fn setup() {
 /// A namespace enforcing Pod Security `restricted`, with Datastore `blob-ds` on a fresh
 /// Azurite container holding `data/files/{a.txt, sub/b.csv}`; the container's client.
 async fn prepare(client: &kube::Client, ns: &str) -> datastore_operator::store::BlobClient {
+    let container = common::unique_container();
+    prepare_on(client, ns, common::client(&container), &common::endpoint()).await
+}
+
+/// As [`prepare`], with the container `blobs` names, reached by the Datastore at `endpoint`.
+async fn prepare_on(
+    client: &kube::Client,
+    ns: &str,
+    blobs: datastore_operator::store::BlobClient,
+    endpoint: &str,
+) -> datastore_operator::store::BlobClient {
     operator::apply(
         client,
         &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns,
                 "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}),
     )
     .await;
-    let container = common::unique_container();
-    let blobs = common::client(&container);
+    let container = blobs.config().container.clone();
     blobs.create_container().await.unwrap();
     for (name, data) in [
         ("data/files/a.txt", &b"alpha\n"[..]),
@@ -89,7 +101,7 @@ async fn prepare(client: &kube::Client, ns: &str) -> datastore_operator::store::
         &json!({"apiVersion": "datastore.dev/v1alpha1", "kind": "Datastore",
                 "metadata": {"name": "blob-ds", "namespace": ns},
                 "spec": {"azureBlob": {"accountName": common::ACCOUNT, "containerName": container,
-                                       "endpoint": common::endpoint(),
+                                       "endpoint": endpoint,
                                        "credentials": {"secretRef": {"name": "blob-ds-key"}}}}}),
     )
     .await;
@@ -500,4 +512,200 @@ async fn a_cached_download_is_a_miss_then_a_hit_on_the_same_node() {
         seen.push(input.digest.clone());
     }
     assert_eq!(seen[0], seen[1], "the same data, the same digest");
+}
+
+/// Storage stopped for 60 s in the middle of a transfer (an Azurite of the test's own, started
+/// again on its disk, behind a proxy that paces the traffic and closes connections while it is
+/// down).
+const OUTAGE: Duration = Duration::from_secs(60);
+
+/// Stops storage once the proxy has passed `bytes` on, for [`OUTAGE`], and starts it again;
+/// meanwhile collects the Experiment's messages.
+async fn outage_after(
+    experiments: &Api<Experiment>,
+    name: &str,
+    azurite: &common::restartable::Restartable,
+    proxy: &common::proxy::Proxy,
+    bytes: u64,
+) -> Vec<String> {
+    let mut messages = Vec::new();
+    let mut note = |exp: Option<Experiment>| {
+        let message = exp.and_then(|e| e.status?.message);
+        if let Some(m) = message.filter(|m| messages.last() != Some(m)) {
+            messages.push(m);
+        }
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while proxy.moved() < bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transfer did not start: {messages:?}"
+        );
+        note(experiments.get(name).await.ok());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    azurite.stop();
+    let back = std::time::Instant::now() + OUTAGE;
+    while std::time::Instant::now() < back {
+        note(experiments.get(name).await.ok());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    azurite.resume();
+    messages
+}
+
+/// The run Job ran its pod once, and it succeeded.
+async fn ran_once(client: &kube::Client, ns: &str, name: &str) {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    let status = jobs
+        .get(&format!("{name}-run"))
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(
+        (status.succeeded, status.failed.unwrap_or(0)),
+        (Some(1), 0),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_rides_through_a_60s_storage_outage() {
+    setup();
+    let client = cluster().admin();
+    let ns = "run-outage-down";
+    let azurite = common::restartable::Restartable::start();
+    let proxy = common::proxy::start_to(
+        azurite.port,
+        common::proxy::Pace {
+            bytes_per_second: Some(4 << 20),
+            ..Default::default()
+        },
+    )
+    .await;
+    let blobs = prepare_on(
+        &client,
+        ns,
+        azurite.client(&common::unique_container()),
+        &proxy.endpoint(),
+    )
+    .await;
+    let big = common::bytes(32 << 20, 41);
+    blobs
+        .put_blob(
+            "data/files/big.bin",
+            Body::Bytes(big.clone().into()),
+            common::md5(&big),
+            false,
+        )
+        .await
+        .unwrap();
+    operator::apply(&client, &experiment(ns, "ride", "outputs/ride", json!({}))).await;
+    let experiments: Api<Experiment> = Api::namespaced(client.clone(), ns);
+    let messages = outage_after(&experiments, "ride", &azurite, &proxy, 2 << 20).await;
+    let exp = finished(&experiments, "ride").await;
+    let status = exp.status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(Phase::Succeeded),
+        "{status:?}\n{messages:#?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("--data_folder: storage unreachable for")
+                && m.contains("retrying (up to 90s)")),
+        "the message said storage was unreachable while it was: {messages:#?}"
+    );
+    assert_eq!(status.inputs[0].bytes, 14 + (32 << 20));
+    assert_eq!(
+        blob(&blobs, "outputs/ride/seen.txt").await,
+        b"./a.txt\n./big.bin\n./sub/b.csv\n"
+    );
+    ran_once(&client, ns, "ride").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_rides_through_a_60s_storage_outage() {
+    setup();
+    let client = cluster().admin();
+    let ns = "run-outage-up";
+    let azurite = common::restartable::Restartable::start();
+    let proxy = common::proxy::start_to(
+        azurite.port,
+        common::proxy::Pace {
+            upload_bytes_per_second: Some(4 << 20),
+            ..Default::default()
+        },
+    )
+    .await;
+    let blobs = prepare_on(
+        &client,
+        ns,
+        azurite.client(&common::unique_container()),
+        &proxy.endpoint(),
+    )
+    .await;
+    // The script also writes 32 MiB of outputs, the same bytes every time.
+    let mut spec = experiment(ns, "ride", "outputs/ride", json!({}));
+    spec["spec"]["command"][2] = json!(format!(
+        "{SCRIPT}\nyes 0123456789abcde | head -c 33554432 > \"$o/big.bin\""
+    ));
+    operator::apply(&client, &spec).await;
+    let experiments: Api<Experiment> = Api::namespaced(client.clone(), ns);
+    let messages = outage_after(&experiments, "ride", &azurite, &proxy, 2 << 20).await;
+    let exp = finished(&experiments, "ride").await;
+    let status = exp.status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(Phase::Succeeded),
+        "{status:?}\n{messages:#?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("storage unreachable for") && m.contains("uploading")),
+        "the message said storage was unreachable while it was: {messages:#?}"
+    );
+    let expected: Vec<u8> = b"0123456789abcde\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(32 << 20)
+        .collect();
+    assert!(
+        blob(&blobs, "outputs/ride/big.bin").await == expected,
+        "byte-exact"
+    );
+    assert_eq!(blob(&blobs, "outputs/ride/model.txt").await, b"alpha\n");
+    ran_once(&client, ns, "ride").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn storage_down_longer_than_the_retry_budget_fails_the_experiment_saying_so() {
+    setup();
+    let client = cluster().admin();
+    let ns = "run-outage-long";
+    let azurite = common::restartable::Restartable::start();
+    let proxy = common::proxy::start_to(azurite.port, Default::default()).await;
+    prepare_on(
+        &client,
+        ns,
+        azurite.client(&common::unique_container()),
+        &proxy.endpoint(),
+    )
+    .await;
+    azurite.stop();
+    operator::apply(&client, &experiment(ns, "down", "outputs/down", json!({}))).await;
+    let experiments: Api<Experiment> = Api::namespaced(client.clone(), ns);
+    let exp = finished(&experiments, "down").await;
+    let status = exp.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Failed), "{status:?}");
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("download-0") && message.contains("retry budget of 90s"),
+        "{message}"
+    );
+    azurite.resume();
 }

@@ -698,6 +698,9 @@ fn what_can_be_checked_is_refused_before_anything_is_downloaded_or_run() {
             datastores.to_str().unwrap(),
             "--work-dir",
             work.to_str().unwrap(),
+            // The unreachable datastore fails once the budget is spent, not after minutes.
+            "--retry-budget",
+            "1s",
         ]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(code), "{what}: {err}");

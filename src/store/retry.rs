@@ -162,9 +162,9 @@ impl<'a> Retries<'a> {
         }
     }
 
-    /// Tries so far.
+    /// Tries so far, the one just answered included.
     pub fn attempts(&self) -> u32 {
-        self.attempt.max(1)
+        self.attempt + 1
     }
 
     /// After a transient fault: how long to wait before trying again, or `None` once the
@@ -256,7 +256,9 @@ mod tests {
         outage.answered();
         assert_eq!(outage.current(), None);
         let mut fresh = Retries::new(&outage);
+        assert_eq!(fresh.attempts(), 1);
         assert!(fresh.after_failure("refused", None).is_some());
+        assert_eq!(fresh.attempts(), 2, "the retry is the second try");
     }
 
     #[test]

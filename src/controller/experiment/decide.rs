@@ -556,7 +556,7 @@ fn stalled(progress: Option<&TransferProgress>, now: Timestamp) -> String {
             "; {}: storage unreachable for {}, retrying (up to {}): {}",
             p.name,
             human_duration(down.seconds.max(0) as u64),
-            human_duration(down.budget_seconds.max(0) as u64),
+            format_duration(Duration::from_secs(down.budget_seconds.max(0) as u64)),
             down.cause
         );
     }
