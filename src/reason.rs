@@ -63,6 +63,7 @@ reasons! {
     InvalidPathOnCompute,
     PathOnComputeClash,
     EnvVarClash,
+    InvalidDatastoreName,
 
     // Why a mount cannot be mounted in this cluster (the `render` module's `MountRefusal`).
     CsiCannotMount,

@@ -597,7 +597,14 @@ spec:
 /// download and the script (they were found only after the script had run).
 #[test]
 fn what_can_be_checked_is_refused_before_anything_is_downloaded_or_run() {
-    let cases: [(&str, &str, &str, i32, &str); 5] = [
+    let cases: [(&str, &str, &str, i32, &str); 6] = [
+        (
+            "a datastore name that is not one",
+            "{datastore: workspace-ds, path: data,",
+            "{datastore: team-b/workspace-ds, path: data,",
+            3,
+            "parameter --data refers to datastore \"team-b/workspace-ds\", which is not a name a datastore can have: datastore must be the name of",
+        ),
         (
             "upload path",
             "path: outputs,",

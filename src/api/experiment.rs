@@ -10,6 +10,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::limits::{
+    CLAIM_NAME, DATASTORE_NAME, NAME_MAX, NAME_RULE, SERVICE_ACCOUNT_NAME, STORAGE_CLASS_NAME,
+};
+
 /// The message of the rule refusing `mount` on the local compute target. Its first clause is the
 /// Azure ML SDK's reason, which the planner's error repeats.
 pub const MOUNT_ON_LOCAL: &str = "mount is only available on a remote compute target; with computeTarget local, use mode download";
@@ -132,6 +136,8 @@ pub struct ExperimentSpec {
     /// The service account the script's pod runs as. It never needs storage permissions: the
     /// operator's agent containers move the data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(SERVICE_ACCOUNT_NAME))]
     pub service_account_name: Option<String>,
     /// Extra environment variables of the script's container. Each data reference also gets
     /// `AZUREML_DATAREFERENCE_<NAME>` holding its path on compute.
@@ -188,7 +194,8 @@ pub enum UploadPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct CodeReference {
     /// The name of a Datastore in the experiment's namespace or of a ClusterDatastore.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(DATASTORE_NAME))]
     pub datastore: String,
     /// The folder in the datastore, e.g. `snapshots/sha256-3f2a...`; its contents become the
     /// working directory.
@@ -252,7 +259,8 @@ pub struct ScriptParam {
 #[serde(rename_all = "camelCase")]
 pub struct DataReference {
     /// The name of a Datastore in the experiment's namespace or of a ClusterDatastore.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(DATASTORE_NAME))]
     pub datastore: String,
     /// The path in the datastore, e.g. `data/files`. Empty (the default) means the whole
     /// container. For `upload`, what the script writes under the path on compute lands under
@@ -356,6 +364,8 @@ pub struct OutputsVolume {
     pub size: Option<Quantity>,
     /// The StorageClass of the volume. Absent means the cluster's default StorageClass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(STORAGE_CLASS_NAME))]
     pub storage_class_name: Option<String>,
 }
 
@@ -378,11 +388,15 @@ pub struct Staging {
     /// Stage on a volume of this StorageClass made for the run's pod and deleted with it (a
     /// generic ephemeral volume), e.g. a local NVMe class, instead of the node's disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(STORAGE_CLASS_NAME))]
     pub storage_class_name: Option<String>,
     /// Stage on this existing PersistentVolumeClaim of the experiment's namespace, in a folder
     /// of the run's own (`<experiment uid>/download-<n>`); what fits is its free space. The
     /// folder is left there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(CLAIM_NAME))]
     pub claim_name: Option<String>,
 }
 

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::{
     CodeReference, ComputeTarget, DataReference, ExperimentSpec, Mode, MountDriver, ScriptParam,
+    limits,
 };
 use crate::paths;
 use crate::reason::Reason;
@@ -250,6 +251,11 @@ pub enum PlanError {
         second: String,
         env: String,
     },
+    #[error(
+        "{user} refers to datastore {datastore:?}, which is not a name a datastore can have: {}",
+        limits::DATASTORE_NAME
+    )]
+    InvalidDatastoreName { user: String, datastore: String },
 }
 
 impl PlanError {
@@ -280,6 +286,7 @@ impl PlanError {
             PlanError::InvalidPathOnCompute { .. } => Reason::InvalidPathOnCompute,
             PlanError::PathOnComputeClash { .. } => Reason::PathOnComputeClash,
             PlanError::EnvVarClash { .. } => Reason::EnvVarClash,
+            PlanError::InvalidDatastoreName { .. } => Reason::InvalidDatastoreName,
         }
     }
 }
@@ -449,7 +456,19 @@ pub fn check_spec(exp: &ExperimentSpec) -> Result<(), PlanError> {
         });
     }
     check_env(&exp.env)?;
-    check_parameters(&exp.script_params)
+    check_parameters(&exp.script_params)?;
+    // A name with a `/` would turn its lookup into a request for another resource.
+    if let Some((user, datastore)) = exp
+        .datastore_uses()
+        .into_iter()
+        .find(|(_, name)| !limits::is_dns1123_subdomain(name))
+    {
+        return Err(PlanError::InvalidDatastoreName {
+            user,
+            datastore: datastore.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// What a process environment (and the apiserver, for a container's) accepts.

@@ -963,3 +963,26 @@ fn code_on_an_unknown_or_local_datastore_is_refused_for_the_cluster() {
     let planned = plan(&spec, &datastores(), local("/w/data")).unwrap();
     assert_eq!(planned.code.unwrap().local_path, "/work/code");
 }
+
+#[test]
+fn a_datastore_name_that_is_not_a_kubernetes_name_is_refused_before_any_lookup() {
+    let mut exp = example();
+    exp.script_params[0]
+        .data_reference
+        .as_mut()
+        .unwrap()
+        .datastore = "team-b/blob-ds".into();
+    let err = check_spec(&exp).expect_err("refused by the spec alone");
+    assert_eq!(err.reason(), Reason::InvalidDatastoreName);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "parameter --data_folder refers to datastore \"team-b/blob-ds\", which is not a name a datastore can have: {}",
+            limits::DATASTORE_NAME
+        )
+    );
+    let mut code = spec("image: i\nentryScript: t.py\ncode: {datastore: Code_DS, path: p}\n");
+    assert_eq!(plan_err(&code).reason(), Reason::InvalidDatastoreName);
+    code.code.as_mut().unwrap().datastore = "workspace-ds".into();
+    assert!(check_spec(&code).is_ok());
+}

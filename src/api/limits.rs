@@ -1,0 +1,100 @@
+//! The bounds of what a spec may hold, in one place: Kubernetes' rule for the names of the
+//! objects it refers to. The CRDs' schemas and CEL rules, the planner (for `datastore run`,
+//! which no apiserver checks) and the README say these.
+
+/// Kubernetes' DNS-1123 subdomain, the rule for the names of Datastores, ClusterDatastores,
+/// Secrets, PersistentVolumeClaims, StorageClasses and ServiceAccounts, as an anchored RE2 regex
+/// (what CEL's `matches` and a schema's `pattern` take).
+pub const DNS1123_SUBDOMAIN: &str =
+    "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// The longest DNS-1123 subdomain.
+pub const NAME_MAX: usize = 253;
+
+/// The CEL rule of a field that holds an object's name (with `maxLength` [`NAME_MAX`], which also
+/// keeps the rule's cost bounded).
+pub const NAME_RULE: &str =
+    "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
+
+/// What the name rule asks for, after the field's own words ("datastore must name ...").
+macro_rules! name_rule {
+    ($field:literal, $what:literal, $example:literal) => {
+        concat!(
+            $field,
+            " must be the name of ",
+            $what,
+            ": lowercase letters, digits, '-' and '.', starting and ending with a letter or digit (Kubernetes' DNS-1123 subdomain), e.g. ",
+            $example
+        )
+    };
+}
+
+/// The messages of [`NAME_RULE`] on each field.
+pub const DATASTORE_NAME: &str = name_rule!(
+    "datastore",
+    "a Datastore in the Experiment's namespace or of a ClusterDatastore (no namespace/ prefix)",
+    "blob-ds"
+);
+pub const SERVICE_ACCOUNT_NAME: &str =
+    name_rule!("serviceAccountName", "a ServiceAccount", "trainer");
+pub const STORAGE_CLASS_NAME: &str =
+    name_rule!("storageClassName", "a StorageClass", "managed-csi");
+pub const CLAIM_NAME: &str = name_rule!(
+    "claimName",
+    "a PersistentVolumeClaim in the Experiment's namespace",
+    "scratch"
+);
+pub const SECRET_NAME: &str = name_rule!(
+    "secretRef.name",
+    "a Secret (in the Datastore's namespace; for a ClusterDatastore, the operator's)",
+    "blob-ds-key"
+);
+
+/// Whether `name` is a DNS-1123 subdomain ([`DNS1123_SUBDOMAIN`], at most [`NAME_MAX`]).
+pub fn is_dns1123_subdomain(name: &str) -> bool {
+    let label = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    };
+    name.len() <= NAME_MAX && name.split('.').all(label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_name_rule_is_kubernetes_dns_subdomain() {
+        for ok in [
+            "blob-ds",
+            "a",
+            "0",
+            "team-b.blob-ds",
+            "a.b.c",
+            &"a".repeat(253),
+        ] {
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "team-b/blob-ds",
+            "Blob",
+            "-a",
+            "a-",
+            "a..b",
+            ".a",
+            "a.",
+            "a_b",
+            "a b",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_dns1123_subdomain(bad), "{bad}");
+        }
+        // The CEL rule holds the same regex.
+        assert!(NAME_RULE.contains(DNS1123_SUBDOMAIN));
+    }
+}
