@@ -64,6 +64,8 @@ reasons! {
     PathOnComputeClash,
     EnvVarClash,
     InvalidDatastoreName,
+    ArgumentTooLong,
+    CommandLineTooLong,
 
     // Why a mount cannot be mounted in this cluster (the `render` module's `MountRefusal`).
     CsiCannotMount,

@@ -292,6 +292,27 @@ fn every_name_the_spec_holds_follows_kubernetes_name_rule() {
     );
 }
 
+#[test]
+fn names_and_command_line_strings_have_a_max_length_in_the_schema() {
+    let schema = crd_schema();
+    let spec = &schema["properties"]["spec"]["properties"];
+    let param = &spec["scriptParams"]["items"]["properties"];
+    let max = |node: &Value| node["maxLength"].as_u64().map(|n| n as usize);
+    assert_eq!(max(&param["value"]), Some(limits::ARG_MAX_CHARS));
+    assert_eq!(max(&spec["entryScript"]), Some(limits::ARG_MAX_CHARS));
+    assert_eq!(max(&spec["command"]["items"]), Some(limits::ARG_MAX_CHARS));
+    assert_eq!(spec["command"]["maxItems"], json!(64));
+    assert_eq!(
+        max(&param["dataReference"]["properties"]["datastore"]),
+        Some(limits::NAME_MAX)
+    );
+    assert_eq!(max(&spec["serviceAccountName"]), Some(limits::NAME_MAX));
+    assert_eq!(
+        max(&spec["staging"]["properties"]["claimName"]),
+        Some(limits::NAME_MAX)
+    );
+}
+
 // --- The rules as the apiserver sees them: in the CRD's openAPIV3Schema ---
 
 fn crd_schema() -> Value {

@@ -341,6 +341,18 @@ async fn the_apiserver_enforces_the_crds_rules() {
         message.contains(limits::SERVICE_ACCOUNT_NAME) && message.contains(limits::CLAIM_NAME),
         "{message}"
     );
+    // The 1 MiB value: over what the kernel takes in one argument.
+    let message = refused(json!({
+        "image": "i", "entryScript": "t.py",
+        "scriptParams": [{"name": "--config", "value": "x".repeat(1 << 20)}],
+    }))
+    .await;
+    assert!(
+        message.contains("spec.scriptParams[0].value")
+            && message.contains("Too long")
+            && message.contains(&limits::ARG_MAX_CHARS.to_string()),
+        "{message}"
+    );
     // A Datastore's Secret too.
     let datastores: Api<Datastore> = Api::namespaced(client.clone(), ns);
     let object: Datastore = serde_json::from_value(json!({

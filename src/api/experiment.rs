@@ -11,7 +11,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::limits::{
-    CLAIM_NAME, DATASTORE_NAME, NAME_MAX, NAME_RULE, SERVICE_ACCOUNT_NAME, STORAGE_CLASS_NAME,
+    ARG_MAX_CHARS, CLAIM_NAME, DATASTORE_NAME, NAME_MAX, NAME_RULE, SERVICE_ACCOUNT_NAME,
+    STORAGE_CLASS_NAME,
 };
 
 /// The message of the rule refusing `mount` on the local compute target. Its first clause is the
@@ -105,11 +106,13 @@ pub struct ExperimentSpec {
     pub code: Option<CodeReference>,
     /// The script to run, relative to `sourceDirectory`, e.g. `training_script.py`. It runs as
     /// `python <entryScript> <scriptParams...>` unless `command` is given.
+    #[schemars(length(max = ARG_MAX_CHARS))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("entryScript must name the script to run, e.g. training_script.py"))]
     pub entry_script: String,
     /// The command line to run instead of `python <entryScript>`, e.g.
     /// `[torchrun, --nproc_per_node=2, train.py]`. The rendered `scriptParams` follow it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(max = ARG_MAX_CHARS)))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("command, when set, must hold at least the program to run"))]
     pub command: Option<Vec<String>>,
     /// Where the script runs: `cluster` (a Job in this cluster, the default) or `local` (the
@@ -238,8 +241,10 @@ pub struct ScriptParam {
     /// as `<name> <value>`.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// A literal value, e.g. `"0.1"`.
+    /// A literal value, e.g. `"0.1"`. At most 32,000 characters: the kernel refuses to start a
+    /// program with an argument over 128 KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = ARG_MAX_CHARS))]
     pub value: Option<String>,
     /// A datastore path made available to the script; the parameter's value is its path on
     /// compute.

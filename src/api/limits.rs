@@ -1,6 +1,6 @@
 //! The bounds of what a spec may hold, in one place: Kubernetes' rule for the names of the
-//! objects it refers to. The CRDs' schemas and CEL rules, the planner (for `datastore run`,
-//! which no apiserver checks) and the README say these.
+//! objects it refers to, and the kernel's limits on a command line. The CRDs' schemas and CEL
+//! rules, the planner (for `datastore run`, which no apiserver checks) and the README say these.
 
 /// Kubernetes' DNS-1123 subdomain, the rule for the names of Datastores, ClusterDatastores,
 /// Secrets, PersistentVolumeClaims, StorageClasses and ServiceAccounts, as an anchored RE2 regex
@@ -61,6 +61,43 @@ pub fn is_dns1123_subdomain(name: &str) -> bool {
             && b[b.len() - 1] != b'-'
     };
     name.len() <= NAME_MAX && name.split('.').all(label)
+}
+
+// The kernel's limits on what `execve` takes (fs/exec.c, include/uapi/linux/binfmts.h):
+// MAX_ARG_STRLEN, 32 pages, is the most one argument or environment string may hold with its
+// NUL; ARG_MAX, a quarter of the stack limit (8 MiB by default, so 2 MiB), bounds all of them
+// together, with a pointer of 8 bytes each. Beyond either, the container cannot start
+// (`exec ...: argument list too long`).
+
+/// MAX_ARG_STRLEN: one argument or environment string, with its NUL, in bytes.
+pub const KERNEL_ARG_BYTES: usize = 32 * 4096;
+
+/// ARG_MAX with the default 8 MiB stack: arguments and environment together, in bytes.
+pub const KERNEL_ARGS_TOTAL_BYTES: usize = 2 * 1024 * 1024;
+
+/// The most characters one scriptParams value, command element or env value may hold. A
+/// character is at most 4 bytes in UTF-8, so 32,000 of them stay under MAX_ARG_STRLEN even then.
+pub const ARG_MAX_CHARS: usize = 32_000;
+
+/// The most bytes the script's command line and environment may hold together, counted as the
+/// kernel counts them (each string with its NUL and an 8-byte pointer): half of ARG_MAX,
+/// leaving the other half to what is added at run time (the variables Kubernetes sets for the
+/// namespace's Services, a Secret's or ConfigMap's values, the shell that enters a relative
+/// sourceDirectory).
+pub const COMMAND_LINE_MAX_BYTES: usize = KERNEL_ARGS_TOTAL_BYTES / 2;
+
+/// The advice that ends every refusal of an over-long command line.
+pub const COMMAND_LINE_ADVICE: &str =
+    "pass large inputs as a file in a datastore (a dataReference) instead";
+
+// The limits stay under the kernel's, even in four-byte characters (checked when compiling).
+const _: () = assert!(ARG_MAX_CHARS * 4 < KERNEL_ARG_BYTES);
+const _: () = assert!(COMMAND_LINE_MAX_BYTES < KERNEL_ARGS_TOTAL_BYTES);
+
+/// What one string of the command line or environment costs against ARG_MAX: its bytes, its
+/// NUL and its pointer.
+pub fn exec_bytes(s: &str) -> usize {
+    s.len() + 1 + 8
 }
 
 #[cfg(test)]
