@@ -293,14 +293,33 @@ fn cache_result(cached_at: Option<&str>, pod: &Pod) -> Option<CacheResult> {
 /// containerd's (exit code 128, with the runtime's error as the message) and Docker's.
 const COULD_NOT_START: &[&str] = &["StartError", "ContainerCannotRun"];
 
-/// Why the pods of a failed Job failed, for humans: each container that exited non-zero, with
-/// its termination message (the agent writes its error there), or that could not start, with
-/// the runtime's reason and error and what that error means.
+/// Why the pods of a failed Job failed, for humans: the pod's own reason when the kubelet failed
+/// it as a whole (evicted, refused at admission), then each container that exited non-zero,
+/// with its termination message (the agent writes its error there), or that could not start,
+/// with the runtime's reason and error and what that error means.
 pub fn failures(pods: &[Pod]) -> Vec<String> {
     let Some(status) = newest(pods).and_then(|p| p.status.as_ref()) else {
         return Vec::new();
     };
-    status
+    let pod_failed = status
+        .reason
+        .as_deref()
+        .filter(|r| !r.is_empty() && status.phase.as_deref() == Some("Failed"))
+        .map(|reason| {
+            match status
+                .message
+                .as_deref()
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+            {
+                Some(m) => format!(
+                    "the pod failed ({reason}): {}",
+                    crate::plan::contract::truncate(m, 512)
+                ),
+                None => format!("the pod failed ({reason})"),
+            }
+        });
+    let containers = status
         .init_container_statuses
         .iter()
         .flatten()
@@ -342,7 +361,8 @@ pub fn failures(pods: &[Pod]) -> Vec<String> {
             }
             Some(line)
         })
-        .collect()
+        .collect::<Vec<_>>();
+    pod_failed.into_iter().chain(containers).collect()
 }
 
 /// What a runtime's error about a container that could not start means, for the errors a
