@@ -429,20 +429,18 @@ pub fn resolved(found: &Found, scope: &Scope, secret: Option<&K8sSecret>) -> Res
         .storage()
         .map_err(|why| Error::Config(format!("{label}: {why}")))?;
     let secret_ns = found.secret_namespace(scope);
-    if let Some(secret_name) = secret_name(&storage)
-        && !crate::api::limits::is_dns1123_subdomain(secret_name)
-    {
-        return Err(Error::Config(format!(
-            "{label} refers to Secret '{secret_name}', which is not a name a Secret can have: {}",
-            crate::api::limits::SECRET_NAME
-        )));
-    }
-    if let Some(secret_name) = secret_name(&storage)
-        && secret.is_none()
-    {
-        return Err(Error::Config(format!(
-            "{label} refers to Secret '{secret_name}', which does not exist in namespace '{secret_ns}': create it"
-        )));
+    if let Some(secret_name) = secret_name(&storage) {
+        if !crate::api::limits::is_dns1123_subdomain(secret_name) {
+            return Err(Error::Config(format!(
+                "{label} refers to Secret '{secret_name}', which is not a name a Secret can have: {}",
+                crate::api::limits::SECRET_NAME
+            )));
+        }
+        if secret.is_none() {
+            return Err(Error::Config(format!(
+                "{label} refers to Secret '{secret_name}', which does not exist in namespace '{secret_ns}': create it"
+            )));
+        }
     }
     let config = store_config(
         &label,

@@ -107,16 +107,15 @@ pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action
     result
 }
 
-async fn pass(exp: &Arc<Experiment>, ctx: &Arc<Context>) -> Result<Action, ReconcileError> {
-    let (exp, ctx) = (exp.clone(), ctx.clone());
-    let entry = match decide::settled(&exp) {
+async fn pass(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError> {
+    let entry = match decide::settled(exp) {
         Some(entry) => entry,
-        None => decide::entry(&exp, observe::run_job(&exp, &ctx).await?),
+        None => decide::entry(exp, observe::run_job(exp, ctx).await?),
     };
     match entry {
         Entry::Nothing => Ok(Action::await_change()),
-        Entry::Start => start(&exp, &ctx).await,
-        Entry::Follow(run) => follow(&exp, &ctx, *run).await,
+        Entry::Start => start(exp, ctx).await,
+        Entry::Follow(run) => follow(exp, ctx, *run).await,
         Entry::Report {
             step,
             started,
@@ -126,7 +125,7 @@ async fn pass(exp: &Arc<Experiment>, ctx: &Arc<Context>) -> Result<Action, Recon
                 started,
                 ..Record::default()
             };
-            status::write(&exp, &ctx, &step, record).await?;
+            status::write(exp, ctx, &step, record).await?;
             Ok(then)
         }
     }
