@@ -353,6 +353,13 @@ async fn the_apiserver_enforces_the_crds_rules() {
             && message.contains(&limits::ARG_MAX_CHARS.to_string()),
         "{message}"
     );
+    // Each value within it, all of them together over the command line's limit.
+    let params: Vec<serde_json::Value> = (0..40)
+        .map(|n| json!({"name": format!("--p{n}"), "value": "x".repeat(30_000)}))
+        .collect();
+    let message =
+        refused(json!({"image": "i", "entryScript": "t.py", "scriptParams": params})).await;
+    assert!(message.contains(limits::COMMAND_LINE_MESSAGE), "{message}");
     // A Datastore's Secret too.
     let datastores: Api<Datastore> = Api::namespaced(client.clone(), ns);
     let object: Datastore = serde_json::from_value(json!({

@@ -11,8 +11,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::limits::{
-    ARG_MAX_CHARS, CLAIM_NAME, DATASTORE_NAME, NAME_MAX, NAME_RULE, SERVICE_ACCOUNT_NAME,
-    STORAGE_CLASS_NAME,
+    ARG_MAX_CHARS, CLAIM_NAME, COMMAND_LINE_MESSAGE, COMMAND_LINE_RULE, DATASTORE_NAME, NAME_MAX,
+    NAME_RULE, SERVICE_ACCOUNT_NAME, STORAGE_CLASS_NAME,
 };
 
 /// The message of the rule refusing `mount` on the local compute target. Its first clause is the
@@ -82,7 +82,8 @@ pub const IMAGE_ON_CLUSTER: &str = "image is required on the cluster compute tar
 #[x_kube(
     cel,
     validation = Rule::new("!(has(self.computeTarget) && self.computeTarget == 'local' && has(self.scriptParams) && self.scriptParams.exists(p, has(p.dataReference) && p.dataReference.mode == 'mount'))").message(MOUNT_ON_LOCAL),
-    validation = Rule::new("has(self.image) || (has(self.computeTarget) && self.computeTarget == 'local')").message(IMAGE_ON_CLUSTER)
+    validation = Rule::new("has(self.image) || (has(self.computeTarget) && self.computeTarget == 'local')").message(IMAGE_ON_CLUSTER),
+    validation = Rule::new(COMMAND_LINE_RULE).message(COMMAND_LINE_MESSAGE)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ExperimentSpec {

@@ -86,6 +86,17 @@ pub const ARG_MAX_CHARS: usize = 32_000;
 /// sourceDirectory).
 pub const COMMAND_LINE_MAX_BYTES: usize = KERNEL_ARGS_TOTAL_BYTES / 2;
 
+/// The CRD's share of [`COMMAND_LINE_MAX_BYTES`]: the command line the spec spells out (the
+/// command, or `python` and entryScript, and the scriptParams' names and values, each with its
+/// NUL and pointer), counted in characters, which are never more than bytes, so it refuses no
+/// spec the planner would take. What only the planner sees (the references' paths, `env`) and
+/// characters of several bytes, the planner counts. Its number is [`COMMAND_LINE_MAX_BYTES`]
+/// (a test checks).
+pub const COMMAND_LINE_RULE: &str = "(has(self.command) ? self.command.map(c, size(c) + 9).sum() : size(self.entryScript) + 24) + (has(self.scriptParams) ? self.scriptParams.map(p, size(p.name) + 9 + (has(p.value) ? size(p.value) + 9 : 0)).sum() : 0) <= 1048576";
+
+/// The message of [`COMMAND_LINE_RULE`].
+pub const COMMAND_LINE_MESSAGE: &str = "the script's command line (command, or python and entryScript, and the scriptParams' names and values) holds more than the 1048576 bytes allowed (the kernel refuses to start a program with more than 2 MiB of arguments and environment, counting 9 bytes more for each string); pass large inputs as a file in a datastore (a dataReference) instead";
+
 /// The advice that ends every refusal of an over-long command line.
 pub const COMMAND_LINE_ADVICE: &str =
     "pass large inputs as a file in a datastore (a dataReference) instead";
@@ -103,6 +114,16 @@ pub fn exec_bytes(s: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_rule_and_its_message_say_the_limit() {
+        let limit = COMMAND_LINE_MAX_BYTES.to_string();
+        assert!(COMMAND_LINE_RULE.ends_with(&format!("<= {limit}")));
+        assert!(COMMAND_LINE_MESSAGE.contains(&format!("the {limit} bytes allowed")));
+        assert!(COMMAND_LINE_MESSAGE.ends_with(COMMAND_LINE_ADVICE));
+        // `python` with its NUL and pointer, and entryScript's: 15 + 9.
+        assert_eq!(exec_bytes("python") + exec_bytes(""), 24);
+    }
 
     #[test]
     fn the_name_rule_is_kubernetes_dns_subdomain() {
