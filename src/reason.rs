@@ -63,6 +63,9 @@ reasons! {
     InvalidPathOnCompute,
     PathOnComputeClash,
     EnvVarClash,
+    InvalidDatastoreName,
+    ArgumentTooLong,
+    CommandLineTooLong,
 
     // Why a mount cannot be mounted in this cluster (the `render` module's `MountRefusal`).
     CsiCannotMount,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::cel::{crd_schema, messages};
-use datastore_operator::api::{ClusterDatastoreSpec, Credentials, DatastoreSpec};
+use datastore_operator::api::{ClusterDatastoreSpec, Credentials, DatastoreSpec, limits};
 use kube::core::cel::Validator;
 use serde_json::{Value, json};
 
@@ -198,6 +198,26 @@ fn credentials_rule_applies_inside_a_datastore_spec() {
         "workloadIdentity": {"clientId": "id"},
     });
     assert_eq!(spec_errors(spec), vec![NOT_BOTH]);
+}
+
+#[test]
+fn a_secret_is_named_by_kubernetes_name_rule() {
+    let with_secret = |name: &str| {
+        let mut spec = json!({"azureBlob": blob("mlstorage", "data")});
+        spec["azureBlob"]["credentials"] = json!({"secretRef": {"name": name}});
+        spec_errors(spec)
+    };
+    assert_eq!(with_secret("blob-ds-key"), Vec::<String>::new());
+    assert_eq!(with_secret("team.blob-key"), Vec::<String>::new());
+    for bad in ["team-b/blob-key", "Blob_Key", "-key", "key."] {
+        assert_eq!(with_secret(bad), vec![limits::SECRET_NAME], "{bad}");
+    }
+    for kind in ["Datastore", "ClusterDatastore"] {
+        let schema = crd_schema(kind);
+        let name = &schema["properties"]["spec"]["properties"]["azureBlob"]["properties"]["credentials"]
+            ["properties"]["secretRef"]["properties"]["name"];
+        assert_eq!(name["maxLength"], json!(limits::NAME_MAX), "{kind}");
+    }
 }
 
 // --- The rules as the apiserver sees them: in the CRDs' openAPIV3Schema ---

@@ -7,7 +7,7 @@ mod common;
 use common::cel::messages;
 use datastore_operator::api::{
     DataReference, ExperimentSpec, IMAGE_ON_CLUSTER, MOUNT_ON_LOCAL, PATH_ON_COMPUTE, ScriptParam,
-    Staging,
+    Staging, limits,
 };
 use kube::core::cel::{
     AnalysisWarning, ScopeContext, Validator, WarningKind, analyze_rule, compile_schema,
@@ -237,6 +237,106 @@ fn field_rules_refuse_empty_and_out_of_range_values() {
     assert_eq!(spec_errors(&spec), none());
 }
 
+// --- Names of other objects: Kubernetes' own rule (the lookup of a name with a `/` would be a
+// request for another resource) ---
+
+#[test]
+fn every_name_the_spec_holds_follows_kubernetes_name_rule() {
+    let refused = |field: &str, value: &str| {
+        let mut spec = example();
+        match field {
+            "dataReference.datastore" => {
+                spec["scriptParams"][0]["dataReference"]["datastore"] = json!(value)
+            }
+            "code.datastore" => spec["code"] = json!({"datastore": value, "path": "snapshots/a"}),
+            "serviceAccountName" => spec["serviceAccountName"] = json!(value),
+            "outputs.storageClassName" => spec["outputs"] = json!({"storageClassName": value}),
+            "staging.storageClassName" => spec["staging"] = json!({"storageClassName": value}),
+            "staging.claimName" => spec["staging"] = json!({"claimName": value}),
+            other => panic!("{other}"),
+        }
+        spec_errors(&spec)
+    };
+    let cases = [
+        ("dataReference.datastore", limits::DATASTORE_NAME),
+        ("code.datastore", limits::DATASTORE_NAME),
+        ("serviceAccountName", limits::SERVICE_ACCOUNT_NAME),
+        ("outputs.storageClassName", limits::STORAGE_CLASS_NAME),
+        ("staging.storageClassName", limits::STORAGE_CLASS_NAME),
+        ("staging.claimName", limits::CLAIM_NAME),
+    ];
+    for (field, message) in cases {
+        for good in ["blob-ds", "team-b.blob-ds", "a"] {
+            assert_eq!(refused(field, good), none(), "{field}: {good}");
+        }
+        for bad in ["team-b/blob-ds", "Blob-DS", "blob_ds", "-ds", "ds-", "a..b"] {
+            assert_eq!(refused(field, bad), vec![message], "{field}: {bad}");
+        }
+    }
+    // The example, through the whole CRD schema, names its field.
+    let mut spec = example();
+    spec["scriptParams"][0]["dataReference"]["datastore"] = json!("team-b/blob-ds");
+    let errors = Validator::new()
+        .validate(&crd_schema(), &object(spec), None)
+        .expect_err("a datastore name with a / is refused")
+        .into_vec();
+    assert_eq!(
+        errors
+            .iter()
+            .map(|e| (e.field_path.as_str(), e.message.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(
+            "spec.scriptParams[0].dataReference.datastore",
+            limits::DATASTORE_NAME
+        )]
+    );
+}
+
+#[test]
+fn names_and_command_line_strings_have_a_max_length_in_the_schema() {
+    let schema = crd_schema();
+    let spec = &schema["properties"]["spec"]["properties"];
+    let param = &spec["scriptParams"]["items"]["properties"];
+    let max = |node: &Value| node["maxLength"].as_u64().map(|n| n as usize);
+    assert_eq!(max(&param["value"]), Some(limits::ARG_MAX_CHARS));
+    assert_eq!(max(&spec["entryScript"]), Some(limits::ARG_MAX_CHARS));
+    assert_eq!(max(&spec["command"]["items"]), Some(limits::ARG_MAX_CHARS));
+    assert_eq!(spec["command"]["maxItems"], json!(64));
+    assert_eq!(
+        max(&param["dataReference"]["properties"]["datastore"]),
+        Some(limits::NAME_MAX)
+    );
+    assert_eq!(max(&spec["serviceAccountName"]), Some(limits::NAME_MAX));
+    assert_eq!(
+        max(&spec["staging"]["properties"]["claimName"]),
+        Some(limits::NAME_MAX)
+    );
+}
+
+/// The command line the spec spells out, within what the kernel takes: the 1 MiB is
+/// over one value's maxLength; 40 values of 30,000 characters are each within it, together not.
+#[test]
+fn a_command_line_over_the_limit_in_all_is_refused() {
+    let with_values = |n: usize| {
+        let mut spec = example();
+        for i in 0..n {
+            spec["scriptParams"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"name": format!("--p{i}"), "value": "x".repeat(30_000)}));
+        }
+        spec_errors(&spec)
+    };
+    assert_eq!(with_values(34), none());
+    assert_eq!(with_values(40), vec![limits::COMMAND_LINE_MESSAGE]);
+    // With a command instead of python and entryScript.
+    let mut spec = example();
+    spec["command"] = json!(vec!["x".repeat(30_000); 36]);
+    assert_eq!(spec_errors(&spec), vec![limits::COMMAND_LINE_MESSAGE]);
+    spec["command"] = json!(["torchrun", "train.py"]);
+    assert_eq!(spec_errors(&spec), none());
+}
+
 // --- The rules as the apiserver sees them: in the CRD's openAPIV3Schema ---
 
 fn crd_schema() -> Value {
@@ -368,7 +468,7 @@ fn every_rule_compiles_and_stays_within_the_cost_budget() {
         .collect();
     assert_eq!(
         found.len(),
-        15,
+        22,
         "the rules written in src/api/experiment.rs: {listed:?}"
     );
     for (path, rule, node) in found {

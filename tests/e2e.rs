@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::cluster::cluster;
 use common::operator::{self, eventually};
-use datastore_operator::api::{Datastore, Experiment};
+use datastore_operator::api::{Datastore, Experiment, limits};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -320,6 +320,65 @@ async fn the_apiserver_enforces_the_crds_rules() {
         message.contains("image must name a container image"),
         "{message}"
     );
+    // Names by Kubernetes' own rule: a `/` would make the controller's lookup a request for a
+    // subresource (refused, 403, forever).
+    let message = refused(json!({
+        "image": "i", "entryScript": "t.py",
+        "scriptParams": [{"name": "--d", "dataReference": {"datastore": "team-b/blob-ds", "mode": "download"}}],
+    }))
+    .await;
+    assert!(
+        message.contains("spec.scriptParams[0].dataReference.datastore")
+            && message.contains(limits::DATASTORE_NAME),
+        "{message}"
+    );
+    let message = refused(json!({
+        "image": "i", "entryScript": "t.py", "serviceAccountName": "Trainer_1",
+        "staging": {"claimName": "scratch/x"},
+    }))
+    .await;
+    assert!(
+        message.contains(limits::SERVICE_ACCOUNT_NAME) && message.contains(limits::CLAIM_NAME),
+        "{message}"
+    );
+    // The 1 MiB value: over what the kernel takes in one argument.
+    let message = refused(json!({
+        "image": "i", "entryScript": "t.py",
+        "scriptParams": [{"name": "--config", "value": "x".repeat(1 << 20)}],
+    }))
+    .await;
+    assert!(
+        message.contains("spec.scriptParams[0].value")
+            && message.contains("Too long")
+            && message.contains(&limits::ARG_MAX_CHARS.to_string()),
+        "{message}"
+    );
+    // Each value within it, all of them together over the command line's limit.
+    let params: Vec<serde_json::Value> = (0..40)
+        .map(|n| json!({"name": format!("--p{n}"), "value": "x".repeat(30_000)}))
+        .collect();
+    let message =
+        refused(json!({"image": "i", "entryScript": "t.py", "scriptParams": params})).await;
+    assert!(message.contains(limits::COMMAND_LINE_MESSAGE), "{message}");
+    // A Datastore's Secret too.
+    let datastores: Api<Datastore> = Api::namespaced(client.clone(), ns);
+    let object: Datastore = serde_json::from_value(json!({
+        "apiVersion": "datastore.dev/v1alpha1", "kind": "Datastore", "metadata": {"name": "bad"},
+        "spec": {"azureBlob": {"accountName": "mlstorage", "containerName": "data",
+                               "credentials": {"secretRef": {"name": "team-b/key"}}}},
+    }))
+    .unwrap();
+    match datastores.create(&PostParams::default(), &object).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{status:?}");
+            assert!(
+                status.message.contains(limits::SECRET_NAME),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("created: {other:?}"),
+    }
 }
 
 /// A mount by the privileged blobfuse2 sidecar in a namespace that enforces `restricted` is

@@ -648,7 +648,25 @@ spec:
 /// download and the script (they were found only after the script had run).
 #[test]
 fn what_can_be_checked_is_refused_before_anything_is_downloaded_or_run() {
-    let cases: [(&str, &str, &str, i32, &str); 5] = [
+    // The kernel's limits (src/api/limits.rs), with the controller's sentences.
+    let long_env = format!("{{name: LOG_LEVEL, value: {}}}", "x".repeat(32_001));
+    // (The whole command line's limit, 1 MiB, cannot be reached from a file the CLI reads, which
+    // holds at most 1 MiB: the planner's tests refuse it.)
+    let cases: [(&str, &str, &str, i32, &str); 7] = [
+        (
+            "an env value longer than one argument may be",
+            "{name: LOG_LEVEL, value: debug}",
+            &long_env,
+            3,
+            "env LOG_LEVEL holds 32001 characters, more than the 32000 one may hold (the kernel refuses to start a program with an argument or environment variable over 128 KiB); pass large inputs as a file in a datastore (a dataReference) instead",
+        ),
+        (
+            "a datastore name that is not one",
+            "{datastore: workspace-ds, path: data,",
+            "{datastore: team-b/workspace-ds, path: data,",
+            3,
+            "parameter --data refers to datastore \"team-b/workspace-ds\", which is not a name a datastore can have: datastore must be the name of",
+        ),
         (
             "upload path",
             "path: outputs,",

@@ -187,6 +187,8 @@ pub struct Credentials {
 #[serde(rename_all = "camelCase")]
 pub struct SecretRef {
     /// The Secret's name.
+    #[schemars(length(min = 1, max = super::limits::NAME_MAX))]
+    #[x_kube(validation = Rule::new(super::limits::NAME_RULE).message(super::limits::SECRET_NAME))]
     pub name: String,
 }
 

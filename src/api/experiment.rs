@@ -10,6 +10,11 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::limits::{
+    ARG_MAX_CHARS, CLAIM_NAME, COMMAND_LINE_MESSAGE, COMMAND_LINE_RULE, DATASTORE_NAME, NAME_MAX,
+    NAME_RULE, SERVICE_ACCOUNT_NAME, STORAGE_CLASS_NAME,
+};
+
 /// The message of the rule refusing `mount` on the local compute target. Its first clause is the
 /// Azure ML SDK's reason, which the planner's error repeats.
 pub const MOUNT_ON_LOCAL: &str = "mount is only available on a remote compute target; with computeTarget local, use mode download";
@@ -77,7 +82,8 @@ pub const IMAGE_ON_CLUSTER: &str = "image is required on the cluster compute tar
 #[x_kube(
     cel,
     validation = Rule::new("!(has(self.computeTarget) && self.computeTarget == 'local' && has(self.scriptParams) && self.scriptParams.exists(p, has(p.dataReference) && p.dataReference.mode == 'mount'))").message(MOUNT_ON_LOCAL),
-    validation = Rule::new("has(self.image) || (has(self.computeTarget) && self.computeTarget == 'local')").message(IMAGE_ON_CLUSTER)
+    validation = Rule::new("has(self.image) || (has(self.computeTarget) && self.computeTarget == 'local')").message(IMAGE_ON_CLUSTER),
+    validation = Rule::new(COMMAND_LINE_RULE).message(COMMAND_LINE_MESSAGE)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ExperimentSpec {
@@ -101,11 +107,13 @@ pub struct ExperimentSpec {
     pub code: Option<CodeReference>,
     /// The script to run, relative to `sourceDirectory`, e.g. `training_script.py`. It runs as
     /// `python <entryScript> <scriptParams...>` unless `command` is given.
+    #[schemars(length(max = ARG_MAX_CHARS))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("entryScript must name the script to run, e.g. training_script.py"))]
     pub entry_script: String,
     /// The command line to run instead of `python <entryScript>`, e.g.
     /// `[torchrun, --nproc_per_node=2, train.py]`. The rendered `scriptParams` follow it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(max = ARG_MAX_CHARS)))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("command, when set, must hold at least the program to run"))]
     pub command: Option<Vec<String>>,
     /// Where the script runs: `cluster` (a Job in this cluster, the default) or `local` (the
@@ -132,6 +140,8 @@ pub struct ExperimentSpec {
     /// The service account the script's pod runs as. It never needs storage permissions: the
     /// operator's agent containers move the data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(SERVICE_ACCOUNT_NAME))]
     pub service_account_name: Option<String>,
     /// Extra environment variables of the script's container. Each data reference also gets
     /// `AZUREML_DATAREFERENCE_<NAME>` holding its path on compute.
@@ -188,7 +198,8 @@ pub enum UploadPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct CodeReference {
     /// The name of a Datastore in the experiment's namespace or of a ClusterDatastore.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(DATASTORE_NAME))]
     pub datastore: String,
     /// The folder in the datastore, e.g. `snapshots/sha256-3f2a...`; its contents become the
     /// working directory.
@@ -231,8 +242,10 @@ pub struct ScriptParam {
     /// as `<name> <value>`.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// A literal value, e.g. `"0.1"`.
+    /// A literal value, e.g. `"0.1"`. At most 32,000 characters: the kernel refuses to start a
+    /// program with an argument over 128 KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = ARG_MAX_CHARS))]
     pub value: Option<String>,
     /// A datastore path made available to the script; the parameter's value is its path on
     /// compute.
@@ -252,7 +265,8 @@ pub struct ScriptParam {
 #[serde(rename_all = "camelCase")]
 pub struct DataReference {
     /// The name of a Datastore in the experiment's namespace or of a ClusterDatastore.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(DATASTORE_NAME))]
     pub datastore: String,
     /// The path in the datastore, e.g. `data/files`. Empty (the default) means the whole
     /// container. For `upload`, what the script writes under the path on compute lands under
@@ -356,6 +370,8 @@ pub struct OutputsVolume {
     pub size: Option<Quantity>,
     /// The StorageClass of the volume. Absent means the cluster's default StorageClass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(STORAGE_CLASS_NAME))]
     pub storage_class_name: Option<String>,
 }
 
@@ -378,11 +394,15 @@ pub struct Staging {
     /// Stage on a volume of this StorageClass made for the run's pod and deleted with it (a
     /// generic ephemeral volume), e.g. a local NVMe class, instead of the node's disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(STORAGE_CLASS_NAME))]
     pub storage_class_name: Option<String>,
     /// Stage on this existing PersistentVolumeClaim of the experiment's namespace, in a folder
     /// of the run's own (`<experiment uid>/download-<n>`); what fits is its free space. The
     /// folder is left there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = NAME_MAX))]
+    #[x_kube(validation = Rule::new(NAME_RULE).message(CLAIM_NAME))]
     pub claim_name: Option<String>,
 }
 

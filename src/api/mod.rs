@@ -5,6 +5,7 @@
 
 pub mod datastore;
 pub mod experiment;
+pub mod limits;
 
 pub use datastore::*;
 pub use experiment::*;

@@ -75,6 +75,9 @@ pub async fn resolve_datastores(
     source: &Source,
     scope: &Scope,
 ) -> Result<(BTreeMap<String, StoreConfig>, BTreeSet<String>)> {
+    // What the spec alone refuses is refused before any lookup (a datastore name with a `/`
+    // would ask the cluster for another resource), as the controller does.
+    crate::plan::check_spec(spec).map_err(|e| Error::Config(e.to_string()))?;
     let mut datastores = BTreeMap::new();
     let mut cache_downloads = BTreeSet::new();
     for (_, name) in spec.datastore_uses() {

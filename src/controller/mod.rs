@@ -329,6 +329,8 @@ pub struct Context {
     pub start_timeout: Duration,
     /// How transferring Experiments' progress is read (a period, a rate, a cap on reads at once).
     pub progress: experiment::ProgressReads,
+    /// The Experiments whose reconciles fail, and how many times in a row.
+    pub failing: experiment::Failing,
 }
 
 /// [`Context::start_timeout`] when the operator is not told otherwise: long enough for a node
@@ -357,6 +359,7 @@ impl Context {
             start_timeout: DEFAULT_START_TIMEOUT,
             metrics: Arc::default(),
             progress: experiment::ProgressReads::new(experiment::DEFAULT_PROGRESS_PERIOD),
+            failing: experiment::Failing::default(),
         }
     }
 
@@ -397,10 +400,25 @@ where
 /// Why a reconcile failed; it is retried after [`ERROR_RETRY`].
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("the Kubernetes API call failed: {0}")]
+    #[error("{}", kube_cause(.0))]
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Resolve(crate::error::Error),
+}
+
+/// What the apiserver answered, as it said it (its code, reason and message), or why no answer
+/// came.
+fn kube_cause(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => format!(
+            "the Kubernetes API answered {} {}: {}",
+            status.code, status.reason, status.message
+        ),
+        kube::Error::SerdeError(e) => {
+            format!("the Kubernetes API's answer could not be decoded: {e}")
+        }
+        other => format!("no answer from the Kubernetes API: {other}"),
+    }
 }
 
 impl ReconcileError {

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::{
     CodeReference, ComputeTarget, DataReference, ExperimentSpec, Mode, MountDriver, ScriptParam,
+    limits,
 };
 use crate::paths;
 use crate::reason::Reason;
@@ -250,6 +251,27 @@ pub enum PlanError {
         second: String,
         env: String,
     },
+    #[error(
+        "{user} refers to datastore {datastore:?}, which is not a name a datastore can have: {}",
+        limits::DATASTORE_NAME
+    )]
+    InvalidDatastoreName { user: String, datastore: String },
+    #[error(
+        "{what} holds {chars} characters, more than the {} one may hold (the kernel refuses to start a program with an argument or environment variable over 128 KiB); {}",
+        limits::ARG_MAX_CHARS,
+        limits::COMMAND_LINE_ADVICE
+    )]
+    ArgumentTooLong {
+        /// `the value of parameter --config`, `env CONFIG`, `command element 2`.
+        what: String,
+        chars: usize,
+    },
+    #[error(
+        "the script's command line and environment hold {bytes} bytes, more than the {} allowed (the kernel refuses to start a program with more than 2 MiB of arguments and environment, counting 9 bytes more for each string); {}",
+        limits::COMMAND_LINE_MAX_BYTES,
+        limits::COMMAND_LINE_ADVICE
+    )]
+    CommandLineTooLong { bytes: usize },
 }
 
 impl PlanError {
@@ -280,6 +302,9 @@ impl PlanError {
             PlanError::InvalidPathOnCompute { .. } => Reason::InvalidPathOnCompute,
             PlanError::PathOnComputeClash { .. } => Reason::PathOnComputeClash,
             PlanError::EnvVarClash { .. } => Reason::EnvVarClash,
+            PlanError::InvalidDatastoreName { .. } => Reason::InvalidDatastoreName,
+            PlanError::ArgumentTooLong { .. } => Reason::ArgumentTooLong,
+            PlanError::CommandLineTooLong { .. } => Reason::CommandLineTooLong,
         }
     }
 }
@@ -416,7 +441,66 @@ pub fn plan(
     }) {
         return Err(PlanError::EnvShadowsReference { name, param });
     }
+    check_command_line(&plan, &exp.env)?;
     Ok(plan)
+}
+
+/// Whether the kernel will start the script: its command line and environment (the spec's and
+/// the references' variables) within [`limits::COMMAND_LINE_MAX_BYTES`], counted as `execve`
+/// counts them. A variable from a Secret or ConfigMap counts by its name: its value is only
+/// known where the pod starts.
+fn check_command_line(
+    plan: &ExecutionPlan,
+    env: &[k8s_openapi::api::core::v1::EnvVar],
+) -> Result<(), PlanError> {
+    let args = plan
+        .command
+        .iter()
+        .chain(&plan.args)
+        .map(|a| limits::exec_bytes(a));
+    let spec_env = env
+        .iter()
+        .map(|e| limits::exec_bytes(&e.name) + 1 + e.value.as_deref().map_or(0, str::len));
+    let reference_env = plan
+        .env
+        .iter()
+        .map(|e| limits::exec_bytes(&e.name) + 1 + e.value.len());
+    let bytes: usize = args.chain(spec_env).chain(reference_env).sum();
+    if bytes > limits::COMMAND_LINE_MAX_BYTES {
+        return Err(PlanError::CommandLineTooLong { bytes });
+    }
+    Ok(())
+}
+
+/// Each string the script's process gets, within [`limits::ARG_MAX_CHARS`] (what the CRD's
+/// `maxLength` says for the fields it can bound).
+fn check_arguments(exp: &ExperimentSpec) -> Result<(), PlanError> {
+    let command = exp.command.iter().flatten().enumerate();
+    let strings = command
+        .map(|(n, c)| (format!("command element {}", n + 1), c.as_str()))
+        .chain(std::iter::once((
+            "entryScript".to_string(),
+            exp.entry_script.as_str(),
+        )))
+        .chain(exp.script_params.iter().flat_map(|p| {
+            std::iter::once((format!("the name of parameter {}", p.name), p.name.as_str())).chain(
+                p.value
+                    .as_deref()
+                    .map(|v| (format!("the value of parameter {}", p.name), v)),
+            )
+        }))
+        .chain(
+            exp.env
+                .iter()
+                .filter_map(|e| Some((format!("env {}", e.name), e.value.as_deref()?))),
+        );
+    for (what, s) in strings {
+        let chars = s.chars().count();
+        if chars > limits::ARG_MAX_CHARS {
+            return Err(PlanError::ArgumentTooLong { what, chars });
+        }
+    }
+    Ok(())
 }
 
 /// The rules the spec alone decides, without its datastores: what `plan` checks first, and what
@@ -449,7 +533,20 @@ pub fn check_spec(exp: &ExperimentSpec) -> Result<(), PlanError> {
         });
     }
     check_env(&exp.env)?;
-    check_parameters(&exp.script_params)
+    check_parameters(&exp.script_params)?;
+    check_arguments(exp)?;
+    // A name with a `/` would turn its lookup into a request for another resource.
+    if let Some((user, datastore)) = exp
+        .datastore_uses()
+        .into_iter()
+        .find(|(_, name)| !limits::is_dns1123_subdomain(name))
+    {
+        return Err(PlanError::InvalidDatastoreName {
+            user,
+            datastore: datastore.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// What a process environment (and the apiserver, for a container's) accepts.

@@ -963,3 +963,96 @@ fn code_on_an_unknown_or_local_datastore_is_refused_for_the_cluster() {
     let planned = plan(&spec, &datastores(), local("/w/data")).unwrap();
     assert_eq!(planned.code.unwrap().local_path, "/work/code");
 }
+
+#[test]
+fn a_datastore_name_that_is_not_a_kubernetes_name_is_refused_before_any_lookup() {
+    let mut exp = example();
+    exp.script_params[0]
+        .data_reference
+        .as_mut()
+        .unwrap()
+        .datastore = "team-b/blob-ds".into();
+    let err = check_spec(&exp).expect_err("refused by the spec alone");
+    assert_eq!(err.reason(), Reason::InvalidDatastoreName);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "parameter --data_folder refers to datastore \"team-b/blob-ds\", which is not a name a datastore can have: {}",
+            limits::DATASTORE_NAME
+        )
+    );
+    let mut code = spec("image: i\nentryScript: t.py\ncode: {datastore: Code_DS, path: p}\n");
+    assert_eq!(plan_err(&code).reason(), Reason::InvalidDatastoreName);
+    code.code.as_mut().unwrap().datastore = "workspace-ds".into();
+    assert!(check_spec(&code).is_ok());
+}
+
+/// The kernel's limits, with the sentences `datastore run` and the controller both give.
+#[test]
+fn a_command_line_the_kernel_cannot_start_is_refused_with_the_limits() {
+    // Not `plan_err`: a plan that holds a megabyte would be printed whole.
+    let refused = |spec: &ExperimentSpec| match plan(spec, &datastores(), CLUSTER) {
+        Ok(_) => panic!("the spec was planned"),
+        Err(e) => e,
+    };
+    let with_value = |value: String| {
+        let mut exp = example();
+        exp.script_params[2].value = Some(value);
+        exp
+    };
+    // At the limit of one value: planned.
+    plan(
+        &with_value("x".repeat(limits::ARG_MAX_CHARS)),
+        &datastores(),
+        CLUSTER,
+    )
+    .expect("a value at the limit runs");
+    // The 1 MiB value.
+    let err = refused(&with_value("x".repeat(1 << 20)));
+    assert_eq!(err.reason(), Reason::ArgumentTooLong);
+    assert_eq!(
+        err.to_string(),
+        "the value of parameter --regularization holds 1048576 characters, more than the 32000 one may hold (the kernel refuses to start a program with an argument or environment variable over 128 KiB); pass large inputs as a file in a datastore (a dataReference) instead"
+    );
+    // Characters, not bytes: 32,000 four-byte characters still pass (128,000 bytes).
+    plan(
+        &with_value("😀".repeat(limits::ARG_MAX_CHARS)),
+        &datastores(),
+        CLUSTER,
+    )
+    .expect("four-byte characters at the limit run");
+    // An env value counts too.
+    let mut exp = example();
+    exp.env = vec![k8s_openapi::api::core::v1::EnvVar {
+        name: "CONFIG".into(),
+        value: Some("x".repeat(limits::ARG_MAX_CHARS + 1)),
+        value_from: None,
+    }];
+    let err = refused(&exp);
+    assert_eq!(err.reason(), Reason::ArgumentTooLong);
+    assert!(
+        err.to_string()
+            .starts_with("env CONFIG holds 32001 characters"),
+        "{err}"
+    );
+
+    // Each value within its limit, the whole over 1 MiB: 40 values of 30,000 characters.
+    let mut exp = example();
+    exp.script_params.extend((0..40).map(|n| ScriptParam {
+        name: format!("--p{n}"),
+        value: Some("x".repeat(30_000)),
+        data_reference: None,
+    }));
+    let err = refused(&exp);
+    assert_eq!(err.reason(), Reason::CommandLineTooLong);
+    let message = err.to_string();
+    assert!(
+        message.starts_with("the script's command line and environment hold 1201235 bytes, ")
+            && message.contains("more than the 1048576 allowed")
+            && message.ends_with(limits::COMMAND_LINE_ADVICE),
+        "{message}"
+    );
+    // 34 of them fit (1,020,000 bytes and the rest).
+    exp.script_params.truncate(3 + 34);
+    plan(&exp, &datastores(), CLUSTER).expect("just under the limit runs");
+}

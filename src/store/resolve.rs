@@ -347,16 +347,21 @@ impl Found {
 
 /// The Datastore `name` in `namespace`, else the ClusterDatastore `name`, else `None`.
 pub async fn find(client: kube::Client, name: &str, namespace: &str) -> Result<Option<Found>> {
+    lookup(client, name, namespace).await.map_err(kube_error)
+}
+
+/// [`find`] with the apiserver's own error (the controller reports it as it is).
+pub async fn lookup(
+    client: kube::Client,
+    name: &str,
+    namespace: &str,
+) -> std::result::Result<Option<Found>, kube::Error> {
     let namespaced: kube::Api<Datastore> = kube::Api::namespaced(client.clone(), namespace);
-    if let Some(ds) = namespaced.get_opt(name).await.map_err(kube_error)? {
+    if let Some(ds) = namespaced.get_opt(name).await? {
         return Ok(Some(Found::Namespaced(ds)));
     }
     let cluster: kube::Api<ClusterDatastore> = kube::Api::all(client);
-    Ok(cluster
-        .get_opt(name)
-        .await
-        .map_err(kube_error)?
-        .map(Found::Cluster))
+    Ok(cluster.get_opt(name).await?.map(Found::Cluster))
 }
 
 /// The error for a name that names no datastore, listing the ones there are.
@@ -392,26 +397,57 @@ async fn not_found(client: kube::Client, name: &str, namespace: &str) -> Result<
 
 /// Reads the found datastore's credentials Secret (if it names one) and resolves its storage.
 pub async fn resolve_found(client: kube::Client, found: &Found, scope: &Scope) -> Result<Resolved> {
+    let secret = read_secret(client, found, scope)
+        .await
+        .map_err(kube_error)?;
+    resolved(found, scope, secret.as_ref())
+}
+
+/// The credentials Secret the found datastore names, with the apiserver's own error; `None`
+/// when it names none or the Secret does not exist ([`resolved`] says which).
+pub async fn read_secret(
+    client: kube::Client,
+    found: &Found,
+    scope: &Scope,
+) -> std::result::Result<Option<K8sSecret>, kube::Error> {
+    let Some(secret_name) = found.storage().ok().as_ref().and_then(secret_name) else {
+        return Ok(None);
+    };
+    // A name with a `/` would ask for another resource; `resolved` refuses it.
+    if !crate::api::limits::is_dns1123_subdomain(secret_name) {
+        return Ok(None);
+    }
+    let secrets: kube::Api<K8sSecret> =
+        kube::Api::namespaced(client, found.secret_namespace(scope));
+    secrets.get_opt(secret_name).await
+}
+
+/// The found datastore resolved with the Secret [`read_secret`] read.
+pub fn resolved(found: &Found, scope: &Scope, secret: Option<&K8sSecret>) -> Result<Resolved> {
     let label = found.label();
     let storage = found
         .storage()
         .map_err(|why| Error::Config(format!("{label}: {why}")))?;
     let secret_ns = found.secret_namespace(scope);
-    let secret = match secret_name(&storage) {
-        Some(secret_name) => {
-            let secrets: kube::Api<K8sSecret> = kube::Api::namespaced(client, secret_ns);
-            Some(secrets.get_opt(secret_name).await.map_err(kube_error)?.ok_or_else(|| {
-                Error::Config(format!("{label} refers to Secret '{secret_name}', which does not exist in namespace '{secret_ns}': create it"))
-            })?)
+    if let Some(secret_name) = secret_name(&storage) {
+        if !crate::api::limits::is_dns1123_subdomain(secret_name) {
+            return Err(Error::Config(format!(
+                "{label} refers to Secret '{secret_name}', which is not a name a Secret can have: {}",
+                crate::api::limits::SECRET_NAME
+            )));
         }
-        None => None,
-    };
+        if secret.is_none() {
+            return Err(Error::Config(format!(
+                "{label} refers to Secret '{secret_name}', which does not exist in namespace '{secret_ns}': create it"
+            )));
+        }
+    }
     let config = store_config(
         &label,
         storage,
         found.read_only(),
         secret_ns,
-        secret.as_ref(),
+        secret,
         Path::new("."),
     )?;
     Ok(Resolved {

@@ -346,3 +346,98 @@ async fn an_invalid_run_job_is_reported_and_what_was_applied_goes() {
     ]);
     assert_eq!(reconcile_once(&exp, script).await, Action::await_change());
 }
+
+/// An Experiment stored before the CRD checked names (or applied around it): a datastore name
+/// with a `/` is refused by the spec alone, and nothing is looked up (the lookup would have
+/// asked for a subresource of Datastore team-b and been refused, 403, forever).
+#[tokio::test]
+async fn a_datastore_name_with_a_slash_is_refused_without_a_lookup() {
+    let exp = experiment(&EXAMPLE.replace("datastore: blob-ds", "datastore: team-b/blob-ds"));
+    let status = Arc::default();
+    let script = vec![
+        expect(&format!("GET {RUN}")).not_found(),
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Failed));
+            let accepted = s.conditions.iter().find(|c| c.type_ == "Accepted").unwrap();
+            assert_eq!(
+                (accepted.status.as_str(), accepted.reason.as_str()),
+                ("False", "InvalidDatastoreName")
+            );
+            assert!(
+                accepted.message.starts_with(
+                    "parameter --data_folder refers to datastore \"team-b/blob-ds\", which is not a name a datastore can have: datastore must be the name of a Datastore"
+                ),
+                "{}",
+                accepted.message
+            );
+        }),
+        event_about("Warning", "InvalidDatastoreName", "no namespace/ prefix"),
+    ];
+    let action = reconcile_once(&exp, script).await;
+    assert_eq!(action, Action::await_change());
+}
+
+/// A pass that keeps failing (here the Secret read, refused) says so: after the second failure
+/// in a row, the status (phase, message, a Reconciled condition) and a Warning event carry the
+/// apiserver's own answer; the third, with the same cause, writes nothing.
+#[tokio::test]
+async fn a_reconcile_that_keeps_failing_says_why_in_the_status_and_an_event() {
+    let refused = || {
+        vec![
+            expect(&format!("GET {RUN}")).not_found(),
+            expect(&format!("GET {GROUP}/namespaces/ml/datastores/blob-ds"))
+                .ok(blob_datastore(NS, "blob-ds")),
+            expect("GET /api/v1/namespaces/ml/secrets/mlstorage-key").reply(
+                http::StatusCode::FORBIDDEN,
+                json!({
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": FORBIDDEN, "reason": "Forbidden",
+                    "details": {"name": "mlstorage-key", "kind": "secrets"}, "code": 403,
+                }),
+            ),
+        ]
+    };
+    const FORBIDDEN: &str = "secrets \"mlstorage-key\" is forbidden: User \"system:serviceaccount:datastore-operator:datastore-operator\" cannot get resource \"secrets\" in API group \"\" in the namespace \"ml\"";
+    let status = Arc::default();
+    let mut script = refused();
+    script.extend(refused());
+    script.extend([
+        status_patch(&status, |s| {
+            assert_eq!(s.phase, Some(Phase::Pending));
+            let failing = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Reconciled")
+                .expect("a Reconciled condition");
+            assert_eq!(
+                (failing.status.as_str(), failing.reason.as_str()),
+                ("False", "KubeForbidden")
+            );
+            let expected = format!(
+                "the controller cannot reconcile this Experiment and retries every 30s: the Kubernetes API answered 403 Forbidden: {FORBIDDEN}"
+            );
+            assert_eq!(failing.message, expected);
+            assert_eq!(s.message.as_deref(), Some(expected.as_str()));
+        }),
+        event_about("Warning", "KubeForbidden", "cannot get resource \"secrets\""),
+    ]);
+    let third = refused();
+    let exp = experiment(EXAMPLE);
+    let (client, server) = common::apiserver::start_as_controller(
+        script.into_iter().chain(third).collect(),
+        OPERATOR_NS,
+    );
+    let ctx = context(client, Default::default());
+    let pass = |exp: Experiment| {
+        datastore_operator::controller::experiment::reconcile(Arc::new(exp), ctx.clone())
+    };
+    for n in 1..=2 {
+        let error = pass(exp.clone()).await.expect_err("the pass fails");
+        assert_eq!(error.reason(), "KubeForbidden", "pass {n}");
+    }
+    // The third pass sees the status the second wrote: the same cause is not written again.
+    let failing = with_status(exp, written(&status));
+    pass(failing).await.expect_err("the pass fails");
+    drop(ctx);
+    server.done().await;
+}

@@ -53,6 +53,12 @@ pub struct Admitted {
     pub mounts: Vec<MountRecord>,
 }
 
+/// The rules the spec alone decides, checked before any datastore is looked up (a name that is
+/// not one would be asked for as another resource).
+pub fn spec(exp: &Experiment) -> Result<(), Refusal> {
+    plan::check_spec(&exp.spec).map_err(|e| Refusal::new(e.reason(), e.to_string(), LiftedBy::Spec))
+}
+
 /// The experiment's plan against its resolved datastores.
 pub fn plan(
     exp: &Experiment,

@@ -1132,6 +1132,86 @@ mod tests {
         assert_eq!(settled(&exp), Some(Entry::Nothing));
     }
 
+    /// A script whose container the runtime could not start, as a real kubelet with
+    /// containerd and runc reports it (restartPolicy Never): the pod Failed, the container
+    /// terminated with reason StartError, exit code 128, started at the epoch, and the runtime's
+    /// error as its message; the Job says only BackoffLimitExceeded.
+    #[test]
+    fn a_script_that_cannot_start_says_the_runtimes_reason_not_the_jobs() {
+        let exp = experiment("  - name: --lr\n    value: \"0.1\"\n");
+        let kubelet_pod = |runtime_error: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "train-run-x7k2p", "namespace": "ml", "creationTimestamp": "2027-01-15T08:00:00Z"},
+                "status": {
+                    "phase": "Failed",
+                    "conditions": [
+                        {"type": "PodReadyToStartContainers", "status": "False", "lastTransitionTime": "2027-01-15T08:00:03Z"},
+                        {"type": "Initialized", "status": "True", "lastTransitionTime": "2027-01-15T08:00:00Z"},
+                        {"type": "Ready", "status": "False", "reason": "PodFailed", "lastTransitionTime": "2027-01-15T08:00:03Z"},
+                        {"type": "ContainersReady", "status": "False", "reason": "PodFailed", "lastTransitionTime": "2027-01-15T08:00:03Z"},
+                        {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2027-01-15T08:00:00Z"},
+                    ],
+                    "containerStatuses": [{
+                        "name": "main", "ready": false, "restartCount": 0, "started": false,
+                        "image": "docker.io/library/python:3.12-slim",
+                        "imageID": "docker.io/library/python@sha256:0b3ae4e1a8c4b7ba6c1d7e6bf0a1ee59b8f8b4e4f2a1c3d5e7f9a0b1c2d3e4f5",
+                        "containerID": "containerd://4f5c3a2b1e0d9c8b7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b",
+                        "state": {"terminated": {
+                            "exitCode": 128, "reason": "StartError", "message": runtime_error,
+                            "startedAt": "1970-01-01T00:00:00Z", "finishedAt": "2027-01-15T08:00:02Z",
+                            "containerID": "containerd://4f5c3a2b1e0d9c8b7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b",
+                        }},
+                        "lastState": {},
+                    }],
+                    "qosClass": "BestEffort",
+                    "startTime": "2027-01-15T08:00:00Z",
+                },
+            }))
+            .unwrap()
+        };
+        let message_of = |runtime_error: &str| {
+            let run = seen(
+                job("train-run", Some("Failed")),
+                vec![kubelet_pod(runtime_error)],
+                None,
+            );
+            let observed = Observed {
+                run,
+                inputs: vec![],
+                upload: None,
+            };
+            match decide(&exp, &observed, at(NOW), START_TIMEOUT) {
+                Decision::Report { step, .. } => {
+                    assert_eq!(
+                        (step.phase, step.reason),
+                        (Phase::Failed, Reason::RunFailed)
+                    );
+                    step.message
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let too_long = message_of(
+            "failed to create containerd task: failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: exec /usr/local/bin/python: argument list too long: unknown",
+        );
+        assert!(
+            too_long.starts_with("the run failed: the script could not start (StartError, exit code 128): failed to create containerd task: ")
+                && too_long.contains("exec /usr/local/bin/python: argument list too long")
+                && too_long.contains("the kernel refused the command line and environment as too long")
+                && !too_long.contains("BackoffLimitExceeded"),
+            "{too_long}"
+        );
+        let no_python = message_of(
+            "failed to create containerd task: failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: exec: \"python\": executable file not found in $PATH: unknown",
+        );
+        assert!(
+            no_python.starts_with("the run failed: the script could not start (StartError, exit code 128): ")
+                && no_python.contains(r#"exec: "python": executable file not found in $PATH"#)
+                && no_python.ends_with("the program to run is not in the image: use an image that has it, or name it in command"),
+            "{no_python}"
+        );
+    }
+
     #[test]
     fn the_end_says_what_failed_and_where_the_outputs_are() {
         let exp = experiment(&reference("--out", "blob-ds", "upload"));

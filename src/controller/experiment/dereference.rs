@@ -44,10 +44,7 @@ pub async fn datastores(exp: &Experiment, ctx: &Context) -> Result<World, Stop> 
         |reason, message: String| Stop::Refused(Refusal::new(reason, message, LiftedBy::Cluster));
     let mut world = World::default();
     for (user, name) in exp.spec.datastore_uses() {
-        let Some(found) = resolve::find(ctx.client.clone(), name, &ns)
-            .await
-            .map_err(ReconcileError::Resolve)?
-        else {
+        let Some(found) = resolve::lookup(ctx.client.clone(), name, &ns).await? else {
             return Err(waits(
                 Reason::DatastoreNotFound,
                 format!(
@@ -79,7 +76,8 @@ pub async fn datastores(exp: &Experiment, ctx: &Context) -> Result<World, Stop> 
                 ));
             }
         }
-        match resolve::resolve_found(ctx.client.clone(), &found, &scope).await {
+        let secret = resolve::read_secret(ctx.client.clone(), &found, &scope).await?;
+        match resolve::resolved(&found, &scope, secret.as_ref()) {
             Ok(r) => {
                 if r.cache_downloads {
                     world.cache_downloads.insert(name.to_string());

@@ -61,15 +61,61 @@ impl From<kube::Error> for Stop {
     }
 }
 
+/// How many passes in a row must fail before the status says so: one failure may be a blip
+/// (an apiserver restarting), the next one is not.
+pub const FAILED_PASSES_SHOWN: u32 = 2;
+
+/// The Experiments whose passes fail, with how many times in a row (in memory: a restarted
+/// controller counts again). An Experiment leaves it on its next good pass.
+#[derive(Debug, Default)]
+pub struct Failing(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl Failing {
+    /// One more failed pass of `key`; how many in a row now.
+    fn failed(&self, key: &str) -> u32 {
+        let mut failing = self.0.lock().expect("not poisoned");
+        let count = failing.entry(key.to_string()).or_default();
+        *count += 1;
+        *count
+    }
+
+    fn recovered(&self, key: &str) {
+        self.0.lock().expect("not poisoned").remove(key);
+    }
+}
+
+/// One pass over an Experiment. A pass that fails is retried after [`super::ERROR_RETRY`]; once
+/// [`FAILED_PASSES_SHOWN`] have failed in a row, its status and an event say why (written
+/// again only when the cause changes), so no failure leaves an Experiment silent.
 pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let entry = match decide::settled(&exp) {
+    let key = format!(
+        "{}/{}",
+        kube::ResourceExt::namespace(&*exp).unwrap_or_default(),
+        kube::ResourceExt::name_any(&*exp)
+    );
+    let result = pass(&exp, &ctx).await;
+    match &result {
+        Ok(_) => ctx.failing.recovered(&key),
+        Err(error) => {
+            if ctx.failing.failed(&key) >= FAILED_PASSES_SHOWN
+                && let Err(e) = status::write_failure(&exp, &ctx, error).await
+            {
+                tracing::warn!(experiment = %key, error = %e, "cannot say in its status why its reconcile fails");
+            }
+        }
+    }
+    result
+}
+
+async fn pass(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError> {
+    let entry = match decide::settled(exp) {
         Some(entry) => entry,
-        None => decide::entry(&exp, observe::run_job(&exp, &ctx).await?),
+        None => decide::entry(exp, observe::run_job(exp, ctx).await?),
     };
     match entry {
         Entry::Nothing => Ok(Action::await_change()),
-        Entry::Start => start(&exp, &ctx).await,
-        Entry::Follow(run) => follow(&exp, &ctx, *run).await,
+        Entry::Start => start(exp, ctx).await,
+        Entry::Follow(run) => follow(exp, ctx, *run).await,
         Entry::Report {
             step,
             started,
@@ -79,7 +125,7 @@ pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action
                 started,
                 ..Record::default()
             };
-            status::write(&exp, &ctx, &step, record).await?;
+            status::write(exp, ctx, &step, record).await?;
             Ok(then)
         }
     }
@@ -88,6 +134,7 @@ pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action
 /// Dereferences, admits and applies the run; or says why it cannot.
 async fn start(exp: &Experiment, ctx: &Context) -> Result<Action, ReconcileError> {
     let started = async {
+        admit::spec(exp)?;
         let mut world = dereference::datastores(exp, ctx).await?;
         let plan = admit::plan(exp, &world.datastores)?;
         admit::name(exp)?;

@@ -289,13 +289,37 @@ fn cache_result(cached_at: Option<&str>, pod: &Pod) -> Option<CacheResult> {
     })
 }
 
-/// Why the pods of a failed Job failed, for humans: each container that exited non-zero, with
-/// its termination message (the agent writes its error there).
+/// The reasons a runtime gives a container it could not start (its process never ran):
+/// containerd's (exit code 128, with the runtime's error as the message) and Docker's.
+const COULD_NOT_START: &[&str] = &["StartError", "ContainerCannotRun"];
+
+/// Why the pods of a failed Job failed, for humans: the pod's own reason when the kubelet failed
+/// it as a whole (evicted, refused at admission), then each container that exited non-zero,
+/// with its termination message (the agent writes its error there), or that could not start,
+/// with the runtime's reason and error and what that error means.
 pub fn failures(pods: &[Pod]) -> Vec<String> {
     let Some(status) = newest(pods).and_then(|p| p.status.as_ref()) else {
         return Vec::new();
     };
-    status
+    let pod_failed = status
+        .reason
+        .as_deref()
+        .filter(|r| !r.is_empty() && status.phase.as_deref() == Some("Failed"))
+        .map(|reason| {
+            match status
+                .message
+                .as_deref()
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+            {
+                Some(m) => format!(
+                    "the pod failed ({reason}): {}",
+                    crate::plan::contract::truncate(m, 512)
+                ),
+                None => format!("the pod failed ({reason})"),
+            }
+        });
+    let containers = status
         .init_container_statuses
         .iter()
         .flatten()
@@ -310,6 +334,19 @@ pub fn failures(pods: &[Pod]) -> Vec<String> {
             } else {
                 format!("container {}", c.name)
             };
+            let message = t.message.as_deref().map(str::trim).unwrap_or_default();
+            if let Some(reason) = t.reason.as_deref().filter(|r| COULD_NOT_START.contains(r)) {
+                let mut line = format!(
+                    "{what} could not start ({reason}, exit code {})",
+                    t.exit_code
+                );
+                if !message.is_empty() {
+                    line.push_str(": ");
+                    line.push_str(crate::plan::contract::truncate(message, 512));
+                }
+                line.push_str(start_error_meaning(message));
+                return Some(line);
+            }
             let mut line = format!("{what} exited with code {}", t.exit_code);
             if let Some(m) = t
                 .message
@@ -324,7 +361,23 @@ pub fn failures(pods: &[Pod]) -> Vec<String> {
             }
             Some(line)
         })
-        .collect()
+        .collect::<Vec<_>>();
+    pod_failed.into_iter().chain(containers).collect()
+}
+
+/// What a runtime's error about a container that could not start means, for the errors a
+/// spec can cause: `; ...` or nothing.
+fn start_error_meaning(message: &str) -> &'static str {
+    if message.contains("argument list too long") {
+        // E2BIG from execve: past MAX_ARG_STRLEN or ARG_MAX (crate::api::limits).
+        "; the kernel refused the command line and environment as too long (at most 128 KiB in one argument or variable, 2 MiB in all): pass large inputs as a file in a datastore (a dataReference) instead"
+    } else if message.contains("executable file not found")
+        || message.contains("no such file or directory")
+    {
+        "; the program to run is not in the image: use an image that has it, or name it in command"
+    } else {
+        ""
+    }
 }
 
 /// What the upload containers of the newest pod reported, summed (a retried pod reports the

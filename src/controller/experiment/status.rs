@@ -18,6 +18,11 @@ pub const ACCEPTED: &str = "Accepted";
 /// the phase), True when it succeeded, False when it failed or cannot start.
 pub const SUCCEEDED: &str = "Succeeded";
 
+/// The condition saying the controller cannot reconcile the experiment: False, with the failure's
+/// reason and the apiserver's own answer, while its passes keep failing; absent otherwise (the
+/// next good pass's status drops it).
+pub const RECONCILED: &str = "Reconciled";
+
 /// One step of an experiment, as its status reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Step {
@@ -137,6 +142,70 @@ pub fn next_status(
         mounts: current.mounts.clone(),
         progress: step.progress.as_deref().cloned(),
     }
+}
+
+/// The status of an experiment whose passes keep failing: what it said stays (a pass that fails
+/// observed nothing), its phase is Pending if it had none, its message and the [`RECONCILED`]
+/// condition say why. Equal to `current` while the cause is the same, so it is written once.
+pub fn failing_status(
+    current: &ExperimentStatus,
+    generation: Option<i64>,
+    reason: Reason,
+    message: &str,
+    now: &Time,
+) -> ExperimentStatus {
+    let mut failing = condition(RECONCILED, "False", reason, message, generation);
+    failing.last_transition_time = current
+        .conditions
+        .iter()
+        .find(|c| c.type_ == RECONCILED && c.status == "False")
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    let mut next = current.clone();
+    next.phase = Some(current.phase.unwrap_or(Phase::Pending));
+    next.message = Some(message.to_string());
+    next.conditions.retain(|c| c.type_ != RECONCILED);
+    next.conditions.push(failing);
+    next
+}
+
+/// Says in the status, and in an event when the cause is new, why the experiment's passes keep
+/// failing.
+pub async fn write_failure(
+    exp: &Experiment,
+    ctx: &Context,
+    error: &ReconcileError,
+) -> Result<(), ReconcileError> {
+    let current = exp.status.clone().unwrap_or_default();
+    let reason = error.reason();
+    let message = format!(
+        "the controller cannot reconcile this Experiment and retries every {}s: {error}",
+        crate::controller::ERROR_RETRY.as_secs()
+    );
+    let message = truncate(&message, 1024);
+    let next = failing_status(
+        &current,
+        exp.metadata.generation,
+        reason,
+        message,
+        &Time(ctx.now_k8s()),
+    );
+    if next == current {
+        return Ok(());
+    }
+    let api: Api<Experiment> =
+        Api::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
+    crate::controller::apply_status(&api, &exp.name_any(), &next).await?;
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.to_string(),
+        note: Some(message.to_string()),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &exp.object_ref(&())).await {
+        tracing::warn!(experiment = %exp.name_any(), error = %e, "cannot publish an event");
+    }
+    Ok(())
 }
 
 fn condition(
@@ -350,6 +419,75 @@ mod tests {
             )
         );
         assert_eq!(status.conditions[1].status, "False");
+    }
+
+    #[test]
+    fn a_failing_experiment_says_why_once_per_cause_and_the_next_good_pass_drops_it() {
+        // An Experiment the controller never got to: no status at all.
+        let first = failing_status(
+            &ExperimentStatus::default(),
+            Some(1),
+            Reason::KubeInternalError,
+            "etcd timed out",
+            &at(10),
+        );
+        assert_eq!(first.phase, Some(Phase::Pending));
+        assert_eq!(first.message.as_deref(), Some("etcd timed out"));
+        let failing = first
+            .conditions
+            .iter()
+            .find(|c| c.type_ == RECONCILED)
+            .unwrap();
+        assert_eq!(
+            (
+                failing.status.as_str(),
+                failing.reason.as_str(),
+                failing.message.as_str()
+            ),
+            ("False", "KubeInternalError", "etcd timed out")
+        );
+        // The same cause later: nothing to write.
+        let again = failing_status(
+            &first,
+            Some(1),
+            Reason::KubeInternalError,
+            "etcd timed out",
+            &at(40),
+        );
+        assert_eq!(again, first);
+        // Another cause: written, and the condition keeps its transition time.
+        let other = failing_status(&first, Some(1), Reason::KubeForbidden, "forbidden", &at(70));
+        assert_ne!(other, first);
+        let failing = other
+            .conditions
+            .iter()
+            .find(|c| c.type_ == RECONCILED)
+            .unwrap();
+        assert_eq!(failing.last_transition_time, at(10));
+
+        // A running experiment keeps its phase and its other conditions.
+        let running = next_status(
+            &ExperimentStatus::default(),
+            Some(1),
+            &Step::new(Phase::Running, Reason::Running, "the script is running"),
+            vec![],
+            true,
+            &at(5),
+        );
+        let stuck = failing_status(&running, Some(1), Reason::KubeRequest, "no answer", &at(6));
+        assert_eq!(stuck.phase, Some(Phase::Running));
+        assert_eq!(stuck.conditions.len(), 3);
+        // The next good pass: its status has no Reconciled condition, so it is written.
+        let good = next_status(
+            &stuck,
+            Some(1),
+            &Step::new(Phase::Running, Reason::Running, "the script is running"),
+            vec![],
+            true,
+            &at(7),
+        );
+        assert!(good.conditions.iter().all(|c| c.type_ != RECONCILED));
+        assert_eq!(good, running);
     }
 
     #[test]

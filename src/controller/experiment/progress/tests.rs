@@ -313,6 +313,46 @@ fn failures_name_each_container_that_failed_and_its_message() {
     assert_eq!(failures(&[]), Vec::<String>::new());
 }
 
+/// A pod the kubelet failed as a whole, as it writes an eviction: the pod's reason and
+/// message come first, then what its containers say.
+#[test]
+fn a_pod_the_kubelet_failed_says_its_own_reason() {
+    let evicted: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "train-run-x7k2p", "creationTimestamp": "2027-01-15T08:00:00Z"},
+        "status": {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi, available: 524288Ki. Container main was using 9Gi, request is 0, has larger consumption of ephemeral-storage. ",
+            "containerStatuses": [{
+                "name": "main", "ready": false, "restartCount": 0, "image": "python:3.12-slim", "imageID": "",
+                "state": {"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown",
+                    "message": "The container could not be located when the pod was terminated"}},
+            }],
+        },
+    }))
+    .unwrap();
+    assert_eq!(
+        failures(&[evicted]),
+        vec![
+            "the pod failed (Evicted): The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi, available: 524288Ki. Container main was using 9Gi, request is 0, has larger consumption of ephemeral-storage.",
+            "the script exited with code 137: The container could not be located when the pod was terminated",
+        ]
+    );
+    // Failed before any container ran (a kubelet refusing the pod at admission): the pod alone.
+    let refused: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "train-run-x7k2p"},
+        "status": {"phase": "Failed", "reason": "OutOfcpu",
+                   "message": "Pod was rejected: Node didn't have enough resource: cpu, requested: 4000, used: 0, capacity: 2000"},
+    }))
+    .unwrap();
+    assert_eq!(
+        failures(&[refused]),
+        vec![
+            "the pod failed (OutOfcpu): Pod was rejected: Node didn't have enough resource: cpu, requested: 4000, used: 0, capacity: 2000"
+        ]
+    );
+}
+
 #[test]
 fn a_stuck_pod_says_why() {
     use k8s_openapi::api::core::v1::{ContainerStateWaiting, PodCondition};
