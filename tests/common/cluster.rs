@@ -5,7 +5,10 @@
 //! `--authorization-mode=Node,RBAC` and the admission plugins a cluster runs (PodSecurity and
 //! OwnerReferencesPermissionEnforcement among them). Every process dies with the test process
 //! (PR_SET_PDEATHSIG); a run's directory is removed by the next run once its process is gone.
+//! The same control plane can run elsewhere than on this machine's loopback: [`Place`] (the real
+//! node's namespaces, tests/common/real_node.rs).
 
+use std::ffi::OsStr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,17 +33,62 @@ pub fn kubernetes() -> String {
 /// The control plane of this test process.
 pub struct Cluster {
     pub dir: PathBuf,
+    /// The apiserver as this process reaches it.
     pub server: String,
+    /// The apiserver's port where it runs (the same as `server`'s on this machine).
+    pub api_port: u16,
     pub ca: PathBuf,
     /// A `system:masters` token: the admin's.
     pub admin_token: String,
+}
+
+/// Where the control plane's processes run and how this process reaches them.
+pub trait Place {
+    /// A command that runs `program` there.
+    fn command(&self, program: &OsStr) -> Command;
+    /// What the apiserver binds and advertises, and anything else it needs there; asked once
+    /// the CA is in `pki`.
+    fn apiserver_args(&self, pki: &Path) -> Vec<String>;
+    /// The apiserver's serving certificate's subjectAltNames beside 127.0.0.1 and the
+    /// `kubernetes` Service's.
+    fn apiserver_names(&self) -> Vec<String>;
+    /// The port on 127.0.0.1 of this machine that reaches `port` on 127.0.0.1 there.
+    fn reach(&self, port: u16) -> u16;
+}
+
+/// This machine's loopback, as every e2e test but the real node's runs it.
+pub struct Loopback;
+
+impl Place for Loopback {
+    fn command(&self, program: &OsStr) -> Command {
+        Command::new(program)
+    }
+    fn apiserver_args(&self, _: &Path) -> Vec<String> {
+        vec![
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+        ]
+    }
+    fn apiserver_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn reach(&self, port: u16) -> u16 {
+        port
+    }
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 /// The control plane, started on first use.
 pub fn cluster() -> &'static Cluster {
-    CLUSTER.get_or_init(start)
+    CLUSTER.get_or_init(|| {
+        let root = std::env::temp_dir();
+        sweep(&root);
+        start(
+            &Loopback,
+            &root.join(format!("datastore-e2e-{}", std::process::id())),
+        )
+    })
 }
 
 /// The `kube` binary `make test-deps` builds.
@@ -80,7 +128,7 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> u32 {
     rx.recv().unwrap()
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -93,8 +141,9 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A CA, the apiserver's serving certificate for 127.0.0.1, and the service-account key pair.
-fn certificates(pki: &Path) {
+/// A CA, the apiserver's serving certificate for 127.0.0.1 and `names`, and the
+/// service-account key pair.
+fn certificates(pki: &Path, names: &[String]) {
     std::fs::create_dir_all(pki).unwrap();
     openssl(
         pki,
@@ -135,9 +184,10 @@ fn certificates(pki: &Path) {
             "/CN=kube-apiserver",
         ],
     );
+    let names: String = names.iter().map(|n| format!(",{n}")).collect();
     std::fs::write(
         pki.join("apiserver.ext"),
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n",
+        format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes.default.svc{names}\n"),
     )
     .unwrap();
     openssl(
@@ -207,27 +257,33 @@ fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut()
     }
 }
 
-/// Whether `https://127.0.0.1:<port><path>` answers 200 (certificates not checked: a probe).
-fn healthy(port: u16, path: &str, token: Option<&str>) -> bool {
-    let mut cmd = Command::new("curl");
+/// Whether `https://127.0.0.1:<port><path>` at `place` answers 200 (certificates not
+/// checked: a probe).
+fn healthy(place: &dyn Place, port: u16, path: &str, token: Option<&str>) -> bool {
+    let mut cmd = place.command("curl".as_ref());
     cmd.args(["-ksf", "-o", "/dev/null", "--max-time", "2"]);
     if let Some(token) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
     }
     cmd.arg(format!("https://127.0.0.1:{port}{path}"))
+        .stdin(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }
 
-fn start() -> Cluster {
+/// Starts the control plane at `place`, its files in `dir`.
+pub fn start(place: &dyn Place, dir: &Path) -> Cluster {
+    start_with(place, dir, &kube_bin())
+}
+
+/// [`start`] with another `kube` binary.
+pub fn start_with(place: &dyn Place, dir: &Path, kube: &Path) -> Cluster {
     let started = Instant::now();
-    let kube = kube_bin();
-    let root = std::env::temp_dir();
-    sweep(&root);
-    let dir = root.join(format!("datastore-e2e-{}", std::process::id()));
+    let kube = kube.as_os_str();
+    let dir = dir.to_path_buf();
     let _ = std::fs::remove_dir_all(&dir);
     let pki = dir.join("pki");
-    certificates(&pki);
+    certificates(&pki, &place.apiserver_names());
     let token = |user: &str| format!("{user}-{:x}", rand_u64());
     let admin_token = token("admin");
     let cm_token = token("cm");
@@ -241,7 +297,7 @@ fn start() -> Cluster {
     .unwrap();
 
     let etcd_port = free_port();
-    let mut etcd = Command::new(&kube);
+    let mut etcd = place.command(kube);
     etcd.arg("etcd")
         .args(["--name", "e2e", "--data-dir"])
         .arg(dir.join("etcd"))
@@ -254,10 +310,10 @@ fn start() -> Cluster {
     let _ = spawn_logged(etcd, &dir.join("etcd.log"));
 
     let api_port = free_port();
-    let mut api = Command::new(&kube);
+    let mut api = place.command(kube);
     api.arg("kube-apiserver")
         .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
-        .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+        .args(place.apiserver_args(&pki))
         .arg(format!("--secure-port={api_port}"))
         .arg(format!("--tls-cert-file={}", pki.join("apiserver.crt").display()))
         .arg(format!("--tls-private-key-file={}", pki.join("apiserver.key").display()))
@@ -277,15 +333,17 @@ fn start() -> Cluster {
         "kube-apiserver",
         Duration::from_secs(120),
         &dir.join("kube-apiserver.log"),
-        || healthy(api_port, "/readyz", Some(&admin_token)),
+        || healthy(place, api_port, "/readyz", Some(&admin_token)),
     );
-    let server = format!("https://127.0.0.1:{api_port}");
+    // The components reach it where they run; this process perhaps through a forward.
+    let local = format!("https://127.0.0.1:{api_port}");
+    let server = format!("https://127.0.0.1:{}", place.reach(api_port));
     let ca = pki.join("ca.crt");
 
     let cm_config = dir.join("controller-manager.kubeconfig");
-    kubeconfig(&cm_config, &server, &ca, &cm_token);
+    kubeconfig(&cm_config, &local, &ca, &cm_token);
     let cm_port = free_port();
-    let mut cm = Command::new(&kube);
+    let mut cm = place.command(kube);
     cm.arg("kube-controller-manager")
         .arg(format!("--kubeconfig={}", cm_config.display()))
         .arg(format!(
@@ -309,9 +367,9 @@ fn start() -> Cluster {
     let _ = spawn_logged(cm, &dir.join("kube-controller-manager.log"));
 
     let sched_config = dir.join("scheduler.kubeconfig");
-    kubeconfig(&sched_config, &server, &ca, &sched_token);
+    kubeconfig(&sched_config, &local, &ca, &sched_token);
     let sched_port = free_port();
-    let mut sched = Command::new(&kube);
+    let mut sched = place.command(kube);
     sched
         .arg("kube-scheduler")
         .arg(format!("--kubeconfig={}", sched_config.display()))
@@ -331,13 +389,13 @@ fn start() -> Cluster {
         "kube-controller-manager",
         Duration::from_secs(120),
         &dir.join("kube-controller-manager.log"),
-        || healthy(cm_port, "/healthz", None),
+        || healthy(place, cm_port, "/healthz", None),
     );
     wait_until(
         "kube-scheduler",
         Duration::from_secs(120),
         &dir.join("kube-scheduler.log"),
-        || healthy(sched_port, "/healthz", None),
+        || healthy(place, sched_port, "/healthz", None),
     );
     eprintln!(
         "control plane {} up on {server} in {:.1}s (logs in {})",
@@ -348,6 +406,7 @@ fn start() -> Cluster {
     Cluster {
         dir,
         server,
+        api_port,
         ca,
         admin_token,
     }

@@ -12,6 +12,7 @@ pub mod node;
 pub mod objects;
 pub mod operator;
 pub mod proxy;
+pub mod real_node;
 pub mod restartable;
 
 use std::os::unix::process::CommandExt;
