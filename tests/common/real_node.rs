@@ -647,9 +647,14 @@ serializeImagePulls: false
         cluster::spawn_logged(cmd, &dir.join("kubelet.log"));
     }
 
-    /// Ends everything in the namespaces, removes the node's cgroups and says what is left.
+    /// Ends everything in the namespaces, removes the node's cgroups and says what is left;
+    /// removes the node's directory too when nothing is (otherwise the next run does).
     pub fn stop(mut self) -> Leftovers {
-        self.guard.teardown()
+        let left = self.guard.teardown();
+        if left == Leftovers::default() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        left
     }
 }
 
@@ -668,17 +673,22 @@ impl Guard {
             std::thread::sleep(Duration::from_millis(100));
         }
         // A killed process leaves its cgroups a moment after it is gone.
-        let mut cgroups = Vec::new();
         for _ in 0..50 {
-            cgroups = hierarchies()
+            let failed: Vec<PathBuf> = hierarchies()
                 .iter()
                 .flat_map(|h| remove_cgroup(&h.join(&self.cgroup_root)))
                 .collect();
-            if cgroups.is_empty() {
+            if failed.is_empty() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Looked at afresh, not taken from the removal's word.
+        let cgroups = hierarchies()
+            .iter()
+            .map(|h| h.join(&self.cgroup_root))
+            .filter(|p| p.exists())
+            .collect();
         let dir = self.dir.display().to_string();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()

@@ -1,0 +1,232 @@
+//! The real node (tests/common/real_node.rs): a kubelet and containerd joined to the real
+//! control plane run a Job, and what the kubelet reports through the apiserver is what a test
+//! may believe about a kubelet. Ignored by `cargo test` until the node's binary is built by
+//! `make test-deps` (issue 25); run it with
+//! `bash tests/cluster/build.sh target/kube-node/kube && cargo test --test e2e_node -- --ignored`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::real_node::{NODE, NODE_IP, RealNode, STANDIN_IMAGE};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Node, Pod};
+use kube::api::{Api, ListParams, LogParams, PostParams};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The sysctls the kubelet sets, as this machine has them.
+fn host_sysctls() -> Vec<String> {
+    [
+        "vm/overcommit_memory",
+        "vm/panic_on_oom",
+        "kernel/panic",
+        "kernel/panic_on_oops",
+        "kernel/keys/root_maxkeys",
+        "kernel/keys/root_maxbytes",
+    ]
+    .iter()
+    .map(|k| std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap())
+    .collect()
+}
+
+/// The Job: an init container, a native sidecar whose startup probe gates `main`, and `main`,
+/// which sees what both wrote, says why it fails in its termination message and exits 3.
+fn job() -> Job {
+    let sh = |script: &str| json!(["sh", "-c", script]);
+    serde_json::from_value(json!({
+        "metadata": {"name": "ordered"},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {"spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 5,
+                "volumes": [{"name": "shared", "emptyDir": {}}],
+                "initContainers": [
+                    {
+                        "name": "prepare",
+                        "image": STANDIN_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": sh("echo prepare >> /shared/order; echo prepared the folder"),
+                        "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+                    },
+                    {
+                        "name": "sidecar",
+                        "image": STANDIN_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "restartPolicy": "Always",
+                        "command": sh("echo sidecar >> /shared/order; trap 'exit 0' TERM; while true; do sleep 1 & wait; done"),
+                        "startupProbe": {
+                            "exec": {"command": ["grep", "-q", "sidecar", "/shared/order"]},
+                            "periodSeconds": 1,
+                        },
+                        "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+                    },
+                ],
+                "containers": [{
+                    "name": "main",
+                    "image": STANDIN_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": sh("cat /shared/order; echo the loss diverged > /dev/termination-log; exit 3"),
+                    "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+                }],
+            }},
+        },
+    }))
+    .unwrap()
+}
+
+fn status<'a>(statuses: &'a Option<Vec<ContainerStatus>>, name: &str) -> &'a ContainerStatus {
+    statuses
+        .iter()
+        .flatten()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no status for {name}: {statuses:?}"))
+}
+
+fn terminated(statuses: &Option<Vec<ContainerStatus>>, name: &str) -> (i32, String, String) {
+    let t = status(statuses, name)
+        .state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .unwrap_or_else(|| panic!("{name} has not terminated: {statuses:?}"));
+    (
+        t.exit_code,
+        t.reason.clone().unwrap_or_default(),
+        t.message.clone().unwrap_or_default(),
+    )
+}
+
+#[test]
+#[ignore = "needs the kube binary with the kubelet (target/kube-node/kube), root, containerd, runc and the CNI plugins"]
+fn a_real_kubelet_runs_a_job_and_the_node_leaves_nothing_behind() {
+    let sysctls = host_sysctls();
+    let started = Instant::now();
+    let node = RealNode::start();
+    let ready = started.elapsed();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let job_took = runtime.block_on(async {
+        let client = node.cluster.admin();
+
+        // The node as the kubelet registered it with its own certificate.
+        let registered = Api::<Node>::all(client.clone()).get(NODE).await.unwrap();
+        let info = registered.status.as_ref().unwrap();
+        let version = &info.node_info.as_ref().unwrap();
+        assert_eq!(version.kubelet_version, common::cluster::kubernetes());
+        assert!(
+            version
+                .container_runtime_version
+                .starts_with("containerd://"),
+            "{version:?}"
+        );
+        assert!(
+            info.addresses
+                .iter()
+                .flatten()
+                .any(|a| a.type_ == "InternalIP" && a.address == NODE_IP),
+            "{:?}",
+            info.addresses
+        );
+
+        let ns = "node-e2e";
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        let applied = Instant::now();
+        let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+        jobs.create(&PostParams::default(), &job()).await.unwrap();
+        let deadline = Instant::now() + WAIT;
+        let failed = loop {
+            let job = jobs.get("ordered").await.unwrap();
+            let conditions = job.status.as_ref().and_then(|s| s.conditions.clone());
+            if let Some(c) = conditions
+                .iter()
+                .flatten()
+                .find(|c| (c.type_ == "Failed" || c.type_ == "Complete") && c.status == "True")
+            {
+                break c.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Job did not finish within {WAIT:?}: {:?}",
+                job.status
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let job_took = applied.elapsed();
+        assert_eq!(
+            (failed.type_.as_str(), failed.reason.as_deref()),
+            ("Failed", Some("BackoffLimitExceeded"))
+        );
+
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let listed = pods
+            .list(&ListParams::default().labels("job-name=ordered"))
+            .await
+            .unwrap();
+        assert_eq!(listed.items.len(), 1, "one pod: backoffLimit 0");
+        let pod = &listed.items[0];
+        let name = pod.metadata.name.clone().unwrap();
+        let spec_node = pod.spec.as_ref().unwrap().node_name.as_deref();
+        assert_eq!(spec_node, Some(NODE));
+        let st = pod.status.as_ref().unwrap();
+        assert_eq!(st.phase.as_deref(), Some("Failed"));
+        assert_eq!(st.host_ip.as_deref(), Some(NODE_IP));
+        let pod_ip = st.pod_ip.as_deref().unwrap_or_default();
+        assert!(
+            pod_ip.starts_with("10.244.0."),
+            "an address from the CNI bridge's range: {pod_ip:?}"
+        );
+
+        // What the kubelet reports: the init container completed, the sidecar ran until the
+        // kubelet stopped it (its TERM trap exits 0), main failed with its code and message.
+        assert_eq!(
+            terminated(&st.init_container_statuses, "prepare"),
+            (0, "Completed".into(), String::new())
+        );
+        let sidecar = status(&st.init_container_statuses, "sidecar");
+        assert_eq!(sidecar.restart_count, 0);
+        assert_eq!(terminated(&st.init_container_statuses, "sidecar").0, 0);
+        assert_eq!(
+            terminated(&st.container_statuses, "main"),
+            (3, "Error".into(), "the loss diverged\n".into())
+        );
+
+        // pods/log through the apiserver (it dials the kubelet): main saw the init
+        // container's line, then the sidecar's, which its startup probe waited for.
+        let log = |container: &str| {
+            let pods = pods.clone();
+            let name = name.clone();
+            let params = LogParams {
+                container: Some(container.into()),
+                ..LogParams::default()
+            };
+            async move { pods.logs(&name, &params).await.unwrap() }
+        };
+        assert_eq!(log("main").await, "prepare\nsidecar\n");
+        assert_eq!(log("prepare").await, "prepared the folder\n");
+        job_took
+    });
+    drop(runtime);
+
+    let stopping = Instant::now();
+    let left = node.stop();
+    let teardown = stopping.elapsed();
+    assert_eq!(left, Default::default(), "the node left something behind");
+    assert_eq!(
+        host_sysctls(),
+        sysctls,
+        "the kubelet's sysctls stayed inside"
+    );
+    eprintln!(
+        "node Ready after {:.1}s, the Job failed as it should {:.1}s after it was created, teardown {:.1}s",
+        ready.as_secs_f64(),
+        job_took.as_secs_f64(),
+        teardown.as_secs_f64(),
+    );
+}
