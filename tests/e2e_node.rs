@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::real_node::{NODE, NODE_IP, RealNode, STANDIN_IMAGE};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Node, Pod, Service, ServiceAccount};
 use kube::api::{Api, ListParams, LogParams, PostParams};
 use serde_json::json;
 
@@ -29,6 +29,26 @@ fn host_sysctls() -> Vec<String> {
     .iter()
     .map(|k| std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap())
     .collect()
+}
+
+/// Creates namespace `name` and waits for its `default` ServiceAccount, which a pod needs.
+async fn namespace(client: &kube::Client, name: &str) {
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
+    let deadline = Instant::now() + WAIT;
+    while accounts.get_opt("default").await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no default ServiceAccount in {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The Job: an init container, a native sidecar whose startup probe gates `main`, and `main`,
@@ -130,13 +150,7 @@ fn a_real_kubelet_runs_a_job_and_the_node_leaves_nothing_behind() {
         );
 
         let ns = "node-e2e";
-        Api::<Namespace>::all(client.clone())
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-            )
-            .await
-            .unwrap();
+        namespace(&client, ns).await;
         let applied = Instant::now();
         let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
         jobs.create(&PostParams::default(), &job()).await.unwrap();
@@ -228,5 +242,82 @@ fn a_real_kubelet_runs_a_job_and_the_node_leaves_nothing_behind() {
         ready.as_secs_f64(),
         job_took.as_secs_f64(),
         teardown.as_secs_f64(),
+    );
+}
+
+/// A pod reaches another through a Service: the ClusterIP and port the kubelet puts in the
+/// client's environment, rewritten by kube-proxy's rules inside the node's namespaces.
+#[test]
+#[ignore = "needs the kube binary with the kubelet (target/kube-node/kube), root, containerd, runc and the CNI plugins"]
+fn a_pod_reaches_a_service_through_kube_proxy() {
+    let node = RealNode::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = node.cluster.admin();
+        let ns = "services";
+        namespace(&client, ns).await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let pod = |value: serde_json::Value| serde_json::from_value::<Pod>(value).unwrap();
+        pods.create(
+            &PostParams::default(),
+            &pod(json!({
+                "metadata": {"name": "web", "labels": {"app": "web"}},
+                "spec": {"containers": [{
+                    "name": "httpd",
+                    "image": STANDIN_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", "mkdir /www && echo served by web > /www/index.html && exec httpd -f -p 8080 -h /www"],
+                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                }]},
+            })),
+        )
+        .await
+        .unwrap();
+        Api::<Service>::namespaced(client.clone(), ns)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "web"},
+                    "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        // The client retries a few times: kube-proxy writes the rules a moment after web's
+        // endpoint is ready, as on any cluster; its log shows the failed tries only if all
+        // fail. (busybox-static's wget crashes, even on this machine: nc speaks the HTTP.)
+        pods.create(
+            &PostParams::default(),
+            &pod(json!({
+                "metadata": {"name": "client"},
+                "spec": {"restartPolicy": "Never", "containers": [{
+                    "name": "wget",
+                    "image": STANDIN_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 $WEB_SERVICE_HOST $WEB_SERVICE_PORT > /tmp/answer 2>> /tmp/tries && grep -q 'served by web' /tmp/answer && tail -n 1 /tmp/answer && exit 0; sleep 1; done; cat /tmp/tries /tmp/answer; exit 1"],
+                }]},
+            })),
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + WAIT;
+        let phase = loop {
+            let pod = pods.get("client").await.unwrap();
+            let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
+            if phase == "Succeeded" || phase == "Failed" {
+                break phase;
+            }
+            assert!(Instant::now() < deadline, "the client is still {phase}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let log = pods.logs("client", &LogParams::default()).await.unwrap();
+        assert_eq!((phase.as_str(), log.as_str()), ("Succeeded", "served by web\n"));
+    });
+    drop(runtime);
+    assert_eq!(
+        node.stop(),
+        Default::default(),
+        "the node left something behind"
     );
 }

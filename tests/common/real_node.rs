@@ -1,7 +1,8 @@
 //! A real node beside a real control plane (issue 25): the kubelet of the same Kubernetes
 //! release (the `kube` binary of tests/cluster built with the node, by default at
 //! `target/kube-node/kube`: `bash tests/cluster/build.sh target/kube-node/kube`), Debian's
-//! containerd and runc, and the CNI bridge and host-local plugins, with etcd, the apiserver,
+//! containerd and runc, the CNI bridge and host-local plugins, and kube-proxy (iptables
+//! mode, so that pods reach Services), with etcd, the apiserver,
 //! the controller manager and the scheduler (tests/common/cluster.rs), all inside mount, network
 //! and PID namespaces of their own (tests/cluster/node/ns-init.sh): nothing they serve or mount
 //! reaches this machine, whose loopback sees only the apiserver, through a forward. The kubelet
@@ -107,7 +108,7 @@ fn sweep(root: &Path) {
         let name = entry.file_name().to_string_lossy().to_string();
         if let Some(pid) = name
             .strip_prefix("datastore-node-")
-            .and_then(|p| p.parse::<u32>().ok())
+            .and_then(|p| p.split('-').next()?.parse::<u32>().ok())
             && !alive(pid)
         {
             for h in hierarchies() {
@@ -173,6 +174,21 @@ fn client_certificate(pki: &Path, name: &str, subject: &str) -> (PathBuf, PathBu
         ],
     );
     (pki.join(key), pki.join(crt))
+}
+
+/// A kubeconfig for a component inside the namespaces, with a client certificate.
+fn client_kubeconfig(path: &Path, cluster: &Cluster, crt: &Path, key: &Path) {
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\nusers:\n- name: component\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: component}}\ncurrent-context: e2e\n",
+            port = cluster.api_port,
+            ca = cluster.ca.display(),
+            crt = crt.display(),
+            key = key.display(),
+        ),
+    )
+    .unwrap();
 }
 
 /// The namespaces: `unshare` (this process's child) and their PID 1 (its child).
@@ -370,7 +386,13 @@ impl RealNode {
         let kube = kube_bin();
         let root = std::env::temp_dir();
         sweep(&root);
-        let name = format!("datastore-node-{}", std::process::id());
+        // One directory and cgroup per node: a test binary may start several.
+        static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "datastore-node-{}-{}",
+            std::process::id(),
+            NODES.fetch_add(1, Ordering::SeqCst)
+        );
         let dir = root.join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -414,6 +436,7 @@ impl RealNode {
         let plane_up = started.elapsed();
         node.start_containerd();
         node.start_kubelet(&kube);
+        node.start_kube_proxy(&kube);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -584,17 +607,7 @@ state = "{state}"
             &format!("/O=system:nodes/CN=system:node:{NODE}"),
         );
         let kubeconfig = dir.join("kubelet.kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\nusers:\n- name: node\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: node}}\ncurrent-context: e2e\n",
-                port = self.cluster.api_port,
-                ca = self.cluster.ca.display(),
-                crt = crt.display(),
-                key = key.display(),
-            ),
-        )
-        .unwrap();
+        client_kubeconfig(&kubeconfig, &self.cluster, &crt, &key);
         std::fs::write(dir.join("resolv.conf"), format!("nameserver {NODE_IP}\n")).unwrap();
         let config = dir.join("kubelet.yaml");
         std::fs::write(
@@ -645,6 +658,40 @@ serializeImagePulls: false
             .arg(format!("--node-ip={NODE_IP}"))
             .arg("--v=2");
         cluster::spawn_logged(cmd, &dir.join("kubelet.log"));
+    }
+
+    /// kube-proxy in iptables mode, as `system:kube-proxy` (the bootstrap `system:node-proxier`
+    /// role): Services' ClusterIPs work for pods, in the namespaces' own netfilter tables.
+    fn start_kube_proxy(&self, kube: &Path) {
+        let dir = &self.dir;
+        let pki = self.cluster.dir.join("pki");
+        let (key, crt) = client_certificate(&pki, "kube-proxy", "/CN=system:kube-proxy");
+        let kubeconfig = dir.join("kube-proxy.kubeconfig");
+        client_kubeconfig(&kubeconfig, &self.cluster, &crt, &key);
+        let config = dir.join("kube-proxy.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {{kubeconfig: {kubeconfig}}}
+mode: iptables
+clusterCIDR: {POD_SUBNET}
+hostnameOverride: {NODE}
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+# Zero leaves the conntrack sysctls alone: some are this machine's, not the namespace's.
+conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
+"#,
+                kubeconfig = kubeconfig.display(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = self.guard.ns.command(kube.as_os_str());
+        cmd.arg("kube-proxy")
+            .arg(format!("--config={}", config.display()))
+            .arg("--v=2");
+        cluster::spawn_logged(cmd, &dir.join("kube-proxy.log"));
     }
 
     /// Ends everything in the namespaces, removes the node's cgroups and says what is left;
