@@ -313,6 +313,18 @@ fn a_pod_reaches_a_service_through_kube_proxy() {
         };
         let log = pods.logs("client", &LogParams::default()).await.unwrap();
         assert_eq!((phase.as_str(), log.as_str()), ("Succeeded", "served by web\n"));
+        // The rules that did it are the namespaces' own: none on this machine.
+        for table in ["nat", "filter"] {
+            let out = std::process::Command::new("iptables")
+                .args(["-t", table, "-S"])
+                .output()
+                .unwrap();
+            let rules = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && !rules.contains("KUBE-"),
+                "this machine's {table} table: {rules}"
+            );
+        }
     });
     drop(runtime);
     assert_eq!(

@@ -464,6 +464,11 @@ impl RealNode {
         node
     }
 
+    /// A command that runs `program` inside the node's namespaces (`ip`, `iptables`, `ctr`).
+    pub fn inside(&self, program: &str) -> Command {
+        self.guard.ns.command(program.as_ref())
+    }
+
     fn containerd_socket(&self) -> PathBuf {
         self.dir.join("containerd/containerd.sock")
     }
