@@ -1,6 +1,6 @@
 //! The real node (tests/common/real_node.rs): a kubelet and containerd joined to the real
 //! control plane run a Job, and what the kubelet reports through the apiserver is what a test
-//! may believe about a kubelet. Ignored by `cargo test` until the node's binary is built by
+//! may believe about a kubelet; kube-proxy carries a pod's request to a Service. Ignored by `cargo test` until the node's binary is built by
 //! `make test-deps` (issue 25); run it with
 //! `bash tests/cluster/build.sh target/kube-node/kube && cargo test --test e2e_node -- --ignored`.
 
