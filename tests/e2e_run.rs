@@ -695,5 +695,18 @@ async fn storage_down_longer_than_the_retry_budget_fails_the_experiment_saying_s
         message.contains("download-0") && message.contains("retry budget of 90s"),
         "{message}"
     );
+    // The script never ran, so its outputs claim held nothing: it goes.
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    eventually("the outputs claim gone", Duration::from_secs(60), || {
+        let pvcs = pvcs.clone();
+        async move {
+            pvcs.get_opt("down-outputs")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
     azurite.resume();
 }
