@@ -554,6 +554,24 @@ async fn outage_after(
     messages
 }
 
+/// As [`prepare`], on an Azurite of the test's own that it can stop, which the Datastore
+/// reaches through a proxy pacing the traffic as `pace` says.
+async fn prepare_behind_proxy(
+    client: &kube::Client,
+    ns: &str,
+    pace: common::proxy::Pace,
+) -> (
+    common::restartable::Restartable,
+    common::proxy::Proxy,
+    datastore_operator::store::BlobClient,
+) {
+    let azurite = common::restartable::Restartable::start();
+    let proxy = common::proxy::start_to(azurite.port, pace).await;
+    let container = common::unique_container();
+    let blobs = prepare_on(client, ns, azurite.client(&container), &proxy.endpoint()).await;
+    (azurite, proxy, blobs)
+}
+
 /// The run Job ran its pod once, and it succeeded.
 async fn ran_once(client: &kube::Client, ns: &str, name: &str) {
     let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
@@ -575,22 +593,11 @@ async fn a_download_rides_through_a_60s_storage_outage() {
     setup();
     let client = cluster().admin();
     let ns = "run-outage-down";
-    let azurite = common::restartable::Restartable::start();
-    let proxy = common::proxy::start_to(
-        azurite.port,
-        common::proxy::Pace {
-            bytes_per_second: Some(4 << 20),
-            ..Default::default()
-        },
-    )
-    .await;
-    let blobs = prepare_on(
-        &client,
-        ns,
-        azurite.client(&common::unique_container()),
-        &proxy.endpoint(),
-    )
-    .await;
+    let pace = common::proxy::Pace {
+        bytes_per_second: Some(4 << 20),
+        ..Default::default()
+    };
+    let (azurite, proxy, blobs) = prepare_behind_proxy(&client, ns, pace).await;
     let big = common::bytes(32 << 20, 41);
     blobs
         .put_blob(
@@ -631,22 +638,11 @@ async fn an_upload_rides_through_a_60s_storage_outage() {
     setup();
     let client = cluster().admin();
     let ns = "run-outage-up";
-    let azurite = common::restartable::Restartable::start();
-    let proxy = common::proxy::start_to(
-        azurite.port,
-        common::proxy::Pace {
-            upload_bytes_per_second: Some(4 << 20),
-            ..Default::default()
-        },
-    )
-    .await;
-    let blobs = prepare_on(
-        &client,
-        ns,
-        azurite.client(&common::unique_container()),
-        &proxy.endpoint(),
-    )
-    .await;
+    let pace = common::proxy::Pace {
+        upload_bytes_per_second: Some(4 << 20),
+        ..Default::default()
+    };
+    let (azurite, proxy, blobs) = prepare_behind_proxy(&client, ns, pace).await;
     // The script also writes 32 MiB of outputs, the same bytes every time.
     let mut spec = experiment(ns, "ride", "outputs/ride", json!({}));
     spec["spec"]["command"][2] = json!(format!(
@@ -687,15 +683,7 @@ async fn storage_down_longer_than_the_retry_budget_fails_the_experiment_saying_s
     setup();
     let client = cluster().admin();
     let ns = "run-outage-long";
-    let azurite = common::restartable::Restartable::start();
-    let proxy = common::proxy::start_to(azurite.port, Default::default()).await;
-    prepare_on(
-        &client,
-        ns,
-        azurite.client(&common::unique_container()),
-        &proxy.endpoint(),
-    )
-    .await;
+    let (azurite, _proxy, _) = prepare_behind_proxy(&client, ns, Default::default()).await;
     azurite.stop();
     operator::apply(&client, &experiment(ns, "down", "outputs/down", json!({}))).await;
     let experiments: Api<Experiment> = Api::namespaced(client.clone(), ns);
@@ -707,5 +695,18 @@ async fn storage_down_longer_than_the_retry_budget_fails_the_experiment_saying_s
         message.contains("download-0") && message.contains("retry budget of 90s"),
         "{message}"
     );
+    // The script never ran, so its outputs claim held nothing: it goes.
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    eventually("the outputs claim gone", Duration::from_secs(60), || {
+        let pvcs = pvcs.clone();
+        async move {
+            pvcs.get_opt("down-outputs")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
     azurite.resume();
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 /// Modules on one line are siblings and import none of each other.
 const LAYERS: &[&[&str]] = &[
     &[
-        "atomic", "exit", "quantity", "reason", "serve", "signal", "yaml",
+        "atomic", "duration", "exit", "quantity", "reason", "serve", "signal", "yaml",
     ],
     &["paths"],
     &["error"],

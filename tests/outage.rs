@@ -21,31 +21,11 @@ const OUTAGE: Duration = Duration::from_secs(60);
 const SIZE: usize = 32 << 20;
 const RATE: u64 = 4 << 20;
 
+/// Datastore `blob` on `container` through `proxy`, with the account key.
 fn datastores_file(dir: &Path, container: &str, proxy: &Proxy) -> std::path::PathBuf {
     let path = dir.join("datastores.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"apiVersion: datastore.dev/v1alpha1
-kind: Datastore
-metadata: {{name: blob}}
-spec:
-  azureBlob:
-    accountName: {ACCOUNT}
-    containerName: {container}
-    endpoint: {}
-    credentials: {{secretRef: {{name: creds}}}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: creds}}
-stringData:
-  accountKey: {KEY}
-"#,
-            proxy.endpoint()
-        ),
-    )
-    .unwrap();
+    let yaml = datastores_yaml(container, &proxy.endpoint(), &format!("accountKey: {KEY}"));
+    std::fs::write(&path, yaml).unwrap();
     path
 }
 

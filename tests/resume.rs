@@ -407,6 +407,8 @@ async fn a_failed_download_of_a_blob_without_md5_resumes_when_run_again() {
                 "--output",
                 "json",
             ])
+            // The range's 500s fail the run once this is spent, not after minutes.
+            .args(["--retry-budget", "2s"])
             .args(["--no-progress", "--concurrency", "3"])
             .output()
             .unwrap()

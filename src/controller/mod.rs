@@ -44,8 +44,7 @@ use crate::render::{
 };
 use crate::store::azure::Tuning;
 use crate::store::resolve::OperatorNamespace;
-use crate::store::retry::Outage;
-use crate::store::retry::RetryBudget;
+use crate::store::retry::{Outage, RetryBudget};
 use http::{Health, Readiness};
 use metrics::Metrics;
 

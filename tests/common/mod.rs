@@ -51,31 +51,38 @@ fn azurite_bin() -> PathBuf {
     bin
 }
 
+/// Azurite on 127.0.0.1:`port`, killed when the thread that spawns it exits
+/// (PR_SET_PDEATHSIG); the caller says where it keeps its data.
+fn azurite_command(port: u16) -> Command {
+    let mut cmd = Command::new(azurite_bin());
+    cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+        .args([
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+            "--loose",
+            "--silent",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd
+}
+
 fn start_azurite() -> u16 {
-    let bin = azurite_bin();
     let port = free_port();
     let (tx, rx) = std::sync::mpsc::channel();
     // The child is spawned and awaited by a thread that lives as long as the test process, and
-    // is killed with it (PR_SET_PDEATHSIG fires when the spawning thread exits).
+    // is killed with it.
     std::thread::spawn(move || {
-        let mut cmd = Command::new(&bin);
-        cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-            .args([
-                "--disableTelemetry",
-                "--inMemoryPersistence",
-                "--skipApiVersionCheck",
-                "--loose",
-                "--silent",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("Azurite starts");
+        let mut child = azurite_command(port)
+            .arg("--inMemoryPersistence")
+            .spawn()
+            .expect("Azurite starts");
         tx.send(()).unwrap();
         let _ = child.wait();
     });
@@ -187,8 +194,35 @@ impl Fixture {
     }
 
     pub fn write_datastores(&self, container: &str, endpoint: &str, secret_line: &str) {
-        let text = format!(
-            r#"apiVersion: datastore.dev/v1alpha1
+        std::fs::write(
+            self.datastores(),
+            datastores_yaml(container, endpoint, secret_line),
+        )
+        .unwrap();
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn datastores(&self) -> PathBuf {
+        self.path("datastores.yaml")
+    }
+
+    /// Runs `datastore <args> --datastores <file> --no-progress`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        let ds = self.datastores();
+        all.extend(["--datastores", ds.to_str().unwrap(), "--no-progress"]);
+        datastore(&all)
+    }
+}
+
+/// A datastores file: Datastore `blob` on `container` at `endpoint` with the Secret entry
+/// `secret_line` (e.g. `sasToken: ...`), and `local`, a local datastore in `localstore`.
+pub fn datastores_yaml(container: &str, endpoint: &str, secret_line: &str) -> String {
+    format!(
+        r#"apiVersion: datastore.dev/v1alpha1
 kind: Datastore
 metadata: {{name: blob}}
 spec:
@@ -210,25 +244,7 @@ metadata: {{name: local}}
 spec:
   local: {{path: localstore}}
 "#
-        );
-        std::fs::write(self.datastores(), text).unwrap();
-    }
-
-    pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    pub fn datastores(&self) -> PathBuf {
-        self.path("datastores.yaml")
-    }
-
-    /// Runs `datastore <args> --datastores <file> --no-progress`.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        let mut all: Vec<&str> = args.to_vec();
-        let ds = self.datastores();
-        all.extend(["--datastores", ds.to_str().unwrap(), "--no-progress"]);
-        datastore(&all)
-    }
+    )
 }
 
 pub fn datastore(args: &[&str]) -> Output {

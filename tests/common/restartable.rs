@@ -3,7 +3,7 @@
 //! failed over. Put a proxy in front (`proxy::start_to`) so that its clients meet a refused or
 //! closed connection while it is down, as behind a load balancer.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -32,30 +32,8 @@ impl Restartable {
     pub fn resume(&self) {
         let mut child = self.child.lock().unwrap();
         assert!(child.is_none(), "Azurite is running already");
-        let mut cmd = Command::new(super::azurite_bin());
-        cmd.args([
-            "--blobHost",
-            "127.0.0.1",
-            "--blobPort",
-            &self.port.to_string(),
-        ])
-        .arg("--location")
-        .arg(self.dir.path())
-        .args([
-            "--disableTelemetry",
-            "--skipApiVersionCheck",
-            "--loose",
-            "--silent",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        let mut cmd = super::azurite_command(self.port);
+        cmd.arg("--location").arg(self.dir.path());
         *child = Some(cmd.spawn().expect("Azurite starts"));
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {

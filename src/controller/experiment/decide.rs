@@ -353,6 +353,23 @@ pub fn decide(
     let Some(upload) = &seen.upload else {
         let step = match run_ok {
             Ok(()) => Step::new(Phase::Succeeded, Reason::Succeeded, "the script succeeded"),
+            // Its pod shows that nothing wrote to the outputs claim (a download failed, say):
+            // it goes. Without a pod to show it (gone with its node), the claim is kept.
+            Err(why) if uploads > 0 && !run.pods.is_empty() && !script_ran(run) => {
+                return Decision::CleanUp {
+                    record: None,
+                    pods: run.pods.iter().map(|p| p.name_any()).collect(),
+                    step: Step::new(
+                        Phase::Failed,
+                        Reason::RunFailed,
+                        format!(
+                            "the run failed before its script started: {why}; it wrote no outputs, so PersistentVolumeClaim {} is removed",
+                            render::outputs_name(exp)
+                        ),
+                    ),
+                    uploaded: 0,
+                };
+            }
             Err(why) if uploads > 0 => Step::new(
                 Phase::Failed,
                 Reason::RunFailed,
@@ -1209,6 +1226,49 @@ mod tests {
                 && no_python.contains(r#"exec: "python": executable file not found in $PATH"#)
                 && no_python.ends_with("the program to run is not in the image: use an image that has it, or name it in command"),
             "{no_python}"
+        );
+    }
+
+    #[test]
+    fn a_run_that_failed_before_its_script_started_removes_its_outputs_claim() {
+        let exp = experiment(&reference("--out", "blob-ds", "upload"));
+        let download_failed = pod(
+            "run-1",
+            vec![(
+                "download-0",
+                json!({"terminated": {"exitCode": 6, "message": "cannot reach container 'data'; it kept failing for the retry budget of 5m"}}),
+            )],
+            vec![("main", json!({"waiting": {"reason": "PodInitializing"}}))],
+            None,
+        );
+        let seen = Observed {
+            run: seen(
+                job("train-run", Some("Failed")),
+                vec![download_failed],
+                None,
+            ),
+            inputs: vec![],
+            upload: None,
+        };
+        let Decision::CleanUp {
+            record, pods, step, ..
+        } = decide(&exp, &seen, at(NOW), START_TIMEOUT)
+        else {
+            panic!("the claim goes")
+        };
+        assert_eq!((record, pods), (None, vec!["run-1".to_string()]));
+        assert_eq!(
+            (step.phase, step.reason),
+            (Phase::Failed, Reason::RunFailed)
+        );
+        assert!(
+            step.message.contains("download-0 exited with code 6")
+                && step.message.contains("retry budget of 5m")
+                && step
+                    .message
+                    .contains("PersistentVolumeClaim train-outputs is removed"),
+            "{}",
+            step.message
         );
     }
 
