@@ -70,9 +70,9 @@ $(HELM_SDK): $(KVALIDATE)
 
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler (and kubectl) in one binary:
 # about 7 minutes and 140 MB of modules the first time, then cached by version.
-# The kubelet and kube-proxy are left out (nonode) until the real node's test runs here (issue 25).
+# With them the kubelet and kube-proxy of the real node (tests/e2e_node.rs, tests/common/real_node.rs).
 $(KUBE): tests/cluster/go.mod tests/cluster/go.sum $(wildcard tests/cluster/*.go) tests/cluster/build.sh
-	KUBE_BUILD_TAGS=nonode bash tests/cluster/build.sh $@
+	bash tests/cluster/build.sh $@
 
 # About a minute and ~20 MB of modules the first time, then cached by version.
 $(CSI_SANITY): tests/csi/go.mod tests/csi/go.sum $(wildcard tests/csi/*.go) tests/csi/build.sh
@@ -82,7 +82,7 @@ test-deps: $(AZURITE) $(KVALIDATE) $(HELM_SDK) $(KUBE) $(CSI_SANITY)
 
 # Just the end-to-end scenarios on the real control plane, from the working tree as it is.
 e2e: $(AZURITE) $(KUBE)
-	cargo test --test e2e --test e2e_rbac --test e2e_run --test e2e_leader
+	cargo test --test e2e --test e2e_rbac --test e2e_run --test e2e_leader --test e2e_node
 
 test: test-deps
 	cargo test --all-targets

@@ -1,8 +1,7 @@
 //! The real node (tests/common/real_node.rs): a kubelet and containerd joined to the real
 //! control plane run a Job, and what the kubelet reports through the apiserver is what a test
-//! may believe about a kubelet; kube-proxy carries a pod's request to a Service. Ignored by `cargo test` until the node's binary is built by
-//! `make test-deps` (issue 25); run it with
-//! `bash tests/cluster/build.sh target/kube-node/kube && cargo test --test e2e_node -- --ignored`.
+//! may believe about a kubelet; kube-proxy carries a pod's request to a Service. The kubelet
+//! and kube-proxy are in the `kube` binary `make test-deps` builds.
 
 mod common;
 
@@ -119,7 +118,6 @@ fn terminated(statuses: &Option<Vec<ContainerStatus>>, name: &str) -> (i32, Stri
 }
 
 #[test]
-#[ignore = "needs the kube binary with the kubelet (target/kube-node/kube), root, containerd, runc and the CNI plugins"]
 fn a_real_kubelet_runs_a_job_and_the_node_leaves_nothing_behind() {
     let sysctls = host_sysctls();
     let started = Instant::now();
@@ -248,7 +246,6 @@ fn a_real_kubelet_runs_a_job_and_the_node_leaves_nothing_behind() {
 /// A pod reaches another through a Service: the ClusterIP and port the kubelet puts in the
 /// client's environment, rewritten by kube-proxy's rules inside the node's namespaces.
 #[test]
-#[ignore = "needs the kube binary with the kubelet (target/kube-node/kube), root, containerd, runc and the CNI plugins"]
 fn a_pod_reaches_a_service_through_kube_proxy() {
     let node = RealNode::start();
     let runtime = tokio::runtime::Runtime::new().unwrap();

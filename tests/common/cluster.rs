@@ -273,12 +273,8 @@ fn healthy(place: &dyn Place, port: u16, path: &str, token: Option<&str>) -> boo
 
 /// Starts the control plane at `place`, its files in `dir`.
 pub fn start(place: &dyn Place, dir: &Path) -> Cluster {
-    start_with(place, dir, &kube_bin())
-}
-
-/// [`start`] with another `kube` binary.
-pub fn start_with(place: &dyn Place, dir: &Path, kube: &Path) -> Cluster {
     let started = Instant::now();
+    let kube = kube_bin();
     let kube = kube.as_os_str();
     let dir = dir.to_path_buf();
     let _ = std::fs::remove_dir_all(&dir);

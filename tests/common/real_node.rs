@@ -1,6 +1,5 @@
 //! A real node beside a real control plane (issue 25): the kubelet of the same Kubernetes
-//! release (the `kube` binary of tests/cluster built with the node, by default at
-//! `target/kube-node/kube`: `bash tests/cluster/build.sh target/kube-node/kube`), Debian's
+//! release (in the `kube` binary of tests/cluster that `make test-deps` builds), Debian's
 //! containerd and runc, the CNI bridge and host-local plugins, and kube-proxy (iptables
 //! mode, so that pods reach Services), with etcd, the apiserver,
 //! the controller manager and the scheduler (tests/common/cluster.rs), all inside mount, network
@@ -43,21 +42,6 @@ pub const POD_SUBNET: &str = "10.244.0.0/24";
 pub const PAUSE_IMAGE: &str = "localhost/pause:e2e";
 /// The stand-in for users' images: busybox (`sh` and its applets).
 pub const STANDIN_IMAGE: &str = "localhost/standin:e2e";
-
-/// The `kube` binary with the kubelet: `KUBE_NODE_BIN` or `target/kube-node/kube`.
-pub fn kube_bin() -> PathBuf {
-    let bin = std::env::var_os("KUBE_NODE_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kube-node/kube"),
-        PathBuf::from,
-    );
-    assert!(
-        bin.exists(),
-        "{} is missing: run `bash tests/cluster/build.sh {}` (the control plane and the kubelet from Go modules)",
-        bin.display(),
-        bin.display()
-    );
-    bin
-}
 
 fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cluster/node")
@@ -383,7 +367,7 @@ impl RealNode {
     /// until the apiserver says the node is Ready.
     pub fn start() -> RealNode {
         let started = Instant::now();
-        let kube = kube_bin();
+        let kube = super::cluster::kube_bin();
         let root = std::env::temp_dir();
         sweep(&root);
         // One directory and cgroup per node: a test binary may start several.
@@ -429,7 +413,7 @@ impl RealNode {
             stopped: false,
         };
         let node = RealNode {
-            cluster: cluster::start_with(&guard.ns, &dir.join("plane"), &kube),
+            cluster: cluster::start(&guard.ns, &dir.join("plane")),
             dir,
             guard,
         };
