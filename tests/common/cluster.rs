@@ -241,7 +241,8 @@ fn sweep(root: &Path) {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
+/// Waits until `ready` or fails with the end of `log`; polled every 200 ms.
+pub fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ready() {
         if Instant::now() > deadline {

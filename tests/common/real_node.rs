@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 
-use super::cluster::{self, Cluster, Place};
+use super::cluster::{self, Cluster, Place, wait_until};
 
 /// The node's name.
 pub const NODE: &str = "e2e-node";
@@ -100,23 +100,6 @@ fn sweep(root: &Path) {
             }
             let _ = std::fs::remove_dir_all(entry.path());
         }
-    }
-}
-
-/// Waits until `ready` or fails with the end of `log`; polled every 200 ms.
-fn wait_until(what: &str, timeout: Duration, log: &Path, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ready() {
-        if Instant::now() > deadline {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            panic!(
-                "{what} was not ready within {timeout:?}; the end of {}:\n{}",
-                log.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
