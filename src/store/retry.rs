@@ -30,14 +30,6 @@ pub struct RetryBudget {
     pub retry_budget: Duration,
 }
 
-impl Default for RetryBudget {
-    fn default() -> Self {
-        RetryBudget {
-            retry_budget: DEFAULT_BUDGET,
-        }
-    }
-}
-
 fn budget(value: &str) -> Result<Duration, String> {
     match value {
         "0" | "0s" => Ok(Duration::ZERO),
