@@ -141,6 +141,32 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// Signs the request `csr` in `pki` with its CA, with the extensions in file `ext`, into `crt`
+/// (valid two days: a test run's).
+pub fn sign(pki: &Path, csr: &str, ext: &str, crt: &str) {
+    openssl(
+        pki,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            ext,
+            "-out",
+            crt,
+        ],
+    );
+}
+
 /// A CA, the apiserver's serving certificate for 127.0.0.1 and `names`, and the
 /// service-account key pair.
 fn certificates(pki: &Path, names: &[String]) {
@@ -190,27 +216,7 @@ fn certificates(pki: &Path, names: &[String]) {
         format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes.default.svc{names}\n"),
     )
     .unwrap();
-    openssl(
-        pki,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "apiserver.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-sha256",
-            "-extfile",
-            "apiserver.ext",
-            "-out",
-            "apiserver.crt",
-        ],
-    );
+    sign(pki, "apiserver.csr", "apiserver.ext", "apiserver.crt");
     openssl(pki, &["genrsa", "-out", "sa.key", "2048"]);
     openssl(pki, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
 }

@@ -119,27 +119,7 @@ fn client_certificate(pki: &Path, name: &str, subject: &str) -> (PathBuf, PathBu
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
     )
     .unwrap();
-    cluster::openssl(
-        pki,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-sha256",
-            "-extfile",
-            "client.ext",
-            "-out",
-            &crt,
-        ],
-    );
+    cluster::sign(pki, &csr, "client.ext", &crt);
     (pki.join(key), pki.join(crt))
 }
 
